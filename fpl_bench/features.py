@@ -1,0 +1,81 @@
+"""Frozen image-feature cache.
+
+The image encoder is frozen, so each image is encoded once per (backbone, weights, preprocessing,
+dataset content, split) and reused across rounds, clients, methods and runs. Entries live on disk
+under `cache_dir/features/<key>.pt`, keyed by a SHA-256 of all of those, written atomically and
+read back with `weights_only=True`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor
+
+FORMAT_VERSION = 1
+
+
+def cache_key(
+    *, backbone: str, tag: str, weights: str, preprocess: dict[str, Any], data: str, split: str
+) -> str:
+    """Content hash naming one cache entry (hex, 24 chars)."""
+    blob = json.dumps(
+        {
+            "v": FORMAT_VERSION,
+            "backbone": backbone,
+            "tag": tag,
+            "weights": weights,
+            "preprocess": preprocess,
+            "data": data,
+            "split": split,
+        },
+        sort_keys=True,
+        default=str,
+    )
+    return hashlib.sha256(blob.encode()).hexdigest()[:24]
+
+
+def save_atomic(obj: dict[str, Tensor], path: Path) -> None:
+    """torch.save to a temp file in the same folder, then rename (never a half-written file)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+    os.close(fd)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def image_features(
+    backbone: Any, images: np.ndarray, *, data_fingerprint: str, split: str, cache_dir: Path
+) -> tuple[Tensor, Tensor, bool]:
+    """(pooled [N, D] float32, patch tokens [N, P, D] float16, cache hit?) for one split."""
+    key = cache_key(
+        backbone=backbone.name,
+        tag=backbone.tag,
+        weights=backbone.weights_digest,
+        preprocess=backbone.preprocess_cfg,
+        data=data_fingerprint,
+        split=split,
+    )
+    path = cache_dir / "features" / f"{key}.pt"
+    if path.is_file():
+        try:
+            entry = torch.load(path, map_location="cpu", weights_only=True)
+            if entry["pooled"].shape[0] == len(images):
+                return entry["pooled"], entry["tokens"], True
+        except (RuntimeError, KeyError, EOFError, OSError):
+            pass  # a damaged entry is recomputed and overwritten
+    pooled, tokens = backbone.encode_images(images)
+    pooled, tokens = pooled.float().cpu(), tokens.half().cpu()
+    save_atomic({"pooled": pooled, "tokens": tokens}, path)
+    return pooled, tokens, False

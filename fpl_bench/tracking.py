@@ -1,0 +1,91 @@
+"""MLflow tracking: one run per (method, dataset, eps, seed).
+
+Each run holds the full resolved configuration as params, the metrics of every evaluation round
+(step = round), the final metrics (mean over the last k evaluations), and the client partition
+as an artifact. The tracking URI is `MLFLOW_TRACKING_URI` when set, else a SQLite file in the
+output folder (MLflow refuses the plain file store since 3.13).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import tempfile
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+EXPERIMENT = "fpl-bench"
+
+
+def tracking_uri(out_dir: Path) -> str:
+    return (
+        os.environ.get("MLFLOW_TRACKING_URI")
+        or f"sqlite:///{Path(out_dir).resolve() / 'mlflow.db'}"
+    )
+
+
+def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
+    return {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
+
+
+class Tracker:
+    """Thin wrapper over the MLflow client API (no global active-run state)."""
+
+    def __init__(self, out_dir: Path, experiment: str = EXPERIMENT) -> None:
+        for name in ("mlflow", "alembic", "sqlalchemy"):
+            logging.getLogger(name).setLevel(logging.WARNING)
+        from mlflow.tracking import MlflowClient
+
+        self.uri = tracking_uri(out_dir)
+        self.client = MlflowClient(tracking_uri=self.uri)
+        found = self.client.get_experiment_by_name(experiment)
+        if found:
+            self.experiment_id = found.experiment_id
+        else:
+            local = (
+                None
+                if "MLFLOW_TRACKING_URI" in os.environ
+                else ((Path(out_dir).resolve() / "mlartifacts").as_uri())
+            )
+            self.experiment_id = self.client.create_experiment(experiment, artifact_location=local)
+
+    def start(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
+        from mlflow.entities import Param
+
+        run = self.client.create_run(self.experiment_id, run_name=name, tags=dict(tags))
+        items = [Param(k, str(v)[:6000]) for k, v in sorted(params.items())]
+        for i in range(0, len(items), 100):
+            self.client.log_batch(run.info.run_id, params=items[i : i + 100])
+        return run.info.run_id
+
+    def log_round(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
+        from mlflow.entities import Metric
+
+        now = 0
+        values = [
+            Metric(f"round/{k}", v, now, step) for k, v in _finite(metrics).items() if k != "round"
+        ]
+        if values:
+            self.client.log_batch(run_id, metrics=values)
+
+    def finish(
+        self,
+        run_id: str,
+        metrics: Mapping[str, float],
+        artifacts: Mapping[str, Any],
+        status: str = "FINISHED",
+    ) -> None:
+        from mlflow.entities import Metric
+
+        values = [Metric(k, v, 0, 0) for k, v in _finite(metrics).items()]
+        if values:
+            self.client.log_batch(run_id, metrics=values)
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, obj in artifacts.items():
+                path = Path(tmp) / name
+                path.write_text(json.dumps(obj))
+                self.client.log_artifact(run_id, str(path))
+        self.client.set_terminated(run_id, status=status)

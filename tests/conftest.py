@@ -1,0 +1,40 @@
+"""Shared fixtures: a randomly initialised tiny open_clip model (no weights needed) and its tower."""
+
+import os
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
+
+import pytest
+import torch
+
+CONFIG = Path(__file__).resolve().parents[1] / "fpl_bench" / "model_configs" / "fpl-tiny-vit.json"
+
+
+@pytest.fixture(scope="session")
+def tiny_model():
+    import open_clip
+
+    open_clip.add_model_config(CONFIG)
+    torch.manual_seed(0)
+    model = open_clip.create_model("fpl-tiny-vit", pretrained=None).eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model, open_clip.get_tokenizer("fpl-tiny-vit")
+
+
+@pytest.fixture(scope="session")
+def tiny_tower(tiny_model):
+    from fpl_bench.prompt import TextTower
+
+    model, tokenizer = tiny_model
+    names = [
+        "red circle",
+        "blue square",
+        "green triangle",
+        "yellow star",
+        "purple heart",
+        "orange cross",
+    ]
+    return TextTower.build(model, tokenizer, names, n_ctx=4)

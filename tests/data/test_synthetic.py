@@ -1,0 +1,105 @@
+"""Synthetic image source: seeded, shaped as promised, cached atomically, domains validated."""
+
+import numpy as np
+import pytest
+
+from fpl_bench.data import synthetic
+from fpl_bench.data.synthetic import CLASSNAMES, DOMAINS, generate, load_synthetic
+from fpl_bench.errors import UsageError
+
+SMALL = {"n_train_per_class": 2, "n_val_per_class": 1, "n_test_per_class": 1}
+
+
+def test_classnames_are_color_then_shape():
+    assert len(CLASSNAMES) == 64
+    assert len(set(CLASSNAMES)) == 64
+    assert CLASSNAMES[0] == "red circle"
+    assert CLASSNAMES[1 * 8 + 3] == "green star"  # class = color_index * 8 + shape_index
+
+
+@pytest.mark.parametrize("domain", DOMAINS)
+def test_same_seed_same_images(domain):
+    labels = np.arange(64)
+    first = generate(labels, seed=7, domain=domain)
+    second = generate(labels, seed=7, domain=domain)
+    assert first.shape == (64, 32, 32, 3)
+    assert first.dtype == np.uint8
+    np.testing.assert_array_equal(first, second)
+
+
+def test_different_seeds_differ():
+    labels = np.arange(64)
+    first = generate(labels, seed=1)
+    second = generate(labels, seed=2)
+    differs = (first != second).reshape(64, -1).any(axis=1)
+    assert differs.all()
+
+
+def test_domains_change_the_background_only():
+    labels = np.arange(64)
+    plain = generate(labels, seed=3, domain="plain")
+    noisy = generate(labels, seed=3, domain="noise")
+    assert (plain != noisy).any()
+    # a plain background is one colour: the image corners agree with each other
+    corners = plain[:, [0, 0, -1, -1], [0, -1, 0, -1]]  # [64, 4, 3]
+    assert (
+        np.abs(corners.astype(int) - corners[:, :1].astype(int)).max(axis=(1, 2)) <= 1
+    ).mean() > 0.9
+
+
+def test_empty_labels_give_no_images():
+    assert generate(np.zeros(0, dtype=np.int64), seed=0).shape == (0, 32, 32, 3)
+
+
+def test_out_of_range_labels_raise():
+    with pytest.raises(ValueError):
+        generate(np.array([64]), seed=0)
+
+
+def test_load_synthetic_labels_shapes_dtype():
+    splits = load_synthetic(**SMALL, seed=0)
+    assert splits.classnames == CLASSNAMES
+    for image_set, n in ((splits.train, 2), (splits.val, 1), (splits.test, 1)):
+        assert image_set.images.shape == (64 * n, 32, 32, 3)
+        assert image_set.images.dtype == np.uint8
+        assert image_set.labels.dtype == np.int64
+        np.testing.assert_array_equal(image_set.labels, np.repeat(np.arange(64), n))
+    assert len(splits.fingerprint) == 64
+
+
+def test_splits_share_no_image():
+    splits = load_synthetic(**SMALL, seed=0)
+    seen = {image.tobytes() for image in splits.train.images}
+    assert not any(image.tobytes() in seen for image in splits.val.images)
+    assert not any(image.tobytes() in seen for image in splits.test.images)
+
+
+def test_fingerprint_follows_parameters():
+    base = load_synthetic(**SMALL, seed=0).fingerprint
+    assert load_synthetic(**SMALL, seed=0).fingerprint == base
+    assert load_synthetic(**SMALL, seed=1).fingerprint != base
+    assert load_synthetic(**SMALL, seed=0, domain="checker").fingerprint != base
+
+
+def test_cache_round_trip_gives_identical_arrays(tmp_path, monkeypatch):
+    fresh = load_synthetic(**SMALL, seed=5, cache_dir=tmp_path)
+    files = list(tmp_path.iterdir())
+    assert [f.name for f in files] == [f"synthetic-{fresh.fingerprint}.npz"]
+
+    def no_generation(*args, **kwargs):
+        raise AssertionError("a cached split must not be generated again")
+
+    monkeypatch.setattr(synthetic, "generate", no_generation)
+    cached = load_synthetic(**SMALL, seed=5, cache_dir=tmp_path)
+    assert cached.fingerprint == fresh.fingerprint
+    for split in ("train", "val", "test"):
+        np.testing.assert_array_equal(getattr(cached, split).images, getattr(fresh, split).images)
+        np.testing.assert_array_equal(getattr(cached, split).labels, getattr(fresh, split).labels)
+        assert getattr(cached, split).labels.dtype == np.int64
+
+
+def test_unknown_domain_raises_usage_error():
+    with pytest.raises(UsageError, match="plain, noise, stripes, checker"):
+        generate(np.arange(3), seed=0, domain="sketch")
+    with pytest.raises(UsageError, match="sketch"):
+        load_synthetic(**SMALL, domain="sketch")

@@ -278,7 +278,7 @@ def pretrain_tiny_cmd(
 def main() -> None:
     """Console entry point: one-line errors with exit code 2 for bad input."""
     try:
-        app(standalone_mode=False)
+        result = app(standalone_mode=False)
     except UsageError as err:
         print(f"fpl-bench: error: {err}", file=sys.stderr)
         sys.exit(2)
@@ -288,6 +288,7 @@ def main() -> None:
     except click.exceptions.Abort:
         print("fpl-bench: aborted", file=sys.stderr)
         sys.exit(130)
+    sys.exit(result if isinstance(result, int) else 0)
 
 
 if __name__ == "__main__":

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fpl_bench.data.partition import ClientSplit
 from fpl_bench.evaluate import ClientScores, client_metrics, mean_over_clients
@@ -88,7 +89,8 @@ class ClientState:
 
 def stream_seed(*keys: int) -> int:
     """A 63-bit seed for one (seed, stream, round, client, step) tuple, independent across keys."""
-    return int(np.random.SeedSequence([int(k) for k in keys]).generate_state(2, np.uint64)[0] >> 1)
+    entropy = [int(k) % 2**32 for k in keys]  # -1 marks "no client" / "evaluation"
+    return int(np.random.SeedSequence(entropy).generate_state(1, np.uint64)[0] >> 1)
 
 
 def generator(*keys: int) -> torch.Generator:
@@ -180,7 +182,7 @@ class FederatedRun:
         ]
         self.server_momentum: Params = {}
         self.n_train = [len(idx) for idx in fed.split.train]
-        self.train_idx = [torch.as_tensor(idx, dtype=torch.long) for idx in fed.split.train]
+        self.train_idx = [torch.tensor(idx, dtype=torch.long) for idx in fed.split.train]
         self.rounds_schedule = client_schedule(
             n_clients, rounds=schedule.rounds, fraction=schedule.client_fraction, seed=seed
         )
@@ -279,7 +281,10 @@ class FederatedRun:
         plan = self.noise
         expected = sample_rate(self.n_train[client], self.sched.batch_size) * self.n_train[client]
         if len(idx):
-            per_sample, losses = per_sample_grads(encode, loss_one, step, (pooled, tokens, targets))
+            # vmap has no batching rule for the fused attention backward kernels: use the math
+            # kernel so the per-sample vjp stays one batched pass.
+            with sdpa_kernel(SDPBackend.MATH):
+                per_sample, losses = per_sample_grads(encode, loss_one, step, (pooled, tokens, targets))
             sums = clipped_sum(per_sample, clip_norm=plan.clip_norm)
         else:
             sums, losses = {k: torch.zeros_like(v) for k, v in step.items()}, torch.zeros(0)
@@ -404,7 +409,7 @@ class FederatedRun:
             if novel is not None:
                 zn = method.encode(step, aux, ctx_novel)
                 novel_correct = self._correct(zn, *novel, ctx_novel)
-            local = pos_of[torch.as_tensor(fed.split.test[c], dtype=torch.long)]
+            local = pos_of[torch.tensor(fed.split.test[c], dtype=torch.long)]
             scores = ClientScores(seen_correct=seen_correct, novel_correct=novel_correct)
             per_client.append(
                 client_metrics(

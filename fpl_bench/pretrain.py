@@ -37,8 +37,8 @@ from torch import Tensor
 from fpl_bench.backbone import (
     EMBEDDED,
     Backbone,
-    quiet_random_init,
     load_backbone,
+    quiet_random_init,
     register_model_configs,
 )
 from fpl_bench.data.synthetic import CLASSNAMES, DOMAINS, generate, load_synthetic
@@ -156,7 +156,7 @@ def pretrain_tiny(
     seed: int = 0,
     n_images: int = 40000,
     minutes: float | None = None,
-    epochs: int = 3,
+    epochs: int = 5,
     batch_size: int = 256,
     lr: float = 2e-3,
     weight_decay: float = 0.1,

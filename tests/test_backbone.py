@@ -94,7 +94,7 @@ def test_checkpoint_file_gives_identical_features(embedded, images, tmp_path, wr
 def test_corrupt_checkpoint_raises_usage_error(tmp_path):
     path = tmp_path / "corrupt.pt"
     path.write_bytes(np.random.default_rng(0).bytes(4096))
-    with pytest.raises(UsageError, match="corrupt.pt"):
+    with pytest.raises(UsageError, match=r"corrupt\.pt"):
         load_backbone(EMBEDDED, checkpoint=path)
 
 
@@ -109,12 +109,12 @@ def test_mismatching_checkpoint_raises_usage_error(embedded, tmp_path):
     state["extra.weight"] = torch.zeros(2)
     path = tmp_path / "other.pt"
     torch.save(state, path)
-    with pytest.raises(UsageError, match="1 missing .*1 unexpected"):
+    with pytest.raises(UsageError, match=r"1 missing .*1 unexpected"):
         load_backbone(EMBEDDED, checkpoint=path)
 
 
 def test_unknown_model_name_raises_usage_error():
-    with pytest.raises(UsageError, match="unknown open_clip model 'ViT-Q-99'.*fpl-tiny-vit"):
+    with pytest.raises(UsageError, match=r"unknown open_clip model 'ViT-Q-99'.*fpl-tiny-vit"):
         load_backbone("ViT-Q-99")
 
 

@@ -1,0 +1,301 @@
+"""Noise calibration and privacy accounting for DP-SGD on Opacus' accountants.
+
+The mechanism (privacy/mechanism.py) is the Poisson-subsampled Gaussian mechanism: each step
+samples every example of a client with probability q, clips per-sample gradients to C and adds
+N(0, sigma^2 C^2). Over `steps` such steps that touch a client's data, its privacy loss is
+computed by one of two accountants:
+
+- "rdp": Renyi DP (Mironov 2017, arXiv 1702.07476) of the sampled Gaussian mechanism
+  (Mironov, Talwar, Zhang 2019, arXiv 1908.10530), composed additively over steps and converted
+  to (eps, delta) with Thm. 21 of Balle et al. 2020 (arXiv 1905.09982):
+  `opacus.accountants.analysis.rdp.compute_rdp` / `get_privacy_spent` via `RDPAccountant`.
+  The orders are Opacus' default grid (1.1 .. 63) plus `EXTRA_RDP_ORDERS` up to 1024: with the
+  default grid alone eps cannot go below about log(1/delta)/62 (0.19 at delta = 1e-5) however
+  large sigma is; the extra orders only add candidates to the minimum, so whenever the best
+  order lies inside Opacus' grid the result is identical to `RDPAccountant.get_epsilon`.
+- "prv": numerical composition of privacy loss random variables (Gopi, Lee, Wutschitz 2021,
+  arXiv 2106.02848) via `opacus.accountants.PRVAccountant`; tighter, and Opacus reports the
+  upper end of its error interval, so it is still a guarantee.
+
+`calibrate_noise` finds sigma for a target (eps, delta) with
+`opacus.accountants.utils.get_noise_multiplier` (doubling, then bisection; it returns the upper
+bracket) and then re-checks the answer with `epsilon_spent`, nudging sigma up until
+eps_spent <= eps_target holds, so a recorded ledger never claims more privacy than it has.
+The "paper" calibration reproduces DP-FPL's closed form (Tran et al., ICLR 2025) and reports
+what the RDP accountant gives for it.
+
+Abadi et al., "Deep Learning with Differential Privacy", CCS 2016 (arXiv 1607.00133), Alg. 1,
+is the training algorithm being accounted for.
+
+    >>> round(epsilon_spent(noise_multiplier=1.0, sample_rate=0.01, steps=1000, delta=1e-5), 3)
+    2.101
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import asdict, dataclass, fields
+from typing import Any
+
+from opacus.accountants import RDPAccountant, create_accountant
+from opacus.accountants.utils import get_noise_multiplier
+
+from fpl_bench.errors import UsageError
+
+__all__ = [
+    "ACCOUNTANTS",
+    "CALIBRATIONS",
+    "EXTRA_RDP_ORDERS",
+    "RDP_ORDERS",
+    "PrivacyLedger",
+    "calibrate_noise",
+    "epsilon_spent",
+    "paper_noise",
+    "plan_privacy",
+]
+
+ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
+CALIBRATIONS: tuple[str, ...] = ("rdp", "prv", "paper")
+
+EXTRA_RDP_ORDERS: tuple[int, ...] = (64, 80, 96, 128, 160, 192, 256, 320, 384, 512, 768, 1024)
+RDP_ORDERS: tuple[float, ...] = (*RDPAccountant.DEFAULT_ALPHAS, *EXTRA_RDP_ORDERS)
+
+# After Opacus' bisection, sigma is multiplied by this until the accountant confirms the target
+# (the PRV estimate is numerical; its reported upper bound can land a hair above the target).
+_BUMP = 1.001
+_MAX_BUMPS = 200
+
+
+def _accountant_kwargs(accountant: str) -> dict[str, Any]:
+    """Extra arguments for `IAccountant.get_epsilon`: the RDP orders for "rdp"."""
+    return {"alphas": list(RDP_ORDERS)} if accountant == "rdp" else {}
+
+
+def _check_accountant(accountant: str) -> None:
+    if accountant not in ACCOUNTANTS:
+        raise UsageError(
+            f"--accountant {accountant!r} is not an accountant; choose one of {', '.join(ACCOUNTANTS)}"
+        )
+
+
+def _check_common(*, eps: float, delta: float, sample_rate: float, steps: int) -> None:
+    if not (eps > 0 and math.isfinite(eps)):
+        raise UsageError(f"--eps must be a finite number > 0, got {eps}")
+    if not 0 < delta < 1:
+        raise UsageError(f"--delta must be in (0, 1), got {delta}")
+    if not 0 < sample_rate <= 1:
+        raise UsageError(
+            f"sample rate must be in (0, 1], got {sample_rate} "
+            "(it is --batch-size over a client's training examples)"
+        )
+    if int(steps) != steps or steps < 1:
+        raise UsageError(
+            f"noisy steps per client must be an integer >= 1, got {steps} "
+            "(check --rounds and --local-epochs)"
+        )
+
+
+def epsilon_spent(
+    *,
+    noise_multiplier: float,
+    sample_rate: float,
+    steps: int,
+    delta: float,
+    accountant: str = "rdp",
+) -> float:
+    """eps of `steps` Poisson-subsampled Gaussian steps (rate q, noise multiplier sigma) at
+    `delta`, by the RDP (Mironov 2017; Mironov et al. 2019) or PRV (Gopi et al. 2021) accountant.
+
+    Degenerate cases first: no steps or q = 0 spend 0; sigma = 0 spends inf.
+    """
+    _check_accountant(accountant)
+    if steps < 0 or not 0 <= sample_rate <= 1 or noise_multiplier < 0 or not 0 < delta < 1:
+        raise ValueError(
+            f"bad accounting input: sigma={noise_multiplier}, q={sample_rate}, "
+            f"steps={steps}, delta={delta}"
+        )
+    if steps == 0 or sample_rate == 0:
+        return 0.0
+    if noise_multiplier == 0:
+        return math.inf
+    acc = create_accountant(mechanism=accountant)
+    acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
+    with warnings.catch_warnings():
+        if accountant == "prv":  # its domain sizing runs an RDP accountant that warns about its grid
+            warnings.simplefilter("ignore")
+        return float(acc.get_epsilon(delta=delta, **_accountant_kwargs(accountant)))
+
+
+def calibrate_noise(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str = "rdp",
+    epsilon_tolerance: float = 0.01,
+) -> float:
+    """Smallest sigma (to within a tolerance in eps) with eps(sigma; q, steps, delta) <=
+    target_epsilon under `accountant`.
+
+    The tolerance is `epsilon_tolerance` (absolute, as in Opacus) capped at 1% of the target,
+    so that a small budget (eps = 0.05, say) is not spent only in part. PRV's epsilon is the
+    upper end of Opacus' error interval (estimate + 0.01), so at eps below about 0.5 it is not
+    tighter than RDP.
+
+    Opacus' `get_noise_multiplier` doubles sigma from 20 until the target is met (giving up
+    above sigma = 1e6), then bisects and returns the upper bracket. The result is checked with
+    `epsilon_spent` and raised by 0.1% steps until it provably meets the target.
+    UsageError when no sigma in the search range meets it (budget too small for the settings).
+    """
+    _check_accountant(accountant)
+    _check_common(eps=target_epsilon, delta=target_delta, sample_rate=sample_rate, steps=steps)
+    if not epsilon_tolerance > 0:
+        raise ValueError(f"epsilon_tolerance must be > 0, got {epsilon_tolerance}")
+    setting = (
+        f"eps={target_epsilon}, delta={target_delta}, sample rate {sample_rate:.4g}, "
+        f"{steps} noisy steps, accountant {accountant}"
+    )
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # grid-edge warnings of the search's trial sigmas
+            sigma = float(
+                get_noise_multiplier(
+                    target_epsilon=target_epsilon,
+                    target_delta=target_delta,
+                    sample_rate=sample_rate,
+                    steps=int(steps),
+                    accountant=accountant,
+                    epsilon_tolerance=min(epsilon_tolerance, 0.01 * target_epsilon),
+                    **_accountant_kwargs(accountant),
+                )
+            )
+    except (ValueError, RuntimeError) as err:
+        raise UsageError(
+            f"no noise multiplier up to 1e6 meets {setting} ({err}); "
+            "raise --eps or --delta, or train fewer steps"
+        ) from err
+    for _ in range(_MAX_BUMPS):
+        spent = epsilon_spent(
+            noise_multiplier=sigma,
+            sample_rate=sample_rate,
+            steps=steps,
+            delta=target_delta,
+            accountant=accountant,
+        )
+        if spent <= target_epsilon:
+            return sigma
+        sigma *= _BUMP
+    raise RuntimeError(f"calibrated sigma={sigma} still exceeds the target for {setting}")
+
+
+def paper_noise(*, target_epsilon: float, target_delta: float, rounds: int) -> float:
+    """DP-FPL's closed form sigma = sqrt(T log(1/delta)) / eps with T = rounds (Tran et al.,
+    "Privacy-Preserving Personalized Federated Prompt Learning for Multimodal Large Language
+    Models", ICLR 2025; reference code linhhtran/DP-FPL).
+
+    Kept for reproduction only: it ignores sub-sampling and the number of local steps, so it is
+    not a guarantee by itself; `plan_privacy` reports the RDP epsilon it actually gives.
+    """
+    if not target_epsilon > 0:
+        raise UsageError(f"--eps must be > 0, got {target_epsilon}")
+    if not 0 < target_delta < 1:
+        raise UsageError(f"--delta must be in (0, 1), got {target_delta}")
+    if rounds < 1:
+        raise UsageError(f"--rounds must be >= 1, got {rounds}")
+    return math.sqrt(rounds * math.log(1.0 / target_delta)) / target_epsilon
+
+
+@dataclass(frozen=True)
+class PrivacyLedger:
+    """What a DP run records (with the run and every checkpoint): the target, how sigma was
+    chosen, the mechanism's parameters per client (C, q, noisy steps) and the epsilon spent."""
+
+    eps_target: float
+    delta: float
+    calibration: str  # "rdp" | "prv" | "paper"
+    accountant: str  # accountant that computed eps_spent: "rdp" | "prv"
+    noise_multiplier: float  # sigma
+    clip_norm: float  # C
+    sample_rate: float  # q (Poisson)
+    steps: int  # noisy steps that touch one client's data over the run
+    eps_spent: float
+
+    def to_dict(self) -> dict[str, Any]:
+        """Flat dict of plain values (MLflow params, checkpoint metadata)."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> PrivacyLedger:
+        """Inverse of `to_dict`; refuses unknown or missing keys."""
+        names = {f.name for f in fields(cls)}
+        if set(data) != names:
+            raise ValueError(
+                f"privacy ledger keys differ: missing {sorted(names - set(data))}, "
+                f"unknown {sorted(set(data) - names)}"
+            )
+        return cls(**data)
+
+
+def plan_privacy(
+    *,
+    eps: float,
+    delta: float,
+    clip_norm: float,
+    sample_rate: float,
+    steps: int,
+    rounds: int,
+    calibration: str = "rdp",
+) -> PrivacyLedger:
+    """Pick sigma for a client with Poisson rate `sample_rate` and `steps` noisy steps.
+
+    calibration "rdp"/"prv": `calibrate_noise` with that accountant, eps_spent from the same
+    one (always <= eps). "paper": `paper_noise` with T = rounds, eps_spent from the RDP
+    accountant; UsageError if that exceeds eps.
+    """
+    if calibration not in CALIBRATIONS:
+        raise UsageError(
+            f"--accountant {calibration!r} is not a calibration; choose one of {', '.join(CALIBRATIONS)}"
+        )
+    _check_common(eps=eps, delta=delta, sample_rate=sample_rate, steps=steps)
+    if not clip_norm > 0:
+        raise UsageError(f"--clip-norm must be > 0, got {clip_norm}")
+    if calibration == "paper":
+        accountant = "rdp"
+        sigma = paper_noise(target_epsilon=eps, target_delta=delta, rounds=rounds)
+    else:
+        accountant = calibration
+        sigma = calibrate_noise(
+            target_epsilon=eps,
+            target_delta=delta,
+            sample_rate=sample_rate,
+            steps=steps,
+            accountant=accountant,
+        )
+    spent = epsilon_spent(
+        noise_multiplier=sigma,
+        sample_rate=sample_rate,
+        steps=steps,
+        delta=delta,
+        accountant=accountant,
+    )
+    if spent > eps:
+        if calibration == "paper":
+            raise UsageError(
+                f"the paper's closed form sigma={sigma:.4g} (T={rounds}) does not meet --eps {eps} "
+                f"under RDP for these settings (RDP gives eps={spent:.4g} at sample rate "
+                f"{sample_rate:.4g}, {steps} steps); use --accountant rdp"
+            )
+        raise RuntimeError(f"calibrated sigma={sigma} spends eps={spent} > target {eps}")
+    return PrivacyLedger(
+        eps_target=float(eps),
+        delta=float(delta),
+        calibration=calibration,
+        accountant=accountant,
+        noise_multiplier=float(sigma),
+        clip_norm=float(clip_norm),
+        sample_rate=float(sample_rate),
+        steps=int(steps),
+        eps_spent=float(spent),
+    )

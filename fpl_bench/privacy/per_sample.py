@@ -1,0 +1,139 @@
+"""Exact per-sample gradients of prompt parameters with one text-encoder forward.
+
+A prompt method splits its loss in two. `encode(params) -> Z` is the expensive part that every
+sample shares (the text transformer turning the context vectors into class features
+[n_cls, D], or a dict of several such tensors); `sample_loss(Z, *batch_i) -> l_i` is the cheap
+part that touches sample i (cosine logits of its image feature against Z, cross-entropy).
+By the chain rule, for every parameter tensor p
+
+    dl_i/dp = J_p(Z)^T  dl_i/dZ,
+
+where J_p(Z) is the Jacobian of the encoder at the current params. It is the same for every
+sample, so one `torch.func.vjp(encode, params)` gives `Z` and the linear map
+`vjp_fn: v -> J_p(Z)^T v`. The per-sample cotangents `dl_i/dZ` come from
+`vmap(grad(sample_loss))` (shape [B, *Z.shape]), and `vmap(vjp_fn)` maps them to the
+per-sample gradients [B, *p.shape]. Nothing is approximated: each row is the ordinary
+gradient of l_i, the encoder forward runs once (not B x n_cls sequences), and the vmapped
+backward only re-uses the saved activations. This is what DP-SGD (Abadi et al. 2016, Alg. 1)
+needs to clip each example's contribution; Opacus' module hooks cannot, because a prompt is
+a parameter used by every sample of the batch (and they silently mix samples when the batch
+size equals the class count).
+
+References: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016
+(arXiv 1607.00133); torch.func (functorch) `vjp`, `vmap`, `grad`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Mapping
+from typing import Any
+
+import torch
+from torch import Tensor
+from torch.func import grad, grad_and_value, vjp, vmap
+from torch.nn.attention import SDPBackend, sdpa_kernel
+from torch.utils._pytree import tree_map
+
+__all__ = ["mean_grads", "per_sample_grads"]
+
+Encode = Callable[[dict[str, Tensor]], Any]
+SampleLoss = Callable[..., Tensor]
+
+
+def _detach_tree(tree: Any) -> Any:
+    return tree_map(lambda t: t.detach() if isinstance(t, Tensor) else t, tree)
+
+
+def _batch_size(batch: tuple[Tensor, ...]) -> int:
+    if not batch:
+        raise ValueError("batch must hold at least one tensor with a leading batch dimension")
+    sizes = {int(t.shape[0]) for t in batch}
+    if len(sizes) != 1:
+        raise ValueError(f"batch tensors disagree on the batch size: {sorted(sizes)}")
+    return sizes.pop()
+
+
+def _encode_once(
+    encode: Encode, params: Mapping[str, Tensor], *, math_attention: bool = False
+) -> tuple[Any, Callable[..., Any]]:
+    """Z = encode(params) and vjp_fn: cotangent on Z -> ({name: grad},), on detached inputs so
+    that outer autograd state (params that require grad) never leaks into torch.func.
+
+    math_attention: run scaled_dot_product_attention with its MATH backend (matmul + softmax).
+    The fused kernels' backward ops (flash / memory-efficient, CPU and CUDA) have no vmap
+    batching rule, so `vmap(vjp_fn)` would fall back to a slow per-sample loop (with a
+    "performance drop" warning); the math backend's backward is made of batchable ops.
+    """
+    primals = {k: v.detach() for k, v in params.items()}
+    if math_attention:
+        with sdpa_kernel([SDPBackend.MATH]):
+            z, vjp_fn = vjp(encode, primals)
+    else:
+        z, vjp_fn = vjp(encode, primals)
+    return _detach_tree(z), vjp_fn
+
+
+def per_sample_grads(
+    encode: Encode,
+    sample_loss: SampleLoss,
+    params: dict[str, Tensor],
+    batch: tuple[Tensor, ...],
+    *,
+    chunk_size: int | None = None,
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-sample gradients {name: [B, *param.shape]} and per-sample losses [B].
+
+    encode: params -> Z (a tensor or a pytree of tensors), run once.
+    sample_loss: (Z, *batch_i) -> scalar loss of one sample; must be vmappable.
+    batch: tensors with leading dim B; sample i gets (t[i] for t in batch).
+    chunk_size: optional `vmap` chunk size to bound the memory of the vmapped backward.
+
+    grads[name][i] = J_name(Z)^T dl_i/dZ = d l_i / d params[name], exactly (see module doc).
+    Attention inside `encode` runs on the MATH backend of scaled_dot_product_attention so that
+    the vmapped backward stays batched (the fused kernels' backward has no batching rule).
+    The result carries no autograd history. An empty batch (B = 0, possible under Poisson
+    sampling) gives zero-length gradients and losses without running the encoder.
+    """
+    n = _batch_size(batch)
+    if n == 0:
+        grads = {k: v.detach().new_zeros((0, *v.shape)) for k, v in params.items()}
+        ref = next(iter(params.values()), batch[0])
+        return grads, ref.new_zeros(0)
+    z, vjp_fn = _encode_once(encode, params, math_attention=True)
+    in_dims = (None, *(0 for _ in batch))
+    batch = tuple(t.detach() for t in batch)
+    cot, losses = vmap(grad_and_value(sample_loss), in_dims=in_dims, chunk_size=chunk_size)(
+        z, *batch
+    )
+    (grads,) = vmap(vjp_fn, chunk_size=chunk_size)(cot)
+    return dict(grads), losses
+
+
+def mean_grads(
+    encode: Encode,
+    sample_loss: SampleLoss,
+    params: dict[str, Tensor],
+    batch: tuple[Tensor, ...],
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Gradient of the mean loss (1/B) sum_i l_i w.r.t. params, and the per-sample losses [B].
+
+    The non-private path: d mean_i l_i / dp = J_p(Z)^T (1/B) sum_i dl_i/dZ, so one vjp with the
+    mean cotangent, never materialising per-sample gradients. An empty batch gives zero
+    gradients and an empty loss vector.
+    """
+    n = _batch_size(batch)
+    if n == 0:
+        grads = {k: torch.zeros_like(v.detach()) for k, v in params.items()}
+        ref = next(iter(params.values()), batch[0])
+        return grads, ref.new_zeros(0)
+    z, vjp_fn = _encode_once(encode, params)
+    in_dims = (None, *(0 for _ in batch))
+    batch = tuple(t.detach() for t in batch)
+
+    def mean_loss(zz: Any) -> tuple[Tensor, Tensor]:
+        losses = vmap(sample_loss, in_dims=in_dims)(zz, *batch)
+        return losses.mean(), losses
+
+    cot, losses = grad(mean_loss, has_aux=True)(z)
+    (grads,) = vjp_fn(cot)
+    return dict(grads), losses.detach()

@@ -1,0 +1,62 @@
+"""CLI: bad input gives one line on stderr and exit code 2, and leaves earlier results alone."""
+
+import sys
+
+import pytest
+
+from fpl_bench.cli import main
+
+
+def run_cli(args, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["fpl-bench", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+@pytest.mark.parametrize(
+    ("args", "needle"),
+    [
+        (["--methods", "fedpgb"], "unknown method 'fedpgb'"),
+        (["--dataset", "imagenet-xl"], "unknown dataset 'imagenet-xl'"),
+        (["--clients", "0"], "--clients 0"),
+        (["--partition", "dirichlet", "--alpha", "0"], "--alpha 0"),
+        (["--eps", "0"], "epsilon must be > 0"),
+        (["--eps", "-1"], "epsilon must be > 0"),
+        (["--eps", "abc"], "'abc' is not a number"),
+        (["--eps", "1", "--delta", "1.5"], "--delta 1.5"),
+        (["--eps", "1", "--clip-norm", "0"], "--clip-norm 0"),
+        (["--param", "coop.bogus=1"], "has no option 'bogus'"),
+        (["--seeds", "a,b"], "--seeds a,b"),
+    ],
+)
+def test_bad_flags_one_line_exit_2(args, needle, capsys, monkeypatch, tmp_path):
+    code, _, err = run_cli(["run", "--out", str(tmp_path / "out"), *args], capsys, monkeypatch)
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+def test_bad_input_found_late_keeps_existing_results(capsys, monkeypatch, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.csv").write_text("method,seed\ncoop,0\n")
+    corrupt = tmp_path / "bad.pt"
+    corrupt.write_bytes(b"\x00not a checkpoint")
+    cache = ["--cache-dir", str(tmp_path / "cache")]
+    code, _, err = run_cli(["run", "--out", str(out), "--checkpoint", str(corrupt), *cache], capsys, monkeypatch)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "bad.pt" in err
+    code, _, err = run_cli(["run", "--out", str(out), "--shots", "500", *cache], capsys, monkeypatch)
+    assert code == 2 and "--shots 500" in err
+    assert (out / "results.csv").read_text() == "method,seed\ncoop,0\n"
+
+
+def test_methods_and_datasets_list(capsys, monkeypatch):
+    code, out, _ = run_cli(["methods"], capsys, monkeypatch)
+    assert code in (0, None)
+    names = [line.split()[0] for line in out.strip().splitlines()]
+    assert names[:3] == ["zeroshot", "coop", "promptfl"] and "dpfpl" in names
+    code, out, _ = run_cli(["datasets"], capsys, monkeypatch)
+    assert "synthetic" in out

@@ -27,7 +27,6 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from torch import Tensor
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fpl_bench.data.partition import ClientSplit
 from fpl_bench.evaluate import ClientScores, client_metrics, mean_over_clients
@@ -281,10 +280,7 @@ class FederatedRun:
         plan = self.noise
         expected = sample_rate(self.n_train[client], self.sched.batch_size) * self.n_train[client]
         if len(idx):
-            # vmap has no batching rule for the fused attention backward kernels: use the math
-            # kernel so the per-sample vjp stays one batched pass.
-            with sdpa_kernel(SDPBackend.MATH):
-                per_sample, losses = per_sample_grads(encode, loss_one, step, (pooled, tokens, targets))
+            per_sample, losses = per_sample_grads(encode, loss_one, step, (pooled, tokens, targets))
             sums = clipped_sum(per_sample, clip_norm=plan.clip_norm)
         else:
             sums, losses = {k: torch.zeros_like(v) for k, v in step.items()}, torch.zeros(0)

@@ -122,7 +122,9 @@ def epsilon_spent(
     acc = create_accountant(mechanism=accountant)
     acc.history = [(float(noise_multiplier), float(sample_rate), int(steps))]
     with warnings.catch_warnings():
-        if accountant == "prv":  # its domain sizing runs an RDP accountant that warns about its grid
+        if (
+            accountant == "prv"
+        ):  # its domain sizing runs an RDP accountant that warns about its grid
             warnings.simplefilter("ignore")
         return float(acc.get_epsilon(delta=delta, **_accountant_kwargs(accountant)))
 

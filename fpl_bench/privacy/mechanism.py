@@ -94,8 +94,7 @@ def clipped_sum(grads: dict[str, Tensor], *, clip_norm: float) -> dict[str, Tens
     empty batch (B = 0) gives zeros."""
     factors = _clip_factors(grads, clip_norm)
     return {
-        name: torch.tensordot(factors.to(g.dtype), g, dims=([0], [0]))
-        for name, g in grads.items()
+        name: torch.tensordot(factors.to(g.dtype), g, dims=([0], [0])) for name, g in grads.items()
     }
 
 

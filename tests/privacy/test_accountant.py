@@ -1,0 +1,164 @@
+"""Noise calibration and accounting on Opacus' accountants."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+from opacus.accountants import RDPAccountant
+
+from fpl_bench.errors import UsageError
+from fpl_bench.privacy.accountant import (
+    ACCOUNTANTS,
+    CALIBRATIONS,
+    PrivacyLedger,
+    calibrate_noise,
+    epsilon_spent,
+    paper_noise,
+    plan_privacy,
+)
+
+DELTA = 1e-5
+Q, STEPS = 0.05, 100
+
+
+def test_names() -> None:
+    assert ACCOUNTANTS == ("rdp", "prv")
+    assert CALIBRATIONS == ("rdp", "prv", "paper")
+
+
+@pytest.mark.parametrize("accountant", ["rdp", "prv"])
+def test_calibrate_meets_target(accountant: str) -> None:
+    target = 1.0
+    sigma = calibrate_noise(
+        target_epsilon=target,
+        target_delta=DELTA,
+        sample_rate=Q,
+        steps=STEPS,
+        accountant=accountant,
+    )
+    spent = epsilon_spent(
+        noise_multiplier=sigma, sample_rate=Q, steps=STEPS, delta=DELTA, accountant=accountant
+    )
+    assert spent <= target
+    assert spent >= 0.95 * target
+
+
+def test_small_target_uses_budget() -> None:
+    """Below Opacus' default RDP grid floor (~0.19 at delta 1e-5) and with a relative tolerance."""
+    sigma = calibrate_noise(target_epsilon=0.05, target_delta=DELTA, sample_rate=Q, steps=STEPS)
+    spent = epsilon_spent(noise_multiplier=sigma, sample_rate=Q, steps=STEPS, delta=DELTA)
+    assert 0.95 * 0.05 <= spent <= 0.05
+
+
+def test_rdp_matches_opacus_accountant() -> None:
+    sigma, q, steps = 1.1, 0.02, 500
+    acc = RDPAccountant()
+    for _ in range(steps):
+        acc.step(noise_multiplier=sigma, sample_rate=q)
+    expected = acc.get_epsilon(delta=DELTA)
+    got = epsilon_spent(noise_multiplier=sigma, sample_rate=q, steps=steps, delta=DELTA)
+    assert got == pytest.approx(expected, rel=1e-12)
+    assert 1.0 < got < 3.0
+
+
+def test_epsilon_degenerate() -> None:
+    kw = {"sample_rate": Q, "delta": DELTA}
+    assert epsilon_spent(noise_multiplier=1.0, steps=0, **kw) == 0.0
+    assert epsilon_spent(noise_multiplier=0.0, steps=10, **kw) == math.inf
+
+
+def test_monotone_in_eps() -> None:
+    sigmas = [
+        calibrate_noise(target_epsilon=e, target_delta=DELTA, sample_rate=Q, steps=STEPS)
+        for e in (0.5, 1.0, 2.0)
+    ]
+    assert sigmas[0] > sigmas[1] > sigmas[2]
+
+
+def test_paper_noise_closed_form() -> None:
+    got = paper_noise(target_epsilon=0.5, target_delta=1e-5, rounds=100)
+    assert got == pytest.approx(math.sqrt(100 * math.log(1e5)) / 0.5, rel=1e-12)
+    assert got == pytest.approx(67.8614, rel=1e-5)
+
+
+def test_plan_paper_records_rdp_epsilon() -> None:
+    ledger = plan_privacy(
+        eps=1.0,
+        delta=DELTA,
+        clip_norm=1.0,
+        sample_rate=Q,
+        steps=STEPS,
+        rounds=10,
+        calibration="paper",
+    )
+    sigma = math.sqrt(10 * math.log(1 / DELTA))
+    assert ledger.noise_multiplier == pytest.approx(sigma)
+    assert ledger.calibration == "paper" and ledger.accountant == "rdp"
+    assert ledger.eps_spent == pytest.approx(
+        epsilon_spent(noise_multiplier=sigma, sample_rate=Q, steps=STEPS, delta=DELTA)
+    )
+    assert ledger.eps_spent <= ledger.eps_target
+
+
+def test_plan_paper_rejects_when_it_misses_the_target() -> None:
+    # q = 1 and many steps: the closed form (T = rounds = 1) is far too little noise
+    with pytest.raises(UsageError, match="--accountant rdp"):
+        plan_privacy(
+            eps=1.0,
+            delta=DELTA,
+            clip_norm=1.0,
+            sample_rate=1.0,
+            steps=50,
+            rounds=1,
+            calibration="paper",
+        )
+
+
+def test_plan_rdp_ledger() -> None:
+    ledger = plan_privacy(
+        eps=2.0, delta=DELTA, clip_norm=0.5, sample_rate=Q, steps=STEPS, rounds=10
+    )
+    assert isinstance(ledger, PrivacyLedger)
+    assert ledger.accountant == "rdp" and ledger.calibration == "rdp"
+    assert 0.95 * 2.0 <= ledger.eps_spent <= 2.0
+    d = ledger.to_dict()
+    assert d["clip_norm"] == 0.5 and d["steps"] == STEPS
+    assert PrivacyLedger.from_dict(d) == ledger
+    with pytest.raises(AttributeError):
+        ledger.eps_spent = 0.0  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    ("kw", "flag"),
+    [
+        ({"eps": 0.0}, "--eps"),
+        ({"eps": -1.0}, "--eps"),
+        ({"delta": 0.0}, "--delta"),
+        ({"delta": 1.0}, "--delta"),
+        ({"clip_norm": 0.0}, "--clip-norm"),
+        ({"clip_norm": -1.0}, "--clip-norm"),
+        ({"sample_rate": 0.0}, "sample rate"),
+        ({"sample_rate": 1.5}, "sample rate"),
+        ({"steps": 0}, "steps"),
+        ({"calibration": "gdp"}, "--accountant"),
+    ],
+)
+def test_plan_rejects(kw: dict, flag: str) -> None:
+    args = {
+        "eps": 1.0,
+        "delta": DELTA,
+        "clip_norm": 1.0,
+        "sample_rate": Q,
+        "steps": STEPS,
+        "rounds": 10,
+        **kw,
+    }
+    with pytest.raises(UsageError, match=flag) as err:
+        plan_privacy(**args)
+    assert "\n" not in str(err.value)
+
+
+def test_budget_too_small() -> None:
+    with pytest.raises(UsageError, match="no noise multiplier"):
+        calibrate_noise(target_epsilon=1e-4, target_delta=DELTA, sample_rate=1.0, steps=100)

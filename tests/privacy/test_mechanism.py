@@ -1,0 +1,161 @@
+"""Clipping, summing and noising of per-sample gradients (Abadi et al. 2016, Alg. 1)."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from fpl_bench.privacy.mechanism import (
+    add_gaussian_noise,
+    clip_per_sample,
+    clipped_sum,
+    noise_std,
+    per_sample_norms,
+    privatize,
+)
+
+
+def random_grads(batch: int = 16, scale: float = 1.0, seed: int = 0) -> dict[str, torch.Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return {
+        "a": scale * torch.randn(batch, 4, 3, generator=g),
+        "b": scale * torch.randn(batch, 5, generator=g),
+    }
+
+
+def test_joint_norm_by_hand() -> None:
+    grads = {"a": torch.tensor([[3.0, 4.0], [0.3, 0.4]]), "b": torch.tensor([[0, 0, 12.0]] * 2)}
+    torch.testing.assert_close(per_sample_norms(grads), torch.tensor([13.0, math.sqrt(144.25)]))
+
+
+def test_joint_clipping_by_hand() -> None:
+    """(3, 4) and (0, 0, 12): joint norm 13, clipped to C = 1 -> every entry / 13. Per-tensor
+    clipping would give (0.6, 0.8) and (0, 0, 1) instead, a joint norm of sqrt(2)."""
+    grads = {"a": torch.tensor([[3.0, 4.0]]), "b": torch.tensor([[0.0, 0.0, 12.0]])}
+    clipped = clip_per_sample(grads, clip_norm=1.0)
+    torch.testing.assert_close(clipped["a"], torch.tensor([[3 / 13, 4 / 13]]))
+    torch.testing.assert_close(clipped["b"], torch.tensor([[0.0, 0.0, 12 / 13]]))
+    total = clipped_sum(grads, clip_norm=1.0)
+    torch.testing.assert_close(total["a"], torch.tensor([3 / 13, 4 / 13]))
+    torch.testing.assert_close(total["b"], torch.tensor([0.0, 0.0, 12 / 13]))
+    half = clip_per_sample(grads, clip_norm=6.5)
+    torch.testing.assert_close(half["a"], torch.tensor([[1.5, 2.0]]))
+
+
+def test_clipped_norms_at_most_c() -> None:
+    c = 1.0
+    grads = random_grads(batch=32)
+    grads["a"][:8] *= 100.0  # big
+    grads["b"][:8] *= 100.0
+    grads["a"][8:16] *= 1e-3  # small
+    grads["b"][8:16] *= 1e-3
+    grads["a"][16] = 0.0  # zero gradient stays zero
+    grads["b"][16] = 0.0
+    before = per_sample_norms(grads)
+    clipped = clip_per_sample(grads, clip_norm=c)
+    after = per_sample_norms(clipped)
+    assert torch.all(after <= c * (1 + 1e-6))
+    torch.testing.assert_close(after[:8], torch.full((8,), c))
+    for k in grads:
+        torch.testing.assert_close(clipped[k][8:16], grads[k][8:16], rtol=0, atol=0)
+        assert torch.equal(clipped[k][16], torch.zeros_like(clipped[k][16]))
+    small = before <= c
+    torch.testing.assert_close(after[small], before[small])
+
+
+def test_clipped_sum_is_sum_of_clipped() -> None:
+    grads = random_grads(batch=10, scale=2.0)
+    clipped = clip_per_sample(grads, clip_norm=0.7)
+    total = clipped_sum(grads, clip_norm=0.7)
+    for k in grads:
+        assert total[k].shape == grads[k].shape[1:]
+        torch.testing.assert_close(total[k], clipped[k].sum(0))
+    assert torch.linalg.vector_norm(torch.cat([t.flatten() for t in total.values()])) <= 7.0 + 1e-5
+
+
+def test_inputs_not_modified() -> None:
+    grads = random_grads(scale=50.0)
+    copy = {k: v.clone() for k, v in grads.items()}
+    clip_per_sample(grads, clip_norm=1.0)
+    privatize(
+        grads,
+        clip_norm=1.0,
+        noise_multiplier=1.0,
+        expected_batch=8.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    for k in grads:
+        assert torch.equal(grads[k], copy[k])
+
+
+def test_noise_std_statistical() -> None:
+    sigma, c = 1.3, 0.5
+    total = {"w": torch.zeros(200_000, dtype=torch.float64)}
+    noisy = add_gaussian_noise(
+        total, noise_multiplier=sigma, clip_norm=c, generator=torch.Generator().manual_seed(0)
+    )
+    std = float(noisy["w"].std())
+    assert abs(std - sigma * c) / (sigma * c) < 0.02
+    assert abs(float(noisy["w"].mean())) < 0.01
+
+
+def test_noise_seeded_and_order_independent() -> None:
+    total = {"a": torch.zeros(5), "b": torch.zeros(3)}
+    kw = {"noise_multiplier": 1.0, "clip_norm": 1.0}
+    one = add_gaussian_noise(total, generator=torch.Generator().manual_seed(3), **kw)
+    two = add_gaussian_noise(
+        {"b": total["b"], "a": total["a"]}, generator=torch.Generator().manual_seed(3), **kw
+    )
+    assert list(two) == ["b", "a"]
+    for k in total:
+        assert torch.equal(one[k], two[k])
+    assert add_gaussian_noise({}, generator=torch.Generator(), **kw) == {}
+
+
+def test_noise_std_formula() -> None:
+    assert noise_std(noise_multiplier=2.0, clip_norm=0.5, expected_batch=4.0) == 0.25
+    with pytest.raises(ValueError):
+        noise_std(noise_multiplier=1.0, clip_norm=1.0, expected_batch=0.0)
+
+
+def test_privatize_divides_by_expected_batch() -> None:
+    grads = random_grads(batch=6, scale=3.0)
+    kw = {"clip_norm": 1.0, "noise_multiplier": 0.8}
+    out = privatize(grads, expected_batch=10.0, generator=torch.Generator().manual_seed(1), **kw)
+    total = clipped_sum(grads, clip_norm=1.0)
+    noisy = add_gaussian_noise(
+        total, noise_multiplier=0.8, clip_norm=1.0, generator=torch.Generator().manual_seed(1)
+    )
+    for k in grads:
+        torch.testing.assert_close(out[k], noisy[k] / 10.0)  # not / 6, the realised batch
+    quiet = privatize(
+        grads, expected_batch=10.0, generator=torch.Generator(), **{**kw, "noise_multiplier": 0.0}
+    )
+    for k in grads:
+        torch.testing.assert_close(quiet[k], total[k] / 10.0)
+
+
+def test_empty_batch() -> None:
+    grads = {"a": torch.zeros(0, 4, 3), "b": torch.zeros(0, 5)}
+    assert per_sample_norms(grads).shape == (0,)
+    total = clipped_sum(grads, clip_norm=1.0)
+    assert torch.equal(total["a"], torch.zeros(4, 3)) and torch.equal(total["b"], torch.zeros(5))
+    out = privatize(
+        grads,
+        clip_norm=1.0,
+        noise_multiplier=1.0,
+        expected_batch=2.0,
+        generator=torch.Generator().manual_seed(0),
+    )
+    assert out["a"].shape == (4, 3)
+    assert float(out["a"].abs().sum()) > 0  # noise is still added
+
+
+def test_dtype_kept() -> None:
+    grads = {"a": torch.randn(4, 3, dtype=torch.float64)}
+    assert clipped_sum(grads, clip_norm=1.0)["a"].dtype == torch.float64
+    half = {"a": torch.randn(4, 3).to(torch.bfloat16)}
+    assert per_sample_norms(half).dtype == torch.float32
+    assert clip_per_sample(half, clip_norm=0.1)["a"].dtype == torch.bfloat16

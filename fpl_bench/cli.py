@@ -27,6 +27,13 @@ app = typer.Typer(
 DEFAULT_OUT = Path("runs/default")
 
 
+def _default(field: str) -> Any:
+    """The ExperimentSpec default of `field`, so the CLI and the spec cannot disagree."""
+    from fpl_bench.spec import ExperimentSpec
+
+    return ExperimentSpec.model_fields[field].default
+
+
 def _parse_value(text: str) -> Any:
     lowered = text.lower()
     if lowered in ("true", "false"):
@@ -68,23 +75,35 @@ def _methods_arg(text: str) -> tuple[str, ...]:
     return tuple(dict.fromkeys(resolve_method_name(w) for w in words))
 
 
+SHORT = {
+    "local_acc": "local",
+    "neighbor_acc": "neighbor",
+    "base_acc": "base",
+    "novel_acc": "novel",
+    "hm": "HM",
+}
+
+
 def format_table(frame: Any, metrics: list[str], with_privacy: bool) -> Any:
-    """A rich Table: one row per (eps, method), mean +- std over seeds of each metric."""
+    """A rich Table: one row per (eps, method), mean ± std over seeds of each metric (in %)."""
     from rich.table import Table
 
-    table = Table(title="fpl-bench results (mean ± std over seeds, accuracy in %)")
-    for col in ["eps", "method", *metrics, *(["eps_spent"] if with_privacy else []), "seeds"]:
-        table.add_column(col, justify="right" if col not in ("method",) else "left")
+    table = Table(title="accuracy % (mean ± std over seeds)", title_justify="left")
+    table.add_column("eps", justify="right")
+    table.add_column("method")
+    for m in metrics:
+        table.add_column(SHORT.get(m, m), justify="right")
+    if with_privacy:
+        table.add_column("eps_spent", justify="right")
     for (eps, method), group in frame.groupby(["eps", "method"], sort=False):
         cells = [str(eps), method]
         for m in metrics:
             values = group[m].astype(float) * 100
             std = values.std(ddof=0) if len(values) > 1 else 0.0
-            cells.append("—" if values.isna().all() else f"{values.mean():.1f} ± {std:.1f}")
+            cells.append("—" if values.isna().all() else f"{values.mean():.1f}±{std:.1f}")
         if with_privacy:
             spent = group["eps_spent"].astype(float)
             cells.append("—" if spent.isna().all() else f"{spent.max():.3f}")
-        cells.append(str(len(group)))
         table.add_row(*cells)
     return table
 
@@ -95,50 +114,62 @@ def run(
     eps: Annotated[
         str, typer.Option(help="Target epsilon(s) per client, comma list; 'none' = no DP.")
     ] = "none",
-    delta: Annotated[float, typer.Option(help="Target delta.")] = 1e-5,
-    clip_norm: Annotated[float, typer.Option(help="Per-sample clipping norm C.")] = 1.0,
+    delta: Annotated[float, typer.Option(help="Target delta.")] = _default("delta"),
+    clip_norm: Annotated[float, typer.Option(help="Per-sample clipping norm C.")] = _default(
+        "clip_norm"
+    ),
     accountant: Annotated[
         str, typer.Option(help="Noise calibration: rdp, prv, or paper (DP-FPL closed form).")
-    ] = "rdp",
+    ] = _default("accountant"),
     dataset: Annotated[
         str, typer.Option(help="Dataset card name (see `fpl-bench datasets`).")
-    ] = "synthetic",
+    ] = _default("dataset"),
     data_root: Annotated[
         Path | None, typer.Option(help="Folder holding the dataset files.")
     ] = None,
     domain: Annotated[str | None, typer.Option(help="Synthetic background domain.")] = None,
-    protocol: Annotated[str, typer.Option(help="base2novel or personalized.")] = "base2novel",
-    partition: Annotated[
-        str, typer.Option(help="pathological, dirichlet or iid.")
-    ] = "pathological",
-    alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = 0.5,
-    clients: Annotated[int, typer.Option(help="Number of clients.")] = 10,
+    protocol: Annotated[str, typer.Option(help="base2novel or personalized.")] = _default(
+        "protocol"
+    ),
+    partition: Annotated[str, typer.Option(help="pathological, dirichlet or iid.")] = _default(
+        "partition"
+    ),
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = _default("alpha"),
+    clients: Annotated[int, typer.Option(help="Number of clients.")] = _default("clients"),
     client_fraction: Annotated[
         float, typer.Option(help="Fraction of clients sampled per round.")
-    ] = 1.0,
-    rounds: Annotated[int, typer.Option(help="Communication rounds.")] = 20,
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = 1,
-    shots: Annotated[int, typer.Option(help="Training shots per class per client (0 = all).")] = 16,
+    ] = _default("client_fraction"),
+    rounds: Annotated[int, typer.Option(help="Communication rounds.")] = _default("rounds"),
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = _default(
+        "local_epochs"
+    ),
+    shots: Annotated[
+        int, typer.Option(help="Training shots per class per client (0 = all).")
+    ] = _default("shots"),
     batch_size: Annotated[
         int, typer.Option(help="Local batch size (expected size under DP).")
-    ] = 32,
-    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = 0.05,
-    n_ctx: Annotated[int, typer.Option(help="Number of learnable context vectors.")] = 16,
-    eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds.")] = 1,
+    ] = _default("batch_size"),
+    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = _default("lr"),
+    n_ctx: Annotated[int, typer.Option(help="Number of learnable context vectors.")] = _default(
+        "n_ctx"
+    ),
+    eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds.")] = _default(
+        "eval_every"
+    ),
     last_k: Annotated[
         int, typer.Option(help="Final figure: mean over the last k evaluations.")
-    ] = 5,
+    ] = _default("last_k"),
     seeds: Annotated[str, typer.Option(help="Comma list of seeds.")] = "0",
     backbone: Annotated[
         str, typer.Option(help="open_clip model name (default: the embedded tiny CLIP).")
-    ] = "fpl-tiny-vit",
+    ] = _default("backbone"),
     pretrained: Annotated[
         str | None, typer.Option(help="open_clip pretrained tag, e.g. openai.")
     ] = None,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Local checkpoint (state dict) for --backbone.")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = _default("device"),
     param: Annotated[
         list[str] | None, typer.Option(help="Method option METHOD.OPTION=VALUE (repeatable).")
     ] = None,

@@ -55,9 +55,9 @@ class ExperimentSpec(BaseModel):
     client_fraction: float = Field(1.0, gt=0, le=1)
     shots: int = Field(16, ge=0)
     rounds: int = Field(20, ge=1)
-    local_epochs: int = Field(1, ge=1)
+    local_epochs: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.05, gt=0)
+    lr: float = Field(0.005, gt=0)
     momentum: float = Field(0.9, ge=0, lt=1)
     n_ctx: int = Field(16, ge=1)
     ctx_init: str | None = None

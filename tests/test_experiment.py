@@ -1,0 +1,72 @@
+"""End to end through the CLI on the embedded default: results.csv and MLflow agree, accuracy
+beats chance, and every private run spends at most its target epsilon."""
+
+import math
+import sys
+
+import pandas as pd
+import pytest
+
+from fpl_bench.cli import main
+
+
+@pytest.fixture(scope="module")
+def small_job(tmp_path_factory):
+    out = tmp_path_factory.mktemp("job")
+    args = [
+        "fpl-bench", "run", "--methods", "zeroshot,coop,promptfl", "--eps", "none,2",
+        "--rounds", "3", "--clients", "4", "--shots", "4", "--last-k", "2",
+        "--out", str(out / "out"), "--cache-dir", str(out / "cache"),
+    ]
+    old = sys.argv
+    sys.argv = args
+    try:
+        with pytest.raises(SystemExit) as exc:
+            main()
+    finally:
+        sys.argv = old
+    assert exc.value.code == 0
+    return out / "out"
+
+
+def test_results_csv_has_one_row_per_method_eps_seed(small_job):
+    frame = pd.read_csv(small_job / "results.csv")
+    assert len(frame) == 6
+    assert set(frame["method"]) == {"zeroshot", "coop", "promptfl"}
+    for col in ("local_acc", "neighbor_acc", "base_acc", "novel_acc", "hm", "eps_target", "eps_spent"):
+        assert col in frame.columns
+    assert (small_job / "partitions" / "synthetic-seed0.json").is_file()
+
+
+def test_accuracy_beats_chance(small_job):
+    frame = pd.read_csv(small_job / "results.csv")
+    zs = frame[(frame.method == "zeroshot") & (frame.eps == "none")].iloc[0]
+    assert zs.base_acc > 0.3 and zs.novel_acc > 0.3  # 32 classes each: chance 0.03
+    coop = frame[(frame.method == "coop") & (frame.eps == "none")].iloc[0]
+    assert coop.local_acc > 0.3
+
+
+def test_private_runs_spend_at_most_target(small_job):
+    frame = pd.read_csv(small_job / "results.csv")
+    private = frame[frame.eps != "none"]
+    trained = private[private.method != "zeroshot"]
+    assert (trained.eps_spent <= trained.eps_target + 1e-12).all()
+    assert (trained.eps_spent > 0.5 * trained.eps_target).all()
+    assert (trained.noise_multiplier > 0).all()
+
+
+def test_mlflow_runs_hold_the_same_numbers(small_job):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{small_job / 'mlflow.db'}")
+    frame = pd.read_csv(small_job / "results.csv")
+    for row in frame.itertuples():
+        run = client.get_run(row.mlflow_run_id)
+        assert run.info.status == "FINISHED"
+        assert run.data.params["method"] == row.method
+        for metric in ("local_acc", "base_acc", "novel_acc", "hm"):
+            assert math.isclose(run.data.metrics[metric], getattr(row, metric), rel_tol=1e-9)
+        history = client.get_metric_history(row.mlflow_run_id, "round/local_acc")
+        assert len(history) == (1 if row.method == "zeroshot" else 3)
+        artifacts = {a.path for a in client.list_artifacts(row.mlflow_run_id)}
+        assert "partition.json" in artifacts

@@ -170,6 +170,10 @@ def run(
         Path | None, typer.Option(help="Local checkpoint (state dict) for --backbone.")
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = _default("device"),
+    threads: Annotated[
+        int | None,
+        typer.Option(help="CPU threads for training (default: 1 for the embedded model)."),
+    ] = None,
     param: Annotated[
         list[str] | None, typer.Option(help="Method option METHOD.OPTION=VALUE (repeatable).")
     ] = None,
@@ -217,6 +221,7 @@ def run(
         pretrained=pretrained,
         checkpoint=checkpoint,
         device=device,
+        threads=threads,
         eps=parse_eps(eps),
         delta=delta,
         clip_norm=clip_norm,

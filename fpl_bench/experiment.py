@@ -23,7 +23,7 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fpl_bench.backbone import Backbone, load_backbone
+from fpl_bench.backbone import EMBEDDED, Backbone, load_backbone
 from fpl_bench.cards import dataset_card, method_cards
 from fpl_bench.data.partition import few_shot, make_partitioner
 from fpl_bench.data.sources import Splits, load_source
@@ -113,6 +113,12 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
             labels=torch.as_tensor(images.labels, dtype=torch.long, device=device),
         )
     tower = TextTower.build(backbone.model, backbone.tokenizer, splits.classnames, n_ctx=spec.n_ctx)
+    if device.type == "cpu":
+        # The embedded model's ops are too small for intra-op threads to pay off, and OpenMP
+        # threads spinning against another busy process slow them 20x: one thread by default.
+        torch.set_num_threads(
+            spec.threads or (1 if spec.backbone == EMBEDDED else torch.get_num_threads())
+        )
     return Prepared(spec, splits, backbone, tower, sets["train"], sets["test"], device)
 
 

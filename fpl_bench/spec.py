@@ -67,6 +67,7 @@ class ExperimentSpec(BaseModel):
     pretrained: str | None = None
     checkpoint: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    threads: int | None = Field(None, ge=1)
     eps: tuple[float | None, ...] = (None,)
     delta: float = Field(1e-5, gt=0, lt=1)
     clip_norm: float = Field(1.0, gt=0)

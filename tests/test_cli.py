@@ -46,9 +46,13 @@ def test_bad_input_found_late_keeps_existing_results(capsys, monkeypatch, tmp_pa
     corrupt = tmp_path / "bad.pt"
     corrupt.write_bytes(b"\x00not a checkpoint")
     cache = ["--cache-dir", str(tmp_path / "cache")]
-    code, _, err = run_cli(["run", "--out", str(out), "--checkpoint", str(corrupt), *cache], capsys, monkeypatch)
+    code, _, err = run_cli(
+        ["run", "--out", str(out), "--checkpoint", str(corrupt), *cache], capsys, monkeypatch
+    )
     assert code == 2 and len(err.strip().splitlines()) == 1 and "bad.pt" in err
-    code, _, err = run_cli(["run", "--out", str(out), "--shots", "500", *cache], capsys, monkeypatch)
+    code, _, err = run_cli(
+        ["run", "--out", str(out), "--shots", "500", *cache], capsys, monkeypatch
+    )
     assert code == 2 and "--shots 500" in err
     assert (out / "results.csv").read_text() == "method,seed\ncoop,0\n"
 

@@ -35,7 +35,9 @@ def test_epoch_batches_cover_every_example_once_per_epoch():
 
 
 def test_poisson_batch_rate():
-    sizes = [len(poisson_batch(1000, rate=0.1, gen=torch.Generator().manual_seed(i))) for i in range(50)]
+    sizes = [
+        len(poisson_batch(1000, rate=0.1, gen=torch.Generator().manual_seed(i))) for i in range(50)
+    ]
     assert abs(np.mean(sizes) - 100) < 5
 
 
@@ -56,18 +58,29 @@ def make_federation(tower, n_per_class=12, seed=0):
     gen = torch.Generator().manual_seed(seed)
     n_cls = tower.n_classes
     with torch.no_grad():
-        hidden = tower.encode(0.5 * torch.randn(tower.n_ctx, tower.width, generator=gen))  # [n_cls, D]
+        hidden = tower.encode(
+            0.5 * torch.randn(tower.n_ctx, tower.width, generator=gen)
+        )  # [n_cls, D]
 
     def features(n):
         labels = torch.arange(n_cls).repeat_interleave(n)
-        pooled = torch.nn.functional.normalize(hidden[labels] + 0.05 * torch.randn(len(labels), hidden.shape[1], generator=gen), dim=-1)
-        tokens = torch.nn.functional.normalize(pooled[:, None, :] + 0.1 * torch.randn(len(labels), 4, hidden.shape[1], generator=gen), dim=-1)
+        pooled = torch.nn.functional.normalize(
+            hidden[labels] + 0.05 * torch.randn(len(labels), hidden.shape[1], generator=gen), dim=-1
+        )
+        tokens = torch.nn.functional.normalize(
+            pooled[:, None, :] + 0.1 * torch.randn(len(labels), 4, hidden.shape[1], generator=gen),
+            dim=-1,
+        )
         return FeatureSet(pooled=pooled, tokens=tokens.half(), labels=labels)
 
     train, test = features(n_per_class), features(6)
     seen = torch.arange(4)
-    split = Pathological(n_clients=2, seed=seed).split(train.labels.numpy(), test.labels.numpy(), seen.numpy())
-    return Federation(train=train, test=test, split=split, seen_classes=seen, novel_classes=torch.tensor([4, 5]))
+    split = Pathological(n_clients=2, seed=seed).split(
+        train.labels.numpy(), test.labels.numpy(), seen.numpy()
+    )
+    return Federation(
+        train=train, test=test, split=split, seen_classes=seen, novel_classes=torch.tensor([4, 5])
+    )
 
 
 @pytest.mark.parametrize("name", [m for m in list_methods()])
@@ -75,7 +88,9 @@ def make_federation(tower, n_per_class=12, seed=0):
 def test_two_round_smoke_run(tiny_tower, name, private):
     fed = make_federation(tiny_tower)
     method = build_method(name, {"rank": 2} if name in ("dpfpl", "fedpgp") else {})
-    run = FederatedRun(method, tiny_tower, fed, schedule=Schedule(rounds=2, batch_size=8, lr=0.1), seed=0)
+    run = FederatedRun(
+        method, tiny_tower, fed, schedule=Schedule(rounds=2, batch_size=8, lr=0.1), seed=0
+    )
     before = {c: {k: v.clone() for k, v in s.params.items()} for c, s in enumerate(run.clients)}
     if private:
         run.enable_privacy(NoisePlan(noise_multiplier=1.0, clip_norm=1.0))
@@ -85,7 +100,9 @@ def test_two_round_smoke_run(tiny_tower, name, private):
     assert all(0.0 <= last[k] <= 1.0 for k in ("local_acc", "base_acc", "novel_acc"))
     if method.trains:
         assert len(out.history) == 2 and math.isfinite(out.history[-1]["train_loss"])
-        changed = any(not torch.equal(before[0][k], run.view(0, evaluation=True)[k]) for k in before[0])
+        changed = any(
+            not torch.equal(before[0][k], run.view(0, evaluation=True)[k]) for k in before[0]
+        )
         assert changed
     # Only the shared parameters are common to the clients' evaluation views.
     views = [run.view(c, evaluation=True) for c in range(2)]

@@ -14,9 +14,24 @@ from fpl_bench.cli import main
 def small_job(tmp_path_factory):
     out = tmp_path_factory.mktemp("job")
     args = [
-        "fpl-bench", "run", "--methods", "zeroshot,coop,promptfl", "--eps", "none,2",
-        "--rounds", "3", "--clients", "4", "--shots", "4", "--last-k", "2",
-        "--out", str(out / "out"), "--cache-dir", str(out / "cache"),
+        "fpl-bench",
+        "run",
+        "--methods",
+        "zeroshot,coop,promptfl",
+        "--eps",
+        "none,2",
+        "--rounds",
+        "3",
+        "--clients",
+        "4",
+        "--shots",
+        "4",
+        "--last-k",
+        "2",
+        "--out",
+        str(out / "out"),
+        "--cache-dir",
+        str(out / "cache"),
     ]
     old = sys.argv
     sys.argv = args
@@ -33,7 +48,15 @@ def test_results_csv_has_one_row_per_method_eps_seed(small_job):
     frame = pd.read_csv(small_job / "results.csv")
     assert len(frame) == 6
     assert set(frame["method"]) == {"zeroshot", "coop", "promptfl"}
-    for col in ("local_acc", "neighbor_acc", "base_acc", "novel_acc", "hm", "eps_target", "eps_spent"):
+    for col in (
+        "local_acc",
+        "neighbor_acc",
+        "base_acc",
+        "novel_acc",
+        "hm",
+        "eps_target",
+        "eps_spent",
+    ):
         assert col in frame.columns
     assert (small_job / "partitions" / "synthetic-seed0.json").is_file()
 

@@ -15,7 +15,7 @@ from fpl_bench.errors import UsageError
 
 _METHODS: dict[str, type] = {}
 _ALIASES: dict[str, str] = {}
-_MODULES = ("zeroshot", "coop", "promptfl", "fedpgp", "dpfpl")
+_MODULES = ("zeroshot", "coop", "promptfl", "fedotp", "fedpgp", "dpfpl")
 _loaded = False
 
 

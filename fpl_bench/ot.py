@@ -42,7 +42,7 @@ def partial_sinkhorn(
         a = 1.0 / m
         b = min(top_percent, 1.0) / n
         u = torch.ones(cost.shape[:-1], dtype=cost.dtype, device=cost.device)  # [..., M]
-        v = torch.ones(cost.shape[:-2] + (n,), dtype=cost.dtype, device=cost.device)  # [..., N]
+        v = torch.ones((*cost.shape[:-2], n), dtype=cost.dtype, device=cost.device)  # [..., N]
         done = torch.zeros(cost.shape[:-2], dtype=torch.bool, device=cost.device)  # [...]
         for it in range(max_iter):
             u_new = torch.clamp(a / (kernel @ v.unsqueeze(-1)).squeeze(-1), max=1.0)

@@ -130,3 +130,59 @@ def test_same_seed_same_run(tiny_tower):
         run.run()
         runs.append(run.server["prompt"])
     torch.testing.assert_close(runs[0], runs[1])
+
+
+def test_client_noise_std_matches_formula(tiny_tower):
+    """With an empty Poisson batch the client's step gradient is pure noise: std = sigma C / E[B]."""
+    fed = make_federation(tiny_tower)
+    run = FederatedRun(
+        build_method("coop"), tiny_tower, fed, schedule=Schedule(rounds=1, batch_size=8), seed=0
+    )
+    run.enable_privacy(NoisePlan(noise_multiplier=2.0, clip_norm=0.5))
+    draws = [
+        run.local_gradients(0, 0, s, torch.empty(0, dtype=torch.long))[1]["prompt"]
+        for s in range(20)
+    ]
+    expected_batch = 8  # q * n with q = B / n
+    std = torch.stack(draws).std().item()
+    assert abs(std - 2.0 * 0.5 / expected_batch) < 0.05 * (2.0 * 0.5 / expected_batch)
+
+
+def test_server_noise_is_added_once_to_the_sum_over_clients(tiny_tower):
+    """DP-FPL's global prompt: the server's step is (sum of clipped sums + N(0, (sigma C)^2)) / sum E[B]."""
+    fed = make_federation(tiny_tower)
+    run = FederatedRun(
+        build_method("dpfpl", {"rank": 2}),
+        tiny_tower,
+        fed,
+        schedule=Schedule(rounds=1, batch_size=8, lr=1.0, momentum=0.0),
+        seed=0,
+    )
+    run.enable_privacy(NoisePlan(noise_multiplier=3.0, clip_norm=1.0))
+    steps = []
+    for s in range(10):
+        before = run.server["p_global"].clone()
+        zero = {"p_global": torch.zeros_like(before)}
+        run.server_step([(zero, 1.0), (zero, 1.0)], 0, s, [0, 1])
+        steps.append(before - run.server["p_global"])  # lr 1, no momentum: the applied gradient
+    std = torch.stack(steps).std().item()
+    expected = 3.0 * 1.0 / (8 + 8)
+    assert abs(std - expected) < 0.05 * expected
+
+
+def test_clients_keep_separate_optimizer_state(tiny_tower):
+    """Unlike the DP-FPL reference, which shares one optimizer and momentum buffer."""
+    fed = make_federation(tiny_tower)
+    run = FederatedRun(
+        build_method("coop"),
+        tiny_tower,
+        fed,
+        schedule=Schedule(rounds=1, batch_size=8, lr=0.1),
+        seed=0,
+    )
+    run.run_round(0)
+    buffers = [run.clients[c].momentum["prompt"] for c in range(2)]
+    assert (
+        not torch.equal(buffers[0], buffers[1]) and buffers[0].data_ptr() != buffers[1].data_ptr()
+    )
+    assert run.steps == [3, 3]  # 2 classes x 12 examples, batch 8

@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import pickle
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -73,7 +74,7 @@ def image_features(
             entry = torch.load(path, map_location="cpu", weights_only=True)
             if entry["pooled"].shape[0] == len(images):
                 return entry["pooled"], entry["tokens"], True
-        except (RuntimeError, KeyError, EOFError, OSError):
+        except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError):
             pass  # a damaged entry is recomputed and overwritten
     pooled, tokens = backbone.encode_images(images)
     pooled, tokens = pooled.float().cpu(), tokens.half().cpu()

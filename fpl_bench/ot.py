@@ -1,31 +1,65 @@
-"""Entropic unbalanced optimal transport between image patch tokens and prompts, batched.
+"""Entropic unbalanced optimal transport by Sinkhorn iterations, batched and vmap-safe.
 
-FedOTP (Li et al., CVPR 2024, arXiv:2403.00041; reference HongxiaLee/FedOTP
-`trainers/GLP_OT.py`, `entropic_COT_fast`, itself adapted from POT's
-`ot.partial.entropic_partial_wasserstein`) matches the M patch tokens of an image to the N
-prompts of a class with a partial transport plan:
+FedOTP (Li et al., "Global and Local Prompts Cooperation via Optimal Transport for Federated
+Learning", CVPR 2024, arXiv:2403.00041; reference HongxiaLee/FedOTP `trainers/GLP_OT.py`,
+`CustomCLIP.entropic_COT_fast`, there adapted from POT's `ot.partial.entropic_partial_wasserstein`)
+matches the M patch tokens of an image to the N prompts of a class with a transport plan T
+[M, N] whose prompt side is exact and whose patch side is only an upper bound:
 
-    K = exp(-C / eps),                    C = 1 - cos(token_m, prompt_n)
-    a_m = 1 / M    (patch side: an upper bound; each patch may ship less)
-    b_n = rho / N  (prompt side: exact; total mass rho = top_percent <= 1)
-    repeat:  u = min(a / (K v), 1),  v = b / (K^T u)
+    K = exp(-C / eps)                      C [M, N] the cost (FedOTP: 1 - cosine similarity)
+    a_m = 1 / M                            patch m ships at most a_m      (T 1 <= a)
+    b_n = top_percent / N                  prompt n receives exactly b_n  (T^T 1 = b)
+    u = 1, v = 1; repeat at most max_iter times:
+        u <- min(a / (K v), 1)             the min is the inequality on the patch side
+        v <- b / (K^T u)
+        stop once mean_n |v_n - v_prev_n| < thresh
     T = diag(u) K diag(v)
 
-so each row sum is min(a_m, (K v)_m) <= a_m and each column sum is exactly b_n: only the
-`top_percent` best-matching patch mass is transported. The loop stops per problem once
-mean |v - v_prev| < thresh; here every problem runs in the same tensor ops and a converged
-problem is frozen with `torch.where`, so there is no host sync per iteration and the function
-works under `torch.func.vmap`. With `check_every`, the caller allows one host sync every that
-many iterations to stop early when every problem has converged (evaluation only).
+The plan moves total mass top_percent <= 1 = sum(a): with top_percent < 1 only the best-matched
+patches (low cost) are transported, each up to its cap a_m, and the rest of the image is left
+out ("unbalanced" in the paper). Every column sum of T equals b_n exactly after each iteration;
+the row bound holds at convergence. With uniform costs T = top_percent / (M N) everywhere.
+
+Implementation:
+- Batched over all leading dims ([..., M, N], e.g. images x classes). There is no host sync per
+  iteration: every problem runs the same tensor ops, and a problem is frozen (`torch.where`)
+  from the iteration at which it meets the stopping rule, so it keeps exactly the (u, v) the
+  reference's `break` would have kept. Each problem stops on its own rule; the reference stops a
+  whole batch on the batch mean of |v - v_prev|, which makes an image's plan depend on the other
+  images in its batch. No data-dependent Python control flow, so `torch.func.vmap` works.
+- `check_every > 0` allows one host sync every that many iterations to end the loop once every
+  problem is frozen. The result is identical (frozen problems no longer change); the check is
+  skipped inside `torch.func` transforms (vmap, grad), where it would be an error.
+- No gradient flows through the plan: the reference computes it under `torch.no_grad()`, and so
+  does `sinkhorn` (on the detached cost). Gradients reach the prompts through the similarities
+  that the caller multiplies with T.
+- Numerical range: the kernel's columns are rescaled, K~_mn = exp(-(C_mn - c_n) / eps) with
+  c_n = min_m C_mn, so every column has maximum 1. The scale is absorbed exactly by
+  v~_n = v_n exp(-c_n / eps) (start v~ = exp(-c / eps), stopping rule evaluated on
+  v = v~ exp(c / eps) in logs), so the iterates are those of the reference in exact arithmetic,
+  but small eps (the reference's few-shot script uses 0.01) cannot underflow a whole column of
+  K to zero and turn the plan into NaN. Runs in float32 at least (fp16/bf16 costs are upcast).
 """
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
+__all__ = ["sinkhorn"]
 
-def partial_sinkhorn(
+# True for a tensor wrapped by a torch.func transform (vmap's BatchedTensor, grad's wrapper).
+_is_transformed = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
+
+
+def _may_sync(t: Tensor) -> bool:
+    """Whether `bool(tensor)` is allowed: not inside vmap/grad (or when we cannot tell)."""
+    return _is_transformed is not None and not _is_transformed(t)
+
+
+def sinkhorn(
     cost: Tensor,
     *,
     eps: float = 0.1,
@@ -34,24 +68,45 @@ def partial_sinkhorn(
     thresh: float = 1e-3,
     check_every: int = 0,
 ) -> Tensor:
-    """Transport plan [..., M, N] for costs [..., M, N] (computed without gradient)."""
+    """Unbalanced entropic OT plan [..., M, N] for costs [..., M, N] (see the module docstring).
+
+    eps: entropic regularisation (K = exp(-C / eps)); top_percent: total mass moved, in (0, 1];
+    max_iter: iterations at most; thresh: stop a problem once mean_n |v_n - v_prev_n| < thresh;
+    check_every: 0 never syncs with the host; k > 0 ends the loop early, checked every k
+    iterations, once all problems have stopped (same result; ignored under vmap/grad).
+    Column sums are top_percent / N; row sums <= 1 / M at convergence. Carries no gradient.
+    """
+    if eps <= 0 or not 0 < top_percent <= 1 or max_iter < 1 or thresh <= 0:
+        raise ValueError(
+            f"sinkhorn needs eps > 0, 0 < top_percent <= 1, max_iter >= 1, thresh > 0; got "
+            f"eps={eps}, top_percent={top_percent}, max_iter={max_iter}, thresh={thresh}"
+        )
+    n_rows, n_cols = cost.shape[-2], cost.shape[-1]
+    early = check_every > 0 and _may_sync(cost)
+    work = cost.detach()
+    if work.dtype not in (torch.float32, torch.float64):
+        work = work.float()
     with torch.no_grad():
-        cost = cost.detach()
-        m, n = cost.shape[-2], cost.shape[-1]
-        kernel = torch.exp(-cost / eps)  # [..., M, N]
-        a = 1.0 / m
-        b = min(top_percent, 1.0) / n
-        u = torch.ones(cost.shape[:-1], dtype=cost.dtype, device=cost.device)  # [..., M]
-        v = torch.ones((*cost.shape[:-2], n), dtype=cost.dtype, device=cost.device)  # [..., N]
-        done = torch.zeros(cost.shape[:-2], dtype=torch.bool, device=cost.device)  # [...]
+        shift = work.amin(dim=-2, keepdim=True)  # [..., 1, N]  c_n
+        kernel_t = torch.exp((shift - work) / eps).transpose(-1, -2).contiguous()  # [..., N, M]
+        log_scale = shift.squeeze(-2) / eps  # [..., N]  log of v_n / v~_n
+        a = 1.0 / n_rows
+        b = top_percent / n_cols
+        log_thresh = math.log(thresh)
+        u = work.new_ones(work.shape[:-1])  # [..., M]
+        v = torch.exp(-log_scale)  # [..., N]  v~ for the reference's start v = 1
+        done = torch.zeros(work.shape[:-2], dtype=torch.bool, device=work.device)  # [...]
         for it in range(max_iter):
-            u_new = torch.clamp(a / (kernel @ v.unsqueeze(-1)).squeeze(-1), max=1.0)
-            v_new = b / (kernel.transpose(-1, -2) @ u_new.unsqueeze(-1)).squeeze(-1)
+            u_new = (a / (v.unsqueeze(-2) @ kernel_t).squeeze(-2)).clamp(max=1.0)  # [..., M]
+            v_new = b / (kernel_t @ u_new.unsqueeze(-1)).squeeze(-1)  # [..., N]
+            # log mean_n |v_n - v_prev_n| on the unscaled v (may be -inf: no change)
+            log_err = torch.logsumexp(torch.log((v_new - v).abs()) + log_scale, dim=-1)
+            stops = log_err - math.log(n_cols) < log_thresh  # [...]
             keep = done.unsqueeze(-1)
             u = torch.where(keep, u, u_new)
-            v_next = torch.where(keep, v, v_new)
-            done = done | ((v_next - v).abs().mean(-1) < thresh)
-            v = v_next
-            if check_every and (it + 1) % check_every == 0 and bool(done.all()):
+            v = torch.where(keep, v, v_new)
+            done = done | stops
+            if early and (it + 1) % check_every == 0 and bool(done.all()):
                 break
-        return u.unsqueeze(-1) * kernel * v.unsqueeze(-2)
+        plan = u.unsqueeze(-1) * kernel_t.transpose(-1, -2) * v.unsqueeze(-2)  # [..., M, N]
+    return plan.to(cost.dtype)

@@ -1,24 +1,44 @@
 """FedOTP (Li et al., "Global and Local Prompts Cooperation via Optimal Transport for Federated
-Learning", CVPR 2024, arXiv:2403.00041; reference HongxiaLee/FedOTP `trainers/GLP_OT.py`).
+Learning", CVPR 2024, arXiv:2403.00041; reference HongxiaLee/FedOTP `trainers/GLP_OT.py`, with
+the round in `federated_main.py`, `--model FedOTP --trainer GLP_OT --OT COT`).
 
-Each client holds a global prompt (FedAvg) and a local prompt (kept). The two prompts' text
-features of class c, t_{1,c} and t_{2,c}, are matched to the image's M patch tokens x_m by the
-partial transport plan T of `fpl_bench.ot.partial_sinkhorn` (cost 1 - cos, eps 0.1, thresh
-1e-3, at most 100 iterations, top_percent 0.8), and
+Each client holds two prompts [n_ctx, W]: p_global, averaged by the server (FedAvg, weighted by
+sample count), and p_local, which never leaves the client. For class c their text features
+t_{1,c}, t_{2,c} (one tower forward for both) are matched to the M patch tokens x_m of the image
+by unbalanced optimal transport (`fpl_bench.ot.sinkhorn`):
 
-    logit_c = logit_scale * sum_{m, n} T_{m n} cos(x_m, t_{n, c})
+    S_{m n} = cos(x_m, t_{n,c})                       similarity [M, 2]
+    T = Sinkhorn(C = 1 - S; eps, top_percent)         T^T 1 = top_percent / 2,  T 1 <= 1 / M
+    logit_c = logit_scale * sum_{m, n} T_{m n} S_{m n}
 
-T is computed without gradient, as in the reference; the gradient flows through the cosines.
-Departures: the Sinkhorn loop is vectorised over images x classes with per-problem freezing
-instead of a host sync per iteration; the patch tokens are cached with the pooled features.
-Under DP both prompts get client-side DP-SGD noise.
+so each prompt attends to the (top_percent of the) patches it matches best. T is computed
+without gradient, as in the reference (`torch.no_grad()` around the Sinkhorn loop); the
+gradient reaches the prompts through S. Under DP both prompts get DP-SGD noise on the client.
+Hand values (tests/methods/test_fedotp.py): identical prompts with top_percent = 1 give
+logit_c = logit_scale * mean_m cos(x_m, t_c); identical patches give
+logit_c = top_percent * logit_scale * cos(x, t_c).
+
+Departures from the reference, each shown by a test in tests/test_ot.py or
+tests/methods/test_fedotp.py:
+- Sinkhorn: each (image, class) problem stops on its own rule (mean |v - v_prev| < thresh)
+  rather than the whole batch on the batch mean, so an image's logits do not depend on the other
+  images of its batch (batched equals one by one); it runs vectorised with no host sync per
+  iteration and works under `torch.func.vmap` (per-sample DP gradients); the kernel is
+  column-rescaled (same iterates, no underflow for small eps); no `None` return on NaN.
+- Patch tokens are the frozen, cached, projected and L2-normalised tokens after `ln_post`
+  (as the reference's `ModifiedVisionTransformer` returns them), so there is no per-step image
+  augmentation; the pooled image feature is not used, as in the reference.
+- Defaults: top_percent 0.8 and eps 0.1 (DESIGN.md). The reference's command-line defaults are
+  top_percent 1, eps 0.1; its few-shot script uses top_percent 0.8, eps 0.01.
+- With `ctx_init` both prompts start from the phrase (the reference's N-prompt learner cannot
+  take ctx_init); otherwise both are drawn N(0, 0.02^2), one after the other.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Literal
 
 import torch
 import torch.nn.functional as F
@@ -34,31 +54,41 @@ from fpl_bench.methods.base import (
     random_context,
 )
 from fpl_bench.methods.registry import register_method
-from fpl_bench.ot import partial_sinkhorn
+from fpl_bench.ot import sinkhorn
+
+# Evaluation may end the Sinkhorn loop early, checking every this many iterations whether all
+# problems have converged (same result; never inside vmap/grad, where the loop runs max_iter).
+_CHECK_EVERY = 5
 
 
 @register_method("fedotp")
 @dataclass(frozen=True)
 class FedOTP(PromptMethod):
-    """Global + local prompt matched to patch tokens by unbalanced OT."""
+    """Global + local prompt, matched to the image's patch tokens by unbalanced OT."""
 
-    eps: float = 0.1  # entropic regularisation
-    top_percent: float = 0.8  # transported mass (rho)
-    max_iter: int = 100
-    thresh: float = 1e-3
+    eps: float = 0.1  # lambda, entropic regularisation of the Sinkhorn distance
+    top_percent: float = 0.8  # mass transported from the patch side, in (0, 1]
+    max_iter: int = 100  # Sinkhorn iterations at most
+    thresh: float = 1e-3  # stop once mean |v - v_prev| < thresh
 
     shared: ClassVar[tuple[str, ...]] = ("p_global",)
+    sync: ClassVar[Literal["round", "step"]] = "round"
     privacy: ClassVar[Placement] = Placement(client=("p_global", "p_local"))
     needs_tokens: ClassVar[bool] = True
 
     def __post_init__(self) -> None:
-        if self.eps <= 0 or not 0 < self.top_percent <= 1 or self.max_iter < 1 or self.thresh <= 0:
-            raise UsageError(
-                "fedotp needs eps > 0, 0 < top_percent <= 1, max_iter >= 1, thresh > 0"
-            )
+        if not self.eps > 0:
+            raise UsageError(f"fedotp: eps must be > 0, got {self.eps}")
+        if not 0 < self.top_percent <= 1:
+            raise UsageError(f"fedotp: top_percent must be in (0, 1], got {self.top_percent}")
+        if self.max_iter < 1:
+            raise UsageError(f"fedotp: max_iter must be >= 1, got {self.max_iter}")
+        if not self.thresh > 0:
+            raise UsageError(f"fedotp: thresh must be > 0, got {self.thresh}")
 
     def init_params(self, ctx: InitContext) -> Params:
-        return {"p_global": random_context(ctx), "p_local": random_context(ctx)}  # [n_ctx, W] each
+        # Two draws from the same generator: the prompts differ (unless ctx_init is given).
+        return {"p_global": random_context(ctx), "p_local": random_context(ctx)}  # [n_ctx, W]
 
     def encode(
         self, step: Mapping[str, Tensor], aux: Mapping[str, Tensor], ctx: EncodeContext
@@ -66,30 +96,23 @@ class FedOTP(PromptMethod):
         prompts = torch.stack([step["p_global"], step["p_local"]])  # [2, n_ctx, W]
         return ctx.tower.encode(prompts, ctx.class_idx)  # [2, n, D]
 
-    def _ot_logits(
-        self, text: Tensor, tokens: Tensor, logit_scale: float, check_every: int
+    def logits(
+        self, encoded: Any, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
     ) -> Tensor:
-        """text [N, n, D], tokens [..., M, D] -> logits [..., n]."""
-        tokens = F.normalize(tokens, dim=-1)
-        sim = torch.einsum("...md,ncd->...cmn", tokens, text)  # [..., n, M, N]
-        plan = partial_sinkhorn(
+        """OT logits [B, n] (or [n] for one image) from patch tokens [B, P, D] (or [P, D]).
+
+        `encoded` [2, n, D] are the prompts' text features; `images` (pooled) are not used.
+        """
+        if tokens is None:
+            raise ValueError("fedotp scores patch tokens: call logits with tokens [B, P, D]")
+        patches = F.normalize(tokens, dim=-1)  # [*, P, D]
+        sim = torch.einsum("...md,ncd->...cmn", patches, encoded)  # [*, n, P, 2]
+        plan = sinkhorn(
             1.0 - sim,
             eps=self.eps,
             top_percent=self.top_percent,
             max_iter=self.max_iter,
             thresh=self.thresh,
-            check_every=check_every,
-        )
-        return logit_scale * (plan * sim).sum(dim=(-1, -2))
-
-    def logits(
-        self, encoded: Any, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
-    ) -> Tensor:
-        assert tokens is not None, "fedotp needs patch tokens"
-        return self._ot_logits(encoded, tokens, ctx.tower.logit_scale, check_every=10)
-
-    def sample_loss(
-        self, encoded: Any, image: Tensor, tokens: Tensor, label: Tensor, ctx: EncodeContext
-    ) -> Tensor:
-        logits = self._ot_logits(encoded, tokens, ctx.tower.logit_scale, check_every=0)  # [n]
-        return F.cross_entropy(logits.unsqueeze(0), label.unsqueeze(0))
+            check_every=_CHECK_EVERY,
+        )  # [*, n, P, 2], no gradient
+        return ctx.tower.logit_scale * (plan * sim).sum(dim=(-2, -1))  # [*, n]

@@ -1,0 +1,62 @@
+"""The image-feature cache: encoded once, reused, keyed by everything that changes features."""
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from fpl_bench.features import cache_key, image_features
+
+
+@dataclass
+class CountingBackbone:
+    name: str = "fake"
+    tag: str = "t"
+    weights_digest: str = "w"
+    preprocess_cfg: dict = None
+    calls: int = 0
+
+    def encode_images(self, images):
+        self.calls += 1
+        n = len(images)
+        pooled = torch.arange(n * 4, dtype=torch.float32).reshape(n, 4)
+        return pooled, torch.ones(n, 2, 4)
+
+
+def test_second_call_hits_the_cache_with_identical_features(tmp_path):
+    bb = CountingBackbone(preprocess_cfg={"size": 32})
+    images = np.zeros((3, 8, 8, 3), dtype=np.uint8)
+    first = image_features(bb, images, data_fingerprint="d", split="train", cache_dir=tmp_path)
+    second = image_features(bb, images, data_fingerprint="d", split="train", cache_dir=tmp_path)
+    assert bb.calls == 1 and first[2] is False and second[2] is True
+    torch.testing.assert_close(first[0], second[0])
+    assert second[1].dtype == torch.float16
+
+
+def test_key_changes_with_backbone_weights_preprocessing_data_and_split():
+    base = dict(
+        backbone="b", tag="t", weights="w", preprocess={"size": 32}, data="d", split="train"
+    )
+    keys = {cache_key(**base)}
+    for field, value in [
+        ("backbone", "b2"),
+        ("tag", "t2"),
+        ("weights", "w2"),
+        ("preprocess", {"size": 224}),
+        ("data", "d2"),
+        ("split", "test"),
+    ]:
+        keys.add(cache_key(**{**base, field: value}))
+    assert len(keys) == 7
+
+
+def test_damaged_entry_is_recomputed(tmp_path):
+    bb = CountingBackbone(preprocess_cfg={})
+    images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    image_features(bb, images, data_fingerprint="d", split="test", cache_dir=tmp_path)
+    for path in (tmp_path / "features").glob("*.pt"):
+        path.write_bytes(b"garbage")
+    pooled, _, hit = image_features(
+        bb, images, data_fingerprint="d", split="test", cache_dir=tmp_path
+    )
+    assert hit is False and bb.calls == 2 and pooled.shape == (2, 4)

@@ -83,6 +83,19 @@ def resolve_device(choice: str) -> torch.device:
     return torch.device(choice)
 
 
+CPU_THREADS = torch.get_num_threads()
+
+
+def set_threads(spec: ExperimentSpec, *, private: bool, device: torch.device) -> None:
+    """CPU threads for one run. The embedded model's non-private steps are too small for
+    intra-op threads to pay off (and OpenMP threads spinning against another busy process slow
+    them 20x), so they get one; per-sample (private) steps are B times larger and get all."""
+    if device.type != "cpu":
+        return
+    small = spec.backbone == EMBEDDED and not private
+    torch.set_num_threads(spec.threads or (1 if small else CPU_THREADS))
+
+
 def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepared:
     device = resolve_device(spec.device)
     card = dataset_card(spec.dataset)
@@ -226,6 +239,7 @@ def run_one(
         eval_every=spec.eval_every,
     )
     torch.manual_seed(seed)
+    set_threads(spec, private=eps is not None and method.trains, device=prep.device)
     run = FederatedRun(
         method, prep.tower, fed, schedule=schedule, seed=seed, ctx_init=spec.ctx_init
     )

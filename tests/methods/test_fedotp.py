@@ -1,51 +1,145 @@
-"""FedOTP: OT logits against a hand value, shapes, and exact per-sample gradients."""
+"""FedOTP: OT logits against hand values, shapes, vmap, and exact per-sample gradients."""
 
+import pytest
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from fpl_bench.errors import UsageError
 from fpl_bench.methods.base import EncodeContext, InitContext
 from fpl_bench.methods.fedotp import FedOTP
-from fpl_bench.privacy.per_sample import per_sample_grads
+from fpl_bench.methods.registry import build_method
+from fpl_bench.privacy.per_sample import mean_grads, per_sample_grads
+
+D, P = 64, 64  # tiny CLIP: embed dim, patch tokens
 
 
-def test_identical_patches_give_plain_cosine_logits(tiny_tower):
-    method = FedOTP(top_percent=1.0)
-    params = method.init_params(
-        InitContext(tower=tiny_tower, generator=torch.Generator().manual_seed(0))
-    )
-    params["p_local"] = params["p_global"].clone()
-    ctx = EncodeContext(tower=tiny_tower, class_idx=torch.arange(tiny_tower.n_classes))
-    text = method.encode(params, {}, ctx)  # [2, n, D]
-    token = F.normalize(torch.randn(64), dim=0)
-    tokens = token.expand(1, 5, 64)  # every patch the same token
-    logits = method.logits(text, token[None], tokens, ctx)
-    # uniform plan with total mass 1 -> logit = scale * cos(token, text_c)
-    expected = tiny_tower.logit_scale * text[0] @ token
-    torch.testing.assert_close(logits[0], expected, rtol=1e-5, atol=1e-5)
+def setup(tower, method, n_classes=None, seed=0):
+    init = InitContext(tower=tower, generator=torch.Generator().manual_seed(seed))
+    params = method.init_params(init)
+    classes = torch.arange(n_classes or tower.n_classes)
+    return params, EncodeContext(tower=tower, class_idx=classes)
 
 
-def test_per_sample_gradients_match_a_loop(tiny_tower):
+def random_tokens(*shape, seed=1):
+    return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
+
+
+def test_declares_global_shared_both_private_tokens_needed():
+    assert FedOTP.shared == ("p_global",)
+    assert FedOTP.privacy.client == ("p_global", "p_local") and FedOTP.privacy.server == ()
+    assert FedOTP.sync == "round" and FedOTP.needs_tokens
+
+
+def test_init_gives_two_different_prompts(tiny_tower):
+    params, _ = setup(tiny_tower, FedOTP())
+    assert set(params) == {"p_global", "p_local"}
+    assert params["p_global"].shape == params["p_local"].shape == (4, tiny_tower.width)
+    assert not torch.equal(params["p_global"], params["p_local"])
+
+
+def test_encode_stacks_both_prompts_text_features(tiny_tower):
     method = FedOTP()
-    params = method.init_params(
-        InitContext(tower=tiny_tower, generator=torch.Generator().manual_seed(0))
-    )
-    ctx = EncodeContext(tower=tiny_tower, class_idx=torch.arange(4))
-    gen = torch.Generator().manual_seed(1)
-    tokens = F.normalize(torch.randn(3, 5, 64, generator=gen), dim=-1)
+    params, ctx = setup(tiny_tower, method, n_classes=3)
+    text = method.encode(params, {}, ctx)
+    assert text.shape == (2, 3, D)
+    torch.testing.assert_close(text[0], tiny_tower.encode(params["p_global"], ctx.class_idx))
+    torch.testing.assert_close(text[1], tiny_tower.encode(params["p_local"], ctx.class_idx))
+
+
+def test_logits_shapes_and_batch_equals_one_by_one_and_vmap(tiny_tower):
+    method = FedOTP()
+    params, ctx = setup(tiny_tower, method)
+    text = method.encode(params, {}, ctx)
+    tokens = random_tokens(5, P, D)
+    pooled = tokens.mean(1)
+    batched = method.logits(text, pooled, tokens, ctx)
+    assert batched.shape == (5, tiny_tower.n_classes)
+    single = method.logits(text, pooled[0], tokens[0], ctx)
+    assert single.shape == (tiny_tower.n_classes,)
+    looped = torch.stack([method.logits(text, x, t, ctx) for x, t in zip(pooled, tokens)])
+    torch.testing.assert_close(batched, looped)
+    mapped = torch.func.vmap(lambda x, t: method.logits(text, x, t, ctx))(pooled, tokens)
+    torch.testing.assert_close(mapped, batched)
+
+
+def test_identical_prompts_and_full_mass_give_the_mean_patch_cosine(tiny_tower):
+    # Equal cost columns and top_percent = 1: the plan is 1 / (2 M) in every cell, so
+    # logit_c = logit_scale * mean_m cos(x_m, t_c).
+    method = FedOTP(top_percent=1.0, max_iter=1000, thresh=1e-7)
+    params, ctx = setup(tiny_tower, method)
+    params["p_local"] = params["p_global"].clone()
+    text = method.encode(params, {}, ctx)
+    tokens = random_tokens(3, P, D)
+    logits = method.logits(text, tokens.mean(1), tokens, ctx)
+    expected = tiny_tower.logit_scale * (tokens @ text[0].T).mean(1)  # [3, n]
+    torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
+
+
+def test_identical_patches_give_top_percent_times_the_mean_prompt_cosine(tiny_tower):
+    # Every patch the same token x: the plan is uniform, top_percent / (2 M) per cell, so
+    # logit_c = top_percent * logit_scale * (cos(x, t_1c) + cos(x, t_2c)) / 2.
+    method = FedOTP(top_percent=0.8)
+    params, ctx = setup(tiny_tower, method)
+    text = method.encode(params, {}, ctx)
+    token = random_tokens(D)
+    logits = method.logits(text, token, token.expand(P, D), ctx)
+    expected = 0.8 * tiny_tower.logit_scale * (text @ token).mean(0)
+    torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
+
+
+def test_vmap_grad_per_sample_equals_a_loop_of_autograd(tiny_tower):
+    method = FedOTP()
+    params, ctx = setup(tiny_tower, method, n_classes=4)
+    tokens = random_tokens(3, P, D, seed=2)
     pooled = tokens.mean(1)
     labels = torch.tensor([0, 3, 1])
 
-    def encode(p):
-        return method.encode(p, {}, ctx)
+    def loss(p, x, t, y):
+        return method.sample_loss(method.encode(p, {}, ctx), x, t, y, ctx)
 
-    def loss(z, x, t, y):
-        return method.sample_loss(z, x, t, y, ctx)
-
-    grads, losses = per_sample_grads(encode, loss, params, (pooled, tokens, labels))
+    with sdpa_kernel([SDPBackend.MATH]):
+        mapped = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, 0))(
+            params, pooled, tokens, labels
+        )
+    driver, losses = per_sample_grads(
+        lambda p: method.encode(p, {}, ctx),
+        lambda z, x, t, y: method.sample_loss(z, x, t, y, ctx),
+        params,
+        (pooled, tokens, labels),
+    )
+    mean, _ = mean_grads(
+        lambda p: method.encode(p, {}, ctx),
+        lambda z, x, t, y: method.sample_loss(z, x, t, y, ctx),
+        params,
+        (pooled, tokens, labels),
+    )
     for i in range(3):
         p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
-        li = loss(encode(p), pooled[i], tokens[i], labels[i])
-        gi = torch.autograd.grad(li, list(p.values()))
-        for (name, _), g in zip(p.items(), gi, strict=True):
-            torch.testing.assert_close(grads[name][i], g, rtol=1e-4, atol=1e-6)
+        li = loss(p, pooled[i], tokens[i], labels[i])
+        grads = dict(zip(p, torch.autograd.grad(li, list(p.values())), strict=True))
+        for name, g in grads.items():
+            assert g.abs().sum() > 0, name
+            torch.testing.assert_close(mapped[name][i], g, rtol=1e-4, atol=1e-6)
+            torch.testing.assert_close(driver[name][i], g, rtol=1e-4, atol=1e-6)
         torch.testing.assert_close(losses[i], li.detach())
+    for name in params:
+        torch.testing.assert_close(mean[name], driver[name].mean(0), rtol=1e-4, atol=1e-6)
+
+
+def test_missing_tokens_are_an_error(tiny_tower):
+    method = FedOTP()
+    params, ctx = setup(tiny_tower, method)
+    with pytest.raises(ValueError, match="patch tokens"):
+        method.logits(method.encode(params, {}, ctx), torch.zeros(2, D), None, ctx)
+
+
+@pytest.mark.parametrize(
+    ("option", "value"),
+    [("eps", 0.0), ("top_percent", 0.0), ("top_percent", 1.2), ("max_iter", 0), ("thresh", -1.0)],
+)
+def test_bad_hyperparameters_are_usage_errors(option, value):
+    with pytest.raises(UsageError, match=f"fedotp: {option}"):
+        FedOTP(**{option: value})
+    with pytest.raises(UsageError, match=option):
+        build_method("fedotp", {option: value})

@@ -37,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fpl_bench.errors import UsageError
 from fpl_bench.prompt import TextTower
 
 Params = dict[str, Tensor]
@@ -113,6 +114,16 @@ def random_context(ctx: InitContext) -> Tensor:
         if phrase.shape[0] == tower.n_ctx:
             return phrase
     return 0.02 * torch.randn(tower.n_ctx, tower.width, generator=ctx.generator)
+
+
+def check_rank(rank: int, tower: TextTower) -> None:
+    """A low-rank factor of an [n_ctx, W] prompt needs 1 <= rank <= min(n_ctx, W)."""
+    limit = min(tower.n_ctx, tower.width)
+    if not 1 <= rank <= limit:
+        raise UsageError(
+            f"--rank {rank} exceeds what a {tower.n_ctx} x {tower.width} prompt allows; "
+            f"use 1 <= --rank <= {limit}"
+        )
 
 
 def cosine_logits(text: Tensor, images: Tensor, logit_scale: float) -> Tensor:

@@ -32,7 +32,14 @@ import torch
 from torch import Tensor
 
 from fpl_bench.errors import UsageError
-from fpl_bench.methods.base import InitContext, Params, Placement, PromptMethod, random_context
+from fpl_bench.methods.base import (
+    InitContext,
+    Params,
+    Placement,
+    PromptMethod,
+    check_rank,
+    random_context,
+)
 from fpl_bench.methods.registry import register_method
 
 
@@ -81,11 +88,7 @@ class DPFPL(PromptMethod):
 
     def init_params(self, ctx: InitContext) -> Params:
         tower = ctx.tower
-        if self.rank > min(tower.n_ctx, tower.width):
-            raise UsageError(
-                f"--rank {self.rank} exceeds what a {tower.n_ctx} x {tower.width} prompt allows; "
-                f"use --rank <= {min(tower.n_ctx, tower.width)}"
-            )
+        check_rank(self.rank, tower)
         return {"p_global": random_context(ctx), "p_local": random_context(ctx)}
 
     def step_params(

@@ -33,6 +33,7 @@ from fpl_bench.methods.base import (
     Params,
     Placement,
     PromptMethod,
+    check_rank,
     cosine_logits,
     random_context,
 )
@@ -73,11 +74,7 @@ class FedPGP(PromptMethod):
 
     def init_params(self, ctx: InitContext) -> Params:
         tower = ctx.tower
-        if self.rank > min(tower.n_ctx, tower.width):
-            raise UsageError(
-                f"--rank {self.rank} exceeds what a {tower.n_ctx} x {tower.width} prompt allows; "
-                f"use --rank <= {min(tower.n_ctx, tower.width)}"
-            )
+        check_rank(self.rank, tower)
         gen = ctx.generator
         return {
             "sigma": random_context(ctx),  # [n_ctx, W]

@@ -11,8 +11,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
-import tempfile
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, replace
@@ -32,6 +30,7 @@ from fpl_bench.driver import FeatureSet, FederatedRun, Federation, NoisePlan, Sc
 from fpl_bench.errors import UsageError
 from fpl_bench.evaluate import PROTOCOL_METRICS, final_metrics
 from fpl_bench.features import image_features
+from fpl_bench.io import write_atomic
 from fpl_bench.methods.registry import build_method, resolve_method_name
 from fpl_bench.privacy.accountant import PrivacyLedger, epsilon_spent, plan_privacy
 from fpl_bench.prompt import TextTower
@@ -200,15 +199,7 @@ def _flat_config(
 
 
 def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".csv.tmp")
-    os.close(fd)
-    try:
-        frame.to_csv(tmp, index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
 
 
 def method_options(spec: ExperimentSpec, name: str) -> dict[str, Any]:

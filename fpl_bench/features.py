@@ -10,15 +10,15 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import pickle
-import tempfile
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
 from torch import Tensor
+
+from fpl_bench.io import write_atomic
 
 FORMAT_VERSION = 1
 
@@ -44,16 +44,8 @@ def cache_key(
 
 
 def save_atomic(obj: dict[str, Tensor], path: Path) -> None:
-    """torch.save to a temp file in the same folder, then rename (never a half-written file)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(obj, tmp)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    """torch.save, written atomically (never a half-written cache entry)."""
+    write_atomic(path, lambda tmp: torch.save(obj, tmp))
 
 
 def image_features(

@@ -35,15 +35,16 @@ Implementation:
   that the caller multiplies with T.
 - Numerical range: the kernel's columns are rescaled, K~_mn = exp(-(C_mn - c_n) / eps) with
   c_n = min_m C_mn, so every column has maximum 1. The scale is absorbed exactly by
-  v~_n = v_n exp(-c_n / eps) (start v~ = exp(-c / eps), stopping rule evaluated on
-  v = v~ exp(c / eps) in logs), so the iterates are those of the reference in exact arithmetic,
-  but small eps (the reference's few-shot script uses 0.01) cannot underflow a whole column of
-  K to zero and turn the plan into NaN. Runs in float32 at least (fp16/bf16 costs are upcast).
+  v~_n = v_n exp(-c_n / eps) (start v~ = exp(-c / eps); stopping rule on v = v~ exp(c / eps)),
+  so the iterates are those of the reference in exact arithmetic, but a small eps (the
+  reference's few-shot script uses 0.01) cannot underflow a whole column of K to zero and turn
+  the plan into NaN. Runs in float32 at least (fp16/bf16 costs are upcast).
+- Cost per iteration: two passes over K (K v summed over the few prompts, K^T u as a batched
+  matrix-vector product) plus elementwise work on u; only the small v is frozen per iteration,
+  and the u that goes with it is recomputed once at the end from the v it was made from.
 """
 
 from __future__ import annotations
-
-import math
 
 import torch
 from torch import Tensor
@@ -89,24 +90,33 @@ def sinkhorn(
     with torch.no_grad():
         shift = work.amin(dim=-2, keepdim=True)  # [..., 1, N]  c_n
         kernel_t = torch.exp((shift - work) / eps).transpose(-1, -2).contiguous()  # [..., N, M]
-        log_scale = shift.squeeze(-2) / eps  # [..., N]  log of v_n / v~_n
+        # s_n = v_n / v~_n = exp(c_n / eps), for the stopping rule on the unscaled v; capped at
+        # the largest float (an inf would turn a zero change into NaN: never "converged").
+        scale = torch.exp(shift.squeeze(-2) / eps).clamp(max=torch.finfo(work.dtype).max)
         a = 1.0 / n_rows
         b = top_percent / n_cols
-        log_thresh = math.log(thresh)
-        u = work.new_ones(work.shape[:-1])  # [..., M]
-        v = torch.exp(-log_scale)  # [..., N]  v~ for the reference's start v = 1
+
+        def patch_scaling(v: Tensor) -> Tensor:
+            """u = min(a / (K v), 1) [..., M]; K v summed over the N prompts (N is small)."""
+            kv = kernel_t[..., 0, :] * v[..., 0:1]
+            for j in range(1, n_cols):
+                kv = torch.addcmul(kv, kernel_t[..., j, :], v[..., j : j + 1])
+            return kv.reciprocal_().mul_(a).clamp_max_(1.0)
+
+        v = 1.0 / scale  # [..., N]  v~ for the reference's start v = 1
+        v_prev = v  # the v that the kept u was computed from
         done = torch.zeros(work.shape[:-2], dtype=torch.bool, device=work.device)  # [...]
         for it in range(max_iter):
-            u_new = (a / (v.unsqueeze(-2) @ kernel_t).squeeze(-2)).clamp(max=1.0)  # [..., M]
-            v_new = b / (kernel_t @ u_new.unsqueeze(-1)).squeeze(-1)  # [..., N]
-            # log mean_n |v_n - v_prev_n| on the unscaled v (may be -inf: no change)
-            log_err = torch.logsumexp(torch.log((v_new - v).abs()) + log_scale, dim=-1)
-            stops = log_err - math.log(n_cols) < log_thresh  # [...]
+            u = patch_scaling(v)  # [..., M]
+            v_new = b / (kernel_t @ u.unsqueeze(-1)).squeeze(-1)  # [..., N]
+            stops = (v_new - v).abs_().mul_(scale).mean(dim=-1) < thresh  # [...]
             keep = done.unsqueeze(-1)
-            u = torch.where(keep, u, u_new)
+            v_prev = torch.where(keep, v_prev, v)
             v = torch.where(keep, v, v_new)
             done = done | stops
             if early and (it + 1) % check_every == 0 and bool(done.all()):
                 break
+        # u of the last accepted iteration, recomputed once instead of frozen every iteration
+        u = patch_scaling(v_prev)
         plan = u.unsqueeze(-1) * kernel_t.transpose(-1, -2) * v.unsqueeze(-2)  # [..., M, N]
     return plan.to(cost.dtype)

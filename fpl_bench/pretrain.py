@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import math
 import os
-import tempfile
 import time
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -42,6 +41,7 @@ from fpl_bench.backbone import (
     register_model_configs,
 )
 from fpl_bench.data.synthetic import CLASSNAMES, DOMAINS, generate, load_synthetic
+from fpl_bench.io import write_atomic
 
 TEMPLATES: tuple[str, ...] = (
     "a photo of a {}.",
@@ -136,18 +136,9 @@ def _lr_at(step: int, total: int, peak: float) -> float:
 
 
 def _save_fp16(model: torch.nn.Module, out: Path) -> None:
-    """fp16 state dict, written to a temp file then os.replace'd onto `out`."""
+    """fp16 state dict, written atomically onto `out`."""
     state = {k: v.detach().to(torch.float16).clone() for k, v in model.state_dict().items()}
-    out.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=out.parent, prefix=f".{out.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
-        torch.save(state, tmp)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    write_atomic(out, lambda tmp: torch.save(state, tmp))
 
 
 def pretrain_tiny(

@@ -26,8 +26,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +33,7 @@ from pathlib import Path
 import numpy as np
 
 from fpl_bench.errors import UsageError
+from fpl_bench.io import write_atomic
 
 VERSION = "fpl-synthetic-v1"  # bump whenever generated pixels change: it is part of the fingerprint
 IMAGE_SIZE = 32
@@ -349,17 +348,13 @@ def _make_split(n_per_class: int, *, seed: int, split: str, domain: str) -> Imag
 
 
 def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
-    """np.savez into a temp file next to `path`, then os.replace: readers never see half a file."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
+    """np.savez, written atomically (readers never see half a file)."""
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:  # a file object: np.savez would append ".npz" to a name
             np.savez(f, **arrays)
-        os.chmod(tmp, 0o644)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+
+    write_atomic(path, write)
 
 
 def load_synthetic(

@@ -57,7 +57,9 @@ def test_logits_shapes_and_batch_equals_one_by_one_and_vmap(tiny_tower):
     assert batched.shape == (5, tiny_tower.n_classes)
     single = method.logits(text, pooled[0], tokens[0], ctx)
     assert single.shape == (tiny_tower.n_classes,)
-    looped = torch.stack([method.logits(text, x, t, ctx) for x, t in zip(pooled, tokens)])
+    looped = torch.stack(
+        [method.logits(text, x, t, ctx) for x, t in zip(pooled, tokens, strict=True)]
+    )
     torch.testing.assert_close(batched, looped)
     mapped = torch.func.vmap(lambda x, t: method.logits(text, x, t, ctx))(pooled, tokens)
     torch.testing.assert_close(mapped, batched)

@@ -15,15 +15,15 @@ so each prompt attends to the (top_percent of the) patches it matches best. T is
 without gradient, as in the reference (`torch.no_grad()` around the Sinkhorn loop); the
 gradient reaches the prompts through S. Under DP both prompts get DP-SGD noise on the client.
 Hand values (tests/methods/test_fedotp.py): identical prompts with top_percent = 1 give
-logit_c = logit_scale * mean_m cos(x_m, t_c); identical patches give
-logit_c = top_percent * logit_scale * cos(x, t_c).
+logit_c = logit_scale * mean_m cos(x_m, t_c); identical patches x give
+logit_c = top_percent * logit_scale * (cos(x, t_{1,c}) + cos(x, t_{2,c})) / 2.
 
-Departures from the reference, each shown by a test in tests/test_ot.py or
-tests/methods/test_fedotp.py:
-- Sinkhorn: each (image, class) problem stops on its own rule (mean |v - v_prev| < thresh)
-  rather than the whole batch on the batch mean, so an image's logits do not depend on the other
-  images of its batch (batched equals one by one); it runs vectorised with no host sync per
-  iteration and works under `torch.func.vmap` (per-sample DP gradients); the kernel is
+Departures from the reference:
+- Sinkhorn (tests/test_ot.py): each (image, class) problem stops on its own rule
+  (mean |v - v_prev| < thresh) rather than the whole batch on the batch mean, so an image's
+  logits do not depend on the other images of its batch (batched equals one by one, and each
+  plan equals the reference's loop run on that problem alone); it runs vectorised with no host
+  sync per iteration and works under `torch.func.vmap` (per-sample DP gradients); the kernel is
   column-rescaled (same iterates, no underflow for small eps); no `None` return on NaN.
 - Patch tokens are the frozen, cached, projected and L2-normalised tokens after `ln_post`
   (as the reference's `ModifiedVisionTransformer` returns them), so there is no per-step image

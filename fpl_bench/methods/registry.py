@@ -43,9 +43,10 @@ def _load() -> None:
 
 
 def list_methods() -> list[str]:
-    """Registered method names, in the order the benchmark reports them."""
+    """Registered method names, in the order the benchmark reports them (`_MODULES` order)."""
     _load()
-    return list(_METHODS)
+    order = {name: i for i, name in enumerate(_MODULES)}
+    return sorted(_METHODS, key=lambda name: order.get(name, len(order)))
 
 
 def resolve_method_name(name: str) -> str:

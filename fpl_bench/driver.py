@@ -425,7 +425,7 @@ class FederatedRun:
         tokens: Tensor | None,
         targets: Tensor,
         ctx: EncodeContext,
-        chunk: int = 1024,
+        chunk: int = 128,
     ) -> np.ndarray:
         out = []
         for i in range(0, len(targets), chunk):

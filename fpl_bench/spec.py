@@ -61,8 +61,8 @@ class ExperimentSpec(BaseModel):
     momentum: float = Field(0.9, ge=0, lt=1)
     n_ctx: int = Field(16, ge=1)
     ctx_init: str | None = None
-    eval_every: int = Field(2, ge=1)
-    last_k: int = Field(3, ge=1)
+    eval_every: int = Field(4, ge=1)
+    last_k: int = Field(2, ge=1)
     backbone: str = "fpl-tiny-vit"
     pretrained: str | None = None
     checkpoint: Path | None = None

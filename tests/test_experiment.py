@@ -22,6 +22,8 @@ def small_job(tmp_path_factory):
         "none,2",
         "--rounds",
         "3",
+        "--eval-every",
+        "1",
         "--clients",
         "4",
         "--shots",

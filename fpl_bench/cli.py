@@ -266,10 +266,6 @@ def _check_methods_accept(spec: Any) -> None:
     from fpl_bench.experiment import method_options
     from fpl_bench.methods.registry import build_method
 
-    for name in spec.method_options:
-        if name not in spec.methods:
-            continue
-        build_method(name, method_options(spec, name))
     for name in spec.methods:
         build_method(name, method_options(spec, name))
 

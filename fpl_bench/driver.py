@@ -74,7 +74,8 @@ class Schedule:
 
 @dataclass(frozen=True)
 class NoisePlan:
-    """What the driver needs to privatize: sigma, C and the per-client sampling rates."""
+    """What the driver needs to privatize: the noise multiplier sigma and the clipping norm C
+    (sampling rates follow from the client sizes and the batch size)."""
 
     noise_multiplier: float
     clip_norm: float

@@ -20,7 +20,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -72,6 +72,18 @@ class Backbone:
         empty [N, 0, D] tensor (and any visual tower is accepted, not only a ViT).
         """
         images = _check_images(images)
+        inputs = (
+            self._to_model_input(images[start : start + batch_size])
+            for start in range(0, len(images), batch_size)
+        )
+        return self.encode_inputs(inputs, n=len(images), with_tokens=with_tokens)
+
+    def encode_inputs(
+        self, inputs: Iterable[Tensor], *, n: int, with_tokens: bool = True
+    ) -> tuple[Tensor, Tensor]:
+        """Image features of preprocessed batches [B, 3, H, W] (this backbone's `preprocess`
+        applied, e.g. by `fpl_bench.data.loading.preprocessed_batches`), `n` images in all;
+        returns what `encode_images` returns."""
         if with_tokens and not isinstance(self.model.visual, VisionTransformer):
             kind = type(self.model.visual).__name__
             raise UsageError(
@@ -80,9 +92,8 @@ class Backbone:
         pooled_parts: list[Tensor] = []
         token_parts: list[Tensor] = []
         with torch.inference_mode():
-            for start in range(0, len(images), batch_size):
-                x = self._to_model_input(images[start : start + batch_size])
-                pooled, tokens = self._forward_visual(x, with_tokens=with_tokens)
+            for x in inputs:
+                pooled, tokens = self._forward_visual(x.to(self.device), with_tokens=with_tokens)
                 pooled_parts.append(F.normalize(pooled.float(), dim=-1).cpu())
                 if with_tokens:
                     token_parts.append(F.normalize(tokens.float(), dim=-1).half().cpu())
@@ -92,7 +103,7 @@ class Backbone:
             tokens_all = torch.cat(token_parts)
         else:
             n_tokens = self.n_patches if with_tokens else 0
-            tokens_all = torch.empty(len(images), n_tokens, dim, dtype=torch.float16)
+            tokens_all = torch.empty(n, n_tokens, dim, dtype=torch.float16)
         return pooled_all, tokens_all
 
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 1024) -> Tensor:

@@ -12,10 +12,14 @@ import sys
 import tomllib
 from functools import cache
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
+# Dataset cards live with the data sources (one model per source kind); re-exported here.
+from fpl_bench.data.catalog import DatasetCard as DatasetCard
+from fpl_bench.data.catalog import dataset_card as dataset_card
+from fpl_bench.data.catalog import dataset_cards as dataset_cards
 from fpl_bench.errors import UsageError
 
 
@@ -37,18 +41,15 @@ class MethodCard(BaseModel):
     search: dict[str, SearchRange] = Field(default_factory=dict)
 
 
-class DatasetCard(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
-    name: str
-    kind: Literal["synthetic"]
-    summary: str
-    obtain: str
-    defaults: dict[str, Any] = Field(default_factory=dict)
-
-
 def cards_root() -> Path:
     """The folder holding `methods/` and `datasets/`: the checkout, or the installed share dir."""
-    for root in (Path(__file__).resolve().parents[1], Path(sys.prefix) / "share" / "fpl-bench"):
+    import site
+
+    candidates = [Path(__file__).resolve().parents[1]]  # a checkout (or editable install)
+    # a wheel installs the cards as data files under <prefix>/share/fpl-bench
+    for prefix in (sys.prefix, sys.base_prefix, site.getuserbase()):
+        candidates.append(Path(prefix) / "share" / "fpl-bench")
+    for root in candidates:
         if (root / "methods").is_dir() and (root / "datasets").is_dir():
             return root
     raise UsageError(
@@ -73,15 +74,3 @@ def _load(folder: str, model: type[BaseModel]) -> dict[str, Any]:
 @cache
 def method_cards() -> dict[str, MethodCard]:
     return _load("methods", MethodCard)
-
-
-@cache
-def dataset_cards() -> dict[str, DatasetCard]:
-    return _load("datasets", DatasetCard)
-
-
-def dataset_card(name: str) -> DatasetCard:
-    cards = dataset_cards()
-    if name not in cards:
-        raise UsageError(f"unknown dataset {name!r}; known: {', '.join(cards)}")
-    return cards[name]

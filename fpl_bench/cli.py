@@ -15,16 +15,43 @@ from typing import Annotated, Any
 
 import click
 import typer
+import typer._click.exceptions as _typer_click
+import typer.exceptions as _typer_exc
 
 from fpl_bench.errors import UsageError
+
+# typer ships its own copy of click: catch the exceptions of both.
+_CLICK_USAGE = (click.exceptions.UsageError, _typer_click.UsageError)
+_CLICK_ERROR = (click.exceptions.ClickException, _typer_click.ClickException)
+_CLICK_ABORT = (click.exceptions.Abort, _typer_exc.Abort)
+_CLICK_EXIT = (click.exceptions.Exit, _typer_exc.Exit)
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
+    context_settings={"help_option_names": ["-h", "--help"]},
     help="Benchmark federated prompt-learning methods on CLIP under differential privacy.",
 )
 
 DEFAULT_OUT = Path("runs/default")
+
+
+def _version(value: bool) -> None:
+    if value:
+        from importlib.metadata import version
+
+        typer.echo(f"fpl-bench {version('fpl-bench')}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[
+        bool | None,
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version."),
+    ] = None,
+) -> None:
+    """Benchmark federated prompt-learning methods on CLIP under differential privacy."""
 
 
 def _default(field: str) -> Any:
@@ -34,73 +61,42 @@ def _default(field: str) -> Any:
     return ExperimentSpec.model_fields[field].default
 
 
-def _parse_value(text: str) -> Any:
-    lowered = text.lower()
-    if lowered in ("true", "false"):
-        return lowered == "true"
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    return text
-
-
-def parse_params(items: list[str]) -> dict[str, dict[str, Any]]:
-    """['dpfpl.rank=4', 'fedpgp.mu=0.5'] -> {'dpfpl': {'rank': 4}, 'fedpgp': {'mu': 0.5}}."""
-    from fpl_bench.methods.registry import resolve_method_name
-
-    out: dict[str, dict[str, Any]] = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        method, dot, option = key.partition(".")
-        if not sep or not dot or not option:
-            raise UsageError(
-                f"--param {item}: expected METHOD.OPTION=VALUE, e.g. --param dpfpl.rank=4"
-            )
-        out.setdefault(resolve_method_name(method), {})[option.strip()] = _parse_value(
-            value.strip()
-        )
-    return out
-
-
-def _methods_arg(text: str) -> tuple[str, ...]:
-    from fpl_bench.methods.registry import list_methods, resolve_method_name
-
-    words = [w.strip() for w in text.split(",") if w.strip()]
-    if not words:
-        raise UsageError("--methods is empty; e.g. --methods all or --methods coop,promptfl")
-    if words == ["all"]:
-        return tuple(list_methods())
-    return tuple(dict.fromkeys(resolve_method_name(w) for w in words))
-
-
 SHORT = {
     "local_acc": "local",
     "neighbor_acc": "neighbor",
     "base_acc": "base",
     "novel_acc": "novel",
     "hm": "HM",
+    "own_domain_acc": "own dom",
+    "other_domain_acc": "other dom",
+    "source_acc": "source",
+    "target_acc": "target",
 }
 
 
 def format_table(frame: Any, metrics: list[str], with_privacy: bool) -> Any:
-    """A rich Table: one row per (eps, method), mean ± std over seeds of each metric (in %)."""
+    """A rich Table that fits 80 columns: one row per (eps, method), mean ± std over the
+    finished seeds of each metric (in %); a cell with no finished seed says why (diverged)."""
+    from rich import box
     from rich.table import Table
 
-    table = Table(title="accuracy % (mean ± std over seeds)", title_justify="left")
+    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
     table.add_column("eps", justify="right")
     table.add_column("method")
     for m in metrics:
         table.add_column(SHORT.get(m, m), justify="right")
     if with_privacy:
-        table.add_column("eps_spent", justify="right")
+        table.add_column("ε spent", justify="right")
     for (eps, method), group in frame.groupby(["eps", "method"], sort=False):
+        finished = group[group["status"] == "finished"]
         cells = [str(eps), method]
         for m in metrics:
-            values = group[m].astype(float) * 100
+            values = finished[m].astype(float) * 100
+            if values.isna().all():
+                cells.append("—" if len(finished) else "/".join(sorted(set(group["status"]))))
+                continue
             std = values.std(ddof=0) if len(values) > 1 else 0.0
-            cells.append("—" if values.isna().all() else f"{values.mean():.1f}±{std:.1f}")
+            cells.append(f"{values.mean():.1f}±{std:.1f}")
         if with_privacy:
             spent = group["eps_spent"].astype(float)
             cells.append("—" if spent.isna().all() else f"{spent.max():.3f}")
@@ -110,7 +106,13 @@ def format_table(frame: Any, metrics: list[str], with_privacy: bool) -> Any:
 
 @app.command()
 def run(
-    methods: Annotated[str, typer.Option(help="Comma list of methods, or 'all'.")] = "all",
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="Comma list of methods (presets, or LEARNER@SCHEME pairs), or 'all'; "
+            "see `fpl-bench methods --all`."
+        ),
+    ] = "all",
     eps: Annotated[
         str, typer.Option(help="Target epsilon(s) per client, comma list; 'none' = no DP.")
     ] = "none",
@@ -127,14 +129,25 @@ def run(
     data_root: Annotated[
         Path | None, typer.Option(help="Folder holding the dataset files.")
     ] = None,
-    domain: Annotated[str | None, typer.Option(help="Synthetic background domain.")] = None,
-    protocol: Annotated[str, typer.Option(help="base2novel or personalized.")] = _default(
-        "protocol"
-    ),
-    partition: Annotated[str, typer.Option(help="pathological, dirichlet or iid.")] = _default(
-        "partition"
-    ),
-    alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = _default("alpha"),
+    dataset_option: Annotated[
+        list[str] | None,
+        typer.Option(help="Dataset option KEY=VALUE (repeatable), e.g. domain=noise."),
+    ] = None,
+    protocol: Annotated[
+        str, typer.Option(help="base2novel, personalized, multi-domain or cross-domain.")
+    ] = _default("protocol"),
+    target_domain: Annotated[
+        str | None, typer.Option(help="cross-domain: the held-out domain (default: the last).")
+    ] = None,
+    partition: Annotated[
+        str, typer.Option(help="pathological, dirichlet, iid or by_domain.")
+    ] = _default("partition"),
+    alpha: Annotated[
+        float | None,
+        typer.Option(
+            help=f"Dirichlet concentration (--partition dirichlet; default {_default('alpha')})."
+        ),
+    ] = None,
     clients: Annotated[int, typer.Option(help="Number of clients.")] = _default("clients"),
     client_fraction: Annotated[
         float, typer.Option(help="Fraction of clients sampled per round.")
@@ -175,11 +188,22 @@ def run(
         typer.Option(help="CPU threads for training (default: 1 for the embedded model)."),
     ] = None,
     param: Annotated[
-        list[str] | None, typer.Option(help="Method option METHOD.OPTION=VALUE (repeatable).")
+        list[str] | None,
+        typer.Option(help="Method option METHOD.OPTION=VALUE (repeatable), e.g. dpfpl.rank=4."),
     ] = None,
-    rank: Annotated[int | None, typer.Option(help="DP-FPL / FedPGP low-rank size.")] = None,
-    no_residual: Annotated[
-        bool, typer.Option("--no-residual", help="DP-FPL without the residual (DP-LoRA).")
+    trust: Annotated[
+        str,
+        typer.Option(
+            help="Trust model under DP: server (trusted aggregator adds the noise to shared "
+            "parameters) or client (every client noises everything it sends)."
+        ),
+    ] = _default("trust"),
+    secure_noise: Annotated[
+        bool,
+        typer.Option(
+            "--secure-noise",
+            help="Draw DP noise from the OS's cryptographically secure source (not seeded).",
+        ),
     ] = False,
     out: Annotated[
         Path, typer.Option(help="Output folder (results.csv, mlflow.db, partitions).")
@@ -191,22 +215,27 @@ def run(
     """Run methods on a dataset at a privacy budget; print the table and write DIR/results.csv."""
     from rich.console import Console
 
-    from fpl_bench.spec import build_spec, parse_eps, parse_int_list
+    from fpl_bench.catalog import method_names, parse_params, parse_value, resolve_method
+    from fpl_bench.spec import parse_eps, parse_int_list
 
-    method_options = parse_params(param or [])
-    if rank is not None:
-        for name in ("dpfpl", "fedpgp"):
-            method_options.setdefault(name, {})["rank"] = rank
-    if no_residual:
-        method_options.setdefault("dpfpl", {})["residual"] = False
+    if alpha is not None and partition != "dirichlet":
+        raise UsageError(f"--alpha applies to --partition dirichlet only (got {partition})")
+    names = method_names(methods)
+    overrides = parse_params(param or [], names)
+    dataset_options = {}
+    for item in dataset_option or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--dataset-option {item}: expected KEY=VALUE, e.g. domain=noise")
+        dataset_options[key.strip()] = parse_value(value.strip())
     fields: dict[str, Any] = dict(
-        methods=_methods_arg(methods),
-        method_options=method_options,
+        methods=tuple(resolve_method(name, overrides.get(name)) for name in names),
         dataset=dataset,
         data_root=data_root,
         protocol=protocol,
+        target_domain=target_domain,
         partition=partition,
-        alpha=alpha,
+        alpha=_default("alpha") if alpha is None else alpha,
         clients=clients,
         client_fraction=client_fraction,
         rounds=rounds,
@@ -228,58 +257,132 @@ def run(
         accountant=accountant,
         seeds=parse_int_list(seeds, "--seeds"),
         out=out,
-        dataset_options={"domain": domain} if domain else {},
+        dataset_options=dataset_options,
+        trust=trust,
+        secure_noise=secure_noise,
     )
     if cache_dir is not None:
         fields["cache_dir"] = cache_dir
     elif os.environ.get("FPL_BENCH_CACHE"):
         fields["cache_dir"] = Path(os.environ["FPL_BENCH_CACHE"])
-    spec = build_spec(**fields)
-    _check_methods_accept(spec)
-
-    from tqdm import tqdm
+    spec = build_spec_from_flags(fields)
 
     from fpl_bench.evaluate import PROTOCOL_METRICS
-    from fpl_bench.experiment import run_experiment
+    from fpl_bench.experiment import build_methods, run_experiment
 
+    build_methods(spec)  # a learner x scheme pair that cannot work is refused here
     console = Console(stderr=False)
     err = Console(stderr=True)
     t0 = time.perf_counter()
-    frame = run_experiment(
-        spec,
-        log=lambda s: err.print(s, highlight=False),
-        progress_factory=lambda label, total: tqdm(
-            total=total, desc=label, unit="round", leave=False, file=sys.stderr, disable=None
-        ),
-    )
+    progress = TqdmProgress(spec)
+    try:
+        frame = run_experiment(
+            spec,
+            log=lambda s: progress.write(s) if progress.bar else err.print(s),
+            progress=progress,
+        )
+    finally:
+        progress.close()
     with_privacy = any(e is not None for e in spec.eps)
+    seeds = f"{len(spec.seeds)} seed{'s' if len(spec.seeds) > 1 else ''}"
+    title = f"accuracy % on {spec.dataset}, {spec.protocol}, mean ± std over {seeds}" + (
+        f"; DP with {spec.trust} trust" if with_privacy else ""
+    )
+    console.print(title, highlight=False, markup=False)
     console.print(format_table(frame, list(PROTOCOL_METRICS[spec.protocol]), with_privacy))
     console.print(
         f"wrote {Path(spec.out) / 'results.csv'} and MLflow runs "
         f"({math.ceil(time.perf_counter() - t0)} s)",
         highlight=False,
+        markup=False,
     )
 
 
-def _check_methods_accept(spec: Any) -> None:
-    """Validate method options before any work starts (unknown option -> UsageError)."""
-    from fpl_bench.experiment import method_options
-    from fpl_bench.methods.registry import build_method
+def build_spec_from_flags(fields: dict[str, Any]) -> Any:
+    """build_spec, with a bad field reported as the flag that sets it."""
+    from fpl_bench.spec import FieldError, build_spec
 
-    for name in spec.methods:
-        build_method(name, method_options(spec, name))
+    try:
+        return build_spec(**fields)
+    except FieldError as err:
+        flag = "--" + err.field.replace("_", "-")
+        raise UsageError(f"{flag} {err.value}: {err.message}") from None
+
+
+class TqdmProgress:
+    """One progress bar for the whole job on stderr: total = every run's rounds, so its ETA is
+    the job's; the description says run k of N and round r of R."""
+
+    def __init__(self, spec: Any) -> None:
+        from fpl_bench.learners import LEARNERS
+
+        per_seed_eps = sum(
+            spec.rounds if LEARNERS.get(m.learner).trains else 1 for m in spec.methods
+        )
+        self.total = per_seed_eps * len(spec.eps) * len(spec.seeds)
+        self.bar: Any = None
+        self.label, self.rounds, self.done_before, self.index, self.runs = "", 0, 0, 0, 0
+
+    def start_run(self, index: int, total: int, label: str, rounds: int) -> None:
+        from tqdm import tqdm
+
+        if self.bar is None:
+            self.bar = tqdm(
+                total=self.total, unit="round", file=sys.stderr, leave=False, disable=None
+            )
+        else:  # close out the previous run (a zero-shot run has no rounds: count it as one)
+            self.bar.n = self.done_before = self.done_before + max(self.rounds, 1)
+        self.index, self.runs, self.label, self.rounds = index, total, label, rounds
+        self.advance(0)
+
+    def advance(self, rounds_done: int) -> None:
+        if self.bar is None:
+            return
+        self.bar.set_description_str(
+            f"run {self.index}/{self.runs} {self.label} round {rounds_done}/{self.rounds}",
+            refresh=False,
+        )
+        self.bar.n = self.done_before + rounds_done
+        self.bar.refresh()
+
+    def write(self, text: str) -> None:
+        from tqdm import tqdm
+
+        tqdm.write(text, file=sys.stderr)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 @app.command("methods")
-def methods_cmd() -> None:
-    """List the registered methods, one line each."""
-    from fpl_bench.cards import method_cards
-    from fpl_bench.methods.registry import list_methods
+def methods_cmd(
+    show_all: Annotated[
+        bool,
+        typer.Option("--all", help="Also list the learners, the schemes and the valid pairs."),
+    ] = False,
+) -> None:
+    """List the named methods (presets); with --all, the learners, schemes and valid pairs."""
+    from fpl_bench.catalog import learner_cards, list_presets, preset_cards, scheme_cards
 
-    cards = method_cards()
-    for name in list_methods():
-        card = cards.get(name)
-        typer.echo(f"{name:10s} {card.summary if card else ''}")
+    presets = preset_cards()
+    for name in list_presets():
+        card = presets[name]
+        typer.echo(f"{name:10s} {card.learner + '@' + card.scheme:20s} {card.summary}")
+    if not show_all:
+        return
+    from fpl_bench.method import all_pairs
+
+    typer.echo("\nlearners:")
+    for name, card in learner_cards().items():
+        typer.echo(f"  {name:12s} {card.summary}")
+    typer.echo("\nschemes:")
+    for name, card in scheme_cards().items():
+        typer.echo(f"  {name:12s} {card.summary}")
+    typer.echo("\npairs (LEARNER@SCHEME runs with --methods):")
+    for learner, scheme, problem in all_pairs():
+        mark = "valid" if problem is None else f"refused: {problem}"
+        typer.echo(f"  {learner + '@' + scheme:22s} {mark}")
 
 
 @app.command("datasets")
@@ -307,6 +410,15 @@ def pretrain_tiny_cmd(
     typer.echo(f"wrote {out}: {result}")
 
 
+def _register_commands() -> None:
+    from fpl_bench.commands import register_all
+
+    register_all(app)
+
+
+_register_commands()
+
+
 def main() -> None:
     """Console entry point: one-line errors with exit code 2 for bad input."""
     try:
@@ -314,11 +426,20 @@ def main() -> None:
     except UsageError as err:
         print(f"fpl-bench: error: {err}", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.UsageError as err:
-        print(f"fpl-bench: error: {err.format_message()}", file=sys.stderr)
+    except _typer_click.NoArgsIsHelpError as err:  # bare `fpl-bench`: the help, exit 0
+        print(err.format_message())
+        sys.exit(0)
+    except _CLICK_USAGE as err:
+        message = " ".join(err.format_message().split())
+        print(f"fpl-bench: error: {message} (see `fpl-bench --help`)", file=sys.stderr)
         sys.exit(2)
-    except click.exceptions.Abort:
-        print("fpl-bench: aborted", file=sys.stderr)
+    except _CLICK_ERROR as err:
+        print(f"fpl-bench: error: {' '.join(err.format_message().split())}", file=sys.stderr)
+        sys.exit(2)
+    except _CLICK_EXIT as err:
+        sys.exit(err.exit_code)
+    except (*_CLICK_ABORT, KeyboardInterrupt):
+        print("fpl-bench: interrupted; finished runs are in results.csv", file=sys.stderr)
         sys.exit(130)
     sys.exit(result if isinstance(result, int) else 0)
 

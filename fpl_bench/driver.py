@@ -1,21 +1,24 @@
-"""The federated driver: rounds, client sampling, local steps, aggregation, evaluation.
+"""The federated driver: rounds, client sampling, local steps, synchronisation, evaluation.
 
-One loop serves every method; it reads the method's declarations (`shared`, `sync`, `privacy`)
-and never names a method. All randomness is drawn from the run seed: the clients sampled in each
-round are drawn up front (so a method's own use of randomness cannot change who is sampled), and
-each (round, client, step) gets its own generator for batches and noise.
+One loop serves every learner x scheme pair: it calls the method's hooks (fpl_bench/method.py,
+fpl_bench/schemes/_base.py) and `privacy/` functions, and never names a learner or a scheme. All
+randomness is drawn from the run seed: the clients of each round are drawn up front (so a
+method's own use of randomness cannot change who is sampled), and each (round, client, step)
+gets its own generator for batches, factorizations and noise.
 
-Clients step in lockstep: local step s of every sampled client runs before step s + 1 of any. For
-`sync="round"` methods this changes nothing (clients are independent within a round); for
-`sync="step"` methods (DP-FPL) the server aggregates the shared gradient between steps, as the
-reference does per batch. The lockstep loop is also the seam for batching many clients' prompts
-through one text-tower forward.
+Clients step in lockstep: local step s of every sampled client runs before step s + 1 of any.
+Where shared parameters meet the server is decided once per run by
+`privacy.placement.place_noise` (the scheme's own sync, or every step under DP with a trusted
+server) and carried out by one of two synchronisers below, `RoundSync` (FedAvg: clients train
+their copy, the scheme aggregates the uploads at the round's end) and `StepSync` (the server
+holds the shared parameters and applies the aggregate of the clients' gradients every step).
 
-Privacy (when `privacy` is given): Poisson sampling with rate q_i = min(1, B / n_i) per step,
-per-sample gradients of the method's step parameters, clipped jointly to C; parameters the
-method places on the client get N(0, (sigma C)^2) added by the client to its clipped sum, those
-placed on the server get it added once by the server to the sum over clients of the clipped sums;
-both are divided by the expected batch size (Abadi et al. 2016, Alg. 1).
+Privacy (when a `NoisePlan` is given): Poisson sampling with rate q_i = min(1, B / n_i) per
+step, per-sample gradients of the step parameters clipped jointly to C, noise where the
+placement says: by the client on its clipped sum, or by the server once on the sum over the
+step's clients, each divided by the expected batch size (Abadi et al. 2016, Alg. 1). A prior
+(data-independent loss) is added outside clipping, without noise. Under DP no training loss is
+recorded (it is computed from private records and not noised).
 """
 
 from __future__ import annotations
@@ -29,12 +32,38 @@ import torch
 from torch import Tensor
 
 from fpl_bench.data.partition import ClientSplit
-from fpl_bench.evaluate import ClientScores, client_metrics, mean_over_clients
-from fpl_bench.methods.aggregate import weighted_mean
-from fpl_bench.methods.base import EncodeContext, InitContext, Method, Params
-from fpl_bench.privacy.mechanism import add_gaussian_noise, clipped_sum
-from fpl_bench.privacy.per_sample import mean_grads, per_sample_grads
+from fpl_bench.errors import FplError
+from fpl_bench.learners._base import EncodeContext, InitContext, Params
+from fpl_bench.method import Method
+from fpl_bench.privacy.mechanism import clipped_sum, noisy_mean
+from fpl_bench.privacy.per_sample import step_gradients
+from fpl_bench.privacy.placement import Placement, Trust, place_noise
+from fpl_bench.privacy.planning import client_budgets, sample_rate, steps_per_round
 from fpl_bench.prompt import TextTower
+from fpl_bench.protocols import Protocol
+
+__all__ = [
+    "Diverged",
+    "FeatureSet",
+    "FederatedRun",
+    "Federation",
+    "NoisePlan",
+    "Schedule",
+    "client_schedule",
+    "epoch_batches",
+    "poisson_batch",
+    "sample_rate",
+    "sgd_step",
+    "steps_per_round",
+]
+
+
+class Diverged(FplError):
+    """A run's parameters went non-finite; it is recorded as `diverged`, not as accuracy."""
+
+    def __init__(self, round_no: int) -> None:
+        super().__init__(f"parameters became non-finite in round {round_no}")
+        self.round_no = round_no
 
 
 @dataclass(frozen=True)
@@ -52,13 +81,12 @@ class FeatureSet:
 
 @dataclass(frozen=True)
 class Federation:
-    """The data of one federated run: features, the client split, the class sets."""
+    """The data of one federated run: features, the client split, the protocol."""
 
     train: FeatureSet
     test: FeatureSet
     split: ClientSplit
-    seen_classes: Tensor  # [n_seen] sorted class ids trained on (all, or the base classes)
-    novel_classes: Tensor | None  # [n_novel] base2novel's novel classes
+    protocol: Protocol
 
 
 @dataclass(frozen=True)
@@ -79,12 +107,23 @@ class NoisePlan:
 
     noise_multiplier: float
     clip_norm: float
+    secure: bool = False  # draw noise from the OS's secure source instead of the run seed
 
 
 @dataclass
 class ClientState:
     params: Params
     momentum: Params = field(default_factory=dict)
+    anchor: Params = field(default_factory=dict)  # the scheme's round-start values (FedProx)
+
+
+@dataclass(frozen=True)
+class Upload:
+    """What one client sends the server in a step-synchronised step."""
+
+    grads: Params  # mean gradient, client-noised gradient, or clipped per-sample SUM
+    weight: float  # batch size, or expected batch size under DP
+    prior: Params | None = None  # gradient of the prior on shared parameters (DP only)
 
 
 def stream_seed(*keys: int) -> int:
@@ -105,15 +144,6 @@ def client_schedule(n_clients: int, *, rounds: int, fraction: float, seed: int) 
     rng = np.random.default_rng(stream_seed(seed, 0))
     k = max(1, round(fraction * n_clients))
     return [sorted(rng.choice(n_clients, size=k, replace=False).tolist()) for _ in range(rounds)]
-
-
-def steps_per_round(n_train: int, *, batch_size: int, local_epochs: int) -> int:
-    return local_epochs * max(1, math.ceil(n_train / batch_size))
-
-
-def sample_rate(n_train: int, batch_size: int) -> float:
-    """Poisson sampling rate q = B / n (capped at 1)."""
-    return min(1.0, batch_size / n_train)
 
 
 def epoch_batches(n: int, *, batch_size: int, steps: int, seed_keys: Sequence[int]) -> list[Tensor]:
@@ -142,6 +172,92 @@ def sgd_step(
         params[name] = params[name] - lr * buf
 
 
+def _sum(tensors: Sequence[Params]) -> Params:
+    return {k: torch.stack([t[k] for t in tensors]).sum(0) for k in tensors[0]}
+
+
+class RoundSync:
+    """FedAvg-style: the sampled clients copy the server's shared values when the round starts,
+    train them like personal ones, and the scheme aggregates their uploads at the round's end."""
+
+    def __init__(self, run: FederatedRun) -> None:
+        self.run = run
+
+    def view(self, client: int) -> Params:
+        return dict(self.run.clients[client].params)
+
+    def begin_round(self, sampled: Sequence[int]) -> None:
+        run = self.run
+        for c in sampled:
+            state = run.clients[c]
+            state.params.update({k: v.clone() for k, v in run.server.items()})
+            if run.method.scheme.resets_shared_momentum:
+                for k in run.server:
+                    state.momentum.pop(k, None)
+
+    def trains_locally(self, name: str) -> bool:
+        return True
+
+    def end_step(self, uploads: list[Upload], rnd: int, step_no: int, active: list[int]) -> None:
+        """Nothing reaches the server mid-round."""
+
+    def end_round(self, sampled: Sequence[int]) -> None:
+        run = self.run
+        if run.server:
+            scheme = run.method.scheme
+            uploads = [(scheme.upload(run.clients[c].params), run.n_train[c]) for c in sampled]
+            run.server.update(scheme.aggregate(uploads))
+
+
+class StepSync:
+    """The server holds the shared parameters; every local step it applies the aggregate of the
+    clients' gradients of them (DP-FPL's reference syncs p_G's gradient every batch)."""
+
+    def __init__(self, run: FederatedRun) -> None:
+        self.run = run
+
+    def view(self, client: int) -> Params:
+        return {**self.run.clients[client].params, **self.run.server}
+
+    def begin_round(self, sampled: Sequence[int]) -> None:
+        """The server's values are read at every step; nothing to copy."""
+
+    def trains_locally(self, name: str) -> bool:
+        return name not in self.run.server
+
+    def end_step(self, uploads: list[Upload], rnd: int, step_no: int, active: list[int]) -> None:
+        """Server trust under DP: (sum of clipped sums + N(0, (sigma C)^2)) / sum E[B] plus the
+        weighted prior gradients; otherwise the scheme's aggregate of the clients' gradients."""
+        run = self.run
+        if not uploads or not run.server:
+            return
+        if run.placement.server:
+            total_weight = sum(u.weight for u in uploads)
+            grad = noisy_mean(
+                _sum([u.grads for u in uploads]),
+                noise_multiplier=run.noise.noise_multiplier,
+                clip_norm=run.noise.clip_norm,
+                expected_batch=total_weight,
+                generator=run.noise_generator(rnd, -1, step_no),
+            )
+            priors = [(u.prior, u.weight) for u in uploads if u.prior]
+            if priors:
+                prior = run.method.scheme.aggregate(priors)
+                grad = {k: g + prior[k] if k in prior else g for k, g in grad.items()}
+        else:
+            nonempty = [(u.grads, u.weight) for u in uploads if u.weight > 0]
+            if not nonempty:
+                return
+            grad = run.method.scheme.aggregate(nonempty)
+        sgd_step(run.server, grad, run.server_momentum, lr=run.sched.lr, beta=run.sched.momentum)
+
+    def end_round(self, sampled: Sequence[int]) -> None:
+        """The server already holds the result."""
+
+
+SYNCHRONISERS: dict[str, type] = {"round": RoundSync, "step": StepSync}
+
+
 @dataclass
 class RunOutput:
     history: list[dict[str, float]]  # one dict per evaluation, with "round"
@@ -161,22 +277,17 @@ class FederatedRun:
         schedule: Schedule,
         seed: int,
         noise: NoisePlan | None = None,
+        trust: Trust = "server",
         ctx_init: str | None = None,
     ) -> None:
-        self.method, self.tower, self.fed, self.sched, self.seed, self.noise = (
-            method,
-            tower,
-            fed,
-            schedule,
-            seed,
-            noise,
-        )
+        self.method, self.tower, self.fed = method, tower, fed
+        self.sched, self.seed, self.trust = schedule, seed, trust
+        self.noise: NoisePlan | None = None
         n_clients = fed.split.n_clients
         init = InitContext(tower=tower, generator=generator(seed, _INIT), ctx_init=ctx_init)
-        self.consts = method.constants(init)
-        base = method.init_params(init)
+        base, self.consts = method.init(init)
         # Every client starts from the same initial values (a shared starting point, as FedAvg).
-        self.server: Params = {k: base[k].clone() for k in method.shared}
+        self.server: Params = {k: base[k].clone() for k in method.scheme.shared}
         self.clients = [
             ClientState({k: v.clone() for k, v in base.items()}) for _ in range(n_clients)
         ]
@@ -190,56 +301,72 @@ class FederatedRun:
             steps_per_round(n, batch_size=schedule.batch_size, local_epochs=schedule.local_epochs)
             for n in self.n_train
         ]
+        device = fed.train.labels.device
+        seen = torch.as_tensor(fed.protocol.seen_classes, dtype=torch.long, device=device)
         # Labels as positions in the seen class set (the logits' columns).
-        position = torch.full((int(fed.seen_classes.max()) + 1,), -1, dtype=torch.long)
-        position[fed.seen_classes] = torch.arange(len(fed.seen_classes))
-        self.train_targets = position[fed.train.labels.clamp(max=len(position) - 1)]
-        self.ctx_seen = EncodeContext(tower=tower, class_idx=fed.seen_classes, consts=self.consts)
+        position = torch.full((int(fed.train.labels.max()) + 1,), -1, dtype=torch.long)
+        position[seen[seen < len(position)].cpu()] = torch.arange(int((seen < len(position)).sum()))
+        self.train_targets = position.to(device)[fed.train.labels]
+        self.ctx_seen = EncodeContext(tower=tower, class_idx=seen, consts=self.consts)
+        self._set_placement()
         if noise is not None:
             self.enable_privacy(noise)
-        if set(method.privacy.server) - set(method.shared) or (
-            method.sync == "round" and method.privacy.server
-        ):
-            raise RuntimeError(
-                f"{method.name}: server-noised parameters must be shared, step-synced"
-            )
+
+    def _set_placement(self) -> None:
+        scheme = self.method.scheme
+        self.placement: Placement = place_noise(
+            step_names=self._step_names(),
+            shared=scheme.shared,
+            scheme_sync=scheme.sync,
+            trust=self.trust,
+            private=self.noise is not None,
+        )
+        self.sync = SYNCHRONISERS[self.placement.sync](self)
 
     def enable_privacy(self, noise: NoisePlan) -> None:
-        """Turn DP on: Poisson batches, per-sample clipping, noise where the method places it."""
-        missing = set(self._trainable()) - set(self.method.privacy.names)
-        if missing:
-            raise RuntimeError(
-                f"{self.method.name}: step parameters {sorted(missing)} have no DP placement"
-            )
+        """Turn DP on: Poisson batches, per-sample clipping, noise where the placement says."""
         self.noise = noise
+        self._set_placement()
+
+    @property
+    def private(self) -> bool:
+        return self.noise is not None
 
     # -- helpers ----------------------------------------------------------------------------
-    def _trainable(self) -> list[str]:
-        view = self.view(0)
-        step, _ = self.method.step_params(view, generator(self.seed, _PARAMS, 0, 0, 0))
+    def _step_names(self) -> list[str]:
+        view = {**self.clients[0].params, **self.server}
+        step, _ = self.method.scheme.step_params(view, generator(self.seed, _PARAMS, 0, 0, 0))
         return list(step)
 
     def view(self, client: int, *, evaluation: bool = False) -> Params:
-        """The parameters client `client` computes with.
-
-        Step-synchronised methods (and every evaluation) use the server's current shared values;
-        within a round, a round-synchronised client trains its own copy of them.
-        """
-        if self.method.sync == "round" and not evaluation:
-            return dict(self.clients[client].params)
-        return {**self.clients[client].params, **self.server}
+        """The parameters client `client` computes with: its own, with the server's shared
+        values when synchronised per step and at every evaluation."""
+        if evaluation:
+            return {**self.clients[client].params, **self.server}
+        return self.sync.view(client)
 
     def budget(self) -> list[tuple[float, int]]:
         """(sampling rate, number of noisy steps) that touch each client's data over the run."""
-        rounds_in = [sum(c in r for r in self.rounds_schedule) for c in range(len(self.clients))]
-        return [
-            (sample_rate(n, self.sched.batch_size), rounds_in[c] * self.steps[c])
-            for c, n in enumerate(self.n_train)
-        ]
+        return client_budgets(
+            self.n_train,
+            batch_size=self.sched.batch_size,
+            local_epochs=self.sched.local_epochs,
+            schedule=self.rounds_schedule,
+        )
+
+    def noise_generator(self, rnd: int, client: int, step_no: int) -> torch.Generator | None:
+        """The seeded stream of one noise draw; None (the secure source) with `secure`."""
+        if self.noise is not None and self.noise.secure:
+            return None
+        return generator(self.seed, _NOISE, rnd, client, step_no)
+
+    def expected_batch(self, client: int) -> float:
+        n = self.n_train[client]
+        return sample_rate(n, self.sched.batch_size) * n
 
     # -- one local step -----------------------------------------------------------------------
     def _batch(self, client: int, rnd: int, step: int, epoch_plan: list[Tensor] | None) -> Tensor:
-        if self.noise is None:
+        if not self.private:
             assert epoch_plan is not None
             return epoch_plan[step]
         rate = sample_rate(self.n_train[client], self.sched.batch_size)
@@ -247,24 +374,17 @@ class FederatedRun:
             self.n_train[client], rate=rate, gen=generator(self.seed, _BATCH, rnd, client, step)
         )
 
-    def local_gradients(
-        self, client: int, rnd: int, step_no: int, positions: Tensor
-    ) -> tuple[Params, Params, Params, float]:
-        """Gradients of one local step of one client.
-
-        Returns (step params, client-side grads of the step params, the server-bound part, loss):
-        without DP the server-bound part is the mean gradient of the shared step parameters;
-        with DP it is their clipped per-sample SUM (the server adds the noise).
-        """
-        method, view = self.method, self.view(client)
-        step, aux = method.step_params(view, generator(self.seed, _PARAMS, rnd, client, step_no))
+    def _gradients(self, client: int, rnd: int, step_no: int, positions: Tensor) -> tuple:
+        method = self.method
+        step, aux = method.scheme.step_params(
+            self.view(client), generator(self.seed, _PARAMS, rnd, client, step_no)
+        )
         step = {k: v.detach() for k, v in step.items()}
         idx = self.train_idx[client][positions]
         pooled, tokens, _ = self.fed.train.take(idx)
-        targets = self.train_targets[idx]
         if tokens is None:
             tokens = pooled.new_zeros(len(idx), 0)
-        ctx = self.ctx_seen
+        ctx, anchor = self.ctx_seen, self.clients[client].anchor
 
         def encode(p: Mapping[str, Tensor]) -> object:
             return method.encode(p, aux, ctx)
@@ -272,38 +392,69 @@ class FederatedRun:
         def loss_one(z: object, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
             return method.sample_loss(z, x, t, y, ctx)
 
-        to_server = set(method.shared) if method.sync == "step" else set()
-        if self.noise is None:
-            grads, losses = mean_grads(encode, loss_one, step, (pooled, tokens, targets))
-            server_part = {k: g for k, g in grads.items() if k in to_server}
-            client_part = {k: g for k, g in grads.items() if k not in to_server}
-            return step, client_part, server_part, float(losses.mean()) if len(losses) else math.nan
+        def prior(z: object, p: Mapping[str, Tensor]) -> Tensor | None:
+            return method.prior(p, z, ctx, anchor)
+
+        grads = step_gradients(
+            encode,
+            loss_one,
+            step,
+            (pooled, tokens, self.train_targets[idx]),
+            per_sample=self.private,
+            prior=prior if method.has_prior else None,
+        )
+        return step, grads
+
+    def local_gradients(
+        self, client: int, rnd: int, step_no: int, positions: Tensor
+    ) -> tuple[Params, Params, Upload | None, float]:
+        """Gradients of one local step of one client.
+
+        Returns (step params, gradients applied by the client, what goes to the server (step
+        sync only), mean loss). Without DP the gradients are of mean loss + prior. With DP the
+        per-sample gradients of all step parameters are clipped jointly; client-placed ones get
+        the client's noise, server-placed ones go up as clipped sums (the server noises them).
+        """
+        step, g = self._gradients(client, rnd, step_no, positions)
+        to_server = set(self.server) if self.placement.sync == "step" else set()
+        loss = float(g.losses.mean()) if len(g.losses) else math.nan
+        if not self.private:
+            local = {k: v for k, v in g.data.items() if k not in to_server}
+            up = {k: v for k, v in g.data.items() if k in to_server}
+            upload = Upload(up, float(len(positions))) if to_server else None
+            return step, local, upload, loss
         plan = self.noise
-        expected = sample_rate(self.n_train[client], self.sched.batch_size) * self.n_train[client]
-        if len(idx):
-            per_sample, losses = per_sample_grads(encode, loss_one, step, (pooled, tokens, targets))
-            sums = clipped_sum(per_sample, clip_norm=plan.clip_norm)
-        else:
-            sums, losses = {k: torch.zeros_like(v) for k, v in step.items()}, torch.zeros(0)
-        client_names = [k for k in method.privacy.client if k in sums]
-        noisy = add_gaussian_noise(
-            {k: sums[k] for k in client_names},
+        assert plan is not None
+        sums = clipped_sum(g.data, clip_norm=plan.clip_norm)
+        expected = self.expected_batch(client)
+        noisy = noisy_mean(
+            {k: sums[k] for k in self.placement.client},
             noise_multiplier=plan.noise_multiplier,
             clip_norm=plan.clip_norm,
-            generator=generator(self.seed, _NOISE, rnd, client, step_no),
+            expected_batch=expected,
+            generator=self.noise_generator(rnd, client, step_no),
         )
-        client_part = {k: v / expected for k, v in noisy.items()}
-        server_part = {k: sums[k] for k in method.privacy.server}
-        return step, client_part, server_part, float(losses.mean()) if len(losses) else math.nan
+        prior = g.prior or {}
+        client_grads = {k: v + prior[k] if k in prior else v for k, v in noisy.items()}
+        upload = None
+        if to_server:
+            if self.placement.server:  # clipped sums; the server adds the noise
+                shared = {k: sums[k] for k in self.placement.server}
+                shared_prior = {k: prior[k] for k in self.placement.server if k in prior}
+                upload = Upload(shared, expected, shared_prior or None)
+            else:  # client trust: already noised by the client
+                upload = Upload({k: client_grads[k] for k in to_server}, expected)
+        local = {k: v for k, v in client_grads.items() if k not in to_server}
+        return step, local, upload, loss
 
     # -- rounds ---------------------------------------------------------------------------------
     def run_round(self, rnd: int) -> float:
         """Train one round; returns the mean training loss over the round's steps."""
-        method, sched = self.method, self.sched
+        sched, scheme = self.sched, self.method.scheme
         sampled = self.rounds_schedule[rnd]
         plans = {
             c: None
-            if self.noise is not None
+            if self.private
             else epoch_batches(
                 self.n_train[c],
                 batch_size=sched.batch_size,
@@ -312,112 +463,65 @@ class FederatedRun:
             )
             for c in sampled
         }
-        if method.sync == "round":
-            for c in sampled:  # clients start the round from the server's shared values
-                self.clients[c].params.update({k: v.clone() for k, v in self.server.items()})
+        self.sync.begin_round(sampled)
+        for c in sampled:
+            self.clients[c].anchor = scheme.round_start(self.clients[c].params, self.server)
         losses: list[float] = []
         for s in range(max(self.steps[c] for c in sampled)):
             active = [c for c in sampled if s < self.steps[c]]
-            uploads: list[tuple[Params, float]] = []
+            uploads: list[Upload] = []
             for c in active:
                 positions = self._batch(c, rnd, s, plans[c])
-                step, client_part, server_part, loss = self.local_gradients(c, rnd, s, positions)
+                step, local, upload, loss = self.local_gradients(c, rnd, s, positions)
                 losses.append(loss)
                 state = self.clients[c]
-                grads = method.param_grads(self.view(c), step, client_part)
-                if method.sync == "round":
-                    grads.update(server_part)  # nothing goes to the server mid-round
-                    sgd_step(state.params, grads, state.momentum, lr=sched.lr, beta=sched.momentum)
-                else:
-                    local = {k: g for k, g in grads.items() if k not in self.server}
-                    sgd_step(state.params, local, state.momentum, lr=sched.lr, beta=sched.momentum)
-                    weight = float(len(positions)) if self.noise is None else 1.0
-                    uploads.append((server_part, weight))
-            if method.sync == "step" and uploads and self.server:
-                self.server_step(uploads, rnd, s, active)
-        if method.sync == "round" and self.server:
-            self.server.update(
-                weighted_mean(
-                    [
-                        ({k: self.clients[c].params[k] for k in self.server}, self.n_train[c])
-                        for c in sampled
-                    ]
-                )
-            )
+                grads = scheme.param_grads(self.view(c), step, local)
+                mine = {k: g for k, g in grads.items() if self.sync.trains_locally(k)}
+                sgd_step(state.params, mine, state.momentum, lr=sched.lr, beta=sched.momentum)
+                if upload is not None:
+                    uploads.append(upload)
+            self.sync.end_step(uploads, rnd, s, active)
+        self.sync.end_round(sampled)
+        self._check_finite(rnd)
         finite = [x for x in losses if not math.isnan(x)]
         return float(np.mean(finite)) if finite else math.nan
 
-    def server_step(
-        self, uploads: list[tuple[Params, float]], rnd: int, step_no: int, active: list[int]
-    ) -> None:
-        """Apply the clients' shared gradients: a batch-size weighted mean, or under DP the
-        noisy sum of the clipped per-sample sums over the expected total batch size."""
-        if self.noise is None:
-            nonempty = [(u, w) for u, w in uploads if w > 0]
-            if not nonempty:
-                return
-            grad = weighted_mean(nonempty)
-        else:
-            total = {k: torch.stack([u[k] for u, _ in uploads]).sum(0) for k in uploads[0][0]}
-            noisy = add_gaussian_noise(
-                total,
-                noise_multiplier=self.noise.noise_multiplier,
-                clip_norm=self.noise.clip_norm,
-                generator=generator(self.seed, _NOISE, rnd, -1, step_no),
-            )
-            expected = sum(
-                sample_rate(self.n_train[c], self.sched.batch_size) * self.n_train[c]
-                for c in active
-            )
-            grad = {k: v / expected for k, v in noisy.items()}
-        sgd_step(
-            self.server, grad, self.server_momentum, lr=self.sched.lr, beta=self.sched.momentum
-        )
+    def _check_finite(self, rnd: int) -> None:
+        tensors = [*self.server.values()]
+        for state in self.clients:
+            tensors.extend(state.params.values())
+        if not all(bool(torch.isfinite(t).all()) for t in tensors):
+            raise Diverged(rnd + 1)
 
     # -- evaluation -------------------------------------------------------------------------------
     @torch.no_grad()
     def evaluate(self, rnd: int) -> tuple[dict[str, float], list[dict[str, float]]]:
         """Each client with its own prompt; returns (mean over clients, per-client metrics)."""
-        fed, method = self.fed, self.method
-        test = fed.test
-        seen_mask = torch.isin(test.labels, fed.seen_classes)
-        seen_idx = torch.nonzero(seen_mask).flatten()
-        seen_labels = test.labels[seen_idx]
-        seen_targets = torch.searchsorted(fed.seen_classes, seen_labels)
-        pooled, tokens, _ = test.take(seen_idx)
-        novel = None
-        if fed.novel_classes is not None:
-            novel_idx = torch.nonzero(torch.isin(test.labels, fed.novel_classes)).flatten()
-            n_pooled, n_tokens, n_labels = test.take(novel_idx)
-            novel = (n_pooled, n_tokens, torch.searchsorted(fed.novel_classes, n_labels))
-            ctx_novel = EncodeContext(
-                tower=self.tower, class_idx=fed.novel_classes, consts=self.consts
-            )
-        # Map each client's local test indices (into the test pool) to positions in seen_idx.
-        pos_of = torch.full((len(test.labels),), -1, dtype=torch.long)
-        pos_of[seen_idx] = torch.arange(len(seen_idx))
+        fed, method, protocol = self.fed, self.method, self.fed.protocol
+        device = fed.test.labels.device
+        sets = []
+        for es in protocol.eval_sets:
+            classes = torch.as_tensor(es.classes, dtype=torch.long, device=device)
+            images = torch.as_tensor(es.images, dtype=torch.long, device=device)
+            pooled, tokens, labels = fed.test.take(images)
+            ctx = EncodeContext(tower=self.tower, class_idx=classes, consts=self.consts)
+            sets.append((es.name, ctx, pooled, tokens, torch.searchsorted(classes, labels)))
         per_client = []
         for c in range(len(self.clients)):
             view = self.view(c, evaluation=True)
-            step, aux = method.step_params(view, generator(self.seed, _PARAMS, rnd, c, -1))
-            z = method.encode(step, aux, self.ctx_seen)
-            seen_correct = self._correct(z, pooled, tokens, seen_targets, self.ctx_seen)
-            novel_correct = None
-            if novel is not None:
-                zn = method.encode(step, aux, ctx_novel)
-                novel_correct = self._correct(zn, *novel, ctx_novel)
-            local = pos_of[torch.tensor(fed.split.test[c], dtype=torch.long)]
-            scores = ClientScores(seen_correct=seen_correct, novel_correct=novel_correct)
+            step, aux = method.scheme.step_params(view, generator(self.seed, _PARAMS, rnd, c, -1))
+            correct = {
+                name: self._correct(method.encode(step, aux, ctx), pooled, tokens, targets, ctx)
+                for name, ctx, pooled, tokens, targets in sets
+            }
             per_client.append(
-                client_metrics(
-                    scores,
-                    seen_labels=seen_labels.numpy(),
-                    local_idx=local[local >= 0].numpy(),
+                protocol.client_metrics(
+                    correct,
+                    local_test=np.asarray(fed.split.test[c]),
                     client_classes=np.asarray(fed.split.classes[c]),
                 )
             )
-        protocol = "base2novel" if fed.novel_classes is not None else "personalized"
-        return mean_over_clients(per_client, protocol), per_client
+        return protocol.mean_over_clients(per_client), per_client
 
     def _correct(
         self,
@@ -432,7 +536,7 @@ class FederatedRun:
         for i in range(0, len(targets), chunk):
             t = None if tokens is None else tokens[i : i + chunk]
             logits = self.method.logits(z, pooled[i : i + chunk], t, ctx)
-            out.append((logits.argmax(-1) == targets[i : i + chunk]).numpy())
+            out.append((logits.argmax(-1) == targets[i : i + chunk]).cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
     def run(
@@ -447,7 +551,8 @@ class FederatedRun:
             loss = self.run_round(rnd)
             if (rnd + 1) % self.sched.eval_every == 0 or rnd == rounds - 1:
                 metrics, clients = self.evaluate(rnd)
-                metrics = {"round": rnd + 1, "train_loss": loss, **metrics}
+                released = {} if self.private else {"train_loss": loss}
+                metrics = {"round": rnd + 1, **released, **metrics}
                 history.append(metrics)
                 per_client.append(clients)
                 if on_eval:

@@ -7,3 +7,7 @@ to stderr and exits with code 2. Anything else that escapes is a bug and keeps i
 
 class UsageError(Exception):
     """Bad input from the user (flag, card, data folder, checkpoint): one line, exit code 2."""
+
+
+class FplError(Exception):
+    """A run-time outcome the harness records rather than crashes on (e.g. a diverged run)."""

@@ -1,66 +1,59 @@
 """From an ExperimentSpec to results: data, backbone, features, partitions, runs, records.
 
 prepare(spec)           dataset splits, backbone, cached image features, text tower
-federation(prep, seed)  class sets and the seeded client partition (saved with the run)
+federation(prep, seed)  the protocol and the seeded client partition (saved with the run)
 run_one(...)            one method x eps x seed: privacy plan, federated run, MLflow run
-run_experiment(spec)    all of them; results.csv is rewritten after every run, so an
-                        interrupted job keeps what it finished
+run_experiment(spec)    all of them; results.csv is rewritten (rows replaced by key) after
+                        every run, so an interrupted job keeps what it finished
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
+import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import numpy as np
 import pandas as pd
 import torch
 
 from fpl_bench.backbone import EMBEDDED, Backbone, load_backbone
-from fpl_bench.cards import dataset_card, method_cards
-from fpl_bench.data.partition import few_shot, make_partitioner
+from fpl_bench.cards import dataset_card
+from fpl_bench.catalog import MethodChoice
+from fpl_bench.data.partition import ClientSplit, few_shot, make_partitioner
 from fpl_bench.data.sources import Splits, load_source
-from fpl_bench.data.split import base_novel_split
-from fpl_bench.driver import FeatureSet, FederatedRun, Federation, NoisePlan, Schedule
+from fpl_bench.driver import Diverged, FeatureSet, FederatedRun, Federation, NoisePlan, Schedule
 from fpl_bench.errors import UsageError
-from fpl_bench.evaluate import PROTOCOL_METRICS, final_metrics
+from fpl_bench.evaluate import final_metrics
 from fpl_bench.features import image_features
-from fpl_bench.io import write_atomic
-from fpl_bench.methods.registry import build_method, resolve_method_name
-from fpl_bench.privacy.accountant import PrivacyLedger, epsilon_spent, plan_privacy
+from fpl_bench.learners import LEARNERS
+from fpl_bench.method import Method, build_method
+from fpl_bench.privacy.accountant import PrivacyLedger
+from fpl_bench.privacy.planning import check_delta, plan_for_clients
 from fpl_bench.prompt import TextTower
+from fpl_bench.protocols import domain_protocol, make_protocol
+from fpl_bench.report.records import (
+    METRIC_COLUMNS,
+    RESULT_COLUMNS,
+    read_results,
+    upsert_results,
+    write_results,
+)
 from fpl_bench.spec import ExperimentSpec
 
-RESULT_COLUMNS = [
-    "method",
-    "dataset",
-    "protocol",
-    "eps",
-    "seed",
-    "local_acc",
-    "neighbor_acc",
-    "base_acc",
-    "novel_acc",
-    "hm",
-    "eps_target",
-    "eps_spent",
-    "delta",
-    "noise_multiplier",
-    "clip_norm",
-    "sample_rate",
-    "steps",
-    "accountant",
-    "rounds",
-    "clients",
-    "shots",
-    "wall_s",
-    "mlflow_run_id",
-]
+
+class JobProgress(Protocol):
+    """What the CLI shows: run k of N, round r of R (and from both, an ETA for the job)."""
+
+    def start_run(self, index: int, total: int, label: str, rounds: int) -> None: ...
+
+    def advance(self, rounds_done: int) -> None: ...
 
 
 @dataclass
@@ -76,7 +69,7 @@ class Prepared:
 
 def resolve_device(choice: str) -> torch.device:
     if choice == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda: no CUDA device is visible; use --device cpu")
+        raise UsageError("device cuda: no CUDA device is visible; use device cpu")
     if choice == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
     return torch.device(choice)
@@ -95,8 +88,14 @@ def set_threads(spec: ExperimentSpec, *, private: bool, device: torch.device) ->
     torch.set_num_threads(spec.threads or (1 if small else CPU_THREADS))
 
 
+def build_methods(spec: ExperimentSpec) -> list[Method]:
+    """Every method of the job, built (pair validity checked) before any data is touched."""
+    return [build_method(choice) for choice in spec.methods]
+
+
 def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepared:
     device = resolve_device(spec.device)
+    with_tokens = any(LEARNERS.get(m.learner).needs_tokens for m in spec.methods)
     card = dataset_card(spec.dataset)
     splits = load_source(
         card, root=spec.data_root, options=spec.dataset_options, cache_dir=spec.cache_dir
@@ -105,15 +104,16 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
         spec.backbone, pretrained=spec.pretrained, checkpoint=spec.checkpoint, device=str(device)
     )
     sets = {}
-    for split in ("train", "test"):
+    for split in ("train", spec.eval_split):
         images = getattr(splits, split)
         t0 = time.perf_counter()
         pooled, tokens, hit = image_features(
             backbone,
-            images.images,
+            images,
             data_fingerprint=splits.fingerprint,
             split=split,
             cache_dir=spec.cache_dir,
+            with_tokens=with_tokens,
         )
         log(
             f"image features [{split}] {tuple(pooled.shape)} "
@@ -121,105 +121,151 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
         )
         sets[split] = FeatureSet(
             pooled=pooled.to(device),
-            tokens=tokens.to(device),
-            labels=torch.as_tensor(images.labels, dtype=torch.long, device=device),
+            tokens=tokens.to(device) if with_tokens else None,
+            labels=torch.as_tensor(np.array(images.labels), dtype=torch.long, device=device),
         )
     tower = TextTower.build(backbone.model, backbone.tokenizer, splits.classnames, n_ctx=spec.n_ctx)
-    if device.type == "cpu":
-        # The embedded model's ops are too small for intra-op threads to pay off, and OpenMP
-        # threads spinning against another busy process slow them 20x: one thread by default.
-        torch.set_num_threads(
-            spec.threads or (1 if spec.backbone == EMBEDDED else torch.get_num_threads())
-        )
-    return Prepared(spec, splits, backbone, tower, sets["train"], sets["test"], device)
+    return Prepared(spec, splits, backbone, tower, sets["train"], sets[spec.eval_split], device)
 
 
 def federation(prep: Prepared, seed: int) -> Federation:
-    """Class sets of the protocol and the seeded, few-shot client partition."""
+    """The protocol and the seeded, few-shot client partition of its seen classes (of the
+    train / test images the protocol lets be dealt: cross-domain keeps its target out)."""
     spec, splits = prep.spec, prep.splits
+    evaluated = getattr(splits, spec.eval_split)  # the test split, or val when tuning
     n_classes = len(splits.classnames)
-    if spec.protocol == "base2novel":
-        seen, novel = base_novel_split(n_classes)
+    if spec.protocol in ("multi-domain", "cross-domain"):
+        protocol = domain_protocol(
+            spec.protocol,
+            n_classes=n_classes,
+            test_labels=evaluated.labels,
+            test_domains=evaluated.domains,
+            train_domains=splits.train.domains,
+            domain_names=splits.domain_names,
+            target_domain=spec.target_domain,
+        )
     else:
-        seen, novel = np.arange(n_classes), None
+        if spec.target_domain is not None:
+            raise UsageError("target_domain applies to the cross-domain protocol only")
+        protocol = make_protocol(spec.protocol, n_classes=n_classes, test_labels=evaluated.labels)
+    train_pool = _pool(protocol.train_pool, len(splits.train.labels))
+    test_pool = _pool(protocol.test_pool, len(evaluated.labels))
+    domains = {}
+    n_domains = None
+    if spec.partition == "by_domain":
+        # renumber the domains present in the pools to 0..k-1 (cross-domain drops its target)
+        kept = np.unique(splits.train.domains[train_pool])
+        renumber = np.full(len(splits.domain_names), -1)
+        renumber[kept] = np.arange(len(kept))
+        n_domains = len(kept)
+        domains = {
+            "train_domains": renumber[splits.train.domains[train_pool]],
+            "test_domains": renumber[evaluated.domains[test_pool]],
+        }
     partitioner = make_partitioner(
-        spec.partition, n_clients=spec.clients, alpha=spec.alpha, seed=seed
+        spec.partition, n_clients=spec.clients, alpha=spec.alpha, seed=seed, n_domains=n_domains
     )
-    split = partitioner.split(splits.train.labels, splits.test.labels, seen)
+    local = partitioner.split(
+        splits.train.labels[train_pool],
+        evaluated.labels[test_pool],
+        protocol.seen_classes,
+        **domains,
+    )
+    split = ClientSplit(
+        train=tuple(train_pool[idx] for idx in local.train),
+        test=tuple(test_pool[idx] for idx in local.test),
+        classes=local.classes,
+    )
     split = few_shot(split, splits.train.labels, shots=spec.shots, seed=seed)
-    as_tensor = lambda a: torch.as_tensor(a, dtype=torch.long, device=prep.device)  # noqa: E731
-    return Federation(
-        train=prep.train,
-        test=prep.test,
-        split=split,
-        seen_classes=as_tensor(seen),
-        novel_classes=None if novel is None else as_tensor(novel),
-    )
+    return Federation(train=prep.train, test=prep.test, split=split, protocol=protocol)
+
+
+def _pool(pool: np.ndarray | None, n: int) -> np.ndarray:
+    return np.arange(n) if pool is None else np.asarray(pool)
 
 
 def plan_run_privacy(run: FederatedRun, spec: ExperimentSpec, eps: float) -> PrivacyLedger:
-    """One sigma for every client of the run, calibrated for the client whose data is touched
-    the most (largest sampling rate x noisy steps), so every client's epsilon <= the target."""
-    pairs = sorted({(q, steps) for q, steps in run.budget() if steps > 0})
-    ledgers = [
-        plan_privacy(
-            eps=eps,
-            delta=spec.delta,
-            clip_norm=spec.clip_norm,
-            sample_rate=q,
-            steps=steps,
-            rounds=spec.rounds,
-            calibration=spec.accountant,
-        )
-        for q, steps in pairs
-    ]
-    worst = max(ledgers, key=lambda led: led.noise_multiplier)
-    reporting = "rdp" if spec.accountant == "paper" else spec.accountant
-    spent = [
-        epsilon_spent(
-            noise_multiplier=worst.noise_multiplier,
-            sample_rate=q,
-            steps=steps,
-            delta=spec.delta,
-            accountant=reporting,
-        )
-        for q, steps in pairs
-    ]
-    i = int(np.argmax(spent))
-    return replace(worst, eps_spent=spent[i], sample_rate=pairs[i][0], steps=pairs[i][1])
+    """One sigma for every client of the run (fpl_bench/privacy/planning.py)."""
+    check_delta(spec.delta, run.n_train)
+    return plan_for_clients(
+        run.budget(),
+        eps=eps,
+        delta=spec.delta,
+        clip_norm=spec.clip_norm,
+        rounds=spec.rounds,
+        calibration=spec.accountant,
+    )
 
 
-def _flat_config(
-    spec: ExperimentSpec, method: str, options: dict[str, Any], eps: float | None, seed: int
-) -> dict[str, Any]:
-    cfg = spec.model_dump(mode="json", exclude={"methods", "method_options", "eps", "seeds"})
-    cfg.update({"method": method, "eps": "none" if eps is None else eps, "seed": seed})
-    cfg.update({f"method.{k}": v for k, v in options.items()})
+def run_config(spec: ExperimentSpec, choice: MethodChoice) -> dict[str, Any]:
+    """The resolved configuration of one method's runs (without eps and seed): what the
+    config hash covers, and the MLflow params."""
+    cfg = spec.model_dump(
+        mode="json", exclude={"methods", "eps", "seeds", "out", "cache_dir", "threads", "device"}
+    )
+    cfg.update({"method": choice.label, "learner": choice.learner, "scheme": choice.scheme})
+    cfg.update(choice.options())
     return cfg
 
 
-def write_csv_atomic(frame: pd.DataFrame, path: Path) -> None:
-    write_atomic(path, lambda tmp: frame.to_csv(tmp, index=False))
+def config_hash(config: dict[str, Any]) -> str:
+    blob = json.dumps(config, sort_keys=True, default=str)
+    return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 
-def method_options(spec: ExperimentSpec, name: str) -> dict[str, Any]:
-    card = method_cards().get(name)
-    return {**(card.defaults if card else {}), **spec.method_options.get(name, {})}
+def provenance() -> dict[str, str]:
+    """Package version and the git commit of the checkout it runs from ('' when not a git
+    checkout, e.g. an installed wheel)."""
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        pkg = version("fpl-bench")
+    except PackageNotFoundError:
+        pkg = "unknown"
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "--short=12", "HEAD"],
+            cwd=Path(__file__).resolve().parent,
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=False,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    return {"version": pkg, "commit": commit}
+
+
+def _privacy_columns(spec: ExperimentSpec, eps: float | None, ledger: PrivacyLedger | None) -> dict:
+    if eps is None:
+        return {"eps_target": math.nan, "eps_spent": math.nan, "delta": math.nan}
+    if ledger is None:  # a method that trains nothing spends nothing
+        return {"eps_target": eps, "eps_spent": 0.0, "delta": spec.delta, "steps": 0}
+    return {
+        "eps_target": eps,
+        "eps_spent": ledger.eps_spent,
+        "delta": spec.delta,
+        "noise_multiplier": ledger.noise_multiplier,
+        "clip_norm": spec.clip_norm,
+        "sample_rate": ledger.sample_rate,
+        "steps": ledger.steps,
+        "calibration": ledger.calibration,
+        "accountant": ledger.accountant,
+    }
 
 
 def run_one(
     prep: Prepared,
     fed: Federation,
-    name: str,
+    choice: MethodChoice,
     eps: float | None,
     seed: int,
     tracker: Any,
     log: Callable[[str], None],
-    progress: Any = None,
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     spec = prep.spec
-    options = method_options(spec, name)
-    method = build_method(name, options)
+    method = build_method(choice)
     schedule = Schedule(
         rounds=spec.rounds,
         local_epochs=spec.local_epochs,
@@ -230,90 +276,95 @@ def run_one(
         eval_every=spec.eval_every,
     )
     torch.manual_seed(seed)
-    set_threads(spec, private=eps is not None and method.trains, device=prep.device)
+    private = eps is not None and method.trains
+    set_threads(spec, private=private, device=prep.device)
     run = FederatedRun(
-        method, prep.tower, fed, schedule=schedule, seed=seed, ctx_init=spec.ctx_init
+        method,
+        prep.tower,
+        fed,
+        schedule=schedule,
+        seed=seed,
+        trust=spec.trust,
+        ctx_init=spec.ctx_init,
     )
-    ledger = None
-    if eps is not None and method.trains:
-        ledger = plan_run_privacy(run, spec, eps)
-        run.enable_privacy(
-            NoisePlan(noise_multiplier=ledger.noise_multiplier, clip_norm=spec.clip_norm)
-        )
-    config = _flat_config(spec, name, options, eps, seed)
+    ledger = plan_run_privacy(run, spec, eps) if private else None
     if ledger is not None:
-        config.update({f"privacy.{k}": v for k, v in asdict(ledger).items()})
-    run_name = f"{name}-{spec.dataset}-eps{'none' if eps is None else eps}-seed{seed}"
-    run_id = tracker.start(
-        run_name,
-        config,
-        {
-            "method": name,
-            "dataset": spec.dataset,
-            "eps": str(eps),
-            "seed": str(seed),
-            "protocol": spec.protocol,
-        },
-    )
-    t0 = time.perf_counter()
-    status = "FAILED"
-    try:
-        out = run.run(on_eval=lambda r, m: tracker.log_round(run_id, r, m), progress=progress)
-        status = "FINISHED"
-    finally:
-        if status == "FAILED":
-            tracker.finish(run_id, {}, {}, status="FAILED")
-    wall = time.perf_counter() - t0
-    final = final_metrics(
-        [{k: v for k, v in h.items() if k not in ("round", "train_loss")} for h in out.history],
-        spec.last_k,
-    )
-    privacy = {
-        "eps_target": math.nan if eps is None else eps,
-        "eps_spent": 0.0
-        if (eps is not None and ledger is None)
-        else (ledger.eps_spent if ledger else math.nan),
-        "delta": spec.delta if eps is not None else math.nan,
-        "noise_multiplier": ledger.noise_multiplier if ledger else 0.0,
-        "clip_norm": spec.clip_norm if ledger else math.nan,
-        "sample_rate": ledger.sample_rate if ledger else math.nan,
-        "steps": ledger.steps if ledger else 0,
-        "accountant": spec.accountant if ledger else "",
-    }
-    final_logged = {
-        **final,
-        **{k: v for k, v in privacy.items() if isinstance(v, float | int)},
-        "wall_s": wall,
-    }
-    tracker.finish(
-        run_id,
-        final_logged,
-        {
-            "partition.json": fed.split.to_json(),
-            "schedule.json": {"sampled_clients": out.schedule},
-            "history.json": out.history,
-        },
-    )
-    row = {
-        "method": name,
+        run.enable_privacy(
+            NoisePlan(
+                noise_multiplier=ledger.noise_multiplier,
+                clip_norm=spec.clip_norm,
+                secure=spec.secure_noise,
+            )
+        )
+    config = run_config(spec, choice)
+    key = {
+        "method": choice.label,
+        "learner": choice.learner,
+        "scheme": choice.scheme,
         "dataset": spec.dataset,
         "protocol": spec.protocol,
+        "trust": spec.trust,
         "eps": "none" if eps is None else eps,
         "seed": seed,
-        **{m: final.get(m, math.nan) for m in PROTOCOL_METRICS[spec.protocol]},
+        "config_hash": config_hash(config),
+    }
+    params = {**config, "eps": key["eps"], "seed": seed, "config_hash": key["config_hash"]}
+    if ledger is not None:
+        params.update({f"privacy.{k}": v for k, v in asdict(ledger).items()})
+    run_name = f"{choice.label}-{spec.dataset}-{spec.trust}-eps{key['eps']}-seed{seed}"
+    tags = {k: str(v) for k, v in key.items()}
+    run_id = tracker.start(run_name, params, tags)
+    t0 = time.perf_counter()
+    status = "failed"
+    try:
+        out = run.run(on_eval=lambda r, m: tracker.log_round(run_id, r, m), progress=progress)
+        status = "finished"
+    except Diverged as err:
+        status = "diverged"
+        log(f"{run_name}: diverged ({err}); recorded without accuracy")
+    finally:
+        if status == "failed":
+            tracker.finish(run_id, {}, {}, status="FAILED", tags={"status": "failed"})
+    wall = time.perf_counter() - t0
+    metrics = dict.fromkeys(METRIC_COLUMNS, math.nan)
+    if status == "finished":
+        final = final_metrics(
+            [{k: v for k, v in h.items() if k not in ("round", "train_loss")} for h in out.history],
+            spec.last_k,
+        )
+        metrics.update({m: final.get(m, math.nan) for m in fed.protocol.metrics})
+    privacy = _privacy_columns(spec, eps, ledger)
+    artifacts = {"partition.json": fed.split.to_json()}
+    if status == "finished":
+        artifacts["schedule.json"] = {"sampled_clients": out.schedule}
+        artifacts["history.json"] = out.history
+    tracker.finish(
+        run_id,
+        {
+            **{f"final/{m}": v for m, v in metrics.items()},
+            **{k: v for k, v in privacy.items() if isinstance(v, float | int)},
+            "wall_s": wall,
+        },
+        artifacts,
+        status="FINISHED" if status == "finished" else "FAILED",
+        tags={"status": status},
+    )
+    row = {
+        **key,
+        "status": status,
+        **metrics,
         **privacy,
         "rounds": spec.rounds,
         "clients": spec.clients,
         "shots": spec.shots,
+        "tuned": False,
         "wall_s": round(wall, 2),
+        **provenance(),
         "mlflow_run_id": run_id,
     }
-    log(
-        f"{run_name}: "
-        + ", ".join(f"{m}={final.get(m, math.nan):.3f}" for m in PROTOCOL_METRICS[spec.protocol])
-        + (f", eps_spent={privacy['eps_spent']:.3f}" if eps is not None else "")
-        + f" ({wall:.1f}s)"
-    )
+    shown = ", ".join(f"{m}={metrics[m]:.3f}" for m in fed.protocol.metrics)
+    spent = f", eps_spent={privacy['eps_spent']:.3f}" if eps is not None else ""
+    log(f"{run_name}: {status}, {shown}{spent} ({wall:.1f}s)")
     return row
 
 
@@ -328,44 +379,45 @@ def run_experiment(
     spec: ExperimentSpec,
     *,
     log: Callable[[str], None] = print,
-    progress_factory: Callable[[str, int], Any] | None = None,
+    progress: JobProgress | None = None,
 ) -> pd.DataFrame:
-    """Run every method x eps x seed of the spec; returns the rows also written to results.csv."""
+    """Run every method x eps x seed of the spec; returns this job's rows (also merged into
+    DIR/results.csv, where a row with the same key replaces the old one)."""
     from fpl_bench.tracking import Tracker
 
-    methods = [resolve_method_name(m) for m in spec.methods]
+    build_methods(spec)  # refuse invalid pairs before any data is loaded
     out = Path(spec.out)
     out.mkdir(parents=True, exist_ok=True)
     csv_path = out / "results.csv"
-    previous = pd.read_csv(csv_path) if csv_path.is_file() else None
+    previous = read_results(csv_path) if csv_path.is_file() else None
     prep = prepare(spec, log)
     tracker = Tracker(out)
     rows: list[dict[str, Any]] = []
-    for seed in spec.seeds:
-        fed = federation(prep, seed)
-        save_partition(fed, out, spec.dataset, seed)
-        for eps in spec.eps:
-            for name in methods:
-                label = f"{name} eps={'none' if eps is None else eps} seed={seed}"
-                bar = progress_factory(label, spec.rounds) if progress_factory else None
-                try:
-                    rows.append(
-                        run_one(
-                            prep,
-                            fed,
-                            name,
-                            eps,
-                            seed,
-                            tracker,
-                            log,
-                            progress=bar.update if bar else None,
-                        )
-                    )
-                finally:
-                    if bar:
-                        bar.close()
-                frame = pd.DataFrame(rows, columns=RESULT_COLUMNS)
-                if previous is not None:
-                    frame = pd.concat([previous, frame], ignore_index=True)
-                write_csv_atomic(frame, csv_path)
-    return pd.DataFrame(rows, columns=RESULT_COLUMNS)
+    cells = [
+        (seed, eps, choice) for seed in spec.seeds for eps in spec.eps for choice in spec.methods
+    ]
+    feds: dict[int, Federation] = {}
+    for index, (seed, eps, choice) in enumerate(cells):
+        if seed not in feds:
+            feds = {seed: federation(prep, seed)}
+            save_partition(feds[seed], out, spec.dataset, seed)
+        fed = feds[seed]
+        label = f"{choice.label} eps={'none' if eps is None else eps} seed={seed}"
+        trains = LEARNERS.get(choice.learner).trains
+        if progress:
+            progress.start_run(index + 1, len(cells), label, spec.rounds if trains else 0)
+        rows.append(
+            run_one(
+                prep,
+                fed,
+                choice,
+                eps,
+                seed,
+                tracker,
+                log,
+                progress=progress.advance if progress else None,
+            )
+        )
+        frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+        write_results(upsert_results(previous, frame), csv_path)
+    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))

@@ -18,6 +18,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from fpl_bench.data.imageset import ImageSet
+from fpl_bench.data.loading import preprocessed_batches
 from fpl_bench.io import write_atomic
 
 FORMAT_VERSION = 1
@@ -49,16 +51,30 @@ def save_atomic(obj: dict[str, Tensor], path: Path) -> None:
 
 
 def image_features(
-    backbone: Any, images: np.ndarray, *, data_fingerprint: str, split: str, cache_dir: Path
+    backbone: Any,
+    images: np.ndarray | ImageSet,
+    *,
+    data_fingerprint: str,
+    split: str,
+    cache_dir: Path,
+    with_tokens: bool = True,
+    batch_size: int = 256,
+    workers: int = 0,
 ) -> tuple[Tensor, Tensor, bool]:
-    """(pooled [N, D] float32, patch tokens [N, P, D] float16, cache hit?) for one split."""
+    """(pooled [N, D] float32, patch tokens [N, P, D] float16, cache hit?) for one split.
+
+    Patch tokens are extracted (and cached) only `with_tokens` (learners that score patches,
+    such as FedOTP's); otherwise they are an empty [N, 0, D] tensor and any visual tower works.
+    `images` is a uint8 array [N, H, W, 3] or an ImageSet; a file-backed ImageSet is decoded in
+    chunks (`workers` threads) through the backbone's own preprocess transform.
+    """
     key = cache_key(
         backbone=backbone.name,
         tag=backbone.tag,
         weights=backbone.weights_digest,
         preprocess=backbone.preprocess_cfg,
         data=data_fingerprint,
-        split=split,
+        split=split if with_tokens else f"{split}/pooled",
     )
     path = cache_dir / "features" / f"{key}.pt"
     if path.is_file():
@@ -68,7 +84,14 @@ def image_features(
                 return entry["pooled"], entry["tokens"], True
         except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError):
             pass  # a damaged entry is recomputed and overwritten
-    pooled, tokens = backbone.encode_images(images)
+    if isinstance(images, ImageSet) and images.file_backed:
+        batches = preprocessed_batches(
+            images, backbone.preprocess, batch_size=batch_size, workers=workers
+        )
+        pooled, tokens = backbone.encode_inputs(batches, n=len(images), with_tokens=with_tokens)
+    else:
+        array = images.images if isinstance(images, ImageSet) else images
+        pooled, tokens = backbone.encode_images(array, with_tokens=with_tokens)
     pooled, tokens = pooled.float().cpu(), tokens.half().cpu()
     save_atomic({"pooled": pooled, "tokens": tokens}, path)
     return pooled, tokens, False

@@ -12,30 +12,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
+from fpl_bench.catalog import MethodChoice
 from fpl_bench.errors import UsageError
-
-FLAG_OF = {  # spec field -> the CLI flag that sets it, for error messages
-    "clients": "--clients",
-    "rounds": "--rounds",
-    "shots": "--shots",
-    "alpha": "--alpha",
-    "eps": "--eps",
-    "delta": "--delta",
-    "clip_norm": "--clip-norm",
-    "seeds": "--seeds",
-    "batch_size": "--batch-size",
-    "lr": "--lr",
-    "client_fraction": "--client-fraction",
-    "local_epochs": "--local-epochs",
-    "n_ctx": "--n-ctx",
-    "eval_every": "--eval-every",
-    "last_k": "--last-k",
-    "methods": "--methods",
-    "protocol": "--protocol",
-    "partition": "--partition",
-    "accountant": "--accountant",
-    "device": "--device",
-}
 
 
 class ExperimentSpec(BaseModel):
@@ -43,13 +21,13 @@ class ExperimentSpec(BaseModel):
 
     model_config = ConfigDict(extra="forbid", frozen=True)
 
-    methods: tuple[str, ...]
-    method_options: dict[str, dict[str, Any]] = Field(default_factory=dict)
+    methods: tuple[MethodChoice, ...]
     dataset: str = "synthetic"
     data_root: Path | None = None
     dataset_options: dict[str, Any] = Field(default_factory=dict)
-    protocol: Literal["personalized", "base2novel"] = "base2novel"
-    partition: Literal["pathological", "dirichlet", "iid"] = "pathological"
+    protocol: Literal["personalized", "base2novel", "multi-domain", "cross-domain"] = "base2novel"
+    target_domain: str | None = None  # cross-domain: the held-out domain (default: the last)
+    partition: Literal["pathological", "dirichlet", "iid", "by_domain"] = "pathological"
     alpha: float = Field(0.5, gt=0)
     clients: int = Field(10, ge=1)
     client_fraction: float = Field(1.0, gt=0, le=1)
@@ -72,6 +50,11 @@ class ExperimentSpec(BaseModel):
     delta: float = Field(1e-5, gt=0, lt=1)
     clip_norm: float = Field(1.0, gt=0)
     accountant: Literal["rdp", "prv", "paper"] = "rdp"
+    trust: Literal["server", "client"] = "server"
+    # "val": evaluate on the dataset's validation split (carved from training data), never
+    # test: what tuning optimises. "test": the reported numbers.
+    eval_split: Literal["test", "val"] = "test"
+    secure_noise: bool = False
     seeds: tuple[int, ...] = (0,)
     out: Path = Path("runs/default")
     cache_dir: Path = Path.home() / ".cache" / "fpl-bench"
@@ -81,34 +64,58 @@ class ExperimentSpec(BaseModel):
     def _eps_positive(cls, value: tuple[float | None, ...]) -> tuple[float | None, ...]:
         for eps in value:
             if eps is not None and not (eps > 0 and math.isfinite(eps)):
-                raise ValueError(f"epsilon must be > 0 (got {eps}); use e.g. --eps 0.5 or none")
+                raise ValueError(f"epsilon must be > 0 and finite (got {eps}); e.g. 0.5, or none")
+        if len(set(value)) != len(value):
+            raise ValueError("an epsilon is listed twice; list each once")
+        return value
+
+    @field_validator("methods")
+    @classmethod
+    def _methods(cls, value: tuple[MethodChoice, ...]) -> tuple[MethodChoice, ...]:
+        if not value:
+            raise ValueError("no method given; e.g. all, or coop,dpfpl, or kgcoop@fedavg")
+        labels = [m.label for m in value]
+        twice = sorted({x for x in labels if labels.count(x) > 1})
+        if twice:
+            raise ValueError(f"method {twice[0]!r} is listed twice; list each method once")
         return value
 
     @field_validator("seeds")
     @classmethod
     def _seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
         if not value or any(s < 0 for s in value):
-            raise ValueError("seeds must be non-negative integers, e.g. --seeds 0,1,2")
+            raise ValueError("seeds must be non-negative integers, e.g. 0,1,2")
+        if len(set(value)) != len(value):
+            raise ValueError("a seed is listed twice; list each seed once")
         return value
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
         if self.pretrained is not None and self.checkpoint is not None:
-            raise ValueError("give either --pretrained or --checkpoint, not both")
+            raise ValueError("give either pretrained or checkpoint, not both")
         return self
 
 
+class FieldError(UsageError):
+    """A spec field with a bad value: names the field (the CLI maps it to its flag)."""
+
+    def __init__(self, field: str, value: Any, message: str) -> None:
+        super().__init__(f"{field}={value}: {message}")
+        self.field, self.value, self.message = field, value, message
+
+
 def build_spec(**fields: Any) -> ExperimentSpec:
-    """ExperimentSpec from keyword fields; a validation error becomes one UsageError line."""
+    """ExperimentSpec from keyword fields; a validation error becomes one FieldError line."""
     try:
         return ExperimentSpec(**fields)
     except ValidationError as err:
         first = err.errors()[0]
         field = str(first["loc"][0]) if first["loc"] else "spec"
-        flag = FLAG_OF.get(field, field)
         value = fields.get(field, "?")
+        if isinstance(value, tuple) and all(isinstance(v, int | float | None) for v in value):
+            value = ",".join("none" if v is None else f"{v:g}" for v in value)
         message = first["msg"].removeprefix("Value error, ")
-        raise UsageError(f"{flag} {value}: {message}") from None
+        raise FieldError(field, value, message) from None
 
 
 def parse_eps(text: str) -> tuple[float | None, ...]:
@@ -116,9 +123,11 @@ def parse_eps(text: str) -> tuple[float | None, ...]:
     out: list[float | None] = []
     for word in text.split(","):
         word = word.strip().lower()
-        if word in ("none", "inf", "off"):
+        if word in ("none", "off"):
             out.append(None)
             continue
+        if word in ("inf", "infinity", "+inf"):
+            raise UsageError(f"--eps {text}: for no privacy say 'none', not '{word}'")
         try:
             out.append(float(word))
         except ValueError:

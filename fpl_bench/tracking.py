@@ -13,6 +13,7 @@ import logging
 import math
 import os
 import tempfile
+import time
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -35,9 +36,11 @@ class Tracker:
     """Thin wrapper over the MLflow client API (no global active-run state)."""
 
     def __init__(self, out_dir: Path, experiment: str = EXPERIMENT) -> None:
+        from mlflow.tracking import MlflowClient
+
+        # after the import: mlflow sets its own logger levels when it is first imported
         for name in ("mlflow", "alembic", "sqlalchemy"):
             logging.getLogger(name).setLevel(logging.WARNING)
-        from mlflow.tracking import MlflowClient
 
         self.uri = tracking_uri(out_dir)
         self.client = MlflowClient(tracking_uri=self.uri)
@@ -64,7 +67,7 @@ class Tracker:
     def log_round(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
-        now = 0
+        now = int(time.time() * 1000)
         values = [
             Metric(f"round/{k}", v, now, step) for k, v in _finite(metrics).items() if k != "round"
         ]
@@ -77,10 +80,14 @@ class Tracker:
         metrics: Mapping[str, float],
         artifacts: Mapping[str, Any],
         status: str = "FINISHED",
+        tags: Mapping[str, str] | None = None,
     ) -> None:
-        from mlflow.entities import Metric
+        from mlflow.entities import Metric, RunTag
 
-        values = [Metric(k, v, 0, 0) for k, v in _finite(metrics).items()]
+        now = int(time.time() * 1000)
+        values = [Metric(k, v, now, 0) for k, v in _finite(metrics).items()]
+        if tags:
+            self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         if values:
             self.client.log_batch(run_id, metrics=values)
         with tempfile.TemporaryDirectory() as tmp:

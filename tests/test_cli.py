@@ -1,5 +1,6 @@
 """CLI: bad input gives one line on stderr and exit code 2, and leaves earlier results alone."""
 
+import re
 import sys
 
 import pytest
@@ -28,6 +29,13 @@ def run_cli(args, capsys, monkeypatch):
         (["--eps", "1", "--delta", "1.5"], "--delta 1.5"),
         (["--eps", "1", "--clip-norm", "0"], "--clip-norm 0"),
         (["--param", "coop.bogus=1"], "has no option 'bogus'"),
+        (["--param", "dpfpl.residual=no"], "dpfpl.residual='no': expected bool"),
+        (["--methods", "fedotp", "--param", "fedotp.max_iter=2.5"], "expected int"),
+        (["--param", "dpfpl.rank=0"], "must be >= 1"),
+        (["--methods", "coop@global_local"], "scores 1 prompt component"),
+        (["--methods", "coop,coop"], "listed twice"),
+        (["--trust", "nobody"], "--trust nobody"),
+        (["--dataset-option", "nokey"], "KEY=VALUE"),
         (["--seeds", "a,b"], "--seeds a,b"),
     ],
 )
@@ -42,7 +50,10 @@ def test_bad_flags_one_line_exit_2(args, needle, capsys, monkeypatch, tmp_path):
 def test_bad_input_found_late_keeps_existing_results(capsys, monkeypatch, tmp_path):
     out = tmp_path / "out"
     out.mkdir()
-    (out / "results.csv").write_text("method,seed\ncoop,0\n")
+    from fpl_bench.report.records import RESULT_COLUMNS
+
+    header = ",".join(RESULT_COLUMNS) + "\n"
+    (out / "results.csv").write_text(header)
     corrupt = tmp_path / "bad.pt"
     corrupt.write_bytes(b"\x00not a checkpoint")
     cache = ["--cache-dir", str(tmp_path / "cache")]
@@ -54,6 +65,17 @@ def test_bad_input_found_late_keeps_existing_results(capsys, monkeypatch, tmp_pa
         ["run", "--out", str(out), "--shots", "500", *cache], capsys, monkeypatch
     )
     assert code == 2 and "--shots 500" in err
+    assert (out / "results.csv").read_text() == header
+
+
+def test_a_results_file_with_other_columns_is_refused_and_kept(capsys, monkeypatch, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.csv").write_text("method,seed\ncoop,0\n")
+    code, _, err = run_cli(
+        ["run", "--out", str(out), "--cache-dir", str(tmp_path / "c")], capsys, monkeypatch
+    )
+    assert code == 2 and "missing" in err and len(err.strip().splitlines()) == 1
     assert (out / "results.csv").read_text() == "method,seed\ncoop,0\n"
 
 
@@ -61,6 +83,8 @@ def test_methods_and_datasets_list(capsys, monkeypatch):
     code, out, _ = run_cli(["methods"], capsys, monkeypatch)
     assert code in (0, None)
     names = [line.split()[0] for line in out.strip().splitlines()]
-    assert names[:3] == ["zeroshot", "coop", "promptfl"] and "dpfpl" in names
+    assert names[:3] == ["zeroshot", "coop", "kgcoop"] and {"dpfpl", "fedkgcoop"} <= set(names)
+    code, out, _ = run_cli(["methods", "--all"], capsys, monkeypatch)
+    assert "kgcoop@fedavg" in out and re.search(r"coop@global_local\s+refused", out)
     code, out, _ = run_cli(["datasets"], capsys, monkeypatch)
     assert "synthetic" in out

@@ -6,6 +6,7 @@ import numpy as np
 import pytest
 import torch
 
+from fpl_bench.catalog import list_presets
 from fpl_bench.data.partition import Pathological
 from fpl_bench.driver import (
     FeatureSet,
@@ -13,12 +14,14 @@ from fpl_bench.driver import (
     Federation,
     NoisePlan,
     Schedule,
+    Upload,
     client_schedule,
     epoch_batches,
     poisson_batch,
     sgd_step,
 )
-from fpl_bench.methods.registry import build_method, list_methods
+from fpl_bench.method import method_from_name
+from fpl_bench.protocols import base2novel
 
 
 def test_client_schedule_is_seeded_and_sized():
@@ -78,16 +81,15 @@ def make_federation(tower, n_per_class=12, seed=0):
     split = Pathological(n_clients=2, seed=seed).split(
         train.labels.numpy(), test.labels.numpy(), seen.numpy()
     )
-    return Federation(
-        train=train, test=test, split=split, seen_classes=seen, novel_classes=torch.tensor([4, 5])
-    )
+    protocol = base2novel(seen.numpy(), np.array([4, 5]), test_labels=test.labels.numpy())
+    return Federation(train=train, test=test, split=split, protocol=protocol)
 
 
-@pytest.mark.parametrize("name", [m for m in list_methods()])
+@pytest.mark.parametrize("name", list_presets())
 @pytest.mark.parametrize("private", [False, True])
 def test_two_round_smoke_run(tiny_tower, name, private):
     fed = make_federation(tiny_tower)
-    method = build_method(name, {"rank": 2} if name in ("dpfpl", "fedpgp") else {})
+    method = method_from_name(name, {"rank": 2} if name in ("dpfpl", "fedpgp") else {})
     run = FederatedRun(
         method, tiny_tower, fed, schedule=Schedule(rounds=2, batch_size=8, lr=0.1), seed=0
     )
@@ -99,22 +101,27 @@ def test_two_round_smoke_run(tiny_tower, name, private):
     assert set(last) >= {"local_acc", "neighbor_acc", "base_acc", "novel_acc", "hm"}
     assert all(0.0 <= last[k] <= 1.0 for k in ("local_acc", "base_acc", "novel_acc"))
     if method.trains:
-        assert len(out.history) == 2 and math.isfinite(out.history[-1]["train_loss"])
+        assert len(out.history) == 2
+        assert private == ("train_loss" not in out.history[-1])  # no private loss is released
+        if not private:
+            assert math.isfinite(out.history[-1]["train_loss"])
         changed = any(
             not torch.equal(before[0][k], run.view(0, evaluation=True)[k]) for k in before[0]
         )
         assert changed
-    # Only the shared parameters are common to the clients' evaluation views.
-    views = [run.view(c, evaluation=True) for c in range(2)]
-    for key in views[0]:
-        same = torch.equal(views[0][key], views[1][key])
-        assert same == (key in method.shared), key
+        # Only the shared parameters are common to the clients' evaluation views.
+        views = [run.view(c, evaluation=True) for c in range(2)]
+        for key in views[0]:
+            same = torch.equal(views[0][key], views[1][key])
+            assert same == (key in method.scheme.shared), key
 
 
 def test_coop_training_lowers_the_loss_and_beats_chance(tiny_tower):
     fed = make_federation(tiny_tower)
     schedule = Schedule(rounds=10, batch_size=8, lr=0.5)
-    trained = FederatedRun(build_method("coop"), tiny_tower, fed, schedule=schedule, seed=0).run()
+    trained = FederatedRun(
+        method_from_name("coop"), tiny_tower, fed, schedule=schedule, seed=0
+    ).run()
     losses = [h["train_loss"] for h in trained.history]
     assert losses[-1] < losses[0] - 0.01
     assert trained.history[-1]["local_acc"] > 0.6  # 2 classes per client: chance 0.5
@@ -125,7 +132,7 @@ def test_same_seed_same_run(tiny_tower):
     schedule = Schedule(rounds=2, batch_size=8, lr=0.1)
     runs = []
     for _ in range(2):
-        run = FederatedRun(build_method("promptfl"), tiny_tower, fed, schedule=schedule, seed=3)
+        run = FederatedRun(method_from_name("promptfl"), tiny_tower, fed, schedule=schedule, seed=3)
         run.enable_privacy(NoisePlan(noise_multiplier=0.5, clip_norm=1.0))
         run.run()
         runs.append(run.server["prompt"])
@@ -136,7 +143,7 @@ def test_client_noise_std_matches_formula(tiny_tower):
     """With an empty Poisson batch the client's step gradient is pure noise: std = sigma C / E[B]."""
     fed = make_federation(tiny_tower)
     run = FederatedRun(
-        build_method("coop"), tiny_tower, fed, schedule=Schedule(rounds=1, batch_size=8), seed=0
+        method_from_name("coop"), tiny_tower, fed, schedule=Schedule(rounds=1, batch_size=8), seed=0
     )
     run.enable_privacy(NoisePlan(noise_multiplier=2.0, clip_norm=0.5))
     draws = [
@@ -152,7 +159,7 @@ def test_server_noise_is_added_once_to_the_sum_over_clients(tiny_tower):
     """DP-FPL's global prompt: the server's step is (sum of clipped sums + N(0, (sigma C)^2)) / sum E[B]."""
     fed = make_federation(tiny_tower)
     run = FederatedRun(
-        build_method("dpfpl", {"rank": 2}),
+        method_from_name("dpfpl", {"rank": 2}),
         tiny_tower,
         fed,
         schedule=Schedule(rounds=1, batch_size=8, lr=1.0, momentum=0.0),
@@ -163,7 +170,7 @@ def test_server_noise_is_added_once_to_the_sum_over_clients(tiny_tower):
     for s in range(10):
         before = run.server["p_global"].clone()
         zero = {"p_global": torch.zeros_like(before)}
-        run.server_step([(zero, 1.0), (zero, 1.0)], 0, s, [0, 1])
+        run.sync.end_step([Upload(zero, 8.0), Upload(zero, 8.0)], 0, s, [0, 1])
         steps.append(before - run.server["p_global"])  # lr 1, no momentum: the applied gradient
     std = torch.stack(steps).std().item()
     expected = 3.0 * 1.0 / (8 + 8)
@@ -174,7 +181,7 @@ def test_clients_keep_separate_optimizer_state(tiny_tower):
     """Unlike the DP-FPL reference, which shares one optimizer and momentum buffer."""
     fed = make_federation(tiny_tower)
     run = FederatedRun(
-        build_method("coop"),
+        method_from_name("coop"),
         tiny_tower,
         fed,
         schedule=Schedule(rounds=1, batch_size=8, lr=0.1),
@@ -186,3 +193,65 @@ def test_clients_keep_separate_optimizer_state(tiny_tower):
         not torch.equal(buffers[0], buffers[1]) and buffers[0].data_ptr() != buffers[1].data_ptr()
     )
     assert run.steps == [3, 3]  # 2 classes x 12 examples, batch 8
+
+
+@pytest.mark.parametrize("trust", ["server", "client"])
+def test_promptfl_noise_sits_where_the_trust_model_says(tiny_tower, trust):
+    """Server trust: the client's shared upload is an un-noised clipped sum and the server adds
+    N(0, (sigma C)^2) once to the sum over clients; client trust: the client noises it."""
+    fed = make_federation(tiny_tower)
+    run = FederatedRun(
+        method_from_name("promptfl"),
+        tiny_tower,
+        fed,
+        schedule=Schedule(rounds=1, batch_size=8, lr=1.0, momentum=0.0),
+        seed=0,
+        trust=trust,
+    )
+    run.enable_privacy(NoisePlan(noise_multiplier=3.0, clip_norm=1.0))
+    assert run.placement.sync == ("step" if trust == "server" else "round")
+    empty = torch.empty(0, dtype=torch.long)
+    client_side, server_side = [], []
+    for s in range(12):
+        _, local, upload, _ = run.local_gradients(0, 0, s, empty)
+        if trust == "server":
+            assert not local and torch.count_nonzero(upload.grads["prompt"]) == 0
+            before = run.server["prompt"].clone()
+            run.sync.end_step([upload, upload], 0, s, [0, 1])
+            server_side.append(before - run.server["prompt"])
+        else:
+            assert upload is None
+            client_side.append(local["prompt"])
+    if trust == "server":
+        expected = 3.0 * 1.0 / (8 + 8)  # sigma C over the expected total batch
+        assert abs(torch.stack(server_side).std().item() - expected) < 0.05 * expected
+    else:
+        expected = 3.0 * 1.0 / 8  # sigma C over the client's expected batch
+        assert abs(torch.stack(client_side).std().item() - expected) < 0.05 * expected
+
+
+def test_non_finite_parameters_stop_the_run_as_diverged(tiny_tower):
+    from fpl_bench.driver import Diverged
+
+    run = FederatedRun(
+        method_from_name("coop"),
+        tiny_tower,
+        make_federation(tiny_tower),
+        schedule=Schedule(rounds=3, batch_size=8, lr=float("inf")),
+        seed=0,
+    )
+    with pytest.raises(Diverged) as err:
+        run.run()
+    assert err.value.round_no == 1
+
+
+def test_no_training_loss_is_recorded_under_dp(tiny_tower):
+    run = FederatedRun(
+        method_from_name("coop"),
+        tiny_tower,
+        make_federation(tiny_tower),
+        schedule=Schedule(rounds=1, batch_size=8, lr=0.1),
+        seed=0,
+    )
+    run.enable_privacy(NoisePlan(noise_multiplier=1.0, clip_norm=1.0))
+    assert all("train_loss" not in h for h in run.run().history)

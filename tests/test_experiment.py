@@ -90,8 +90,55 @@ def test_mlflow_runs_hold_the_same_numbers(small_job):
         assert run.info.status == "FINISHED"
         assert run.data.params["method"] == row.method
         for metric in ("local_acc", "base_acc", "novel_acc", "hm"):
-            assert math.isclose(run.data.metrics[metric], getattr(row, metric), rel_tol=1e-9)
+            assert math.isclose(
+                run.data.metrics[f"final/{metric}"], getattr(row, metric), rel_tol=1e-9
+            )
         history = client.get_metric_history(row.mlflow_run_id, "round/local_acc")
         assert len(history) == (1 if row.method == "zeroshot" else 3)
         artifacts = {a.path for a in client.list_artifacts(row.mlflow_run_id)}
         assert "partition.json" in artifacts
+
+
+def test_a_diverged_run_is_recorded_as_such_and_the_job_goes_on(tmp_path, capsys, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    out = tmp_path / "out"
+    args = ["fpl-bench", "run", "--methods", "coop,zeroshot", "--lr", "1e38", "--rounds", "1"]
+    args += ["--clients", "2", "--shots", "2", "--out", str(out), "--cache-dir", str(tmp_path)]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 0
+    frame = pd.read_csv(out / "results.csv")
+    coop = frame[frame.method == "coop"].iloc[0]
+    assert coop.status == "diverged" and math.isnan(coop.local_acc)
+    assert frame[frame.method == "zeroshot"].iloc[0].status == "finished"
+    client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+    assert client.get_run(coop.mlflow_run_id).info.status == "FAILED"
+    assert "diverged" in capsys.readouterr().out
+
+
+@pytest.mark.parametrize(
+    ("protocol", "metrics"),
+    [
+        ("cross-domain", ("source_acc", "target_acc")),
+        ("multi-domain", ("own_domain_acc", "other_domain_acc")),
+    ],
+)
+def test_domain_protocols_run_on_synthetic_domains(tmp_path, monkeypatch, protocol, metrics):
+    out = tmp_path / "out"
+    args = ["fpl-bench", "run", "--methods", "zeroshot,coop", "--rounds", "1", "--shots", "2"]
+    args += ["--protocol", protocol, "--partition", "by_domain", "--clients", "4"]
+    if protocol == "cross-domain":
+        args += ["--clients", "3", "--target-domain", "checker"]
+    for option in ("domain=all", "n_train_per_class=4", "n_test_per_class=2", "n_val_per_class=2"):
+        args += ["--dataset-option", option]
+    args += ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 0
+    frame = pd.read_csv(out / "results.csv")
+    assert set(frame.status) == {"finished"}
+    for metric in metrics:
+        assert (frame[metric] > 1 / 64).all()  # 64 classes: far above chance

@@ -1,4 +1,5 @@
-"""Unbalanced Sinkhorn: marginals, hand values, the reference's iterates, batching, vmap."""
+"""Partial Sinkhorn: marginals, hand values, the reference's iterates, POT as oracle, float32
+range (small eps, wide costs), batching, vmap."""
 
 import math
 
@@ -29,6 +30,15 @@ def cosine_like_costs(*shape, seed=0, dtype=F64):
     """1 - cos with cosines around 0.2, as CLIP's patch-text similarities are."""
     gen = torch.Generator().manual_seed(seed)
     return 1.0 - (0.2 + 0.05 * torch.randn(*shape, generator=gen, dtype=dtype))
+
+
+def uniform_costs(*shape, low, high, seed=0, dtype=F64):
+    gen = torch.Generator().manual_seed(seed)
+    return low + (high - low) * torch.rand(*shape, generator=gen, dtype=dtype)
+
+
+# FedOTP's search space for eps (its few-shot script uses 0.01); costs 1 - cos lie in [0, 2].
+EPS_GRID = [0.005, 0.01, 0.05, 0.1, 0.5, 1.0]
 
 
 def test_column_sums_exact_row_sums_capped_total_is_top_percent():
@@ -120,3 +130,92 @@ def test_bad_arguments_are_rejected():
     for kwargs in ({"eps": 0.0}, {"top_percent": 0.0}, {"top_percent": 1.5}, {"max_iter": 0}):
         with pytest.raises(ValueError, match="sinkhorn needs"):
             sinkhorn(cost, **kwargs)
+
+
+@pytest.mark.parametrize("eps", EPS_GRID)
+@pytest.mark.parametrize(("low", "high", "tol"), [(0.0, 2.0, 1e-5), (-5.0, 5.0, 1e-4)])
+def test_float32_plan_is_finite_with_exact_columns_for_small_eps_and_wide_costs(
+    eps, low, high, tol
+):
+    # The scaling form gave inf/NaN plans here (on [0, 2]: 1 of these 32 at eps 0.01, 30 at
+    # 0.005; on [-5, 5] all 32 at eps <= 0.05): rows of K underflowed and u or v overflowed.
+    cost = uniform_costs(32, 64, 2, low=low, high=high, seed=0, dtype=torch.float32)
+    plan = sinkhorn(cost, eps=eps, top_percent=0.8)  # FedOTP's call: max_iter 100, thresh 1e-3
+    assert torch.isfinite(plan).all() and (plan >= 0).all()
+    torch.testing.assert_close(plan.sum(-2), torch.full((32, 2), 0.4), rtol=2e-4, atol=0)
+    # The same 100 iterations in float64 (thresh 1e-300: no problem stops early), entries <= 0.03.
+    # Float32 holds log K ~ -(high - low) / eps, up to 2000 here, to ~1e-4 of a unit, so `tol`:
+    # measured 1.4e-6 on [0, 2] and 2e-5 on [-5, 5] (at eps <= 0.01).
+    exact = sinkhorn(cost.double(), eps=eps, top_percent=0.8, thresh=1e-300)
+    fast = sinkhorn(cost, eps=eps, top_percent=0.8, thresh=1e-300)
+    torch.testing.assert_close(fast.double(), exact, rtol=0, atol=tol)
+
+
+@pytest.mark.parametrize(("shift", "tol"), [(-5.0, 1e-4), (5.0, 1e-5)])
+def test_float32_follows_the_reference_where_its_scalings_leave_float32_range(shift, tol):
+    # At eps 0.01, costs ~0.8 + 5 give v ~ e^580 (the stopping rule's v: it never fires, as
+    # |dv| ~ e^580 * rounding) and costs ~0.8 - 5 give u ~ e^-420. Float64 holds both, so the
+    # reference loop runs there (on the float32-rounded costs) and float32 must take the same
+    # iterations to the same plan, within tol of the largest entry: 1e-5, or 1e-4 where the
+    # potential log u ~ -420 itself is only held to float32's ~3e-5 there.
+    cost = cosine_like_costs(4, 16, 2, seed=8, dtype=torch.float32) + shift
+    plan = sinkhorn(cost, eps=0.01, top_percent=0.8)
+    assert torch.isfinite(plan).all()
+    for c, p in zip(cost.double(), plan, strict=True):
+        expected = reference_loop(c, eps=0.01, top_percent=0.8, max_iter=100, thresh=1e-3)
+        torch.testing.assert_close(p.double(), expected, rtol=0, atol=tol * float(expected.max()))
+
+
+@pytest.mark.parametrize("eps", [0.05, 0.1, 0.5])
+def test_float32_plan_equals_the_float64_reference_loop_at_moderate_eps(eps):
+    # What FedOTP runs (float32, eps 0.1) is the old algorithm's plan to float32 tolerance:
+    # max error <= 1e-5 of the largest entry (measured ~1e-6; the scaling form gave ~5e-7).
+    cost = cosine_like_costs(6, 64, 2, seed=9)
+    plan = sinkhorn(cost.float(), eps=eps, top_percent=0.8)
+    for c, p in zip(cost, plan, strict=True):
+        expected = reference_loop(c, eps=eps, top_percent=0.8, max_iter=100, thresh=1e-3)
+        torch.testing.assert_close(p.double(), expected, rtol=0, atol=1e-5 * float(expected.max()))
+
+
+@pytest.mark.parametrize("eps", EPS_GRID)
+def test_converged_plan_equals_pots_entropic_partial_wasserstein(eps):
+    # Same problem (see the module docstring): min <C, T> + eps sum T log T subject to
+    # T 1 <= a, T^T 1 <= b, 1^T T 1 = m = sum(b), solved by Dykstra's projections in log domain.
+    # Both run to convergence in float64 and agree to 1e-9 absolute (entries ~0.1; measured
+    # ~3e-12), so each checks the other's iteration; the row caps hold too.
+    ot = pytest.importorskip("ot")
+    pot_partial = getattr(ot.partial, "entropic_partial_wasserstein_logscale", None)
+    if pot_partial is None:
+        pytest.skip("POT >= 0.9.6 has entropic_partial_wasserstein_logscale")
+    for n_prompts, top_percent, seed in [(2, 0.8, 0), (2, 0.5, 1), (3, 0.9, 2)]:
+        cost = uniform_costs(6, n_prompts, low=0.6, high=1.0, seed=seed)  # 1 - cos, cos in [0, .4]
+        plan = sinkhorn(
+            cost, eps=eps, top_percent=top_percent, max_iter=5000, thresh=1e-300, check_every=10
+        )  # to the float64 fixed point
+        a = torch.full((6,), 1 / 6, dtype=F64)
+        b = torch.full((n_prompts,), top_percent / n_prompts, dtype=F64)
+        expected = pot_partial(
+            a.numpy(),
+            b.numpy(),
+            cost.numpy(),
+            reg=eps,
+            m=float(b.sum()),
+            numItermax=5000,
+            stopThr=1e-11,
+        )
+        torch.testing.assert_close(plan, torch.from_numpy(expected), rtol=0, atol=1e-9)
+        assert (plan.sum(-1) <= a + 1e-12).all()
+
+
+@pytest.mark.parametrize("eps", [0.01, 0.1])
+def test_vmap_equals_batched_for_wide_costs_with_early_exit_requested(eps):
+    # FedOTP passes check_every=5 also under vmap (per-sample DP gradients), where it is ignored.
+    cost = uniform_costs(3, 4, 16, 2, low=-5.0, high=5.0, seed=10, dtype=torch.float32)
+    batched = sinkhorn(cost, eps=eps, check_every=5)
+    assert torch.isfinite(batched).all()
+
+    def solve(c):
+        return sinkhorn(c, eps=eps, check_every=5)
+
+    mapped = torch.func.vmap(torch.func.vmap(solve))(cost)
+    torch.testing.assert_close(mapped, batched, rtol=1e-6, atol=0)

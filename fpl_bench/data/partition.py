@@ -16,6 +16,10 @@ any other class are never assigned. A ``ClientSplit`` holds, per client, sorted 
 into the train pool, indices into the test pool (the client's *local* test set, see DESIGN.md
 "Evaluation protocols": personalized accuracy) and the class ids present in its train indices.
 
+``ByDomain`` (feature shift, one or more clients per domain) also takes the per-image domain
+ids, ``split(..., train_domains=splits.train.domains, test_domains=splits.test.domains)``;
+the other partitioners ignore domains.
+
 >>> labels = np.array([0, 1, 2, 3, 0, 1, 2, 3])
 >>> s = Pathological(n_clients=2, seed=0).split(labels, labels, classes=np.arange(4))
 >>> sorted(np.concatenate(s.classes).tolist())
@@ -35,6 +39,7 @@ from fpl_bench.errors import UsageError
 __all__ = [
     "IID",
     "KINDS",
+    "ByDomain",
     "ClientSplit",
     "Dirichlet",
     "Partitioner",
@@ -45,7 +50,7 @@ __all__ = [
 
 log = logging.getLogger(__name__)
 
-KINDS: tuple[str, ...] = ("pathological", "dirichlet", "iid")
+KINDS: tuple[str, ...] = ("pathological", "dirichlet", "iid", "by_domain")
 _FIELDS = ("train", "test", "classes")
 
 
@@ -416,6 +421,81 @@ class IID:
         )
 
 
+@dataclass(frozen=True)
+class ByDomain:
+    """Feature-shift split: each domain's samples go to that domain's clients only.
+
+    The domain split of FedBN (Li et al., ICLR 2021; med-air/FedBN), FedPGP and DP-FPL
+    (linhhtran/DP-FPL, ``data_utils.py``: one client per Office-Caltech10 / DomainNet domain):
+    client ``d * clients_per_domain + j`` holds the ``j``-th of ``clients_per_domain`` even
+    random shares of domain ``d``'s train samples of the dealt classes, and the same share of
+    domain ``d``'s test samples as its local test set. With several clients per domain the
+    shares are IID within the domain (FedBN splits each domain further the same way).
+
+    ``split`` needs the per-image domain ids (``ImageSet.domains``); without them it is a
+    UsageError, since a one-domain dataset has nothing to split by.
+
+    Args:
+        n_domains: number of domains (``len(Splits.domain_names)``), >= 1.
+        clients_per_domain: clients per domain, >= 1; n_clients = n_domains x this.
+        seed: seed of the shuffles.
+    """
+
+    n_domains: int
+    clients_per_domain: int = 1
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_int("n_domains", self.n_domains, minimum=1)
+        _check_int("clients_per_domain", self.clients_per_domain, minimum=1)
+        _check_int("seed", self.seed, minimum=0)
+
+    @property
+    def n_clients(self) -> int:
+        """n_domains x clients_per_domain."""
+        return self.n_domains * self.clients_per_domain
+
+    def split(
+        self,
+        train_labels: np.ndarray,
+        test_labels: np.ndarray,
+        classes: np.ndarray,
+        *,
+        train_domains: np.ndarray | None = None,
+        test_domains: np.ndarray | None = None,
+    ) -> ClientSplit:
+        """Deal each domain's samples to its clients; see the class docstring."""
+        train, test, cls = _check_inputs(train_labels, test_labels, classes)
+        if train_domains is None or test_domains is None:
+            raise UsageError(
+                "partition=by_domain needs the per-image domain ids of the dataset; use a "
+                "domain dataset (or several synthetic domains) or another partition"
+            )
+        doms = {"train": _labels("train_domains", train_domains)}
+        doms["test"] = _labels("test_domains", test_domains)
+        for name, d, y in (("train", doms["train"], train), ("test", doms["test"], test)):
+            if d.size != y.size:
+                raise UsageError(f"{name}_domains has {d.size} ids for {y.size} samples")
+            if d.size and (d.min() < 0 or d.max() >= self.n_domains):
+                raise UsageError(
+                    f"{name}_domains hold ids outside [0, {self.n_domains}); set n_domains to "
+                    "the dataset's number of domains"
+                )
+        rng = np.random.default_rng(self.seed)
+        k = self.clients_per_domain
+        shares: dict[str, list[np.ndarray]] = {"train": [], "test": []}
+        for d in range(self.n_domains):
+            for name, y in (("train", train), ("test", test)):
+                pool = np.flatnonzero((doms[name] == d) & np.isin(y, cls))
+                if name == "train" and pool.size < k:
+                    raise UsageError(
+                        f"domain {d} has {pool.size} train samples of the dealt classes for "
+                        f"{k} clients; lower clients_per_domain (--clients) or deal more classes"
+                    )
+                shares[name].extend(np.array_split(rng.permutation(pool), k))
+        return _assemble(train, shares["train"], shares["test"])
+
+
 # --------------------------------------------------------------------------------------------
 # Few-shot sampling and the factory
 # --------------------------------------------------------------------------------------------
@@ -463,16 +543,19 @@ def few_shot(split: ClientSplit, train_labels: np.ndarray, *, shots: int, seed: 
 
 
 def make_partitioner(
-    kind: Literal["pathological", "dirichlet", "iid"],
+    kind: Literal["pathological", "dirichlet", "iid", "by_domain"],
     *,
     n_clients: int,
     alpha: float,
     seed: int,
     classes_per_client: int | None = None,
+    n_domains: int | None = None,
 ) -> Partitioner:
     """Build the partitioner named ``kind``; ``alpha`` is used by dirichlet only.
 
     ``classes_per_client`` applies to pathological only; giving it for another kind is an error.
+    ``by_domain`` needs ``n_domains`` (the dataset's domain count) and deals ``n_clients //
+    n_domains`` clients to each domain, so ``n_clients`` must be a multiple of it.
     """
     if kind not in KINDS:
         raise UsageError(f"partition={kind!r}: unknown; use one of {', '.join(KINDS)}")
@@ -485,4 +568,17 @@ def make_partitioner(
         return Pathological(n_clients=n_clients, classes_per_client=classes_per_client, seed=seed)
     if kind == "dirichlet":
         return Dirichlet(n_clients=n_clients, alpha=alpha, seed=seed)
+    if kind == "by_domain":
+        if n_domains is None or n_domains < 1:
+            raise UsageError(
+                "partition=by_domain: the dataset has no domains; use a domain dataset or "
+                "another partition"
+            )
+        _check_int("n_clients", n_clients, minimum=1)
+        if n_clients % n_domains:
+            raise UsageError(
+                f"--clients {n_clients}: partition=by_domain needs a multiple of the "
+                f"{n_domains} domains (e.g. --clients {n_domains})"
+            )
+        return ByDomain(n_domains=n_domains, clients_per_domain=n_clients // n_domains, seed=seed)
     return IID(n_clients=n_clients, seed=seed)

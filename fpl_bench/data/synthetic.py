@@ -8,8 +8,14 @@ position, size and rotation on a background whose texture is set by the *domain*
     stripes  soft stripes of two grey-ish colours at a random angle and period
     checker  a rotated checkerboard of two grey-ish colours
 
-Class index = color_index * 8 + shape_index (`CLASSNAMES` is in that order). The class names are
-plain English words so a CLIP text encoder can read them ("red circle", "blue star").
+Class order is a Latin square, not colour-major: class k is colour ``k % 8`` with shape
+``(k % 8 + k // 8) % 8`` (`CLASS_COLOR`, `CLASS_SHAPE`). Every run of 8 consecutive ids holds each
+colour and each shape once, so the base/novel cut at ceil(64 / 2) = 32 (`split.base_novel_split`,
+CoOp's rule) puts every colour and every shape among both the base and the novel classes, and the
+novel classes are unseen *combinations* of seen attributes. (Colour-major order, version 1, made
+the novel half exactly the four colours never trained on.) The class names are plain English words
+so a CLIP text encoder can read them ("red circle", "blue star"); a class *name* renders exactly as
+in version 1, only its id moved (`COLOR_MAJOR` maps a version-1 id to today's).
 
 Rasterisation is vectorised: each shape is a signed-distance function evaluated on the pixel grid
 of a whole batch of images at once (one Python loop over the 8 shape kinds, none over pixels);
@@ -27,21 +33,44 @@ from __future__ import annotations
 import hashlib
 import json
 from collections.abc import Callable
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from fpl_bench.data.imageset import ImageSet, Splits
 from fpl_bench.errors import UsageError
 from fpl_bench.io import write_atomic
 
-VERSION = "fpl-synthetic-v1"  # bump whenever generated pixels change: it is part of the fingerprint
+# Bump whenever generated pixels or the class order change: it is part of the fingerprint, so
+# cached splits and features of an older version are never reused. v2: Latin-square class order.
+VERSION = "fpl-synthetic-v2"
+CLASS_ORDER = "latin-square"  # recorded in the fingerprint too
 IMAGE_SIZE = 32
 
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "heart", "ring", "moon")
-CLASSNAMES: tuple[str, ...] = tuple(f"{color} {shape}" for color in COLORS for shape in SHAPES)
 DOMAINS: tuple[str, ...] = ("plain", "noise", "stripes", "checker")
+
+_N = len(COLORS)  # == len(SHAPES): the Latin square needs a square
+_IDS = np.arange(_N * _N, dtype=np.int64)
+CLASS_COLOR: np.ndarray = _IDS % _N  # [64] colour index of each class id
+CLASS_SHAPE: np.ndarray = (_IDS % _N + _IDS // _N) % _N  # [64] shape index of each class id
+CLASS_COLOR.setflags(write=False)
+CLASS_SHAPE.setflags(write=False)
+CLASSNAMES: tuple[str, ...] = tuple(
+    f"{COLORS[c]} {SHAPES[s]}"
+    for c, s in zip(CLASS_COLOR.tolist(), CLASS_SHAPE.tolist(), strict=True)
+)
+# COLOR_MAJOR[color * 8 + shape] = today's id of that class (version 1 used colour-major ids).
+COLOR_MAJOR: np.ndarray = np.empty(_N * _N, dtype=np.int64)
+COLOR_MAJOR[CLASS_COLOR * _N + CLASS_SHAPE] = _IDS
+COLOR_MAJOR.setflags(write=False)
+
+
+def class_index(color: str, shape: str) -> int:
+    """Class id of "{color} {shape}"."""
+    return int(COLOR_MAJOR[COLORS.index(color) * _N + SHAPES.index(shape)])
+
 
 # Base RGB of each colour in [0, 1], in COLORS order.  # [8, 3]
 _COLOR_RGB = np.array(
@@ -238,10 +267,10 @@ def _render_chunk(
 ) -> np.ndarray:
     """Draw the shapes described by `params` (arrays [n]) over `background` [n, H, W, 3]."""
     n = len(labels)
-    color = _COLOR_RGB[labels // len(SHAPES)] * params["brightness"][:, None]  # [n, 3]
+    color = _COLOR_RGB[CLASS_COLOR[labels]] * params["brightness"][:, None]  # [n, 3]
     color = np.clip(color + params["jitter"], 0.0, 1.0)
     alpha = np.zeros((n, IMAGE_SIZE, IMAGE_SIZE), dtype=np.float32)
-    shape_idx = labels % len(SHAPES)
+    shape_idx = CLASS_SHAPE[labels]
     for k, shape in enumerate(SHAPES):
         sel = np.flatnonzero(shape_idx == k)
         if sel.size == 0:
@@ -301,23 +330,7 @@ def generate(labels: np.ndarray, *, seed: int, domain: str = "plain") -> np.ndar
 # ----------------------------------------------------------------------------- splits + cache
 
 
-@dataclass(frozen=True)
-class ImageSet:
-    """Images with their labels."""
-
-    images: np.ndarray  # [N, H, W, 3] uint8
-    labels: np.ndarray  # [N] int64
-
-
-@dataclass(frozen=True)
-class SyntheticSplits:
-    """Train/val/test of one synthetic domain; `fingerprint` identifies the generated pixels."""
-
-    classnames: tuple[str, ...]
-    train: ImageSet
-    val: ImageSet
-    test: ImageSet
-    fingerprint: str  # sha256 hex of the generation parameters + VERSION
+SyntheticSplits = Splits  # train/val/test of one domain; `fingerprint` identifies the pixels
 
 
 def split_seed(seed: int, split: str) -> int:
@@ -332,6 +345,7 @@ def fingerprint(
     """sha256 hex of everything the generated splits depend on, VERSION included."""
     payload = {
         "version": VERSION,
+        "class_order": CLASS_ORDER,
         "n_train_per_class": n_train_per_class,
         "n_val_per_class": n_val_per_class,
         "n_test_per_class": n_test_per_class,
@@ -409,10 +423,11 @@ def load_synthetic(
                 arrays[f"{split}_images"] = image_set.images
                 arrays[f"{split}_labels"] = image_set.labels
             _save_atomic(path, arrays)
-    return SyntheticSplits(
+    return Splits(
         classnames=CLASSNAMES,
         train=sets["train"],
         val=sets["val"],
         test=sets["test"],
         fingerprint=digest,
+        domain_names=(domain,),
     )

@@ -25,6 +25,8 @@ noise is drawn over the names in sorted order so that it does not depend on inse
 
 from __future__ import annotations
 
+import math
+
 import torch
 from torch import Tensor
 
@@ -33,8 +35,10 @@ __all__ = [
     "clip_per_sample",
     "clipped_sum",
     "noise_std",
+    "noisy_mean",
     "per_sample_norms",
     "privatize",
+    "secure_standard_normal",
 ]
 
 
@@ -98,17 +102,36 @@ def clipped_sum(grads: dict[str, Tensor], *, clip_norm: float) -> dict[str, Tens
     }
 
 
+def secure_standard_normal(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
+    """N(0, 1) samples from the OS's cryptographically secure source (os.urandom), for anyone
+    releasing prompts (Opacus' `secure_mode` idea; not seeded, not reproducible).
+
+    Box-Muller on 53-bit uniforms in float64; as Opacus does after Holohan & Braghin (2021,
+    arXiv 2107.10138), each value is the normalised sum of two draws, which blurs the
+    floating-point structure of a single Box-Muller sample.
+    """
+    import os
+
+    n = max(1, math.prod(shape))
+    raw = torch.frombuffer(bytearray(os.urandom(8 * 4 * n)), dtype=torch.int64).view(4, n)
+    uniform = (((raw >> 11) & ((1 << 53) - 1)).to(torch.float64) + 0.5) / float(1 << 53)
+    radius = torch.sqrt(-2.0 * torch.log(uniform[0::2]))
+    normal = radius * torch.cos(2.0 * math.pi * uniform[1::2])  # [2, n], two N(0, 1) draws
+    return (normal.sum(0) / math.sqrt(2.0))[: math.prod(shape)].reshape(shape).to(dtype)
+
+
 def add_gaussian_noise(
     total: dict[str, Tensor],
     *,
     noise_multiplier: float,
     clip_norm: float,
-    generator: torch.Generator,
+    generator: torch.Generator | None,
 ) -> dict[str, Tensor]:
     """total + N(0, (sigma * C)^2) independently on every coordinate (Abadi et al. 2016, Alg. 1,
     "add noise"), for a sum whose L2 sensitivity is C. Noise is drawn on the generator's device
-    and moved to each tensor's device, over the names in sorted order; sigma = 0 adds nothing
-    but still returns new tensors."""
+    and moved to each tensor's device, over the names in sorted order; `generator=None` draws
+    it from the secure source (`secure_standard_normal`). sigma = 0 adds nothing but still
+    returns new tensors."""
     if noise_multiplier < 0:
         raise ValueError(f"noise_multiplier must be >= 0, got {noise_multiplier}")
     _check_positive("clip_norm", clip_norm)
@@ -116,7 +139,12 @@ def add_gaussian_noise(
     noisy: dict[str, Tensor] = {}
     for name in sorted(total):
         t = total[name]
-        noise = torch.randn(t.shape, generator=generator, device=generator.device, dtype=t.dtype)
+        if generator is None:
+            noise = secure_standard_normal(t.shape, t.dtype)
+        else:
+            noise = torch.randn(
+                t.shape, generator=generator, device=generator.device, dtype=t.dtype
+            )
         noisy[name] = t + std * noise.to(t.device)
     return {name: noisy[name] for name in total}
 
@@ -125,6 +153,25 @@ def noise_std(*, noise_multiplier: float, clip_norm: float, expected_batch: floa
     """Noise std on the mean clipped gradient: sigma * C / E[B] (Abadi et al. 2016, Alg. 1)."""
     _check_positive("expected_batch", expected_batch)
     return noise_multiplier * clip_norm / expected_batch
+
+
+def noisy_mean(
+    total: dict[str, Tensor],
+    *,
+    noise_multiplier: float,
+    clip_norm: float,
+    expected_batch: float,
+    generator: torch.Generator | None,
+) -> dict[str, Tensor]:
+    """(total + N(0, sigma^2 C^2 I)) / E[B] for a clipped sum `total` of sensitivity C: the
+    noisy step gradient, whether the sum is one client's (client noise) or the sum over the
+    clients of a step (server noise, E[B] then the expected total batch). Abadi et al. 2016,
+    Alg. 1."""
+    _check_positive("expected_batch", expected_batch)
+    noisy = add_gaussian_noise(
+        total, noise_multiplier=noise_multiplier, clip_norm=clip_norm, generator=generator
+    )
+    return {name: t / expected_batch for name, t in noisy.items()}
 
 
 def privatize(
@@ -141,9 +188,11 @@ def privatize(
 
     with E[B] = q * n the expected Poisson batch size (not the realised B, which may be 0).
     Returns {name: [*shape]}. Abadi et al. 2016, Alg. 1."""
-    _check_positive("expected_batch", expected_batch)
     total = clipped_sum(grads, clip_norm=clip_norm)
-    noisy = add_gaussian_noise(
-        total, noise_multiplier=noise_multiplier, clip_norm=clip_norm, generator=generator
+    return noisy_mean(
+        total,
+        noise_multiplier=noise_multiplier,
+        clip_norm=clip_norm,
+        expected_batch=expected_batch,
+        generator=generator,
     )
-    return {name: t / expected_batch for name, t in noisy.items()}

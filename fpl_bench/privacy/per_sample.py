@@ -26,6 +26,7 @@ References: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -34,7 +35,7 @@ from torch.func import grad, grad_and_value, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
-__all__ = ["mean_grads", "per_sample_grads"]
+__all__ = ["StepGrads", "mean_grads", "per_sample_grads", "step_gradients"]
 
 Encode = Callable[[dict[str, Tensor]], Any]
 SampleLoss = Callable[..., Tensor]
@@ -137,3 +138,94 @@ def mean_grads(
     cot, losses = grad(mean_loss, has_aux=True)(z)
     (grads,) = vjp_fn(cot)
     return dict(grads), losses.detach()
+
+
+Prior = Callable[[Any, dict[str, Tensor]], Tensor | None]
+
+
+@dataclass(frozen=True)
+class StepGrads:
+    """Gradients of one local step.
+
+    data:   per-sample gradients {name: [B, *shape]} (per_sample=True) or the gradient of
+            mean_i l_i + prior {name: [*shape]} (per_sample=False)
+    losses: per-sample losses [B]
+    prior:  gradient of the prior {name: [*shape]} when per_sample=True and there is one;
+            None otherwise (without per-sample gradients it is already in `data`)
+    """
+
+    data: dict[str, Tensor]
+    losses: Tensor
+    prior: dict[str, Tensor] | None
+
+
+def _add(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
+    return {k: a[k] + b[k] if k in b else a[k] for k in a}
+
+
+def _prior_cotangents(
+    prior: Prior, z: Any, params: dict[str, Tensor]
+) -> tuple[Any, dict[str, Tensor]] | None:
+    """(d prior / dZ, d prior / d params directly), or None when the prior is None here."""
+    primals = {k: v.detach() for k, v in params.items()}
+    if prior(z, primals) is None:
+        return None
+    gz, gp = grad(lambda zz, pp: prior(zz, pp), argnums=(0, 1))(z, primals)
+    return gz, gp
+
+
+def step_gradients(
+    encode: Encode,
+    sample_loss: SampleLoss,
+    params: dict[str, Tensor],
+    batch: tuple[Tensor, ...],
+    *,
+    per_sample: bool,
+    prior: Prior | None = None,
+    chunk_size: int | None = None,
+) -> StepGrads:
+    """The gradients a local step needs, with one encoder forward.
+
+    The local objective is  mean_i l_i + prior(Z, params)  where the prior (KgCoOp's distance
+    to CLIP's features, FedPGP's contrastive term, FedProx's proximal term) reads no training
+    record. Its gradient J^T dprior/dZ + dprior/dparams re-uses the vjp of the one forward.
+    With `per_sample` the data part is per sample (for clipping) and the prior part is
+    returned apart (it is neither clipped nor noised); without, both are summed.
+    """
+    n = _batch_size(batch)
+    z, vjp_fn = _encode_once(encode, params, math_attention=per_sample)
+    prior_cot = None if prior is None else _prior_cotangents(prior, z, params)
+    in_dims = (None, *(0 for _ in batch))
+    batch = tuple(t.detach() for t in batch)
+    if per_sample:
+        if n:
+            cot, losses = vmap(grad_and_value(sample_loss), in_dims=in_dims, chunk_size=chunk_size)(
+                z, *batch
+            )
+            (data,) = vmap(vjp_fn, chunk_size=chunk_size)(cot)
+            data = dict(data)
+        else:
+            data = {k: v.detach().new_zeros((0, *v.shape)) for k, v in params.items()}
+            losses = next(iter(params.values())).new_zeros(0)
+        prior_grads = None
+        if prior_cot is not None:
+            (through_z,) = vjp_fn(prior_cot[0])
+            prior_grads = _add(dict(through_z), prior_cot[1])
+        return StepGrads(data=data, losses=losses, prior=prior_grads)
+    if n:
+
+        def mean_loss(zz: Any) -> tuple[Tensor, Tensor]:
+            losses = vmap(sample_loss, in_dims=in_dims)(zz, *batch)
+            return losses.mean(), losses
+
+        cot, losses = grad(mean_loss, has_aux=True)(z)
+        losses = losses.detach()
+    else:
+        cot = tree_map(torch.zeros_like, z)
+        losses = next(iter(params.values())).new_zeros(0)
+    direct: dict[str, Tensor] = {}
+    if prior_cot is not None:
+        cot = tree_map(torch.add, cot, prior_cot[0])
+        direct = prior_cot[1]
+    (data,) = vjp_fn(cot)
+    return StepGrads(data=_add(dict(data), direct), losses=losses, prior=None)

@@ -8,6 +8,7 @@ import pytest
 
 from fpl_bench.data.partition import (
     IID,
+    ByDomain,
     ClientSplit,
     Dirichlet,
     Partitioner,
@@ -341,3 +342,58 @@ def test_make_partitioner_unknown_kind_lists_the_kinds() -> None:
 def test_make_partitioner_rejects_classes_per_client_for_other_kinds() -> None:
     with pytest.raises(UsageError, match="classes_per_client"):
         make_partitioner("dirichlet", n_clients=2, alpha=0.5, seed=0, classes_per_client=2)
+
+
+# -- by domain --------------------------------------------------------------------------------
+
+
+def test_by_domain_gives_each_domain_its_clients_only():
+    labels = np.tile(np.arange(4), 6)  # 24 samples, 4 classes
+    domains = np.repeat(np.arange(3), 8)  # 3 domains of 8 samples
+    split = ByDomain(n_domains=3, clients_per_domain=2, seed=0).split(
+        labels, labels, np.arange(4), train_domains=domains, test_domains=domains
+    )
+    assert split.n_clients == 6
+    assert _all(split.train).tolist() == list(range(24))  # disjoint and covering
+    for client, (train, test) in enumerate(zip(split.train, split.test, strict=True)):
+        assert set(domains[train].tolist()) == {client // 2}  # client d*2+j serves domain d
+        assert set(domains[test].tolist()) == {client // 2}
+        assert len(train) == 4
+
+
+def test_by_domain_deals_only_the_given_classes_and_is_seeded():
+    labels = np.tile(np.arange(4), 4)
+    domains = np.repeat(np.arange(2), 8)
+    part = ByDomain(n_domains=2, seed=3)
+    split = part.split(
+        labels, labels, np.array([0, 1]), train_domains=domains, test_domains=domains
+    )
+    assert set(labels[_all(split.train)].tolist()) == {0, 1}
+    assert split == part.split(
+        labels, labels, np.array([0, 1]), train_domains=domains, test_domains=domains
+    )
+    assert split.classes[0].tolist() == [0, 1]
+
+
+def test_by_domain_needs_domain_ids_in_range():
+    labels = np.arange(4)
+    with pytest.raises(UsageError, match="needs the per-image domain ids"):
+        ByDomain(n_domains=2).split(labels, labels, np.arange(4))
+    with pytest.raises(UsageError, match=r"ids outside \[0, 2\)"):
+        ByDomain(n_domains=2).split(
+            labels, labels, np.arange(4), train_domains=[0, 1, 2, 0], test_domains=[0, 0, 1, 1]
+        )
+    with pytest.raises(UsageError, match="lower clients_per_domain"):
+        ByDomain(n_domains=2, clients_per_domain=3).split(
+            labels, labels, np.arange(4), train_domains=[0, 0, 1, 1], test_domains=[0, 0, 1, 1]
+        )
+
+
+def test_make_partitioner_by_domain_splits_clients_over_domains():
+    part = make_partitioner("by_domain", n_clients=6, alpha=0.5, seed=1, n_domains=3)
+    assert part == ByDomain(n_domains=3, clients_per_domain=2, seed=1)
+    assert isinstance(part, Partitioner) and part.n_clients == 6
+    with pytest.raises(UsageError, match=r"--clients 5: .*multiple of the 3 domains"):
+        make_partitioner("by_domain", n_clients=5, alpha=0.5, seed=1, n_domains=3)
+    with pytest.raises(UsageError, match="has no domains"):
+        make_partitioner("by_domain", n_clients=5, alpha=0.5, seed=1)

@@ -4,17 +4,63 @@ import numpy as np
 import pytest
 
 from fpl_bench.data import synthetic
-from fpl_bench.data.synthetic import CLASSNAMES, DOMAINS, generate, load_synthetic
+from fpl_bench.data.split import base_novel_split
+from fpl_bench.data.synthetic import (
+    CLASS_COLOR,
+    CLASS_SHAPE,
+    CLASSNAMES,
+    COLOR_MAJOR,
+    COLORS,
+    DOMAINS,
+    SHAPES,
+    class_index,
+    generate,
+    load_synthetic,
+)
 from fpl_bench.errors import UsageError
 
 SMALL = {"n_train_per_class": 2, "n_val_per_class": 1, "n_test_per_class": 1}
 
 
-def test_classnames_are_color_then_shape():
+def test_classnames_are_a_latin_square_of_color_and_shape():
     assert len(CLASSNAMES) == 64
     assert len(set(CLASSNAMES)) == 64
     assert CLASSNAMES[0] == "red circle"
-    assert CLASSNAMES[1 * 8 + 3] == "green star"  # class = color_index * 8 + shape_index
+    for k, name in enumerate(CLASSNAMES):
+        assert name == f"{COLORS[k % 8]} {SHAPES[(k % 8 + k // 8) % 8]}"
+        assert name == f"{COLORS[CLASS_COLOR[k]]} {SHAPES[CLASS_SHAPE[k]]}"
+        color, shape = name.split()
+        assert class_index(color, shape) == k
+    for block in range(8):  # every 8 consecutive ids: each colour once, each shape once
+        ids = np.arange(8 * block, 8 * block + 8)
+        assert sorted(CLASS_COLOR[ids]) == list(range(8))
+        assert sorted(CLASS_SHAPE[ids]) == list(range(8))
+
+
+def test_base_and_novel_classes_share_every_color_and_shape_but_no_pair():
+    base, novel = base_novel_split(len(CLASSNAMES))  # the standard cut at ceil(64 / 2) = 32
+    halves = [[CLASSNAMES[k].split() for k in ids] for ids in (base, novel)]
+    for half in halves:
+        assert {color for color, _ in half} == set(COLORS)
+        assert {shape for _, shape in half} == set(SHAPES)
+    pairs = [{tuple(p) for p in half} for half in halves]
+    assert not pairs[0] & pairs[1]  # novel = unseen combinations of seen attributes
+    assert len(pairs[0] | pairs[1]) == 64
+
+
+def test_color_major_maps_old_ids_to_the_same_names():
+    old = [f"{color} {shape}" for color in COLORS for shape in SHAPES]  # version-1 order
+    assert [CLASSNAMES[i] for i in COLOR_MAJOR] == old
+
+
+def test_a_class_renders_by_its_name():
+    # the shape's colour is the named colour: the most saturated pixel of a plain image
+    labels = np.array([class_index("blue", "square"), class_index("red", "heart")])
+    images = generate(labels, seed=4, domain="plain").astype(int)
+    for image, channel in zip(images, (2, 0), strict=True):
+        flat = image.reshape(-1, 3)
+        strongest = flat[np.argmax(flat.max(axis=1) - flat.min(axis=1))]
+        assert strongest.argmax() == channel
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
@@ -79,6 +125,22 @@ def test_fingerprint_follows_parameters():
     assert load_synthetic(**SMALL, seed=0).fingerprint == base
     assert load_synthetic(**SMALL, seed=1).fingerprint != base
     assert load_synthetic(**SMALL, seed=0, domain="checker").fingerprint != base
+
+
+def test_fingerprint_names_version_and_class_order(monkeypatch):
+    """Caches written before the class reorder (v1) are never reused: the key changes."""
+    now = load_synthetic(**SMALL, seed=0).fingerprint
+    monkeypatch.setattr(synthetic, "VERSION", "fpl-synthetic-v1")
+    assert load_synthetic(**SMALL, seed=0).fingerprint != now
+    monkeypatch.setattr(synthetic, "VERSION", "fpl-synthetic-v2")
+    monkeypatch.setattr(synthetic, "CLASS_ORDER", "color-major")
+    assert load_synthetic(**SMALL, seed=0).fingerprint != now
+
+
+def test_one_domain_splits_carry_its_name_and_domain_zero():
+    splits = load_synthetic(**SMALL, seed=0, domain="stripes")
+    assert splits.domain_names == ("stripes",)
+    assert not splits.train.file_backed and (splits.test.domains == 0).all()
 
 
 def test_cache_round_trip_gives_identical_arrays(tmp_path, monkeypatch):

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from fpl_bench.methods.aggregate import weighted_mean
+from fpl_bench.schemes.aggregate import weighted_mean
 
 
 def test_weighted_mean_weights_by_sample_count():

@@ -2,8 +2,11 @@
 
 import torch
 
-from fpl_bench.methods.base import EncodeContext, InitContext
-from fpl_bench.methods.dpfpl import DPFPL, low_rank_gradient, orthonormal_columns, power_factorize
+from fpl_bench.learners._base import EncodeContext, InitContext
+from fpl_bench.learners.coop import CoOp
+from fpl_bench.method import Method
+from fpl_bench.privacy.placement import place_noise
+from fpl_bench.schemes.dpfpl import DPFPL, low_rank_gradient, orthonormal_columns, power_factorize
 
 
 def test_power_factorize_is_exact_with_residual_and_orthonormal():
@@ -34,28 +37,36 @@ def test_eq4_has_the_papers_minus_sign():
 
 
 def test_prompt_equals_global_plus_local_and_no_residual_drops_it(tiny_tower):
-    method = DPFPL(rank=2)
+    method = DPFPL(rank=2, residual=True)
     params = method.init_params(
-        InitContext(tower=tiny_tower, generator=torch.Generator().manual_seed(0))
+        InitContext(tower=tiny_tower, generator=torch.Generator().manual_seed(0)), CoOp()
     )
     step, aux = method.step_params(params, torch.Generator().manual_seed(3))
-    torch.testing.assert_close(method.prompt_of(step, aux), params["p_global"] + params["p_local"])
+    (prompt,) = method.prompts(step, aux)
+    torch.testing.assert_close(prompt, params["p_global"] + params["p_local"])
     lora = DPFPL(rank=2, residual=False)
     step2, aux2 = lora.step_params(params, torch.Generator().manual_seed(3))
-    torch.testing.assert_close(
-        lora.prompt_of(step2, aux2), params["p_global"] + step2["u"] @ step2["v"]
-    )
+    (prompt2,) = lora.prompts(step2, aux2)
+    torch.testing.assert_close(prompt2, params["p_global"] + step2["u"] @ step2["v"])
 
 
-def test_declares_server_noise_on_global_and_client_noise_on_factors():
+def test_server_trust_noises_global_at_the_server_and_factors_at_the_client():
     assert DPFPL.sync == "step" and DPFPL.shared == ("p_global",)
-    assert DPFPL.privacy.server == ("p_global",) and set(DPFPL.privacy.client) == {"u", "v"}
+    steps = ["p_global", "u", "v"]
+    server = place_noise(
+        step_names=steps, shared=DPFPL.shared, scheme_sync="step", trust="server", private=True
+    )
+    assert server.server == ("p_global",) and set(server.client) == {"u", "v"}
+    client = place_noise(
+        step_names=steps, shared=DPFPL.shared, scheme_sync="step", trust="client", private=True
+    )
+    assert client.server == () and set(client.client) == {"p_global", "u", "v"}
 
 
 def test_param_grads_maps_factor_grads_to_p_local(tiny_tower):
-    method = DPFPL(rank=2)
+    method = DPFPL(rank=2, residual=True)
     params = method.init_params(
-        InitContext(tower=tiny_tower, generator=torch.Generator().manual_seed(0))
+        InitContext(tower=tiny_tower, generator=torch.Generator().manual_seed(0)), CoOp()
     )
     step, _ = method.step_params(params, torch.Generator().manual_seed(3))
     gu, gv = torch.randn_like(step["u"]), torch.randn_like(step["v"])
@@ -63,5 +74,6 @@ def test_param_grads_maps_factor_grads_to_p_local(tiny_tower):
     assert set(out) == {"p_local"}
     torch.testing.assert_close(out["p_local"], low_rank_gradient(step["u"], step["v"], gu, gv))
     ctx = EncodeContext(tower=tiny_tower, class_idx=torch.arange(tiny_tower.n_classes))
-    feats = method.encode(step, {"r": torch.zeros_like(params["p_local"])}, ctx)
-    assert feats.shape == (tiny_tower.n_classes, 64)
+    pair = Method(label="dpfpl", learner=CoOp(), scheme=method)
+    feats = pair.encode(step, {"r": torch.zeros_like(params["p_local"])}, ctx)
+    assert feats["text"].shape == (1, tiny_tower.n_classes, 64)

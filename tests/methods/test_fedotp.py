@@ -6,17 +6,23 @@ import torch.nn.functional as F
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fpl_bench.errors import UsageError
-from fpl_bench.methods.base import EncodeContext, InitContext
-from fpl_bench.methods.fedotp import FedOTP
-from fpl_bench.methods.registry import build_method
+from fpl_bench.learners._base import EncodeContext, InitContext
+from fpl_bench.learners.ot import OTPatch
+from fpl_bench.method import method_from_name
 from fpl_bench.privacy.per_sample import mean_grads, per_sample_grads
+from fpl_bench.schemes.global_local import GlobalLocal
+
+
+def FedOTP(**options):
+    return method_from_name("fedotp", options)
+
 
 D, P = 64, 64  # tiny CLIP: embed dim, patch tokens
 
 
 def setup(tower, method, n_classes=None, seed=0):
     init = InitContext(tower=tower, generator=torch.Generator().manual_seed(seed))
-    params = method.init_params(init)
+    params, _ = method.init(init)
     classes = torch.arange(n_classes or tower.n_classes)
     return params, EncodeContext(tower=tower, class_idx=classes)
 
@@ -25,10 +31,9 @@ def random_tokens(*shape, seed=1):
     return F.normalize(torch.randn(*shape, generator=torch.Generator().manual_seed(seed)), dim=-1)
 
 
-def test_declares_global_shared_both_private_tokens_needed():
-    assert FedOTP.shared == ("p_global",)
-    assert FedOTP.privacy.client == ("p_global", "p_local") and FedOTP.privacy.server == ()
-    assert FedOTP.sync == "round" and FedOTP.needs_tokens
+def test_declares_global_shared_two_prompts_tokens_needed():
+    assert GlobalLocal.shared == ("p_global",) and GlobalLocal.n_prompts == 2
+    assert GlobalLocal.sync == "round" and OTPatch.needs_tokens and OTPatch.max_prompts is None
 
 
 def test_init_gives_two_different_prompts(tiny_tower):
@@ -41,7 +46,8 @@ def test_init_gives_two_different_prompts(tiny_tower):
 def test_encode_stacks_both_prompts_text_features(tiny_tower):
     method = FedOTP()
     params, ctx = setup(tiny_tower, method, n_classes=3)
-    text = method.encode(params, {}, ctx)
+    enc = method.encode(params, {}, ctx)
+    text = enc["text"]
     assert text.shape == (2, 3, D)
     torch.testing.assert_close(text[0], tiny_tower.encode(params["p_global"], ctx.class_idx))
     torch.testing.assert_close(text[1], tiny_tower.encode(params["p_local"], ctx.class_idx))
@@ -50,18 +56,19 @@ def test_encode_stacks_both_prompts_text_features(tiny_tower):
 def test_logits_shapes_and_batch_equals_one_by_one_and_vmap(tiny_tower):
     method = FedOTP()
     params, ctx = setup(tiny_tower, method)
-    text = method.encode(params, {}, ctx)
+    enc = method.encode(params, {}, ctx)
+    enc["text"]
     tokens = random_tokens(5, P, D)
     pooled = tokens.mean(1)
-    batched = method.logits(text, pooled, tokens, ctx)
+    batched = method.logits(enc, pooled, tokens, ctx)
     assert batched.shape == (5, tiny_tower.n_classes)
-    single = method.logits(text, pooled[0], tokens[0], ctx)
+    single = method.logits(enc, pooled[0], tokens[0], ctx)
     assert single.shape == (tiny_tower.n_classes,)
     looped = torch.stack(
-        [method.logits(text, x, t, ctx) for x, t in zip(pooled, tokens, strict=True)]
+        [method.logits(enc, x, t, ctx) for x, t in zip(pooled, tokens, strict=True)]
     )
     torch.testing.assert_close(batched, looped)
-    mapped = torch.func.vmap(lambda x, t: method.logits(text, x, t, ctx))(pooled, tokens)
+    mapped = torch.func.vmap(lambda x, t: method.logits(enc, x, t, ctx))(pooled, tokens)
     torch.testing.assert_close(mapped, batched)
 
 
@@ -71,9 +78,10 @@ def test_identical_prompts_and_full_mass_give_the_mean_patch_cosine(tiny_tower):
     method = FedOTP(top_percent=1.0, max_iter=1000, thresh=1e-7)
     params, ctx = setup(tiny_tower, method)
     params["p_local"] = params["p_global"].clone()
-    text = method.encode(params, {}, ctx)
+    enc = method.encode(params, {}, ctx)
+    text = enc["text"]
     tokens = random_tokens(3, P, D)
-    logits = method.logits(text, tokens.mean(1), tokens, ctx)
+    logits = method.logits(enc, tokens.mean(1), tokens, ctx)
     expected = tiny_tower.logit_scale * (tokens @ text[0].T).mean(1)  # [3, n]
     torch.testing.assert_close(logits, expected, rtol=1e-4, atol=1e-4)
 
@@ -83,9 +91,10 @@ def test_identical_patches_give_top_percent_times_the_mean_prompt_cosine(tiny_to
     # logit_c = top_percent * logit_scale * (cos(x, t_1c) + cos(x, t_2c)) / 2.
     method = FedOTP(top_percent=0.8)
     params, ctx = setup(tiny_tower, method)
-    text = method.encode(params, {}, ctx)
+    enc = method.encode(params, {}, ctx)
+    text = enc["text"]
     token = random_tokens(D)
-    logits = method.logits(text, token, token.expand(P, D), ctx)
+    logits = method.logits(enc, token, token.expand(P, D), ctx)
     expected = 0.8 * tiny_tower.logit_scale * (text @ token).mean(0)
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
@@ -141,7 +150,5 @@ def test_missing_tokens_are_an_error(tiny_tower):
     [("eps", 0.0), ("top_percent", 0.0), ("top_percent", 1.2), ("max_iter", 0), ("thresh", -1.0)],
 )
 def test_bad_hyperparameters_are_usage_errors(option, value):
-    with pytest.raises(UsageError, match=f"fedotp: {option}"):
+    with pytest.raises(UsageError, match=f"fedotp.{option}="):
         FedOTP(**{option: value})
-    with pytest.raises(UsageError, match=option):
-        build_method("fedotp", {option: value})

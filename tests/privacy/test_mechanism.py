@@ -159,3 +159,15 @@ def test_dtype_kept() -> None:
     half = {"a": torch.randn(4, 3).to(torch.bfloat16)}
     assert per_sample_norms(half).dtype == torch.float32
     assert clip_per_sample(half, clip_norm=0.1)["a"].dtype == torch.bfloat16
+
+
+def test_secure_noise_has_the_formula_std_and_is_not_reproducible():
+    from fpl_bench.privacy.mechanism import add_gaussian_noise, secure_standard_normal
+
+    draws = secure_standard_normal((100_000,), torch.float64)
+    assert abs(float(draws.mean())) < 0.02 and abs(float(draws.std()) - 1.0) < 0.02
+    zero = {"g": torch.zeros(50_000)}
+    a = add_gaussian_noise(zero, noise_multiplier=2.0, clip_norm=0.5, generator=None)["g"]
+    b = add_gaussian_noise(zero, noise_multiplier=2.0, clip_norm=0.5, generator=None)["g"]
+    assert abs(float(a.std()) - 1.0) < 0.03  # sigma * C
+    assert not torch.equal(a, b)

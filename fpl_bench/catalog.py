@@ -1,0 +1,336 @@
+"""Method cards: learners, schemes and the named methods that pair them (configs as data).
+
+Three kinds of TOML card, each keyed by file stem and validated when read (a missing or unknown
+field is a one-line error, never a skip):
+
+    methods/learners/<name>.toml   a prompt learner: paper, and its options with their defaults
+    methods/schemes/<name>.toml    a federation scheme: likewise
+    methods/<name>.toml            a named method (preset): learner + scheme, option overrides,
+                                   search space, paper and reference code
+
+The cards are the single source of option defaults: the learner and scheme dataclasses declare
+typed fields without defaults. An option card gives `default` (whose TOML type is the option's
+type: bool, int, float or str) and optional bounds (`min`, `max` inclusive; `gt` exclusive;
+`choices`). `resolve_method` turns a name on the command line, a preset (`dpfpl`) or a spelled
+pair (`kgcoop@fedavg`), plus `--param` overrides into a `MethodChoice` of plain checked values.
+This module imports no torch: a bad option is refused in well under a second, before any data
+or model is loaded.
+"""
+
+from __future__ import annotations
+
+import math
+import tomllib
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+
+from fpl_bench.cards import cards_root
+from fpl_bench.errors import UsageError
+
+# Run settings a method's search space may tune besides its learner/scheme options.
+RUN_SEARCH_KEYS = ("lr", "local_epochs", "clip_norm", "n_ctx", "batch_size")
+
+
+class OptionCard(BaseModel):
+    """One option of a learner or scheme: its default (which fixes its type) and bounds."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    default: bool | int | float | str
+    help: str
+    min: float | None = None
+    max: float | None = None
+    gt: float | None = None
+    choices: list[Any] | None = None
+
+    @property
+    def kind(self) -> type:
+        return type(self.default)
+
+    def check(self, value: Any, where: str) -> Any:
+        """`value` if it has this option's type and bounds, else UsageError naming `where`."""
+        kind = self.kind
+        ok = isinstance(value, kind) and not (kind is int and isinstance(value, bool))
+        if kind is float and isinstance(value, int) and not isinstance(value, bool):
+            value, ok = float(value), True
+        if not ok:
+            raise UsageError(
+                f"{where}={value!r}: expected {kind.__name__} (default {self.default!r})"
+            )
+        if kind is float and not math.isfinite(value):
+            raise UsageError(f"{where}={value!r}: must be a finite number")
+        if self.choices is not None and value not in self.choices:
+            raise UsageError(f"{where}={value!r}: choose one of {self.choices}")
+        if self.min is not None and value < self.min:
+            raise UsageError(f"{where}={value!r}: must be >= {self.min:g}")
+        if self.max is not None and value > self.max:
+            raise UsageError(f"{where}={value!r}: must be <= {self.max:g}")
+        if self.gt is not None and not value > self.gt:
+            raise UsageError(f"{where}={value!r}: must be > {self.gt:g}")
+        return value
+
+
+class ComponentCard(BaseModel):
+    """A learner or a scheme card."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    summary: str
+    paper: str
+    reference: str
+    options: dict[str, OptionCard] = Field(default_factory=dict)
+
+    @model_validator(mode="after")
+    def _defaults_in_bounds(self) -> ComponentCard:
+        for key, option in self.options.items():
+            option.check(option.default, f"{self.name}.{key} default")
+        return self
+
+    def defaults(self) -> dict[str, Any]:
+        return {key: option.default for key, option in self.options.items()}
+
+
+class SearchRange(BaseModel):
+    """A search-space entry: a float/int range (optionally log-scaled) or a list of choices."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    low: float | None = None
+    high: float | None = None
+    log: bool = False
+    step: float | None = None
+    choices: list[Any] | None = None
+
+    @model_validator(mode="after")
+    def _shape(self) -> SearchRange:
+        if self.choices is None:
+            if self.low is None or self.high is None:
+                raise ValueError("a search range needs low and high, or choices")
+            if self.low > self.high:
+                raise ValueError(f"low {self.low} > high {self.high}")
+            if self.log and self.low <= 0:
+                raise ValueError(f"a log range needs low > 0, got {self.low}")
+        elif not self.choices:
+            raise ValueError("choices is empty")
+        return self
+
+
+class PresetCard(BaseModel):
+    """A named method: a learner, a scheme, overrides of their options, a search space."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    name: str
+    summary: str
+    paper: str
+    reference: str
+    learner: str
+    scheme: str
+    learner_options: dict[str, Any] = Field(default_factory=dict)
+    scheme_options: dict[str, Any] = Field(default_factory=dict)
+    search: dict[str, SearchRange] = Field(default_factory=dict)
+    notes: dict[str, str] = Field(default_factory=dict)  # why a default differs from a paper
+
+
+def _read(path: Path, model: type[BaseModel]) -> Any:
+    try:
+        card = model.model_validate(tomllib.loads(path.read_text()))
+    except OSError as err:
+        raise UsageError(f"cannot read card {path}: {err.strerror}") from None
+    except tomllib.TOMLDecodeError as err:
+        raise UsageError(f"bad card {path}: {err}") from None
+    except ValidationError as err:
+        first = err.errors()[0]
+        loc = ".".join(str(p) for p in first["loc"])
+        raise UsageError(f"bad card {path}: {loc}: {first['msg']}") from None
+    except UsageError as err:
+        raise UsageError(f"bad card {path}: {err}") from None
+    if card.name != path.stem:
+        raise UsageError(f"bad card {path}: name {card.name!r} differs from the file stem")
+    return card
+
+
+def _folder(*parts: str) -> Path:
+    folder = cards_root().joinpath("methods", *parts)
+    if not folder.is_dir():
+        raise UsageError(f"missing card folder {folder}; reinstall fpl-bench")
+    return folder
+
+
+@cache
+def learner_cards() -> dict[str, ComponentCard]:
+    return {p.stem: _read(p, ComponentCard) for p in sorted(_folder("learners").glob("*.toml"))}
+
+
+@cache
+def scheme_cards() -> dict[str, ComponentCard]:
+    return {p.stem: _read(p, ComponentCard) for p in sorted(_folder("schemes").glob("*.toml"))}
+
+
+@cache
+def preset_cards() -> dict[str, PresetCard]:
+    cards = {p.stem: _read(p, PresetCard) for p in sorted(_folder().glob("*.toml"))}
+    learners, schemes = learner_cards(), scheme_cards()
+    for card in cards.values():
+        where = cards_root() / "methods" / f"{card.name}.toml"
+        if card.learner not in learners:
+            raise UsageError(f"bad card {where}: unknown learner {card.learner!r}")
+        if card.scheme not in schemes:
+            raise UsageError(f"bad card {where}: unknown scheme {card.scheme!r}")
+        _check_options(learners[card.learner], card.learner_options, f"{card.name}.learner")
+        _check_options(schemes[card.scheme], card.scheme_options, f"{card.name}.scheme")
+        for key in card.search:
+            _search_target(card, key)
+    return cards
+
+
+# The order the benchmark reports presets in (others follow alphabetically).
+PRESET_ORDER = ("zeroshot", "coop", "kgcoop", "promptfl", "fedprox", "fedkgcoop", "fedotp")
+PRESET_ORDER += ("fedpgp", "dpfpl")
+
+
+def list_presets() -> list[str]:
+    order = {name: i for i, name in enumerate(PRESET_ORDER)}
+    return sorted(preset_cards(), key=lambda n: (order.get(n, len(order)), n))
+
+
+def _check_options(card: ComponentCard, values: dict[str, Any], where: str) -> dict[str, Any]:
+    out = {}
+    for key, value in values.items():
+        if key not in card.options:
+            known = ", ".join(card.options) or "none"
+            raise UsageError(f"{where}: {card.name} has no option {key!r}; its options: {known}")
+        out[key] = card.options[key].check(value, f"{where}.{key}")
+    return out
+
+
+def _search_target(card: PresetCard, key: str) -> tuple[str, str]:
+    """('run'|'learner'|'scheme', option) a search-space key tunes; UsageError if unknown."""
+    if key in RUN_SEARCH_KEYS:
+        return "run", key
+    part, _, option = key.partition(".")
+    components = {"learner": learner_cards()[card.learner], "scheme": scheme_cards()[card.scheme]}
+    if part in components and option in components[part].options:
+        return part, option
+    raise UsageError(
+        f"bad card methods/{card.name}.toml: search key {key!r} is neither a run setting "
+        f"({', '.join(RUN_SEARCH_KEYS)}) nor learner.OPTION / scheme.OPTION of its components"
+    )
+
+
+class MethodChoice(BaseModel):
+    """One method of a job, resolved: its label, its learner and scheme with checked options."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+    label: str  # preset name, or "learner@scheme"
+    learner: str
+    scheme: str
+    learner_options: dict[str, Any]
+    scheme_options: dict[str, Any]
+    preset: str | None = None
+
+    def options(self) -> dict[str, Any]:
+        """Flat {learner.X: .., scheme.Y: ..} for records."""
+        return {
+            **{f"learner.{k}": v for k, v in self.learner_options.items()},
+            **{f"scheme.{k}": v for k, v in self.scheme_options.items()},
+        }
+
+
+def method_names(text: str) -> list[str]:
+    """'all' -> every preset; else the comma list, each a preset or a learner@scheme pair."""
+    words = [w.strip().lower() for w in text.split(",") if w.strip()]
+    if not words:
+        raise UsageError("the method list is empty; e.g. all, or coop,dpfpl, or kgcoop@fedavg")
+    if words == ["all"]:
+        return list_presets()
+    if len(set(words)) != len(words):
+        twice = sorted({w for w in words if words.count(w) > 1})
+        raise UsageError(f"method {twice[0]!r} is listed twice; list each method once")
+    return words
+
+
+def resolve_method(name: str, overrides: dict[str, Any] | None = None) -> MethodChoice:
+    """A preset name or a `learner@scheme` pair, with `overrides` {option or learner.option or
+    scheme.option: value} over the cards' values; every value is type- and range-checked."""
+    learners, schemes, presets = learner_cards(), scheme_cards(), preset_cards()
+    if "@" in name:
+        learner, _, scheme = name.partition("@")
+        if learner not in learners:
+            raise UsageError(
+                f"unknown learner {learner!r} in {name!r}; known: {', '.join(learners)}"
+            )
+        if scheme not in schemes:
+            raise UsageError(f"unknown scheme {scheme!r} in {name!r}; known: {', '.join(schemes)}")
+        preset = None
+        learner_options, scheme_options = {}, {}
+    else:
+        if name not in presets:
+            raise UsageError(
+                f"unknown method {name!r}; known: {', '.join(list_presets())} "
+                "(or a LEARNER@SCHEME pair; `fpl-bench methods --all` lists them)"
+            )
+        card = presets[name]
+        learner, scheme, preset = card.learner, card.scheme, name
+        learner_options, scheme_options = dict(card.learner_options), dict(card.scheme_options)
+    learner_options = {**learners[learner].defaults(), **learner_options}
+    scheme_options = {**schemes[scheme].defaults(), **scheme_options}
+    for key, value in (overrides or {}).items():
+        part, dot, option = key.partition(".")
+        if not dot:
+            part, option = "", key
+        in_learner = option in learners[learner].options and part in ("", "learner")
+        in_scheme = option in schemes[scheme].options and part in ("", "scheme")
+        where = f"{name}.{key}"
+        if in_learner and in_scheme:
+            raise UsageError(
+                f"{where}: both {learner} and {scheme} have {option!r}; "
+                f"say {name}.learner.{option} or {name}.scheme.{option}"
+            )
+        if in_learner:
+            learner_options[option] = learners[learner].options[option].check(value, where)
+        elif in_scheme:
+            scheme_options[option] = schemes[scheme].options[option].check(value, where)
+        else:
+            known = [f"learner.{k}" for k in learners[learner].options]
+            known += [f"scheme.{k}" for k in schemes[scheme].options]
+            raise UsageError(
+                f"{where}: {name} ({learner}@{scheme}) has no option {option!r}; "
+                f"its options: {', '.join(known) or 'none'}"
+            )
+    return MethodChoice(
+        label=name,
+        learner=learner,
+        scheme=scheme,
+        learner_options=learner_options,
+        scheme_options=scheme_options,
+        preset=preset,
+    )
+
+
+def parse_value(text: str) -> Any:
+    """A --param value as TOML reads it: true/false, integers, floats; anything else a string
+    (so `no` stays the string 'no' and a bool option refuses it)."""
+    try:
+        return tomllib.loads(f"v = {text}")["v"]
+    except tomllib.TOMLDecodeError:
+        return text
+
+
+def parse_params(items: list[str], methods: list[str]) -> dict[str, dict[str, Any]]:
+    """['dpfpl.rank=4', 'kgcoop@fedavg.lam=2'] -> {'dpfpl': {'rank': 4}, ...}; the method must
+    be one of the job's `methods`."""
+    out: dict[str, dict[str, Any]] = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        key = key.strip().lower()
+        method = next(
+            (m for m in sorted(methods, key=len, reverse=True) if key.startswith(m + ".")), None
+        )
+        if not sep or method is None or not key[len(method) + 1 :]:
+            raise UsageError(
+                f"--param {item}: expected METHOD.OPTION=VALUE with METHOD one of the job's "
+                f"methods ({', '.join(methods)}), e.g. --param dpfpl.rank=4"
+            )
+        out.setdefault(method, {})[key[len(method) + 1 :]] = parse_value(value.strip())
+    return out

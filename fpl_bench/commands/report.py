@@ -1,0 +1,118 @@
+"""`fpl-bench leaderboard` and `fpl-bench regress`: reports over finished runs.
+
+    fpl-bench leaderboard --runs runs/default --out leaderboards --name embedded
+    fpl-bench leaderboard --tracking-uri sqlite:///runs/default/mlflow.db --out /tmp/lb
+    fpl-bench regress --baseline leaderboards/embedded.csv --runs runs/default
+
+`regress` exits 0 when no cell dropped, 1 on a regression (naming the cells), 2 on bad input.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated
+
+import typer
+
+from fpl_bench.errors import UsageError
+
+DEFAULT_RUNS = Path("runs/default")
+DEFAULT_LEADERBOARD_OUT = Path("leaderboards")
+
+
+def leaderboard(
+    runs: Annotated[
+        Path | None,
+        typer.Option(help="Run folder holding results.csv (default runs/default)."),
+    ] = None,
+    tracking_uri: Annotated[
+        str | None,
+        typer.Option(help="Read MLflow runs instead, e.g. sqlite:///runs/default/mlflow.db."),
+    ] = None,
+    out: Annotated[
+        Path | None,
+        typer.Option(help="Output folder (default: the --runs folder, or ./leaderboards)."),
+    ] = None,
+    name: Annotated[
+        str, typer.Option(help="File stem: NAME.md, NAME.csv, NAME.html, NAME-plots/.")
+    ] = "leaderboard",
+    png: Annotated[
+        bool, typer.Option("--png/--no-png", help="Also write the figures as PNG files.")
+    ] = True,
+    title: Annotated[str | None, typer.Option(help="Page and document title.")] = None,
+) -> None:
+    """Tables (Markdown, CSV), figures (PNG) and one HTML page from finished runs."""
+    from fpl_bench.report.build import check_name, write_leaderboard
+    from fpl_bench.report.sources import load_records
+
+    check_name(name)
+    records, source = load_records(runs, tracking_uri)
+    if out is None:
+        out = (runs or DEFAULT_RUNS) if tracking_uri is None else DEFAULT_LEADERBOARD_OUT
+    written = write_leaderboard(records, out=out, name=name, source=source, png=png, title=title)
+    typer.echo(f"read {len(records)} run(s) from {source}")
+    if written.superseded:
+        typer.echo(
+            f"left out {written.superseded} run(s) of older configurations "
+            "(each cell shows its latest config_hash)"
+        )
+    for path in (written.markdown, written.csv, written.html, *written.pngs):
+        typer.echo(f"wrote {path}")
+
+
+def regress(
+    baseline: Annotated[
+        Path, typer.Option(help="Leaderboard CSV to compare with, e.g. leaderboards/embedded.csv.")
+    ],
+    runs: Annotated[
+        Path | None, typer.Option(help="Run folder holding results.csv of fresh runs.")
+    ] = None,
+    tolerance: Annotated[
+        float, typer.Option(help="Smallest drop that counts, as a fraction (0.02 = 2 points).")
+    ] = 0.02,
+    k: Annotated[
+        float, typer.Option("--k", help="A drop must also exceed k x the baseline's seed std.")
+    ] = 2.0,
+    out: Annotated[
+        Path | None, typer.Option(help="Folder for regression.md (default: the --runs folder).")
+    ] = None,
+) -> None:
+    """Compare fresh runs with a committed leaderboard; exit 1 when a cell dropped."""
+    from fpl_bench.report.build import write_text
+    from fpl_bench.report.leaderboard import summarize
+    from fpl_bench.report.regression import (
+        Thresholds,
+        compare,
+        deltas_markdown,
+        read_leaderboard,
+        regression_lines,
+    )
+    from fpl_bench.report.sources import load_results_dir
+
+    if tolerance < 0 or k < 0:
+        raise UsageError(f"--tolerance {tolerance} --k {k}: both must be >= 0")
+    if runs is None:
+        raise UsageError(
+            "give --runs DIR (a folder with results.csv of fresh runs of the baseline's cells)"
+        )
+    base = read_leaderboard(baseline)
+    current = summarize(load_results_dir(runs))
+    thresholds = Thresholds(tolerance=tolerance, k=k)
+    deltas = compare(base, current, thresholds, baseline_name=str(baseline))
+    text = deltas_markdown(deltas, thresholds, f"Regression check against {baseline}")
+    path = Path(out or runs) / "regression.md"
+    write_text(path, text)
+    typer.echo(text)
+    typer.echo(f"wrote {path}")
+    bad = regression_lines(deltas)
+    if bad:
+        typer.echo(f"{len(bad)} regression(s):", err=True)
+        for line in bad:
+            typer.echo(f"  {line}", err=True)
+        raise typer.Exit(code=1)
+
+
+def register(app: typer.Typer) -> None:
+    """Add `leaderboard` and `regress` to the CLI."""
+    app.command("leaderboard")(leaderboard)
+    app.command("regress")(regress)

@@ -1,0 +1,172 @@
+"""CoOp's folder layout: ``<root>/<dataset_dir>/<image_dir>/`` plus ``split_zhou_<Name>.json``.
+
+Reference: KaiyangZhou/CoOp, ``DATASETS.md`` (folder names, where each split file comes from)
+and ``datasets/*.py``. Every dataset there reads its fixed split with ``OxfordPets.read_split``:
+``{"train"|"val"|"test": [[rel_path, label, classname], ...]}``, paths relative to the image
+folder (Stanford Cars: to the dataset folder), labels 0-based. Without the JSON, Caltech101, DTD,
+Food101 and EuroSAT build it from the class folders with ``DTD.read_and_split_data`` (p_trn
+0.5, p_val 0.2; Caltech101 ignores ``BACKGROUND_Google`` and ``Faces_easy`` and renames four
+classes, EuroSAT renames all ten), which the card declares as ``fallback = "class_folders"``
+with ``ignored``/``renames``; the others (Pets, Flowers, Cars, SUN397, UCF101) build theirs
+from annotation files, so fpl-bench asks for the published split file instead.
+
+Departures from CoOp: a split built here is seeded by the ``seed`` option and stored in
+fpl-bench's cache dir (CoOp writes it into the dataset folder, using Python's global RNG);
+split paths that are absolute, contain ``..`` or lead out of the image folder through a
+symlink are refused (CoOp joins them blindly).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path, PurePosixPath
+from typing import Any
+
+from fpl_bench.data.catalog import CoOpSource, DatasetCard
+from fpl_bench.data.folders import (
+    Entry,
+    Group,
+    cached_split,
+    check_files,
+    class_names,
+    file_splits,
+    list_class_folders,
+    list_images,
+    parse_entries,
+    read_split_json,
+    split_fractions,
+    split_groups,
+)
+from fpl_bench.data.imageset import SPLITS, Splits
+from fpl_bench.data.options import check_options
+from fpl_bench.data.problems import Problem, raise_problems
+
+__all__ = ["OPTIONS", "CoOpScan", "load_coop", "scan_coop"]
+
+OPTIONS = {"seed": 0, "p_train": 0.5, "p_val": 0.2}  # used only when the split file is absent
+
+
+@dataclass
+class CoOpScan:
+    """What reading a CoOp-layout dataset found: split lists, class names, problems."""
+
+    base: Path  # the resolved image folder
+    entries: dict[str, list[Entry]] = field(default_factory=dict)
+    classnames: tuple[str, ...] = ()
+    problems: list[Problem] = field(default_factory=list)
+    origin: str = ""  # the split file, or how the split was built
+
+
+def _display(src: CoOpSource, *parts: str) -> str:
+    """A path relative to the data root, for messages."""
+    return str(PurePosixPath(src.dataset_dir, src.image_dir, *parts))
+
+
+def scan_coop(
+    card: DatasetCard, root: Path, options: Mapping[str, Any], cache_dir: Path | None
+) -> CoOpScan:
+    """Read the split lists of a CoOp-layout dataset under ``root`` (no file is opened yet).
+
+    A missing dataset folder, image folder or (without a fallback) split file gives one
+    ``missing`` problem; malformed entries and class-name problems are listed, not raised.
+    """
+    src = card.source
+    assert isinstance(src, CoOpSource)
+    opts = check_options(card.name, {**OPTIONS, **options}, OPTIONS)
+    dataset_dir = Path(root) / src.dataset_dir
+    image_dir = dataset_dir / src.image_dir
+    scan = CoOpScan(base=image_dir.resolve())
+    display = lambda rel: _display(src, rel)  # noqa: E731
+    if not dataset_dir.is_dir() or not image_dir.is_dir():
+        missing = src.dataset_dir if not dataset_dir.is_dir() else _display(src)
+        scan.problems.append(Problem("missing", missing, f"no folder {missing}/ under {root}"))
+        return scan
+    split_path = dataset_dir / src.split_file
+    if split_path.is_file():
+        scan.origin = str(PurePosixPath(src.dataset_dir, src.split_file))
+        raw = read_split_json(split_path)
+        scan.entries, scan.problems = parse_entries(
+            raw, n_classes=card.classes, source=scan.origin, where=display
+        )
+    elif src.fallback == "class_folders":
+        scan.entries, scan.problems = _folder_split(card, src, image_dir, opts, cache_dir)
+        scan.origin = (
+            f"no {src.split_file}: seeded class-folder split (seed {opts['seed']}, "
+            f"p_train {opts['p_train']}, p_val {opts['p_val']}) kept in the cache dir"
+        )
+    else:
+        where = str(PurePosixPath(src.dataset_dir, src.split_file))
+        scan.problems.append(
+            Problem(
+                "missing",
+                where,
+                f"no split file {where}; {card.name} has no class-folder "
+                "fallback, so get the file (see the card's `obtain`)",
+            )
+        )
+        return scan
+    scan.classnames, naming = class_names(
+        scan.entries, n_classes=card.classes, source=scan.origin, where=display
+    )
+    scan.problems.extend(naming)
+    return scan
+
+
+def _folder_split(
+    card: DatasetCard,
+    src: CoOpSource,
+    image_dir: Path,
+    opts: Mapping[str, Any],
+    cache_dir: Path | None,
+) -> tuple[dict[str, list[Entry]], list[Problem]]:
+    """CoOp's ``read_and_split_data`` over the class folders, seeded and cached."""
+    p_train, p_val = split_fractions(opts)
+    folders = list_class_folders(image_dir, src.ignored)
+    if len(folders) != card.classes:
+        detail = f"{len(folders)} class folders, but the card says {card.classes} classes"
+        return {s: [] for s in SPLITS}, [Problem("classname_mismatch", _display(src), detail)]
+    groups = [
+        Group(
+            label=label,
+            classname=src.renames.get(folder, folder),
+            domain=0,
+            paths=[f"{folder}/{name}" for name in list_images(image_dir / folder)],
+            where=_display(src, folder),
+        )
+        for label, folder in enumerate(folders)
+    ]
+    key = {
+        "dataset": card.name,
+        "seed": opts["seed"],
+        "p_train": p_train,
+        "p_val": p_val,
+        "groups": [[g.label, g.classname, g.paths] for g in groups],
+    }
+    return cached_split(
+        cache_dir,
+        name=card.name,
+        key=key,
+        build=lambda: split_groups(groups, seed=opts["seed"], p_train=p_train, p_val=p_val),
+    )
+
+
+def load_coop(
+    card: DatasetCard, root: Path, options: Mapping[str, Any], cache_dir: Path | None
+) -> Splits:
+    """File-backed Splits of a CoOp-layout dataset; any problem is one UsageError line."""
+    src = card.source
+    assert isinstance(src, CoOpSource)
+    scan = scan_coop(card, root, options, cache_dir)
+    problems = list(scan.problems)
+    if not problems:
+        problems = check_files(scan.entries, scan.base, where=lambda rel: _display(src, rel))
+    raise_problems(card.name, Path(root), problems)
+    return file_splits(
+        scan.entries,
+        base=scan.base,
+        kind="coop",
+        classnames=scan.classnames,
+        domain_names=(card.name,),
+        extra={"dataset": card.name, "origin": scan.origin},
+    )

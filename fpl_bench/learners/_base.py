@@ -1,0 +1,103 @@
+"""What a prompt learner is, as the driver sees it, and the pieces learners share.
+
+A learner turns the prompt components a scheme hands it, `prompts [N, n_ctx, W]`, into class
+text features with ONE text-tower forward (`encode`), scores images against them (`logits`),
+and defines the per-sample loss (`sample_loss`, vmapped by `privacy/`) and an optional
+data-independent `prior_loss` (KgCoOp's ||w - w_clip||^2). A prior touches no training record,
+so it is applied outside per-sample clipping, gets no noise, and is not rescaled by the batch
+size: the local objective is  mean_i sample_loss_i + prior.
+
+A learner never calls backward, clips, draws noise or builds an optimizer.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from typing import ClassVar
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from fpl_bench.prompt import TextTower
+
+Params = dict[str, Tensor]
+
+
+@dataclass(frozen=True)
+class InitContext:
+    """What a learner or scheme may read to create its parameters and constants."""
+
+    tower: TextTower
+    generator: torch.Generator
+    ctx_init: str | None = None
+
+
+@dataclass(frozen=True)
+class EncodeContext:
+    """The text tower, the classes being scored, and the frozen constants of learner + scheme."""
+
+    tower: TextTower
+    class_idx: Tensor  # [n] class ids scored
+    consts: Mapping[str, Tensor] = field(default_factory=dict)
+
+
+def random_context(init: InitContext) -> Tensor:
+    """Context vectors [n_ctx, W]: N(0, 0.02^2) (CoOp), or the embedding of `ctx_init`."""
+    tower = init.tower
+    if init.ctx_init:
+        phrase = tower.embed_phrase(init.ctx_init)
+        if phrase.shape[0] == tower.n_ctx:
+            return phrase
+    return 0.02 * torch.randn(tower.n_ctx, tower.width, generator=init.generator)
+
+
+def cosine_logits(text: Tensor, images: Tensor, logit_scale: float) -> Tensor:
+    """CLIP logits: logit_scale * cos(image, text). images [B, D] or [D], text [n_cls, D]."""
+    return logit_scale * F.normalize(images, dim=-1) @ text.T
+
+
+class PromptLearner:
+    """Defaults shared by learners: context vectors initialised as CoOp's, one tower forward
+    for all prompt components, cross-entropy per sample, no prior.
+
+    Class variables a learner may override:
+        trains       False for a learner with nothing to learn (zero-shot)
+        needs_tokens True when logits read image patch tokens (the feature cache then keeps them)
+        max_prompts  how many prompt components it can score (None: any number)
+    """
+
+    name: ClassVar[str]
+    trains: ClassVar[bool] = True
+    needs_tokens: ClassVar[bool] = False
+    max_prompts: ClassVar[int | None] = 1
+
+    def init_prompt(self, init: InitContext) -> Tensor:
+        """One prompt component [n_ctx, W]."""
+        return random_context(init)
+
+    def constants(self, init: InitContext) -> Params:
+        """Frozen tensors the learner needs (computed once per run)."""
+        return {}
+
+    def encode(self, prompts: Tensor, ctx: EncodeContext) -> Tensor:
+        """Text features [M, n, D] of prompts [M, n_ctx, W] over ctx.class_idx (one forward)."""
+        return ctx.tower.encode(prompts, ctx.class_idx)
+
+    def logits(
+        self, text: Tensor, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
+    ) -> Tensor:
+        """Logits [B, n] (or [n] for one image) from text features [1, n, D]."""
+        return cosine_logits(text[0], images, ctx.tower.logit_scale)
+
+    def sample_loss(
+        self, text: Tensor, image: Tensor, tokens: Tensor, label: Tensor, ctx: EncodeContext
+    ) -> Tensor:
+        """Cross-entropy of one sample (vmapped over the batch by privacy/per_sample.py)."""
+        logits = self.logits(text, image, tokens, ctx)  # [n]
+        return F.cross_entropy(logits.unsqueeze(0), label.unsqueeze(0))
+
+    def prior_loss(self, text: Tensor, ctx: EncodeContext) -> Tensor | None:
+        """Data-independent loss term on the text features, or None."""
+        return None

@@ -1,0 +1,146 @@
+"""A method = a prompt learner x a federation scheme (DESIGN.md, "Two axes").
+
+`build_method(choice)` turns a resolved card (`fpl_bench.catalog.MethodChoice`) into a `Method`
+holding a learner and a scheme instance, after checking that the pair can work. The `Method`
+composes their hooks into what the driver and `privacy/` call:
+
+    encode(step, aux, ctx)   the scheme's prompt components [N, n_ctx, W] and the extra prompts
+                             its prior needs go through the learner's encoder in ONE tower
+                             forward -> {"text": [N, n, D], <extra name>: [n, D], ...}
+    sample_loss(...)         the learner's per-sample loss (vmapped, clipped under DP)
+    prior(step, encoded, ..) learner prior + scheme prior: data-independent, outside clipping
+    logits(...)              the learner's scores
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from fpl_bench.catalog import MethodChoice
+from fpl_bench.errors import UsageError
+from fpl_bench.learners import LEARNERS
+from fpl_bench.learners._base import EncodeContext, InitContext, Params, PromptLearner
+from fpl_bench.schemes import SCHEMES
+from fpl_bench.schemes._base import Scheme
+
+Encoded = dict[str, Tensor]
+
+
+def pair_problem(learner: type, scheme: type) -> str | None:
+    """Why `learner` cannot work under `scheme`, or None when the pair is valid."""
+    if not learner.trains and scheme.name != "local":
+        return (
+            f"{learner.name} has nothing to train, so there is nothing to federate; "
+            f"use {learner.name}@local"
+        )
+    limit = learner.max_prompts
+    if limit is not None and scheme.n_prompts > limit:
+        return (
+            f"{learner.name} scores {limit} prompt component(s) but {scheme.name} hands it "
+            f"{scheme.n_prompts}; use a learner that scores several (e.g. ot), or a scheme "
+            "that sums its parts into one prompt (e.g. dpfpl)"
+        )
+    return None
+
+
+def all_pairs() -> list[tuple[str, str, str | None]]:
+    """(learner, scheme, problem or None) for every registered learner x scheme."""
+    return [
+        (lname, sname, pair_problem(LEARNERS.get(lname), SCHEMES.get(sname)))
+        for lname in LEARNERS.names()
+        for sname in SCHEMES.names()
+    ]
+
+
+@dataclass(frozen=True)
+class Method:
+    """One runnable method: a learner and a scheme, and the label it is reported under."""
+
+    label: str
+    learner: PromptLearner
+    scheme: Scheme
+
+    @property
+    def trains(self) -> bool:
+        return self.learner.trains
+
+    @property
+    def needs_tokens(self) -> bool:
+        return self.learner.needs_tokens
+
+    def init(self, init: InitContext) -> tuple[Params, Params]:
+        """(initial stored parameters, frozen constants of learner and scheme)."""
+        self.scheme.check(init)
+        params = self.scheme.init_params(init, self.learner)
+        consts = {**self.learner.constants(init), **self.scheme.constants(init)}
+        return params, consts
+
+    def encode(
+        self, step: Mapping[str, Tensor], aux: Mapping[str, Tensor], ctx: EncodeContext
+    ) -> Encoded:
+        prompts = self.scheme.prompts(step, aux)  # [N, n_ctx, W]
+        extras = self.scheme.extra_prompts(step, aux)  # {name: [n_ctx, W]}
+        n = prompts.shape[0]
+        if extras:
+            prompts = torch.cat([prompts, torch.stack(list(extras.values()))])
+        features = self.learner.encode(prompts, ctx)  # [N + E, n_cls, D]
+        out = {"text": features[:n]}
+        out.update({name: features[n + i] for i, name in enumerate(extras)})
+        return out
+
+    def logits(
+        self, encoded: Encoded, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
+    ) -> Tensor:
+        return self.learner.logits(encoded["text"], images, tokens, ctx)
+
+    def sample_loss(
+        self, encoded: Encoded, image: Tensor, tokens: Tensor, label: Tensor, ctx: EncodeContext
+    ) -> Tensor:
+        return self.learner.sample_loss(encoded["text"], image, tokens, label, ctx)
+
+    def prior(
+        self,
+        step: Mapping[str, Tensor],
+        encoded: Encoded,
+        ctx: EncodeContext,
+        anchor: Mapping[str, Tensor],
+    ) -> Tensor | None:
+        """Learner prior + scheme prior (None when neither has one)."""
+        terms = [
+            self.learner.prior_loss(encoded["text"], ctx),
+            self.scheme.prior_loss(step, encoded, ctx, anchor),
+        ]
+        terms = [t for t in terms if t is not None]
+        return sum(terms[1:], terms[0]) if terms else None
+
+    @property
+    def has_prior(self) -> bool:
+        learner_prior = type(self.learner).prior_loss is not PromptLearner.prior_loss
+        scheme_prior = type(self.scheme).prior_loss is not Scheme.prior_loss
+        return learner_prior or scheme_prior
+
+
+def build_method(choice: MethodChoice) -> Method:
+    """Instantiate the learner and scheme of a resolved card; a pair that cannot work is a
+    UsageError with the reason."""
+    learner_cls, scheme_cls = LEARNERS.get(choice.learner), SCHEMES.get(choice.scheme)
+    problem = pair_problem(learner_cls, scheme_cls)
+    if problem:
+        raise UsageError(f"method {choice.label!r} ({choice.learner}@{choice.scheme}): {problem}")
+    return Method(
+        label=choice.label,
+        learner=learner_cls(**choice.learner_options),
+        scheme=scheme_cls(**choice.scheme_options),
+    )
+
+
+def method_from_name(name: str, overrides: dict[str, Any] | None = None) -> Method:
+    """Shortcut for tests and scripts: resolve a card name and build it."""
+    from fpl_bench.catalog import resolve_method
+
+    return build_method(resolve_method(name, overrides))

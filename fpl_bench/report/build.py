@@ -1,0 +1,106 @@
+"""Write a leaderboard: NAME.md, NAME.csv, NAME.html and NAME-plots/*.png in one folder.
+
+    write_leaderboard(records, out=Path("leaderboards"), name="embedded", source="runs/x")
+
+NAME.csv is the long format of `leaderboard.LEADERBOARD_COLUMNS` (fractions, not percent); it
+is what `fpl-bench regress --baseline` reads back.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import pandas as pd
+
+from fpl_bench.errors import UsageError
+from fpl_bench.io import write_atomic
+from fpl_bench.report.html import leaderboard_html
+from fpl_bench.report.leaderboard import cell_tables, summarize, table_groups
+from fpl_bench.report.markdown import leaderboard_markdown, section_title
+from fpl_bench.report.plots import figures
+from fpl_bench.report.records import normalize_records
+
+CSV_DECIMALS = 6  # of a fraction: 1e-4 percentage points, far below any seed std
+NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+
+@dataclass
+class Written:
+    """Paths written by `write_leaderboard`, and what was left out."""
+
+    markdown: Path
+    csv: Path
+    html: Path
+    pngs: list[Path] = field(default_factory=list)
+    superseded: int = 0
+
+
+def check_name(name: str) -> str:
+    """The output stem: letters, digits, '.', '_', '-' (no folders, no spaces)."""
+    if not NAME_PATTERN.match(name):
+        raise UsageError(f"--name {name!r}: use letters, digits, '.', '_' or '-', e.g. embedded")
+    return name
+
+
+def file_stem(dataset: str, protocol: str, trust: str) -> str:
+    """File-name part of one (dataset, protocol, trust), e.g. 'synthetic-base2novel-server'."""
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dataset}-{protocol}-{trust}")
+
+
+def render_plots(leaderboard: pd.DataFrame) -> dict[tuple[str, str, str], dict[str, bytes]]:
+    """PNG bytes per (dataset, protocol, trust), keyed by file name."""
+    return {
+        key: figures(part, section_title(*key), file_stem(*key))
+        for key, part in table_groups(leaderboard)
+    }
+
+
+def write_text(path: Path, text: str) -> None:
+    """Write UTF-8 text atomically."""
+    write_atomic(path, lambda tmp: Path(tmp).write_text(text, encoding="utf-8"))
+
+
+def write_bytes(path: Path, data: bytes) -> None:
+    """Write bytes atomically."""
+    write_atomic(path, lambda tmp: Path(tmp).write_bytes(data))
+
+
+def write_leaderboard(
+    records: pd.DataFrame,
+    *,
+    out: Path,
+    name: str = "leaderboard",
+    source: str = "",
+    png: bool = True,
+    title: str | None = None,
+) -> Written:
+    """Summarize `records` and write NAME.md, NAME.csv, NAME.html (figures embedded) and, when
+    `png`, the figures as NAME-plots/<dataset>-<protocol>-<trust>-*.png."""
+    from fpl_bench.report.leaderboard import superseded_configs
+
+    name = check_name(name)
+    out = Path(out)
+    records = normalize_records(records)
+    leaderboard = summarize(records)
+    tables = cell_tables(leaderboard)
+    plots = render_plots(leaderboard)
+    heading = title or f"fpl-bench leaderboard: {name}"
+    written = Written(
+        markdown=out / f"{name}.md",
+        csv=out / f"{name}.csv",
+        html=out / f"{name}.html",
+        superseded=len(superseded_configs(records)),
+    )
+    write_text(written.markdown, leaderboard_markdown(tables, heading, source))
+    rounded = leaderboard.round({"mean": CSV_DECIMALS, "std": CSV_DECIMALS, "paper": CSV_DECIMALS})
+    write_atomic(written.csv, lambda tmp: rounded.to_csv(tmp, index=False))
+    write_text(written.html, leaderboard_html(tables, plots, heading, source))
+    if png:
+        for files in plots.values():
+            for file_name, data in files.items():
+                path = out / f"{name}-plots" / file_name
+                write_bytes(path, data)
+                written.pngs.append(path)
+    return written

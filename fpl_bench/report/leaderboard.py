@@ -1,0 +1,252 @@
+"""Records -> leaderboard: one row per (cell, metric) with mean and std over seeds.
+
+A cell is (method, learner, scheme, dataset, protocol, trust, eps). Rules:
+
+- One configuration per cell: when a store holds several `config_hash` values for a cell (a rerun
+  with other rounds, a tuned config), the cell uses the configuration of its latest row (file
+  order) and the others are reported by `superseded_configs`.
+- Only `finished` seeds enter the mean. `std` is the sample std over seeds (n - 1; 0 for one
+  seed). A cell's `status` is `finished` when every seed finished, else `failed` if any seed
+  failed, else `diverged`; `n_seeds` counts the seeds in the mean, `n_runs` all seeds.
+- `paper`: the DP-FPL paper's number for the cell (`paper.paper_number`) where the cell is in
+  the paper's setting (`paper.applies`) and the run used one client count; else NaN.
+- A table is one (dataset, protocol, trust); its columns are eps ('none' first, then from the
+  largest budget down), its rows methods in the order they first appear in the records. The
+  best mean of a column is bold, among cells whose seeds all finished, compared at the shown
+  precision (so a tie is bold twice).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import pandas as pd
+
+from fpl_bench.report.paper import applies, paper_number
+from fpl_bench.report.records import (
+    STATUS_COLUMN,
+    normalize_records,
+    protocol_metrics,
+    sorted_eps,
+)
+
+CELL_COLUMNS: tuple[str, ...] = (
+    "method",
+    "learner",
+    "scheme",
+    "dataset",
+    "protocol",
+    "trust",
+    "eps",
+)
+TABLE_COLUMNS: tuple[str, ...] = ("dataset", "protocol", "trust")
+LEADERBOARD_COLUMNS: tuple[str, ...] = (
+    *CELL_COLUMNS,
+    "metric",
+    "mean",
+    "std",
+    "n_seeds",
+    "n_runs",
+    "status",
+    "tuned",
+    "paper",
+)
+METRIC_LABELS = {
+    "local_acc": "local accuracy",
+    "neighbor_acc": "neighbor accuracy",
+    "base_acc": "base accuracy",
+    "novel_acc": "novel accuracy",
+    "hm": "harmonic mean of base and novel (HM)",
+}
+DIGITS = 1  # shown precision of a percentage
+
+
+def latest_config(records: pd.DataFrame) -> pd.DataFrame:
+    """Rows of each cell's latest configuration (the `config_hash` of its last row)."""
+    latest = records.groupby(list(CELL_COLUMNS), sort=False)["config_hash"].transform("last")
+    return records[records["config_hash"] == latest]
+
+
+def superseded_configs(records: pd.DataFrame) -> pd.DataFrame:
+    """Rows left out by `latest_config` (older configurations of a cell)."""
+    return records.drop(latest_config(records).index)
+
+
+def cell_status(statuses: pd.Series) -> str:
+    """finished if every seed finished; else failed if any failed; else diverged."""
+    values = set(statuses)
+    if values <= {"finished"}:
+        return "finished"
+    return "failed" if "failed" in values else "diverged"
+
+
+def seed_std(values: pd.Series) -> float:
+    """Sample std (ddof 1) of the finite values; 0 for one value, NaN for none."""
+    if len(values) == 0:
+        return math.nan
+    return 0.0 if len(values) == 1 else float(values.std(ddof=1))
+
+
+def single_clients(group: pd.DataFrame) -> int | None:
+    """The cell's client count when all its rows agree, else None."""
+    values = pd.to_numeric(group["clients"], errors="coerce").dropna().unique()
+    return int(values[0]) if len(values) == 1 else None
+
+
+def cell_rows(cell: tuple, group: pd.DataFrame) -> Iterator[dict]:
+    """The leaderboard rows of one cell: one per metric of its protocol."""
+    keys = dict(zip(CELL_COLUMNS, cell, strict=True))
+    finished = group[group[STATUS_COLUMN] == "finished"]
+    in_paper = applies(keys["protocol"], keys["trust"], keys["eps"])
+    clients = single_clients(group)
+    for metric in protocol_metrics(keys["protocol"]):
+        values = finished[metric].dropna().astype(float)
+        paper = (
+            paper_number(keys["dataset"], keys["method"], keys["eps"], metric, clients)
+            if in_paper and clients is not None
+            else None
+        )
+        yield {
+            **keys,
+            "metric": metric,
+            "mean": float(values.mean()) if len(values) else math.nan,
+            "std": seed_std(values),
+            "n_seeds": len(values),
+            "n_runs": int(group["seed"].nunique()),
+            "status": cell_status(group[STATUS_COLUMN]),
+            "tuned": bool(group["tuned"].any()),
+            "paper": math.nan if paper is None else paper,
+        }
+
+
+def summarize(records: pd.DataFrame) -> pd.DataFrame:
+    """The leaderboard in long format (`LEADERBOARD_COLUMNS`), eps in table order."""
+    chosen = latest_config(normalize_records(records))
+    rows = [
+        row
+        for cell, group in chosen.groupby(list(CELL_COLUMNS), sort=False)
+        for row in cell_rows(cell, group)
+    ]
+    frame = pd.DataFrame(rows, columns=list(LEADERBOARD_COLUMNS))
+    return sort_leaderboard(frame)
+
+
+def sort_leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
+    """Stable order: tables as first seen, then eps (table order), methods as first seen."""
+    if frame.empty:
+        return frame
+    rank_eps = {e: i for i, e in enumerate(sorted_eps(frame["eps"]))}
+    table_ids = frame[list(TABLE_COLUMNS)].astype(str).agg("\x1f".join, axis=1)
+    order = pd.DataFrame(
+        {
+            "table": table_ids.map({t: i for i, t in enumerate(dict.fromkeys(table_ids))}),
+            "eps": frame["eps"].map(rank_eps),
+            "method": frame["method"].map(
+                {m: i for i, m in enumerate(dict.fromkeys(frame["method"]))}
+            ),
+            "position": range(len(frame)),
+        }
+    )
+    index = order.sort_values(["table", "eps", "method", "position"], kind="stable").index
+    return frame.loc[index].reset_index(drop=True)
+
+
+@dataclass(frozen=True)
+class Cell:
+    """One shown cell: `value` ('71.2 ± 1.0', 'diverged', '—'), `note` ('1/3 diverged' when
+    some seeds did not finish), `paper` ('94.5' or ''), `best` (bold)."""
+
+    value: str
+    note: str
+    paper: str
+    best: bool
+
+
+@dataclass(frozen=True)
+class CellTable:
+    """One metric of one (dataset, protocol, trust): rows of (method, cells by eps)."""
+
+    dataset: str
+    protocol: str
+    trust: str
+    metric: str
+    eps: list[str]
+    rows: list[tuple[str, list[Cell]]]
+
+    @property
+    def has_paper(self) -> bool:
+        return any(cell.paper for _, cells in self.rows for cell in cells)
+
+
+def percent(value: float) -> str:
+    """A fraction shown as a percentage at `DIGITS` decimals."""
+    return f"{100 * value:.{DIGITS}f}"
+
+
+def make_cell(row: pd.Series | None, best_shown: str | None) -> Cell:
+    """The shown cell of one leaderboard row (None: the cell was not run)."""
+    if row is None:
+        return Cell("—", "", "", False)
+    paper = "" if pd.isna(row["paper"]) else percent(row["paper"])
+    if row["n_seeds"] == 0 or pd.isna(row["mean"]):
+        value = row["status"] if row["status"] != "finished" else "n/a"
+        return Cell(value, "", paper, False)
+    value = f"{percent(row['mean'])} ± {percent(row['std'])}"
+    note = ""
+    if row["status"] != "finished":
+        bad = int(row["n_runs"]) - int(row["n_seeds"])
+        note = f"{bad}/{int(row['n_runs'])} {row['status']}"
+    best = row["status"] == "finished" and percent(row["mean"]) == best_shown
+    return Cell(value, note, paper, best)
+
+
+def best_shown(column: pd.DataFrame) -> str | None:
+    """The best mean of one eps column at shown precision, among fully finished cells."""
+    eligible = column[(column["status"] == "finished") & column["mean"].notna()]
+    if eligible.empty:
+        return None
+    return percent(eligible["mean"].max())
+
+
+def cell_table(part: pd.DataFrame, metric: str) -> CellTable:
+    """The method x eps table of `metric` from the leaderboard rows of one (dataset, protocol,
+    trust)."""
+    rows = part[part["metric"] == metric]
+    eps_values = sorted_eps(part["eps"])
+    methods = list(dict.fromkeys(part["method"]))
+    bests = {e: best_shown(rows[rows["eps"] == e]) for e in eps_values}
+    table_rows = []
+    for method in methods:
+        cells = []
+        for eps in eps_values:
+            match = rows[(rows["method"] == method) & (rows["eps"] == eps)]
+            cells.append(make_cell(match.iloc[-1] if len(match) else None, bests[eps]))
+        table_rows.append((method, cells))
+    first = part.iloc[0]
+    return CellTable(
+        dataset=str(first["dataset"]),
+        protocol=str(first["protocol"]),
+        trust=str(first["trust"]),
+        metric=metric,
+        eps=eps_values,
+        rows=table_rows,
+    )
+
+
+def table_groups(leaderboard: pd.DataFrame) -> list[tuple[tuple[str, str, str], pd.DataFrame]]:
+    """(dataset, protocol, trust) and its rows, in order of first appearance."""
+    return [
+        (tuple(key), part)  # type: ignore[misc]
+        for key, part in leaderboard.groupby(list(TABLE_COLUMNS), sort=False)
+    ]
+
+
+def cell_tables(leaderboard: pd.DataFrame) -> list[CellTable]:
+    """Every table: per (dataset, protocol, trust), one per metric of the protocol."""
+    return [
+        cell_table(part, metric)
+        for (_, protocol, _), part in table_groups(leaderboard)
+        for metric in protocol_metrics(protocol)
+    ]

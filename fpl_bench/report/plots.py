@@ -1,0 +1,120 @@
+"""Leaderboard figures as PNG bytes (matplotlib's object API with the Agg canvas: no pyplot, no
+global backend, safe in threads and tests).
+
+- accuracy vs eps: one panel per metric of the protocol, one line per method, eps as ordered
+  categories ('no DP', then from the largest budget down), error bars = std over seeds.
+- base vs novel (base2novel only): one point per (method, eps), dotted curves of equal HM.
+"""
+
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pandas as pd
+
+from fpl_bench.report.leaderboard import METRIC_LABELS
+from fpl_bench.report.markdown import eps_header
+from fpl_bench.report.records import protocol_metrics, sorted_eps
+
+DPI = 100
+PANELS_PER_ROW = 3
+MIN_SPAN = 10.0  # percentage points: a flat line is not blown up to fill the panel
+
+
+def widen(ax, span: float) -> None:
+    """Widen the y range of `ax` to at least `span`, around its centre."""
+    low, high = ax.get_ylim()
+    if high - low < span:
+        centre = (low + high) / 2
+        ax.set_ylim(centre - span / 2, centre + span / 2)
+
+
+def _png(figure) -> bytes:
+    """Render a matplotlib Figure to PNG bytes (no timestamp, so the same input gives the same
+    bytes)."""
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=DPI, metadata={"Software": None})
+    return buffer.getvalue()
+
+
+def accuracy_vs_eps(part: pd.DataFrame, title: str) -> bytes:
+    """Accuracy (%) against eps for every method of one (dataset, protocol, trust)."""
+    from matplotlib.figure import Figure
+
+    metrics = protocol_metrics(str(part["protocol"].iloc[0]))
+    eps_values = sorted_eps(part["eps"])
+    methods = list(dict.fromkeys(part["method"]))
+    columns = min(len(metrics), PANELS_PER_ROW)
+    n_rows = -(-len(metrics) // columns)
+    figure = Figure(figsize=(3.4 * columns + 0.6, 3.0 * n_rows + 0.4), layout="constrained")
+    grid = figure.subplots(n_rows, columns, squeeze=False).ravel()
+    for unused in grid[len(metrics) :]:
+        unused.set_visible(False)
+    axes = grid[: len(metrics)]
+    positions = np.arange(len(eps_values))
+    for ax, metric in zip(axes, metrics, strict=True):
+        rows = part[part["metric"] == metric].set_index(["method", "eps"])
+        for method in methods:
+            means = [
+                100 * rows["mean"].get((method, e), np.nan) for e in eps_values
+            ]  # NaN: not run or diverged, a gap in the line
+            stds = [100 * rows["std"].get((method, e), np.nan) for e in eps_values]
+            ax.errorbar(positions, means, yerr=stds, marker="o", capsize=3, label=method)
+        ax.set_xticks(positions, [eps_header(e) for e in eps_values])
+        ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=9)
+        ax.set_ylabel("%")
+        ax.grid(alpha=0.3)
+        widen(ax, MIN_SPAN)
+    axes[0].legend(fontsize=8, loc="best")
+    figure.suptitle(title, fontsize=10)
+    return _png(figure)
+
+
+def base_vs_novel(part: pd.DataFrame, title: str) -> bytes:
+    """Novel against base accuracy (%), one marker per method, labelled with eps."""
+    from matplotlib.figure import Figure
+
+    wide = part[part["metric"].isin(["base_acc", "novel_acc"])].pivot_table(
+        index=["method", "eps"], columns="metric", values="mean", sort=False
+    )
+    figure = Figure(figsize=(5.0, 4.4), layout="constrained")
+    ax = figure.subplots()
+    grid = np.linspace(1, 100, 200)
+    for hm in (20, 40, 60, 80):
+        novel = hm * grid / (2 * grid - hm)  # HM = 2 B N / (B + N), solved for N
+        keep = (2 * grid > hm) & (novel > 0) & (novel <= 100)
+        ax.plot(grid[keep], novel[keep], ":", color="0.7", linewidth=0.8)
+        ax.annotate(f"HM {hm}", (100, hm * 100 / (200 - hm)), fontsize=7, color="0.5")
+    for method in dict.fromkeys(part["method"]):
+        if method not in wide.index.get_level_values(0):
+            continue
+        points = wide.loc[method].reindex(sorted_eps(wide.loc[method].index))
+        points = points.dropna(how="any") if {"base_acc", "novel_acc"} <= set(points) else None
+        if points is None or points.empty:
+            continue
+        ax.plot(100 * points["base_acc"], 100 * points["novel_acc"], "o-", label=method)
+        for eps, row in points.iterrows():
+            ax.annotate(
+                eps_header(str(eps)),
+                (100 * row["base_acc"], 100 * row["novel_acc"]),
+                fontsize=6,
+                xytext=(3, 3),
+                textcoords="offset points",
+            )
+    ax.set_xlabel("base accuracy %")
+    ax.set_ylabel("novel accuracy %")
+    ax.set_xlim(0, 105)
+    ax.set_ylim(0, 105)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8, loc="lower left")
+    ax.set_title(title, fontsize=10)
+    return _png(figure)
+
+
+def figures(part: pd.DataFrame, title: str, stem: str) -> dict[str, bytes]:
+    """The PNGs of one (dataset, protocol, trust), keyed by file name."""
+    out = {f"{stem}-accuracy-vs-eps.png": accuracy_vs_eps(part, title)}
+    if str(part["protocol"].iloc[0]) == "base2novel":
+        out[f"{stem}-base-vs-novel.png"] = base_vs_novel(part, title)
+    return out

@@ -1,0 +1,113 @@
+"""What a federation scheme is, as the driver sees it (Flower's strategy hooks, FL-bench's
+"the diff is the method").
+
+A scheme owns a client's stored prompt parameters. Class variables declare:
+
+    shared      stored parameter names the server holds and aggregates; the rest never leave
+                the client
+    sync        "round": clients train their copy of `shared` for the round's local steps and
+                the server aggregates the uploads (FedAvg); "step": every local step the
+                clients send the gradient of `shared` and the server applies its aggregate
+                (DP-FPL). Under DP with the `server` trust model every scheme syncs per step
+                (fpl_bench/privacy/placement.py decides; the scheme does not).
+    n_prompts   how many prompt components `prompts` returns (the learner must accept them)
+    resets_shared_momentum  clear a client's momentum on `shared` when a round starts
+
+One round, in call order (the driver does it; a scheme never calls backward, clips, draws noise,
+builds an optimizer or picks a device):
+
+    anchor = scheme.round_start(client_params, server)      # e.g. FedProx's theta_global
+    each local step:
+        step, aux = scheme.step_params(params, generator)    # what gradients are taken against
+        P = scheme.prompts(step, aux)                        # [N, n_ctx, W] to the learner
+        E = scheme.extra_prompts(step, aux)                  # features the prior needs
+        ... learner encodes P and E in one tower forward; per-sample loss; privacy ...
+        prior = scheme.prior_loss(step, encoded, ctx, anchor)   # outside clipping, no noise
+        grads = scheme.param_grads(params, step, step_grads)     # back to stored parameters
+    round end (sync "round"): server <- scheme.aggregate([(scheme.upload(p_i), n_i), ...])
+    per step (sync "step"):   server grad <- scheme.aggregate of the clients' shared gradients
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar, Literal
+
+import torch
+from torch import Tensor
+
+from fpl_bench.learners._base import EncodeContext, InitContext, Params, PromptLearner
+from fpl_bench.schemes.aggregate import weighted_mean
+
+Upload = tuple[Mapping[str, Tensor], float]  # (tensors, weight)
+
+
+class Scheme:
+    """Defaults: stored parameters are the step parameters, no prior, FedAvg aggregation."""
+
+    name: ClassVar[str]
+    shared: ClassVar[tuple[str, ...]] = ()
+    sync: ClassVar[Literal["round", "step"]] = "round"
+    n_prompts: ClassVar[int] = 1
+    resets_shared_momentum: ClassVar[bool] = True
+
+    def init_params(self, init: InitContext, learner: PromptLearner) -> Params:
+        raise NotImplementedError
+
+    def check(self, init: InitContext) -> None:
+        """Refuse options that cannot work with this tower (e.g. a rank above n_ctx)."""
+
+    def constants(self, init: InitContext) -> Params:
+        return {}
+
+    def step_params(
+        self, params: Mapping[str, Tensor], generator: torch.Generator
+    ) -> tuple[Params, Params]:
+        return dict(params), {}
+
+    def prompts(self, step: Mapping[str, Tensor], aux: Mapping[str, Tensor]) -> Tensor:
+        raise NotImplementedError
+
+    def extra_prompts(
+        self, step: Mapping[str, Tensor], aux: Mapping[str, Tensor]
+    ) -> dict[str, Tensor]:
+        return {}
+
+    def prior_loss(
+        self,
+        step: Mapping[str, Tensor],
+        encoded: Mapping[str, Any],
+        ctx: EncodeContext,
+        anchor: Mapping[str, Tensor],
+    ) -> Tensor | None:
+        return None
+
+    def param_grads(
+        self, params: Mapping[str, Tensor], step: Mapping[str, Tensor], grads: Mapping[str, Tensor]
+    ) -> Params:
+        return dict(grads)
+
+    def round_start(self, params: Mapping[str, Tensor], server: Mapping[str, Tensor]) -> Params:
+        """What the client keeps from the round's start (FedProx's anchor); default nothing."""
+        return {}
+
+    def upload(self, params: Mapping[str, Tensor]) -> Params:
+        """What leaves the client at the end of a round-synchronised round: `shared` only."""
+        return {k: params[k] for k in self.shared}
+
+    def aggregate(self, uploads: Sequence[Upload]) -> Params:
+        """Server rule over [(tensors, weight), ...]: FedAvg's weighted mean."""
+        return weighted_mean(uploads)
+
+
+def check_rank(rank: int, init: InitContext, option: str) -> None:
+    """A low-rank factor of an [n_ctx, W] prompt needs 1 <= rank <= min(n_ctx, W)."""
+    from fpl_bench.errors import UsageError
+
+    tower = init.tower
+    limit = min(tower.n_ctx, tower.width)
+    if not 1 <= rank <= limit:
+        raise UsageError(
+            f"{option}={rank} exceeds what a {tower.n_ctx} x {tower.width} prompt allows; "
+            f"use 1 <= rank <= {limit}"
+        )

@@ -1,0 +1,203 @@
+"""`fpl-bench leaderboard` and `fpl-bench regress` end to end: files, exit codes 0 / 1 / 2."""
+
+import shutil
+import sys
+
+import pandas as pd
+import pytest
+
+from fpl_bench.cli import main
+from fpl_bench.report.build import write_leaderboard
+from tests.report.conftest import make_records
+
+
+def run_cli(args, capsys, monkeypatch):
+    monkeypatch.setattr(sys, "argv", ["fpl-bench", *args])
+    with pytest.raises(SystemExit) as exc:
+        main()
+    captured = capsys.readouterr()
+    return exc.value.code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def baseline_template(tmp_path_factory):
+    """A leaderboard CSV of the hand-built records, made once per module."""
+    out = tmp_path_factory.mktemp("template")
+    return write_leaderboard(make_records(), out=out, name="embedded", png=False).csv
+
+
+@pytest.fixture
+def baseline(baseline_template, tmp_path):
+    """A fresh copy of the template: leaderboards/embedded.csv, made from the same runs."""
+    path = tmp_path / "leaderboards" / "embedded.csv"
+    path.parent.mkdir()
+    shutil.copy(baseline_template, path)
+    return path
+
+
+def test_leaderboard_writes_named_outputs(runs_dir, tmp_path, capsys, monkeypatch):
+    out = tmp_path / "leaderboards"
+    args = ["leaderboard", "--runs", str(runs_dir), "--out", str(out), "--name", "embedded"]
+    code, stdout, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert f"wrote {out / 'embedded.md'}" in stdout
+    assert {p.name for p in out.iterdir()} == {
+        "embedded.md",
+        "embedded.csv",
+        "embedded.html",
+        "embedded-plots",
+    }
+    assert (out / "embedded-plots" / "caltech101-personalized-server-accuracy-vs-eps.png").is_file()
+
+
+def test_leaderboard_default_out_is_the_runs_folder(runs_dir, capsys, monkeypatch):
+    code, stdout, _ = run_cli(
+        ["leaderboard", "--runs", str(runs_dir), "--no-png"], capsys, monkeypatch
+    )
+    assert code == 0 and "read 12 run(s)" in stdout
+    assert (runs_dir / "leaderboard.md").is_file() and not (runs_dir / "leaderboard-plots").exists()
+
+
+def write_header_only(folder):
+    folder.mkdir(parents=True, exist_ok=True)
+    make_records().iloc[:0].to_csv(folder / "results.csv", index=False)
+    return folder
+
+
+@pytest.mark.parametrize(
+    ("make_args", "needle"),
+    [
+        (lambda t: ["--runs", str(t / "nowhere")], "not found"),
+        (lambda t: ["--runs", str(write_header_only(t / "empty"))], "holds no runs"),
+        (lambda t: ["--tracking-uri", "mongodb://x/y"], "unknown storage scheme 'mongodb'"),
+        (lambda t: ["--tracking-uri", f"sqlite:///{t}/none.db"], "not found"),
+        (lambda t: ["--runs", str(t), "--name", "a/b"], "--name 'a/b'"),
+    ],
+)
+def test_leaderboard_bad_input_one_line_exit_2(make_args, needle, tmp_path, capsys, monkeypatch):
+    code, _, err = run_cli(["leaderboard", *make_args(tmp_path)], capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+
+
+def regress(baseline, runs_dir, capsys, monkeypatch, *extra):
+    args = ["regress", "--baseline", str(baseline), "--runs", str(runs_dir), *extra]
+    return run_cli(args, capsys, monkeypatch)
+
+
+def test_regress_same_runs_exit_0(baseline, runs_dir, capsys, monkeypatch):
+    code, out, err = regress(baseline, runs_dir, capsys, monkeypatch)
+    assert code == 0, err
+    assert "0 regression(s) in 8 cell(s)" in out
+    assert (runs_dir / "regression.md").read_text().count("| ok |") == 8
+
+
+def inflate(baseline, method, eps, metric, by):
+    frame = pd.read_csv(baseline, dtype={"eps": str})
+    hit = (frame["method"] == method) & (frame["eps"] == eps) & (frame["metric"] == metric)
+    assert hit.sum() == 1
+    frame.loc[hit, "mean"] += by
+    frame.to_csv(baseline, index=False)
+
+
+def test_regress_inflated_baseline_exit_1_naming_the_row(baseline, runs_dir, capsys, monkeypatch):
+    inflate(baseline, "promptfl", "0.4", "local_acc", 0.10)
+    code, _, err = regress(baseline, runs_dir, capsys, monkeypatch)
+    assert code == 1
+    assert "1 regression(s):" in err
+    assert "promptfl caltech101 personalized server eps=0.4 local_acc: 63.00 -> 53.00" in err
+    assert "(-10.00 pp" in err
+    report = (runs_dir / "regression.md").read_text()
+    assert report.count("**regression**") == 1
+
+
+def test_regress_drop_within_k_std_or_tolerance_passes(baseline, runs_dir, capsys, monkeypatch):
+    # promptfl at 0.4: seed std 3.6 points, k = 2 allows 7.2; a 5-point drop passes...
+    inflate(baseline, "promptfl", "0.4", "local_acc", 0.05)
+    # ...and promptfl's neighbor accuracy has std 0: the 2-point tolerance applies
+    inflate(baseline, "promptfl", "none", "neighbor_acc", 0.015)
+    code, _, err = regress(baseline, runs_dir, capsys, monkeypatch)
+    assert code == 0, err
+    code, _, err = regress(baseline, runs_dir, capsys, monkeypatch, "--k", "1")
+    assert code == 1 and "eps=0.4 local_acc" in err
+    code, _, err = regress(baseline, runs_dir, capsys, monkeypatch, "--tolerance", "0.01")
+    assert code == 1 and "eps=none neighbor_acc" in err
+
+
+def test_regress_newly_diverged_cell_is_a_regression(baseline, runs_dir, capsys, monkeypatch):
+    frame = pd.read_csv(runs_dir / "results.csv", dtype={"eps": str})
+    frame.loc[(frame["method"] == "promptfl") & (frame["seed"] == 0), "status"] = "diverged"
+    frame.to_csv(runs_dir / "results.csv", index=False)
+    code, _, err = regress(baseline, runs_dir, capsys, monkeypatch)
+    assert code == 1 and "4 regression(s):" in err and "status diverged" in err
+
+
+def rename_method(baseline, old, new):
+    frame = pd.read_csv(baseline, dtype={"eps": str})
+    frame.loc[frame["method"] == old, "method"] = new
+    frame.to_csv(baseline, index=False)
+
+
+def drop_rows(baseline, **match):
+    frame = pd.read_csv(baseline, dtype={"eps": str})
+    hit = pd.Series(True, index=frame.index)
+    for column, value in match.items():
+        hit &= frame[column] == value
+    frame[~hit].to_csv(baseline, index=False)
+
+
+@pytest.mark.parametrize(
+    ("change", "needle"),
+    [
+        (lambda b, r: b.unlink(), "not found"),
+        (lambda b, r: b.write_text("method,eps\ncoop,none\n"), "missing columns"),
+        (lambda b, r: b.write_text(""), "is empty"),
+        (lambda b, r: rename_method(b, "dpfpl", "fedpgp"), "methods the runs lack: fedpgp"),
+        (lambda b, r: write_header_only(r), "holds no runs"),
+        (lambda b, r: (r / "results.csv").unlink(), "has no results.csv"),
+        (lambda b, r: (r / "results.csv").write_text("method,seed\ncoop,0\n"), "missing"),
+    ],
+)
+def test_regress_bad_input_exit_2(baseline, runs_dir, change, needle, capsys, monkeypatch):
+    change(baseline, runs_dir)
+    code, _, err = regress(baseline, runs_dir, capsys, monkeypatch)
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+
+
+def test_regress_runs_missing_a_baseline_cell_exit_2(baseline, runs_dir, capsys, monkeypatch):
+    frame = pd.read_csv(runs_dir / "results.csv", dtype={"eps": str})
+    frame[~((frame["method"] == "dpfpl") & (frame["eps"] == "0.4"))].to_csv(
+        runs_dir / "results.csv", index=False
+    )
+    code, _, err = regress(baseline, runs_dir, capsys, monkeypatch)
+    assert code == 2 and "runs lack 2 cell(s)" in err and "dpfpl caltech101" in err
+
+
+def test_regress_new_cells_do_not_fail(baseline, runs_dir, capsys, monkeypatch):
+    drop_rows(baseline, eps="0.4")
+    code, out, _ = regress(baseline, runs_dir, capsys, monkeypatch)
+    assert code == 0 and out.count("| new |") == 4
+
+
+def test_regress_needs_runs(baseline, capsys, monkeypatch):
+    code, _, err = run_cli(["regress", "--baseline", str(baseline)], capsys, monkeypatch)
+    assert code == 2 and "--runs DIR" in err
+
+
+def test_baseline_run_plan_covers_every_cell(baseline, tmp_path):
+    from fpl_bench.report.regression import baseline_run_plan, read_leaderboard, run_baseline
+
+    plan = baseline_run_plan(read_leaderboard(baseline))
+    assert len(plan) == 1
+    request = plan[0]
+    assert (request.dataset, request.protocol, request.trust) == (
+        "caltech101",
+        "personalized",
+        "server",
+    )
+    assert request.methods == ("promptfl", "dpfpl") and request.eps == ("none", "0.4")
+    assert request.n_seeds == 3
+    ran = []
+    folder = run_baseline(plan, tmp_path / "rerun", lambda r, out: (r, out), run=ran.append)
+    assert ran == [(request, tmp_path / "rerun")] and folder == tmp_path / "rerun"

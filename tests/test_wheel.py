@@ -1,0 +1,88 @@
+"""A wheel built from the repository carries the cards: installed outside the checkout, the
+CLI lists the methods and runs a tiny job from another directory."""
+
+import os
+import shutil
+import subprocess
+import sys
+import venv
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.mark.skipif(shutil.which("git") is None, reason="needs git to copy the tracked tree")
+def test_wheel_installs_with_its_cards_and_runs_from_another_directory(tmp_path):
+    pytest.importorskip("build")
+    # build from a copy of the tracked files, so no local build/ or egg-info leaks in
+    src = tmp_path / "src"
+    files = subprocess.run(
+        ["git", "ls-files", "-co", "--exclude-standard"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.split()
+    for name in files:
+        if (ROOT / name).is_file():
+            (src / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(ROOT / name, src / name)
+    dist = tmp_path / "dist"
+    subprocess.run(
+        [sys.executable, "-m", "build", "--wheel", "--no-isolation", "-o", str(dist), str(src)],
+        check=True,
+        capture_output=True,
+    )
+    (wheel,) = dist.glob("fpl_bench-*.whl")
+    env_dir = tmp_path / "venv"
+    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    python = env_dir / "bin" / "python"
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "--python",
+            str(python),
+            "install",
+            "-q",
+            "--no-deps",
+            str(wheel),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    where = subprocess.run(
+        [
+            str(python),
+            "-c",
+            "import fpl_bench, fpl_bench.cards as c; print(fpl_bench.__file__); "
+            "print(c.cards_root())",
+        ],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env=env,
+        check=True,
+    ).stdout.splitlines()
+    assert str(env_dir) in where[0] and str(ROOT) not in where[0]
+    assert str(env_dir) in where[1]
+    fpl = env_dir / "bin" / "fpl-bench"
+    listed = subprocess.run(
+        [str(fpl), "methods"], cwd=elsewhere, capture_output=True, text=True, env=env
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "dpfpl" in listed.stdout and "fedkgcoop" in listed.stdout
+    args = ["run", "--methods", "coop", "--rounds", "1", "--clients", "2", "--shots", "2"]
+    args += ["--dataset-option", "n_train_per_class=4", "--dataset-option", "n_test_per_class=2"]
+    args += ["--dataset-option", "n_val_per_class=2", "--cache-dir", str(tmp_path / "cache")]
+    job = subprocess.run(
+        [str(fpl), *args, "--out", "out"], cwd=elsewhere, capture_output=True, text=True, env=env
+    )
+    assert job.returncode == 0, job.stderr
+    assert (elsewhere / "out" / "results.csv").is_file()

@@ -198,6 +198,13 @@ def run(
             "parameters) or client (every client noises everything it sends)."
         ),
     ] = _default("trust"),
+    resume: Annotated[
+        bool,
+        typer.Option(
+            "--resume",
+            help="Continue the job in --out: skip finished runs, continue checkpointed ones.",
+        ),
+    ] = False,
     secure_noise: Annotated[
         bool,
         typer.Option(
@@ -206,8 +213,8 @@ def run(
         ),
     ] = False,
     out: Annotated[
-        Path, typer.Option(help="Output folder (results.csv, mlflow.db, partitions).")
-    ] = DEFAULT_OUT,
+        str, typer.Option(help="Output folder (results.csv, mlflow.db, partitions, jobs).")
+    ] = str(DEFAULT_OUT),
     cache_dir: Annotated[
         Path | None, typer.Option(help="Feature/data cache (default ~/.cache/fpl-bench).")
     ] = None,
@@ -256,10 +263,11 @@ def run(
         clip_norm=clip_norm,
         accountant=accountant,
         seeds=parse_int_list(seeds, "--seeds"),
-        out=out,
+        out=_out_folder(out),
         dataset_options=dataset_options,
         trust=trust,
         secure_noise=secure_noise,
+        resume=resume,
     )
     if cache_dir is not None:
         fields["cache_dir"] = cache_dir
@@ -278,7 +286,7 @@ def run(
     try:
         frame = run_experiment(
             spec,
-            log=lambda s: progress.write(s) if progress.bar else err.print(s),
+            log=lambda s: progress.write(s) if progress.bar else err.print(s, markup=False),
             progress=progress,
         )
     finally:
@@ -296,6 +304,12 @@ def run(
         highlight=False,
         markup=False,
     )
+
+
+def _out_folder(text: str) -> Path:
+    if not text.strip():
+        raise UsageError("--out is empty; give a folder, e.g. --out runs/default")
+    return Path(text)
 
 
 def build_spec_from_flags(fields: dict[str, Any]) -> Any:
@@ -419,8 +433,15 @@ def _register_commands() -> None:
 _register_commands()
 
 
+def _terminate(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: runs marked KILLED, results kept
+
+
 def main() -> None:
     """Console entry point: one-line errors with exit code 2 for bad input."""
+    import signal
+
+    signal.signal(signal.SIGTERM, _terminate)
     try:
         result = app(standalone_mode=False)
     except UsageError as err:
@@ -439,8 +460,13 @@ def main() -> None:
     except _CLICK_EXIT as err:
         sys.exit(err.exit_code)
     except (*_CLICK_ABORT, KeyboardInterrupt):
-        print("fpl-bench: interrupted; finished runs are in results.csv", file=sys.stderr)
-        sys.exit(130)
+        result = 130
+    if result == 130:  # typer turns Ctrl-C / SIGTERM into exit code 130
+        print(
+            "fpl-bench: interrupted; finished runs are kept in results.csv and the current run "
+            "in checkpoints/; rerun the same command with --resume to continue",
+            file=sys.stderr,
+        )
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -26,6 +26,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -263,6 +264,7 @@ class RunOutput:
     history: list[dict[str, float]]  # one dict per evaluation, with "round"
     schedule: list[list[int]]
     per_client: list[list[dict[str, float]]]
+    rounds_done: int = 0
 
 
 class FederatedRun:
@@ -539,15 +541,45 @@ class FederatedRun:
             out.append((logits.argmax(-1) == targets[i : i + chunk]).cpu().numpy())
         return np.concatenate(out) if out else np.zeros(0, dtype=bool)
 
+    def state_dict(self) -> dict[str, Any]:
+        """Everything a resumed run needs (tensors and plain values; `torch.save`-able and
+        loadable with weights_only=True). Batches, factorizations and noise come from
+        stateless per-(round, client, step) streams of the seed, so no RNG state is needed."""
+        return {
+            "server": dict(self.server),
+            "server_momentum": dict(self.server_momentum),
+            "clients": [
+                {"params": c.params, "momentum": c.momentum, "anchor": c.anchor}
+                for c in self.clients
+            ],
+        }
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.server = dict(state["server"])
+        self.server_momentum = dict(state["server_momentum"])
+        if len(state["clients"]) != len(self.clients):
+            raise ValueError("checkpoint holds a different number of clients")
+        self.clients = [
+            ClientState(dict(c["params"]), dict(c["momentum"]), dict(c["anchor"]))
+            for c in state["clients"]
+        ]
+
     def run(
         self,
         *,
         on_eval: Callable[[int, dict[str, float]], None] | None = None,
         progress: Callable[[int], None] | None = None,
+        start: RunOutput | None = None,
+        on_round_end: Callable[[int, RunOutput], None] | None = None,
     ) -> RunOutput:
-        history, per_client = [], []
+        """Train the remaining rounds and evaluate on the schedule. `start` (a checkpoint's
+        output, with the state already loaded) resumes after its last round;
+        `on_round_end(rounds done, output so far)` is where the caller checkpoints."""
+        history = [] if start is None else list(start.history)
+        per_client = [] if start is None else list(start.per_client)
+        first = 0 if start is None else start.rounds_done
         rounds = self.sched.rounds if self.method.trains else 0
-        for rnd in range(rounds):
+        for rnd in range(first, rounds):
             loss = self.run_round(rnd)
             if (rnd + 1) % self.sched.eval_every == 0 or rnd == rounds - 1:
                 metrics, clients = self.evaluate(rnd)
@@ -557,6 +589,8 @@ class FederatedRun:
                 per_client.append(clients)
                 if on_eval:
                     on_eval(rnd + 1, metrics)
+            if on_round_end:
+                on_round_end(rnd + 1, RunOutput(history, self.rounds_schedule, per_client, rnd + 1))
             if progress:
                 progress(rnd + 1)
         if not self.method.trains:
@@ -565,4 +599,4 @@ class FederatedRun:
             per_client.append(clients)
             if on_eval:
                 on_eval(0, history[-1])
-        return RunOutput(history=history, schedule=self.rounds_schedule, per_client=per_client)
+        return RunOutput(history, self.rounds_schedule, per_client, rounds)

@@ -12,12 +12,14 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import pickle
 import subprocess
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
+from typing import Protocol as Interface
 
 import numpy as np
 import pandas as pd
@@ -28,7 +30,15 @@ from fpl_bench.cards import dataset_card
 from fpl_bench.catalog import MethodChoice
 from fpl_bench.data.partition import ClientSplit, few_shot, make_partitioner
 from fpl_bench.data.sources import Splits, load_source
-from fpl_bench.driver import Diverged, FeatureSet, FederatedRun, Federation, NoisePlan, Schedule
+from fpl_bench.driver import (
+    Diverged,
+    FeatureSet,
+    FederatedRun,
+    Federation,
+    NoisePlan,
+    RunOutput,
+    Schedule,
+)
 from fpl_bench.errors import UsageError
 from fpl_bench.evaluate import final_metrics
 from fpl_bench.features import image_features
@@ -37,10 +47,11 @@ from fpl_bench.method import Method, build_method
 from fpl_bench.privacy.accountant import PrivacyLedger
 from fpl_bench.privacy.planning import check_delta, plan_for_clients
 from fpl_bench.prompt import TextTower
-from fpl_bench.protocols import domain_protocol, make_protocol
+from fpl_bench.protocols import Protocol, domain_protocol, make_protocol
 from fpl_bench.report.records import (
     METRIC_COLUMNS,
     RESULT_COLUMNS,
+    normalize_eps,
     read_results,
     upsert_results,
     write_results,
@@ -48,7 +59,7 @@ from fpl_bench.report.records import (
 from fpl_bench.spec import ExperimentSpec
 
 
-class JobProgress(Protocol):
+class JobProgress(Interface):
     """What the CLI shows: run k of N, round r of R (and from both, an ETA for the job)."""
 
     def start_run(self, index: int, total: int, label: str, rounds: int) -> None: ...
@@ -65,6 +76,7 @@ class Prepared:
     train: FeatureSet
     test: FeatureSet
     device: torch.device
+    partitions: dict[int, tuple[Protocol, ClientSplit]]
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -100,6 +112,11 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
     splits = load_source(
         card, root=spec.data_root, options=spec.dataset_options, cache_dir=spec.cache_dir
     )
+    # Everything that can be refused from the labels alone is refused before any encoding.
+    partitions = {seed: partition_clients(spec, splits, seed) for seed in spec.seeds}
+    if any(e is not None for e in spec.eps):
+        for _, split in partitions.values():
+            check_delta(spec.delta, [len(idx) for idx in split.train])
     backbone = load_backbone(
         spec.backbone, pretrained=spec.pretrained, checkpoint=spec.checkpoint, device=str(device)
     )
@@ -125,13 +142,20 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
             labels=torch.as_tensor(np.array(images.labels), dtype=torch.long, device=device),
         )
     tower = TextTower.build(backbone.model, backbone.tokenizer, splits.classnames, n_ctx=spec.n_ctx)
-    return Prepared(spec, splits, backbone, tower, sets["train"], sets[spec.eval_split], device)
+    return Prepared(
+        spec, splits, backbone, tower, sets["train"], sets[spec.eval_split], device, partitions
+    )
 
 
 def federation(prep: Prepared, seed: int) -> Federation:
+    """The data of one seed's runs: features, protocol and client partition."""
+    protocol, split = prep.partitions[seed]
+    return Federation(train=prep.train, test=prep.test, split=split, protocol=protocol)
+
+
+def partition_clients(spec: ExperimentSpec, splits: Splits, seed: int) -> tuple:
     """The protocol and the seeded, few-shot client partition of its seen classes (of the
     train / test images the protocol lets be dealt: cross-domain keeps its target out)."""
-    spec, splits = prep.spec, prep.splits
     evaluated = getattr(splits, spec.eval_split)  # the test split, or val when tuning
     n_classes = len(splits.classnames)
     if spec.protocol in ("multi-domain", "cross-domain"):
@@ -176,8 +200,7 @@ def federation(prep: Prepared, seed: int) -> Federation:
         test=tuple(test_pool[idx] for idx in local.test),
         classes=local.classes,
     )
-    split = few_shot(split, splits.train.labels, shots=spec.shots, seed=seed)
-    return Federation(train=prep.train, test=prep.test, split=split, protocol=protocol)
+    return protocol, few_shot(split, splits.train.labels, shots=spec.shots, seed=seed)
 
 
 def _pool(pool: np.ndarray | None, n: int) -> np.ndarray:
@@ -186,7 +209,6 @@ def _pool(pool: np.ndarray | None, n: int) -> np.ndarray:
 
 def plan_run_privacy(run: FederatedRun, spec: ExperimentSpec, eps: float) -> PrivacyLedger:
     """One sigma for every client of the run (fpl_bench/privacy/planning.py)."""
-    check_delta(spec.delta, run.n_train)
     return plan_for_clients(
         run.budget(),
         eps=eps,
@@ -201,11 +223,41 @@ def run_config(spec: ExperimentSpec, choice: MethodChoice) -> dict[str, Any]:
     """The resolved configuration of one method's runs (without eps and seed): what the
     config hash covers, and the MLflow params."""
     cfg = spec.model_dump(
-        mode="json", exclude={"methods", "eps", "seeds", "out", "cache_dir", "threads", "device"}
+        mode="json",
+        exclude={"methods", "eps", "seeds", "out", "cache_dir", "threads", "device", "resume"},
     )
     cfg.update({"method": choice.label, "learner": choice.learner, "scheme": choice.scheme})
     cfg.update(choice.options())
     return cfg
+
+
+def run_key(spec: ExperimentSpec, choice: MethodChoice, eps: float | None, seed: int) -> dict:
+    """The record key of one run (fpl_bench/report/records.py KEY_COLUMNS)."""
+    return {
+        "method": choice.label,
+        "learner": choice.learner,
+        "scheme": choice.scheme,
+        "dataset": spec.dataset,
+        "protocol": spec.protocol,
+        "trust": spec.trust,
+        "eps": "none" if eps is None else eps,
+        "seed": seed,
+        "config_hash": config_hash(run_config(spec, choice)),
+    }
+
+
+def _finished_row(previous: pd.DataFrame | None, key: dict[str, Any]) -> dict | None:
+    """The finished row of `previous` with this key, if any (what --resume skips)."""
+    if previous is None or previous.empty:
+        return None
+    match = previous["status"] == "finished"
+    for column, value in key.items():
+        if column == "eps":
+            match &= previous["eps"].map(normalize_eps) == normalize_eps(value)
+        else:
+            match &= previous[column].astype(str) == str(value)
+    rows = previous[match]
+    return None if rows.empty else rows.iloc[-1].to_dict()
 
 
 def config_hash(config: dict[str, Any]) -> str:
@@ -297,35 +349,48 @@ def run_one(
             )
         )
     config = run_config(spec, choice)
-    key = {
-        "method": choice.label,
-        "learner": choice.learner,
-        "scheme": choice.scheme,
-        "dataset": spec.dataset,
-        "protocol": spec.protocol,
-        "trust": spec.trust,
-        "eps": "none" if eps is None else eps,
-        "seed": seed,
-        "config_hash": config_hash(config),
-    }
+    key = run_key(spec, choice, eps, seed)
     params = {**config, "eps": key["eps"], "seed": seed, "config_hash": key["config_hash"]}
     if ledger is not None:
         params.update({f"privacy.{k}": v for k, v in asdict(ledger).items()})
     run_name = f"{choice.label}-{spec.dataset}-{spec.trust}-eps{key['eps']}-seed{seed}"
     tags = {k: str(v) for k, v in key.items()}
-    run_id = tracker.start(run_name, params, tags)
+    checkpoint = checkpoint_path(Path(spec.out), key)
+    start, run_id = None, None
+    if spec.resume and checkpoint.is_file():
+        start, run_id = load_checkpoint(checkpoint, run, tracker)
+        log(f"{run_name}: resuming after round {start.rounds_done} of {spec.rounds}")
+        if progress:
+            progress(start.rounds_done)
+    if run_id is None:
+        run_id = tracker.start(run_name, params, tags)
+
+    def save_round(rounds_done: int, output: RunOutput) -> None:
+        save_checkpoint(checkpoint, run, output, run_id)
+
     t0 = time.perf_counter()
     status = "failed"
     try:
-        out = run.run(on_eval=lambda r, m: tracker.log_round(run_id, r, m), progress=progress)
+        out = run.run(
+            on_eval=lambda r, m: tracker.log_round(run_id, r, m),
+            progress=progress,
+            start=start,
+            on_round_end=save_round if method.trains else None,
+        )
         status = "finished"
     except Diverged as err:
         status = "diverged"
         log(f"{run_name}: diverged ({err}); recorded without accuracy")
+    except KeyboardInterrupt:
+        status = "killed"
+        raise
     finally:
-        if status == "failed":
-            tracker.finish(run_id, {}, {}, status="FAILED", tags={"status": "failed"})
+        if status in ("failed", "killed"):
+            tracker.finish(
+                run_id, {}, {}, status=status.upper(), tags={"status": status}, quiet=True
+            )
     wall = time.perf_counter() - t0
+    checkpoint.unlink(missing_ok=True)
     metrics = dict.fromkeys(METRIC_COLUMNS, math.nan)
     if status == "finished":
         final = final_metrics(
@@ -368,6 +433,44 @@ def run_one(
     return row
 
 
+def checkpoint_path(out: Path, key: dict[str, Any]) -> Path:
+    """OUT/checkpoints/<hash of the run's key>.pt: one checkpoint per run."""
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True, default=str).encode()).hexdigest()
+    return out / "checkpoints" / f"{digest[:16]}.pt"
+
+
+def save_checkpoint(path: Path, run: FederatedRun, output: RunOutput, run_id: str) -> None:
+    """The run's state after a complete round, written atomically (a kill during the write
+    leaves the previous checkpoint)."""
+    from fpl_bench.features import save_atomic
+
+    save_atomic(
+        {
+            "state": run.state_dict(),
+            "history": output.history,
+            "per_client": output.per_client,
+            "rounds_done": output.rounds_done,
+            "mlflow_run_id": run_id,
+        },
+        path,
+    )
+
+
+def load_checkpoint(path: Path, run: FederatedRun, tracker: Any) -> tuple[RunOutput, str | None]:
+    """Restore `run` from its checkpoint (weights_only): the output so far and the MLflow run
+    to continue (None when the tracking store no longer has it)."""
+    try:
+        blob = torch.load(path, map_location="cpu", weights_only=True)
+        run.load_state_dict(blob["state"])
+    except (RuntimeError, KeyError, EOFError, OSError, ValueError, pickle.UnpicklingError) as err:
+        raise UsageError(
+            f"checkpoint {path} is damaged ({type(err).__name__}); delete it to restart that run"
+        ) from None
+    start = RunOutput(blob["history"], run.rounds_schedule, blob["per_client"], blob["rounds_done"])
+    run_id = blob["mlflow_run_id"] if tracker.reopen(blob["mlflow_run_id"]) else None
+    return start, run_id
+
+
 def save_partition(fed: Federation, out: Path, dataset: str, seed: int) -> Path:
     path = out / "partitions" / f"{dataset}-seed{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -383,13 +486,43 @@ def run_experiment(
 ) -> pd.DataFrame:
     """Run every method x eps x seed of the spec; returns this job's rows (also merged into
     DIR/results.csv, where a row with the same key replaces the old one)."""
-    from fpl_bench.tracking import Tracker
+    from fpl_bench.jobs import Job, check_tracking_uri, check_writable_folder, output_lock
+    from fpl_bench.tracking import tracking_uri
 
     build_methods(spec)  # refuse invalid pairs before any data is loaded
     out = Path(spec.out)
-    out.mkdir(parents=True, exist_ok=True)
+    check_writable_folder(out, "output folder")
+    check_writable_folder(Path(spec.cache_dir), "cache folder")
+    check_tracking_uri(tracking_uri(out))
     csv_path = out / "results.csv"
+    if csv_path.exists() and not csv_path.is_file():
+        raise UsageError(f"{csv_path} is not a file; move it away or use another --out")
     previous = read_results(csv_path) if csv_path.is_file() else None
+    with output_lock(out):
+        job = Job(out)
+        try:
+            rows = _run_cells(spec, out, csv_path, previous, job, log, progress)
+        except KeyboardInterrupt:
+            job.end("interrupted")
+            raise
+        except BaseException:
+            job.end("failed")
+            raise
+        job.end("finished")
+    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+
+
+def _run_cells(
+    spec: ExperimentSpec,
+    out: Path,
+    csv_path: Path,
+    previous: pd.DataFrame | None,
+    job: Any,
+    log: Callable[[str], None],
+    progress: JobProgress | None,
+) -> list[dict[str, Any]]:
+    from fpl_bench.tracking import Tracker
+
     prep = prepare(spec, log)
     tracker = Tracker(out)
     rows: list[dict[str, Any]] = []
@@ -406,18 +539,25 @@ def run_experiment(
         trains = LEARNERS.get(choice.learner).trains
         if progress:
             progress.start_run(index + 1, len(cells), label, spec.rounds if trains else 0)
-        rows.append(
-            run_one(
-                prep,
-                fed,
-                choice,
-                eps,
-                seed,
-                tracker,
-                log,
-                progress=progress.advance if progress else None,
-            )
+        done = _finished_row(previous, run_key(spec, choice, eps, seed)) if spec.resume else None
+        if done is not None:
+            log(f"{label}: finished in an earlier job; skipped (--resume)")
+            rows.append(done)
+            if progress:
+                progress.advance(spec.rounds if trains else 0)
+            continue
+        row = run_one(
+            prep,
+            fed,
+            choice,
+            eps,
+            seed,
+            tracker,
+            log,
+            progress=progress.advance if progress else None,
         )
+        rows.append(row)
+        job.add_run(row["mlflow_run_id"])
         frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
         write_results(upsert_results(previous, frame), csv_path)
-    return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
+    return rows

@@ -55,6 +55,7 @@ class ExperimentSpec(BaseModel):
     # test: what tuning optimises. "test": the reported numbers.
     eval_split: Literal["test", "val"] = "test"
     secure_noise: bool = False
+    resume: bool = False  # continue checkpointed runs, skip finished ones
     seeds: tuple[int, ...] = (0,)
     out: Path = Path("runs/default")
     cache_dir: Path = Path.home() / ".cache" / "fpl-bench"

@@ -8,6 +8,7 @@ output folder (MLflow refuses the plain file store since 3.13).
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -64,6 +65,16 @@ class Tracker:
             self.client.log_batch(run.info.run_id, params=items[i : i + 100])
         return run.info.run_id
 
+    def reopen(self, run_id: str) -> bool:
+        """Mark an interrupted run RUNNING again to continue it; False when it is gone."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            self.client.update_run(run_id, status="RUNNING")
+        except MlflowException:
+            return False
+        return True
+
     def log_round(self, run_id: str, step: int, metrics: Mapping[str, float]) -> None:
         from mlflow.entities import Metric
 
@@ -81,7 +92,14 @@ class Tracker:
         artifacts: Mapping[str, Any],
         status: str = "FINISHED",
         tags: Mapping[str, str] | None = None,
+        quiet: bool = False,
     ) -> None:
+        """Final metrics, artifacts and tags, then the run's terminal status. `quiet`: on the
+        way out of a failure, a tracking error must not hide the original one."""
+        if quiet:
+            with contextlib.suppress(Exception):
+                self.finish(run_id, metrics, artifacts, status=status, tags=tags)
+            return
         from mlflow.entities import Metric, RunTag
 
         now = int(time.time() * 1000)

@@ -1,15 +1,18 @@
-"""Frozen CLIP backbones from open_clip: a model name + pretrained tag, a local checkpoint, or the
-embedded tiny CLIP shipped with the package.
+"""Frozen CLIP backbones from open_clip: a model name (or model-config JSON) and weights from a
+pretrained tag, a local file, random init, or the embedded tiny CLIP shipped with the package.
 
-    bb = load_backbone()                                   # embedded fpl-tiny-vit, offline
-    bb = load_backbone("ViT-B-16", pretrained="openai")    # open_clip tag (local cache first)
-    bb = load_backbone("ViT-B-16", checkpoint=Path("vit_b16.pt"))
-    pooled, tokens = bb.encode_images(images_uint8)        # [N, D] fp32, [N, P, D] fp16
+    bb = load_backbone()                                     # embedded fpl-tiny-vit, offline
+    bb = load_backbone("ViT-B-16", pretrained="openai")      # open_clip tag (local cache first)
+    bb = load_backbone("ViT-B-16", pretrained="~/w/ViT-B-16.pt")  # a file (OpenAI's .pt too)
+    bb = load_backbone("my-vit.json", pretrained="none")     # custom architecture, random init
+    pooled, tokens = bb.encode_images(images_uint8)          # [N, D] fp32, [N, P, D] fp16
 
 The architecture always comes from open_clip's config registry (`open_clip.list_models()`, plus
-`fpl_bench/model_configs/*.json` registered here with `open_clip.add_model_config`); the weights
-from exactly one place. Preprocessing is open_clip's eval transform built from the model's
-preprocess config (for a tag: the mean/std/interpolation those weights were trained with).
+`fpl_bench/model_configs/*.json` and any model-config file given by path, registered here with
+`open_clip.add_model_config`); the weights from exactly one place (`weights_source`). Weight
+files are read by `fpl_bench.weights` without running code stored in them. Preprocessing is
+open_clip's eval transform built from the model's preprocess config (for a tag: the
+mean/std/interpolation those weights were trained with).
 
 Patch tokens follow FedOTP (HongxiaLee/FedOTP, `clip/model.py` VisionTransformer.forward): the
 tokens after `ln_post`, projected by `visual.proj` into the joint space, like the pooled feature.
@@ -18,13 +21,17 @@ tokens after `ln_post`, projected by `visual.proj` into the joint space, like th
 from __future__ import annotations
 
 import hashlib
+import json
 import logging
 import os
+import socket
+import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
+from urllib.parse import urlsplit
 
 import numpy as np
 import open_clip
@@ -35,6 +42,7 @@ from PIL import Image
 from torch import Tensor
 
 from fpl_bench.errors import UsageError
+from fpl_bench.weights import is_torchscript, read_weights
 
 EMBEDDED = "fpl-tiny-vit"  # name of the embedded model (config in fpl_bench/model_configs/)
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
@@ -54,12 +62,12 @@ class Backbone:
     """A frozen open_clip model (eval mode, no grad) with its tokenizer and eval transform."""
 
     name: str  # open_clip model name, e.g. "ViT-B-16" or "fpl-tiny-vit"
-    tag: str  # pretrained tag, "checkpoint" (local file) or "embedded"
+    tag: str  # pretrained tag, "checkpoint" (local file), "random" or "embedded"
     model: torch.nn.Module  # open_clip CLIP, eval(), requires_grad False
     tokenizer: Callable[[list[str]], Tensor]  # list of T strings -> [T, context_length] int64
     preprocess: Callable[[Image.Image], Tensor]  # PIL image -> [3, H, W] float32
     preprocess_cfg: dict[str, Any]  # size, mean, std, interpolation, resize_mode, ...
-    weights_digest: str  # first 16 hex chars of the sha256 of the weights file
+    weights_digest: str  # 16 hex chars of the sha256 of the weights file (random: of its recipe)
     device: torch.device
 
     def encode_images(
@@ -168,78 +176,214 @@ def _check_images(images: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- loading
 
+NO_WEIGHTS = "none"  # --pretrained none: random weights (seeded), for speed work
+RANDOM_INIT_SEED = 0
+# A --pretrained value with one of these suffixes (or a path separator) is a file, not a tag.
+WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")
+# Any of these set to 1/true/yes/on: never try the network for a tag (huggingface_hub's own
+# HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE, and ours).
+OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "FPL_BENCH_OFFLINE")
+PROBE_TIMEOUT_S = 3.0
+
+
+@dataclass(frozen=True)
+class WeightsSource:
+    """Where a backbone's weights come from: exactly one place."""
+
+    kind: Literal["tag", "file", "random", "embedded"]
+    tag: str  # Backbone.tag: the open_clip tag, "checkpoint", "random" or "embedded"
+    path: Path | None = None  # the weights file (tag: found in a cache or downloaded)
+    tag_cfg: Mapping[str, Any] = field(default_factory=dict)  # open_clip's pretrained cfg
+
 
 def load_backbone(
     name: str = EMBEDDED,
     *,
-    pretrained: str | None = None,
+    pretrained: str | Path | None = None,
     checkpoint: Path | None = None,
     device: str = "cpu",
 ) -> Backbone:
     """Build open_clip model `name` with its weights from one source, frozen, in eval mode.
 
-    Weights: `pretrained` (an open_clip tag: local cache first, then a download), `checkpoint`
-    (a local torch file: a state dict or {"state_dict": ...}), or, for the embedded model with
-    neither, the shipped `fpl_bench/assets/fpl-tiny-vit.pt` (fp16, cast to fp32 on load).
-    For a tag trained with QuickGELU (e.g. OpenAI's), the model is built with QuickGELU.
+    `name`: an open_clip model (`open_clip.list_models()`: ViT-B-16, ViT-L-14, RN50, ...), the
+    embedded `fpl-tiny-vit`, or the path of an open_clip model-config JSON file (a custom
+    architecture, registered under the file's stem).
+
+    `pretrained`:
+    - an open_clip tag (`openai`, `laion2b_s34b_b88k`, ...): the weights file is looked up in
+      the local caches first (the Hugging Face hub cache, then `~/.cache/clip` for URL tags),
+      downloaded only when not found, downloads are allowed (none of `OFFLINE_ENV` set) and the
+      host answers within `PROBE_TIMEOUT_S`; otherwise a one-line UsageError names the files it
+      looked for. The model is built with the tag's QuickGELU and normalisation settings.
+    - a file path (an existing file, or any value with a path separator or a weights suffix):
+      a state dict, `{"state_dict": ...}`, safetensors, or an OpenAI-format CLIP file (the
+      TorchScript archive or its state dict, as CoOp and its forks load them), read by
+      `fpl_bench.weights.read_weights` without running code from the file; OpenAI-format
+      weights are built with QuickGELU.
+    - `none`: random weights, seeded (`RANDOM_INIT_SEED`), for speed work.
+    `checkpoint` is an alias of a `pretrained` path (give one of the two). With neither, the
+    embedded model loads the shipped `fpl_bench/assets/fpl-tiny-vit.pt` (fp16, cast to fp32).
     """
     register_model_configs()
     torch_device = _parse_device(device)
-    if name not in open_clip.list_models():
-        known = open_clip.list_models()
+    name = resolve_model_name(name)
+    source = weights_source(name, pretrained=pretrained, checkpoint=checkpoint)
+    state, quick_gelu = None, bool(source.tag_cfg.get("quick_gelu", False))
+    torchscript = False
+    if source.kind in ("file", "embedded") or (
+        source.kind == "tag" and source.path is not None and is_torchscript(source.path)
+    ):
+        assert source.path is not None
+        state, info = read_weights(source.path)
+        quick_gelu = quick_gelu or info.quick_gelu
+        torchscript = info.kind == "torchscript"
+    model, preprocess = _build_model(
+        name, tag_cfg=source.tag_cfg, quick_gelu=quick_gelu, seeded=source.kind == "random"
+    )
+    if state is not None:
+        _load_weights(model, state, source=source.path, ignore_extra=torchscript)
+    elif source.kind == "tag":
+        open_clip.load_checkpoint(model, str(source.path), strict=True)
+    model = model.to(torch_device).eval().requires_grad_(False)
+    return Backbone(
+        name=name,
+        tag=source.tag,
+        model=model,
+        tokenizer=open_clip.get_tokenizer(name),
+        preprocess=preprocess,
+        preprocess_cfg=dict(model.visual.preprocess_cfg),
+        weights_digest=_weights_digest(name, source, quick_gelu),
+        device=torch_device,
+    )
+
+
+def resolve_model_name(name: str) -> str:
+    """`name` itself, or for the path of an open_clip model-config JSON file, its stem (the
+    file is registered with `open_clip.add_model_config`). UsageError for an unknown name, or
+    a config file that is missing, malformed, or shadows a registered model it differs from."""
+    if name.lower().endswith(".json"):
+        name = _register_config_file(Path(name).expanduser())
+    known = open_clip.list_models()
+    if name not in known:
         examples = [EMBEDDED, *[m for m in ("ViT-B-32", "ViT-B-16", "RN50") if m in known]]
         raise UsageError(
             f"unknown open_clip model {name!r}; e.g. {', '.join(examples)} "
-            f"({len(known)} known: see open_clip.list_models())"
+            f"({len(known)} known: see open_clip.list_models()), or a model-config .json file"
         )
-    if pretrained is not None and checkpoint is not None:
-        raise UsageError("give either a pretrained tag or a checkpoint path, not both")
+    return name
 
-    tag_cfg: dict[str, Any] = {}
-    if pretrained is not None:
-        tag_cfg = _tag_cfg(name, pretrained)
-        tag = pretrained.lower().replace("-", "_")  # open_clip's _clean_tag
-        weights = _tag_weights(name, tag, tag_cfg)
-    elif checkpoint is not None:
-        tag, weights = "checkpoint", Path(checkpoint)
-    elif name == EMBEDDED:
-        tag, weights = "embedded", EMBEDDED_WEIGHTS
-        if not weights.is_file():
+
+def _register_config_file(path: Path) -> str:
+    if not path.is_file():
+        raise UsageError(f"model config {path} does not exist")
+    try:
+        cfg = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise UsageError(f"model config {path} is not readable JSON ({err})") from None
+    required = ("embed_dim", "vision_cfg", "text_cfg")
+    missing = [k for k in required if not isinstance(cfg, dict) or k not in cfg]
+    if missing:
+        raise UsageError(
+            f"model config {path} lacks {', '.join(missing)}; an open_clip model config has "
+            "embed_dim, vision_cfg and text_cfg (like open_clip's model_configs/ViT-B-16.json)"
+        )
+    stem = path.stem
+    if stem in open_clip.list_models():
+        if open_clip.get_model_config(stem) != cfg:
             raise UsageError(
-                f"embedded weights {weights} are missing; run `fpl-bench pretrain-tiny --out "
-                f"{weights}` or pass --checkpoint PATH"
+                f"model config {path} is named like the registered model {stem} but differs "
+                "from it; rename the file"
             )
-    else:
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        hint = f"--pretrained TAG (known: {', '.join(tags)}) or " if tags else ""
-        raise UsageError(f"model {name} needs weights: pass {hint}--checkpoint PATH")
+        return stem
+    open_clip.add_model_config(path)
+    return stem
 
-    with quiet_random_init():
+
+def weights_source(
+    name: str, *, pretrained: str | Path | None, checkpoint: Path | None
+) -> WeightsSource:
+    """Decide where the weights of model `name` come from (see `load_backbone`); a tag's file
+    is located here (cache, else download), so a missing file fails before any model is built."""
+    if pretrained is not None and checkpoint is not None:
+        raise UsageError("give the weights once: --pretrained TAG|PATH (or --checkpoint PATH)")
+    if checkpoint is not None:
+        return _file_source(Path(checkpoint))
+    if pretrained is None:
+        if name == EMBEDDED:
+            if not EMBEDDED_WEIGHTS.is_file():
+                raise UsageError(
+                    f"embedded weights {EMBEDDED_WEIGHTS} are missing; run `fpl-bench "
+                    f"pretrain-tiny --out {EMBEDDED_WEIGHTS}` or pass --pretrained PATH"
+                )
+            return WeightsSource(kind="embedded", tag="embedded", path=EMBEDDED_WEIGHTS)
+        tags = open_clip.list_pretrained_tags_by_model(name)
+        hint = f"--pretrained TAG (known: {', '.join(tags)}), " if tags else ""
+        raise UsageError(
+            f"model {name} needs weights: pass {hint}--pretrained /path/to/weights.pt, "
+            "or --pretrained none (random weights)"
+        )
+    text = str(pretrained)
+    if text.strip().lower() == NO_WEIGHTS:
+        return WeightsSource(kind="random", tag="random")
+    if isinstance(pretrained, Path) or _looks_like_path(text):
+        return _file_source(Path(text))
+    cfg = _tag_cfg(name, text)
+    tag = text.lower().replace("-", "_")  # open_clip's _clean_tag
+    return WeightsSource(kind="tag", tag=tag, path=_tag_weights(name, tag, cfg), tag_cfg=cfg)
+
+
+def _file_source(path: Path) -> WeightsSource:
+    path = path.expanduser()
+    if not path.is_file():
+        raise UsageError(f"weights file {path} does not exist")
+    return WeightsSource(kind="file", tag="checkpoint", path=path)
+
+
+def _looks_like_path(text: str) -> bool:
+    """A --pretrained value names a file (not a tag): it exists, or it has a path separator,
+    a leading ~ or a weights suffix. open_clip's tags have none of these."""
+    if "/" in text or os.sep in text or text.startswith("~"):
+        return True
+    return Path(text).suffix.lower() in WEIGHT_SUFFIXES or Path(text).is_file()
+
+
+def _build_model(
+    name: str, *, tag_cfg: Mapping[str, Any], quick_gelu: bool, seeded: bool
+) -> tuple[torch.nn.Module, Callable[[Image.Image], Tensor]]:
+    """open_clip's architecture `name` (random init) and its eval transform; with `seeded`
+    the init draws from `RANDOM_INIT_SEED` without touching the caller's RNG state."""
+    with quiet_random_init(), torch.random.fork_rng(devices=[], enabled=seeded):
+        if seeded:
+            torch.manual_seed(RANDOM_INIT_SEED)
         model, _, preprocess = open_clip.create_model_and_transforms(
             name,
             pretrained=None,
-            force_quick_gelu=bool(tag_cfg.get("quick_gelu", False)),
+            force_quick_gelu=quick_gelu,
             image_mean=tag_cfg.get("mean"),
             image_std=tag_cfg.get("std"),
             image_interpolation=tag_cfg.get("interpolation"),
             image_resize_mode=tag_cfg.get("resize_mode"),
         )
-    if pretrained is not None:
-        open_clip.load_checkpoint(model, str(weights), strict=True)
-    else:
-        _load_weights(model, _read_state_dict(weights), source=weights)
+    return model, preprocess
 
-    model = model.to(torch_device).eval().requires_grad_(False)
-    return Backbone(
-        name=name,
-        tag=tag,
-        model=model,
-        tokenizer=open_clip.get_tokenizer(name),
-        preprocess=preprocess,
-        preprocess_cfg=dict(model.visual.preprocess_cfg),
-        weights_digest=file_digest(weights),
-        device=torch_device,
+
+def _weights_digest(name: str, source: WeightsSource, quick_gelu: bool) -> str:
+    """sha256 prefix of the weights file; for random weights, of what fixes them (config,
+    seed, activation, library versions)."""
+    if source.path is not None:
+        return file_digest(source.path)
+    blob = json.dumps(
+        {
+            "random_init_seed": RANDOM_INIT_SEED,
+            "config": open_clip.get_model_config(name),
+            "quick_gelu": quick_gelu,
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+        },
+        sort_keys=True,
+        default=str,
     )
+    return hashlib.sha256(blob.encode()).hexdigest()[:_DIGEST_CHARS]
 
 
 def file_digest(path: Path) -> str:
@@ -276,88 +420,175 @@ def quiet_random_init() -> Iterator[None]:
         root.removeFilter(keep)
 
 
+# ----------------------------------------------------------------------------- tag weights
+
+
 def _tag_cfg(name: str, tag: str) -> dict[str, Any]:
     if not open_clip.is_pretrained_cfg(name, tag):
         tags = open_clip.list_pretrained_tags_by_model(name)
         known = f"known tags for {name}: {', '.join(tags)}" if tags else f"{name} has no tags"
-        raise UsageError(f"unknown pretrained tag {tag!r}; {known}; or pass --checkpoint PATH")
+        raise UsageError(
+            f"unknown pretrained tag {tag!r}; {known}; or pass --pretrained /path/to/weights.pt "
+            "or --pretrained none"
+        )
     return dict(open_clip.get_pretrained_cfg(name, tag))
+
+
+def hub_cache_dir() -> Path:
+    """The Hugging Face hub cache, as huggingface_hub resolves it, read from the environment
+    at call time (HF_HUB_CACHE, else HF_HOME/hub, else $XDG_CACHE_HOME or ~/.cache)."""
+    env = os.environ
+    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
+        if env.get(key):
+            return Path(env[key]).expanduser()
+    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
+    return Path(home).expanduser() / "hub"
+
+
+def url_cache_dir() -> Path:
+    """Where open_clip (and OpenAI's clip package) keep files downloaded from a URL."""
+    return Path("~/.cache/clip").expanduser()
+
+
+def _hub_files(cfg: Mapping[str, Any]) -> tuple[str, list[str]]:
+    """(repo id, file names in open_clip's order of preference) of a tag's hub entry."""
+    repo_id, filename = os.path.split(cfg.get("hf_hub", ""))
+    if not filename:
+        return repo_id, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
+    if filename.endswith((".bin", ".pth")):
+        return repo_id, [filename[:-4] + ".safetensors", filename]
+    return repo_id, [filename]
 
 
 def _cached_tag_file(cfg: Mapping[str, Any]) -> Path | None:
     """The weights file of a tag if it is already on disk (no network), else None.
 
-    Mirrors open_clip.download_pretrained: a 'file' entry, else the hub (safetensors first),
-    else the URL cached under ~/.cache/clip.
+    Looks where open_clip.download_pretrained would put it: a 'file' entry; the hub cache
+    (safetensors first) for an `hf_hub` entry; `~/.cache/clip/<basename>` for a `url` entry
+    (open_clip prefers the hub when both exist; either copy on disk will do).
     """
     if cfg.get("file"):
-        return Path(cfg["file"])
-    hub = cfg.get("hf_hub", "")
-    if hub:
+        path = Path(cfg["file"]).expanduser()
+        return path if path.is_file() else None
+    if cfg.get("hf_hub"):
         from huggingface_hub import try_to_load_from_cache
 
-        repo_id, filename = os.path.split(hub)
-        names = (
-            [filename]
-            if filename
-            else ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-        )
-        if filename.endswith((".bin", ".pth")):
-            names.insert(0, filename[:-4] + ".safetensors")
+        repo_id, names = _hub_files(cfg)
         for candidate in names:
-            hit = try_to_load_from_cache(repo_id, candidate)
-            if isinstance(hit, str):
+            hit = try_to_load_from_cache(repo_id, candidate, cache_dir=str(hub_cache_dir()))
+            if isinstance(hit, str) and Path(hit).is_file():
                 return Path(hit)
-        return None
-    url = cfg.get("url", "")
-    if url:
-        local = Path(os.path.expanduser("~/.cache/clip")) / os.path.basename(url)
-        return local if local.is_file() else None
+    if cfg.get("url"):
+        local = url_cache_dir() / os.path.basename(cfg["url"])
+        if local.is_file():
+            return local
     return None
 
 
+def _looked_for(cfg: Mapping[str, Any]) -> list[str]:
+    """Where `_cached_tag_file` looked, for the error message."""
+    places = []
+    if cfg.get("file"):
+        places.append(str(cfg["file"]))
+    if cfg.get("hf_hub"):
+        repo_id, names = _hub_files(cfg)
+        folder = hub_cache_dir() / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "*"
+        places.append(str(folder / names[0]))
+    if cfg.get("url"):
+        places.append(str(url_cache_dir() / os.path.basename(cfg["url"])))
+    return places
+
+
+def offline() -> bool:
+    """Whether downloads are switched off by one of `OFFLINE_ENV`."""
+    return any(
+        os.environ.get(key, "").strip().lower() in ("1", "true", "yes", "on") for key in OFFLINE_ENV
+    )
+
+
+def _download_endpoint(cfg: Mapping[str, Any]) -> str:
+    """The URL open_clip.download_pretrained would fetch from (it prefers the hub)."""
+    if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
+        return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
+    return str(cfg.get("url", ""))
+
+
+def _reachable(url: str, *, timeout: float = PROBE_TIMEOUT_S) -> bool:
+    """Whether a TCP connection to the host of `url` (or to the HTTPS proxy that would carry
+    it) opens within `timeout` seconds: a cheap test before a download that could otherwise
+    wait on the network, retry and warn for minutes."""
+    parts = urlsplit(url)
+    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
+    if host is None:
+        return False
+    proxy = urllib.request.getproxies().get(parts.scheme)
+    if proxy and not urllib.request.proxy_bypass(host):
+        proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
+        host, port = proxy_parts.hostname or host, proxy_parts.port or 80
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
 def _tag_weights(name: str, tag: str, cfg: Mapping[str, Any]) -> Path:
+    """The local weights file of `name:tag`: from a cache, else downloaded. Offline (or with
+    the host unreachable) it fails at once with one line naming the files it looked for."""
     cached = _cached_tag_file(cfg)
     if cached is not None:
         return cached
+    looked = " or ".join(_looked_for(cfg)) or "nowhere (open_clip gives no source)"
+    suggestion = os.path.basename(cfg.get("url", "")) or "open_clip_model.safetensors"
+    endpoint = _download_endpoint(cfg)
+    if offline():
+        reason = (
+            "downloads are off (" + ", ".join(k for k in OFFLINE_ENV if os.environ.get(k)) + ")"
+        )
+    elif not endpoint or not _reachable(endpoint):
+        reason = f"{urlsplit(endpoint).hostname or 'its host'} cannot be reached"
+    else:
+        return _download(name, tag, cfg, suggestion)
+    raise UsageError(
+        f"no weights for {name}:{tag} on disk (looked for {looked}) and {reason}; download "
+        f"them elsewhere and pass --pretrained /path/to/{suggestion}"
+    )
+
+
+def _download(name: str, tag: str, cfg: Mapping[str, Any], suggestion: str) -> Path:
     try:
         fetched = open_clip.download_pretrained(dict(cfg))
     except Exception as e:  # any network/hub failure: the fix is the same for the user
         first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
         raise UsageError(
-            f"could not fetch weights for {name}:{tag} ({first_line}); download them elsewhere "
-            f"and pass --checkpoint PATH"
+            f"could not fetch weights for {name}:{tag} ({first_line}); download them "
+            f"elsewhere and pass --pretrained /path/to/{suggestion}"
         ) from e
     if not fetched:
-        raise UsageError(f"open_clip has no source for {name}:{tag}; pass --checkpoint PATH")
+        raise UsageError(
+            f"open_clip has no source for {name}:{tag}; pass --pretrained /path/to/weights.pt"
+        )
     return Path(fetched)
 
 
-def _read_state_dict(path: Path) -> dict[str, Tensor]:
-    """A state dict from a torch file: plain, or under "state_dict"; "module." prefix removed."""
-    if not path.is_file():
-        raise UsageError(f"checkpoint {path} does not exist")
-    try:
-        loaded = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # torch.load raises many types for a corrupt file
-        raise UsageError(
-            f"checkpoint {path} is not a readable torch file ({type(e).__name__})"
-        ) from e
-    if isinstance(loaded, Mapping) and "state_dict" in loaded:
-        loaded = loaded["state_dict"]
-    if not isinstance(loaded, Mapping) or not all(
-        isinstance(k, str) and isinstance(v, Tensor) for k, v in loaded.items()
-    ):
-        raise UsageError(f"checkpoint {path} holds no state dict of tensors")
-    state = dict(loaded)
-    if state and all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    return state
+# ----------------------------------------------------------------------------- state dicts
 
 
-def _load_weights(model: torch.nn.Module, state: Mapping[str, Tensor], *, source: Path) -> None:
-    """Strict load; a key or shape mismatch is the user's file, so it is a UsageError."""
+def _load_weights(
+    model: torch.nn.Module,
+    state: Mapping[str, Tensor],
+    *,
+    source: Path | None,
+    ignore_extra: bool = False,
+) -> None:
+    """Strict load; a key or shape mismatch is the user's file, so it is a UsageError.
+
+    `ignore_extra` drops keys the model does not have (a TorchScript archive also holds tensor
+    attributes that are not state, e.g. attention masks); missing keys and shapes still fail.
+    """
     expected = model.state_dict()
+    if ignore_extra:
+        state = {k: v for k, v in state.items() if k in expected}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     wrong_shape = sorted(
@@ -372,5 +603,5 @@ def _load_weights(model: torch.nn.Module, state: Mapping[str, Tensor], *, source
         ):
             if keys:
                 parts.append(f"{len(keys)} {label} (e.g. {keys[0]})")
-        raise UsageError(f"checkpoint {source} does not match the architecture: {'; '.join(parts)}")
+        raise UsageError(f"weights {source} do not match the architecture: {'; '.join(parts)}")
     model.load_state_dict(state, strict=True)  # copies, casting fp16 -> the model's dtype

@@ -174,10 +174,17 @@ def run(
     ] = _default("last_k"),
     seeds: Annotated[str, typer.Option(help="Comma list of seeds.")] = "0",
     backbone: Annotated[
-        str, typer.Option(help="open_clip model name (default: the embedded tiny CLIP).")
+        str,
+        typer.Option(
+            help="open_clip model name or a model-config .json (default: the embedded tiny CLIP)."
+        ),
     ] = _default("backbone"),
     pretrained: Annotated[
-        str | None, typer.Option(help="open_clip pretrained tag, e.g. openai.")
+        str | None,
+        typer.Option(
+            help="open_clip tag (e.g. openai), a weights file (.pt/.safetensors, OpenAI's "
+            "TorchScript .pt), or none (random weights)."
+        ),
     ] = None,
     checkpoint: Annotated[
         Path | None, typer.Option(help="Local checkpoint (state dict) for --backbone.")
@@ -198,6 +205,21 @@ def run(
             "parameters) or client (every client noises everything it sends)."
         ),
     ] = _default("trust"),
+    suite: Annotated[
+        str | None,
+        typer.Option(
+            help="Run a suite: NAME (leaderboards/NAME.toml) or a .toml path; cells finished "
+            "in OUT/results.csv are skipped."
+        ),
+    ] = None,
+    dry_run: Annotated[
+        bool,
+        typer.Option(
+            "--dry-run",
+            help="With --suite: list the cells, configs, the paper's numbers and time "
+            "estimates; run nothing.",
+        ),
+    ] = False,
     resume: Annotated[
         bool,
         typer.Option(
@@ -225,6 +247,13 @@ def run(
     from fpl_bench.catalog import method_names, parse_params, parse_value, resolve_method
     from fpl_bench.spec import parse_eps, parse_int_list
 
+    if dry_run and suite is None:
+        raise UsageError("--dry-run applies to --suite only")
+    if suite is not None:
+        if methods != "all" or eps != "none" or seeds != "0" or dataset != _default("dataset"):
+            raise UsageError("--methods/--eps/--seeds/--dataset: the suite sets them; drop them")
+        _run_suite(suite, out, dry_run, data_root, cache_dir, device, threads, pretrained)
+        return
     if alpha is not None and partition != "dirichlet":
         raise UsageError(f"--alpha applies to --partition dirichlet only (got {partition})")
     names = method_names(methods)
@@ -304,6 +333,48 @@ def run(
         highlight=False,
         markup=False,
     )
+
+
+def _run_suite(
+    name: str,
+    out_text: str,
+    dry_run: bool,
+    data_root: Path | None,
+    cache_dir: Path | None,
+    device: str,
+    threads: int | None,
+    pretrained: str | None,
+) -> None:
+    """`run --suite NAME [--dry-run]`: a grid from leaderboards/NAME.toml (fpl_bench/suite.py)."""
+    from fpl_bench.suite import dry_run_rows, format_dry_run, load_suite, run_suite
+
+    chosen = load_suite(name)
+    out = Path("runs") / chosen.name if out_text == str(DEFAULT_OUT) else _out_folder(out_text)
+    overrides: dict[str, Any] = {"device": device}
+    if data_root is not None:
+        overrides["data_root"] = data_root
+    cache = cache_dir or (
+        Path(os.environ["FPL_BENCH_CACHE"]) if os.environ.get("FPL_BENCH_CACHE") else None
+    )
+    if cache is not None:
+        overrides["cache_dir"] = cache
+    if threads is not None:
+        overrides["threads"] = threads
+    if pretrained is not None:
+        overrides["pretrained"] = str(pretrained)
+    if dry_run:
+        typer.echo(format_dry_run(chosen, dry_run_rows(chosen, out, overrides=overrides)))
+        return
+    from tqdm import tqdm
+
+    run_suite(
+        chosen,
+        out,
+        log=lambda t: tqdm.write(t, file=sys.stderr),
+        overrides=overrides,
+        progress=TqdmProgress,
+    )
+    typer.echo(f"wrote {out / 'results.csv'}; `fpl-bench leaderboard --runs {out}` for the tables")
 
 
 def _out_folder(text: str) -> Path:

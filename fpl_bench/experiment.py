@@ -109,6 +109,9 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
     device = resolve_device(spec.device)
     with_tokens = any(LEARNERS.get(m.learner).needs_tokens for m in spec.methods)
     card = dataset_card(spec.dataset)
+    backbone = load_backbone(
+        spec.backbone, pretrained=spec.pretrained, checkpoint=spec.checkpoint, device=str(device)
+    )
     splits = load_source(
         card, root=spec.data_root, options=spec.dataset_options, cache_dir=spec.cache_dir
     )
@@ -117,9 +120,6 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
     if any(e is not None for e in spec.eps):
         for _, split in partitions.values():
             check_delta(spec.delta, [len(idx) for idx in split.train])
-    backbone = load_backbone(
-        spec.backbone, pretrained=spec.pretrained, checkpoint=spec.checkpoint, device=str(device)
-    )
     sets = {}
     for split in ("train", spec.eval_split):
         images = getattr(splits, split)
@@ -224,7 +224,17 @@ def run_config(spec: ExperimentSpec, choice: MethodChoice) -> dict[str, Any]:
     config hash covers, and the MLflow params."""
     cfg = spec.model_dump(
         mode="json",
-        exclude={"methods", "eps", "seeds", "out", "cache_dir", "threads", "device", "resume"},
+        exclude={
+            "methods",
+            "eps",
+            "seeds",
+            "out",
+            "cache_dir",
+            "data_root",
+            "threads",
+            "device",
+            "resume",
+        },
     )
     cfg.update({"method": choice.label, "learner": choice.learner, "scheme": choice.scheme})
     cfg.update(choice.options())
@@ -472,7 +482,7 @@ def load_checkpoint(path: Path, run: FederatedRun, tracker: Any) -> tuple[RunOut
 
 
 def save_partition(fed: Federation, out: Path, dataset: str, seed: int) -> Path:
-    path = out / "partitions" / f"{dataset}-seed{seed}.json"
+    path = out / "partitions" / f"{dataset}-{fed.split.n_clients}c-seed{seed}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(fed.split.to_json()))
     return path

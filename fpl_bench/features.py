@@ -22,7 +22,17 @@ from fpl_bench.data.imageset import ImageSet
 from fpl_bench.data.loading import preprocessed_batches
 from fpl_bench.io import write_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: entries carry the SHA-256 of their tensors
+
+
+def tensor_digest(*tensors: Tensor) -> str:
+    """SHA-256 over the shapes, dtypes and bytes of `tensors` (what a cache entry must hold)."""
+    h = hashlib.sha256()
+    for t in tensors:
+        t = t.contiguous().cpu()
+        h.update(f"{tuple(t.shape)}:{t.dtype};".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
 
 
 def cache_key(
@@ -80,7 +90,8 @@ def image_features(
     if path.is_file():
         try:
             entry = torch.load(path, map_location="cpu", weights_only=True)
-            if entry["pooled"].shape[0] == len(images):
+            intact = entry["sha256"] == tensor_digest(entry["pooled"], entry["tokens"])
+            if intact and entry["pooled"].shape[0] == len(images):
                 return entry["pooled"], entry["tokens"], True
         except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError):
             pass  # a damaged entry is recomputed and overwritten
@@ -93,5 +104,6 @@ def image_features(
         array = images.images if isinstance(images, ImageSet) else images
         pooled, tokens = backbone.encode_images(array, with_tokens=with_tokens)
     pooled, tokens = pooled.float().cpu(), tokens.half().cpu()
-    save_atomic({"pooled": pooled, "tokens": tokens}, path)
+    # Written atomically: two processes filling the same entry at once leave one valid file.
+    save_atomic({"pooled": pooled, "tokens": tokens, "sha256": tensor_digest(pooled, tokens)}, path)
     return pooled, tokens, False

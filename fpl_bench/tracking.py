@@ -19,6 +19,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+from fpl_bench.io import write_atomic
+
 EXPERIMENT = "fpl-bench"
 
 
@@ -44,6 +46,12 @@ class Tracker:
             logging.getLogger(name).setLevel(logging.WARNING)
 
         self.uri = tracking_uri(out_dir)
+        self.out_dir = Path(out_dir)
+        # Tracking in the output folder keeps the artifacts there too, as plain files under
+        # OUT/artifacts/<run id>/ (a run tag names the relative folder): the folder can be moved
+        # or copied and still read, and a copy never writes into the original. A tracking
+        # server keeps them in its own artifact store.
+        self.local = "MLFLOW_TRACKING_URI" not in os.environ
         self.client = MlflowClient(tracking_uri=self.uri)
         found = self.client.get_experiment_by_name(experiment)
         if found:
@@ -108,9 +116,18 @@ class Tracker:
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         if values:
             self.client.log_batch(run_id, metrics=values)
-        with tempfile.TemporaryDirectory() as tmp:
+        if self.local and artifacts:
+            folder = Path("artifacts") / run_id
             for name, obj in artifacts.items():
-                path = Path(tmp) / name
-                path.write_text(json.dumps(obj))
-                self.client.log_artifact(run_id, str(path))
+                blob = json.dumps(obj)
+                write_atomic(
+                    self.out_dir / folder / name, lambda tmp, b=blob: Path(tmp).write_text(b)
+                )
+            self.client.set_tag(run_id, "fpl_bench.artifacts", str(folder))
+        elif artifacts:
+            with tempfile.TemporaryDirectory() as tmp:
+                for name, obj in artifacts.items():
+                    path = Path(tmp) / name
+                    path.write_text(json.dumps(obj))
+                    self.client.log_artifact(run_id, str(path))
         self.client.set_terminated(run_id, status=status)

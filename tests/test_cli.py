@@ -88,3 +88,14 @@ def test_methods_and_datasets_list(capsys, monkeypatch):
     assert "kgcoop@fedavg" in out and re.search(r"coop@global_local\s+refused", out)
     code, out, _ = run_cli(["datasets"], capsys, monkeypatch)
     assert "synthetic" in out
+
+
+def test_suite_dry_run_lists_every_cell_with_the_papers_number(capsys, monkeypatch, tmp_path):
+    code, out, _ = run_cli(
+        ["run", "--suite", "dpfpl-table2", "--dry-run", "--out", str(tmp_path / "o")],
+        capsys,
+        monkeypatch,
+    )
+    assert code in (0, None)
+    assert out.startswith("suite dpfpl-table2: 480 cells")
+    assert sum("  pending  " in line for line in out.splitlines()) == 480

@@ -1,6 +1,7 @@
 """The image-feature cache: encoded once, reused, keyed by everything that changes features."""
 
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -60,3 +61,47 @@ def test_damaged_entry_is_recomputed(tmp_path):
         bb, images, data_fingerprint="d", split="test", cache_dir=tmp_path
     )
     assert hit is False and bb.calls == 2 and pooled.shape == (2, 4)
+
+
+def test_an_entry_whose_tensors_were_altered_is_detected_by_its_hash(tmp_path):
+    bb = CountingBackbone(preprocess_cfg={})
+    images = np.zeros((2, 8, 8, 3), dtype=np.uint8)
+    image_features(bb, images, data_fingerprint="d", split="test", cache_dir=tmp_path)
+    (path,) = (tmp_path / "features").glob("*.pt")
+    entry = torch.load(path, weights_only=True)
+    entry["pooled"][0, 0] = 123.0  # loads fine, but is not what was written
+    torch.save(entry, path)
+    pooled, _, hit = image_features(
+        bb, images, data_fingerprint="d", split="test", cache_dir=tmp_path
+    )
+    assert hit is False and bb.calls == 2 and float(pooled[0, 0]) == 0.0
+
+
+def test_two_processes_filling_one_entry_leave_one_valid_file(tmp_path):
+    import subprocess
+    import sys
+    import textwrap
+
+    script = textwrap.dedent(
+        f"""
+        import numpy as np, sys
+        sys.path.insert(0, {str(Path(__file__).parent.parent)!r})
+        from tests.test_features import CountingBackbone
+        from fpl_bench.features import image_features
+        bb = CountingBackbone(preprocess_cfg={{}})
+        images = np.zeros((64, 8, 8, 3), dtype=np.uint8)
+        for _ in range(20):
+            image_features(bb, images, data_fingerprint="race", split="t",
+                           cache_dir=__import__("pathlib").Path({str(tmp_path)!r}))
+        """
+    )
+    for path in (tmp_path / "features").glob("*"):
+        path.unlink()
+    procs = [subprocess.Popen([sys.executable, "-c", script]) for _ in range(2)]
+    assert [p.wait(timeout=300) for p in procs] == [0, 0]
+    files = list((tmp_path / "features").iterdir())
+    assert len(files) == 1  # no temp file left behind
+    bb = CountingBackbone(preprocess_cfg={})
+    images = np.zeros((64, 8, 8, 3), dtype=np.uint8)
+    _, _, hit = image_features(bb, images, data_fingerprint="race", split="t", cache_dir=tmp_path)
+    assert hit and bb.calls == 0

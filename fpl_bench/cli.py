@@ -67,9 +67,9 @@ SHORT = {
     "base_acc": "base",
     "novel_acc": "novel",
     "hm": "HM",
+    "source_acc": "source",
     "own_domain_acc": "own dom",
     "other_domain_acc": "other dom",
-    "source_acc": "source",
     "target_acc": "target",
 }
 
@@ -136,6 +136,10 @@ def run(
     protocol: Annotated[
         str, typer.Option(help="base2novel, personalized, multi-domain or cross-domain.")
     ] = _default("protocol"),
+    transfer_datasets: Annotated[
+        str | None,
+        typer.Option(help="cross-dataset: comma list of datasets the prompts are scored on."),
+    ] = None,
     target_domain: Annotated[
         str | None, typer.Option(help="cross-domain: the held-out domain (default: the last).")
     ] = None,
@@ -270,6 +274,9 @@ def run(
         data_root=data_root,
         protocol=protocol,
         target_domain=target_domain,
+        transfer_datasets=tuple(
+            w.strip() for w in (transfer_datasets or "").split(",") if w.strip()
+        ),
         partition=partition,
         alpha=_default("alpha") if alpha is None else alpha,
         clients=clients,
@@ -390,6 +397,8 @@ def build_spec_from_flags(fields: dict[str, Any]) -> Any:
     try:
         return build_spec(**fields)
     except FieldError as err:
+        if err.field == "spec":  # a rule across fields: the message names them
+            raise UsageError(err.message) from None
         flag = "--" + err.field.replace("_", "-")
         raise UsageError(f"{flag} {err.value}: {err.message}") from None
 

@@ -35,6 +35,7 @@ PROTOCOL_METRICS = {  # what each protocol of fpl_bench/protocols.py reports
     "base2novel": ("local_acc", "neighbor_acc", "base_acc", "novel_acc", "hm"),
     "multi-domain": ("local_acc", "own_domain_acc", "other_domain_acc"),
     "cross-domain": ("local_acc", "source_acc", "target_acc"),
+    "cross-dataset": ("local_acc", "source_acc", "target_acc"),
 }
 
 

@@ -16,7 +16,7 @@ import pickle
 import subprocess
 import time
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 from typing import Protocol as Interface
@@ -77,6 +77,16 @@ class Prepared:
     test: FeatureSet
     device: torch.device
     partitions: dict[int, tuple[Protocol, ClientSplit]]
+    transfers: list[Transfer] = field(default_factory=list)
+
+
+@dataclass
+class Transfer:
+    """A cross-dataset target: its text tower (its class names) and its test features."""
+
+    dataset: str
+    tower: TextTower
+    test: FeatureSet
 
 
 def resolve_device(choice: str) -> torch.device:
@@ -120,31 +130,76 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
     if any(e is not None for e in spec.eps):
         for _, split in partitions.values():
             check_delta(spec.delta, [len(idx) for idx in split.train])
-    sets = {}
-    for split in ("train", spec.eval_split):
-        images = getattr(splits, split)
-        t0 = time.perf_counter()
-        pooled, tokens, hit = image_features(
-            backbone,
-            images,
-            data_fingerprint=splits.fingerprint,
-            split=split,
-            cache_dir=spec.cache_dir,
-            with_tokens=with_tokens,
-        )
-        log(
-            f"image features [{split}] {tuple(pooled.shape)} "
-            f"{'from cache' if hit else f'encoded in {time.perf_counter() - t0:.1f}s'}"
-        )
-        sets[split] = FeatureSet(
-            pooled=pooled.to(device),
-            tokens=tokens.to(device) if with_tokens else None,
-            labels=torch.as_tensor(np.array(images.labels), dtype=torch.long, device=device),
-        )
+    sets = {
+        split: _features(spec, backbone, splits, split, with_tokens, device, log)
+        for split in ("train", spec.eval_split)
+    }
     tower = TextTower.build(backbone.model, backbone.tokenizer, splits.classnames, n_ctx=spec.n_ctx)
+    transfers = [
+        _transfer(spec, name, backbone, with_tokens, device, log) for name in spec.transfer_datasets
+    ]
     return Prepared(
-        spec, splits, backbone, tower, sets["train"], sets[spec.eval_split], device, partitions
+        spec,
+        splits,
+        backbone,
+        tower,
+        sets["train"],
+        sets[spec.eval_split],
+        device,
+        partitions,
+        transfers,
     )
+
+
+def _features(spec, backbone, splits, split, with_tokens, device, log) -> FeatureSet:
+    images = getattr(splits, split)
+    t0 = time.perf_counter()
+    pooled, tokens, hit = image_features(
+        backbone,
+        images,
+        data_fingerprint=splits.fingerprint,
+        split=split,
+        cache_dir=spec.cache_dir,
+        with_tokens=with_tokens,
+    )
+    log(
+        f"image features [{split}] {tuple(pooled.shape)} "
+        f"{'from cache' if hit else f'encoded in {time.perf_counter() - t0:.1f}s'}"
+    )
+    return FeatureSet(
+        pooled=pooled.to(device),
+        tokens=tokens.to(device) if with_tokens else None,
+        labels=torch.as_tensor(np.array(images.labels), dtype=torch.long, device=device),
+    )
+
+
+def _transfer(spec, name, backbone, with_tokens, device, log) -> Transfer:
+    """Load a cross-dataset target: its test split's features and a tower over its classes."""
+    splits = load_source(
+        dataset_card(name), root=spec.data_root, options={}, cache_dir=spec.cache_dir
+    )
+    test = _features(spec, backbone, splits, "test", with_tokens, device, log)
+    tower = TextTower.build(backbone.model, backbone.tokenizer, splits.classnames, n_ctx=spec.n_ctx)
+    return Transfer(dataset=name, tower=tower, test=test)
+
+
+def transfer_accuracy(run: FederatedRun, target: Transfer, seed: int) -> float:
+    """Mean over clients of the accuracy of each client's trained prompt on every test image of
+    `target`, with logits over its classes (the learner's constants rebuilt for its classes)."""
+    labels = target.test.labels.cpu().numpy()
+    protocol = make_protocol("transfer", n_classes=target.tower.n_classes, test_labels=labels)
+    everything = np.arange(len(labels))
+    n = len(run.clients)
+    split = ClientSplit(
+        train=(everything,) * n,
+        test=(everything,) * n,
+        classes=(protocol.seen_classes,) * n,
+    )
+    fed = Federation(train=target.test, test=target.test, split=split, protocol=protocol)
+    scorer = FederatedRun(run.method, target.tower, fed, schedule=run.sched, seed=seed)
+    scorer.load_state_dict(run.state_dict())
+    metrics, _ = scorer.evaluate(0)
+    return metrics["target_acc"]
 
 
 def federation(prep: Prepared, seed: int) -> Federation:
@@ -407,6 +462,10 @@ def run_one(
             [{k: v for k, v in h.items() if k not in ("round", "train_loss")} for h in out.history],
             spec.last_k,
         )
+        if prep.transfers:  # cross-dataset: the trained prompts scored on every target
+            final["target_acc"] = float(
+                np.mean([transfer_accuracy(run, t, seed) for t in prep.transfers])
+            )
         metrics.update({m: final.get(m, math.nan) for m in fed.protocol.metrics})
     privacy = _privacy_columns(spec, eps, ledger)
     artifacts = {"partition.json": fed.split.to_json()}

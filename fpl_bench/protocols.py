@@ -17,6 +17,11 @@ multi-domain (FedBN / FedPGP / FLiP's feature-shift setting): every domain's ima
     dealt to that domain's clients (partition by_domain); all classes. local = the client's
     local test share; own_domain = every test image of its domain; other_domain = the test
     images of the other domains.
+cross-dataset (CoOp's cross-dataset transfer, IJCV 2022 Table 2): the clients train on the
+    source dataset (all classes dealt); each client's prompt is then scored zero-shot on every
+    transfer dataset, with logits over that dataset's classes. local = the client's local test
+    share; source = every source test image; target = the mean over transfer datasets (after
+    the last round) of the accuracy on every test image.
 cross-domain (leave one domain out, FLiP / PMFLT): the clients train on every domain but the
     target one, whose images are never dealt; all classes. local = the client's local test
     share; source = every test image of the training domains; target = every test image of
@@ -35,7 +40,13 @@ from fpl_bench.data.split import base_novel_split
 from fpl_bench.errors import UsageError
 from fpl_bench.evaluate import accuracy, harmonic_mean
 
-PROTOCOLS: tuple[str, ...] = ("personalized", "base2novel", "multi-domain", "cross-domain")
+PROTOCOLS: tuple[str, ...] = (
+    "personalized",
+    "base2novel",
+    "multi-domain",
+    "cross-domain",
+    "cross-dataset",
+)
 
 
 @dataclass(frozen=True)
@@ -116,6 +127,17 @@ def make_protocol(name: str, *, n_classes: int, test_labels: np.ndarray) -> Prot
         )
     if name == "base2novel":
         return base2novel(*base_novel_split(n_classes), test_labels=labels)
+    if name in ("cross-dataset", "transfer"):
+        classes = np.arange(n_classes)
+        cls = CrossDataset if name == "cross-dataset" else Transfer
+        metrics = ("local_acc", "source_acc", "target_acc") if cls is CrossDataset else ()
+        return cls(
+            name=name,
+            seen_classes=classes,
+            eval_sets=(EvalSet("seen", classes, np.arange(len(labels))),),
+            metrics=metrics + (("target_acc",) if cls is Transfer else ()),
+            test_labels=labels,
+        )
     raise UsageError(f"unknown protocol {name!r}; known: {', '.join(PROTOCOLS)}")
 
 
@@ -225,3 +247,41 @@ def domain_protocol(
         train_pool=np.flatnonzero(np.asarray(train_domains) != target),
         test_pool=np.flatnonzero(domains != target),
     )
+
+
+@dataclass(frozen=True)
+class CrossDataset(Protocol):
+    """The source side of cross-dataset transfer; target_acc is added after training."""
+
+    def client_metrics(
+        self,
+        correct: Mapping[str, np.ndarray],
+        *,
+        local_test: np.ndarray,
+        client_classes: np.ndarray,
+    ) -> dict[str, float]:
+        seen = self.eval_sets[0]
+        local = np.flatnonzero(np.isin(seen.images, local_test))
+        return {
+            "local_acc": accuracy(correct[seen.name], local),
+            "source_acc": accuracy(correct[seen.name]),
+        }
+
+    def mean_over_clients(self, per_client: Sequence[Mapping[str, float]]) -> dict[str, float]:
+        out = super().mean_over_clients(per_client)
+        out.pop("target_acc", None)  # filled in once training is over
+        return out
+
+
+@dataclass(frozen=True)
+class Transfer(Protocol):
+    """A transfer dataset of cross-dataset: every test image, logits over its classes."""
+
+    def client_metrics(
+        self,
+        correct: Mapping[str, np.ndarray],
+        *,
+        local_test: np.ndarray,
+        client_classes: np.ndarray,
+    ) -> dict[str, float]:
+        return {"target_acc": accuracy(correct[self.eval_sets[0].name])}

@@ -25,7 +25,10 @@ class ExperimentSpec(BaseModel):
     dataset: str = "synthetic"
     data_root: Path | None = None
     dataset_options: dict[str, Any] = Field(default_factory=dict)
-    protocol: Literal["personalized", "base2novel", "multi-domain", "cross-domain"] = "base2novel"
+    protocol: Literal[
+        "personalized", "base2novel", "multi-domain", "cross-domain", "cross-dataset"
+    ] = "base2novel"
+    transfer_datasets: tuple[str, ...] = ()  # cross-dataset: where the prompts are scored
     target_domain: str | None = None  # cross-domain: the held-out domain (default: the last)
     partition: Literal["pathological", "dirichlet", "iid", "by_domain"] = "pathological"
     alpha: float = Field(0.5, gt=0)
@@ -92,6 +95,10 @@ class ExperimentSpec(BaseModel):
 
     @model_validator(mode="after")
     def _consistent(self) -> ExperimentSpec:
+        if (self.protocol == "cross-dataset") != bool(self.transfer_datasets):
+            raise ValueError(
+                "the cross-dataset protocol needs transfer datasets, and only it takes them"
+            )
         if self.pretrained is not None and self.checkpoint is not None:
             raise ValueError("give either pretrained or checkpoint, not both")
         return self

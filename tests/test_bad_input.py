@@ -176,3 +176,12 @@ def test_help_and_version_exit_0_without_traceback(capsys, monkeypatch):
         captured = capsys.readouterr()
         assert exc.value.code == 0, args
         assert "Traceback" not in captured.err and captured.out.strip()
+
+
+def test_cross_dataset_without_transfer_datasets_is_refused(tmp_path, cache, capsys, monkeypatch):
+    code, err = _run(
+        ["run", "--protocol", "cross-dataset", "--out", str(tmp_path), "--cache-dir", str(cache)],
+        capsys,
+        monkeypatch,
+    )
+    assert code == 2 and "needs transfer datasets" in err and len(err.strip().splitlines()) == 1

@@ -144,3 +144,20 @@ def test_domain_protocols_run_on_synthetic_domains(tmp_path, monkeypatch, protoc
     assert set(frame.status) == {"finished"}
     for metric in metrics:
         assert (frame[metric] > 1 / 64).all()  # 64 classes: far above chance
+
+
+def test_cross_dataset_scores_the_trained_prompts_on_the_transfer_dataset(tmp_path, monkeypatch):
+    out = tmp_path / "out"
+    args = ["fpl-bench", "run", "--methods", "zeroshot,coop", "--rounds", "1", "--shots", "2"]
+    args += ["--clients", "2", "--protocol", "cross-dataset", "--transfer-datasets", "synthetic"]
+    for option in ("domain=noise", "n_train_per_class=4", "n_test_per_class=2"):
+        args += ["--dataset-option", option]
+    args += ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    monkeypatch.setattr(sys, "argv", args)
+    with pytest.raises(SystemExit) as exc:
+        main()
+    assert exc.value.code == 0
+    frame = pd.read_csv(out / "results.csv").set_index("method")
+    # zero-shot on the plain-background test set: the tiny CLIP is far above chance (1/64)
+    assert frame.loc["zeroshot", "target_acc"] > 0.3
+    assert frame.loc["coop", "target_acc"] > 1 / 64 and frame.loc["coop", "source_acc"] > 1 / 64

@@ -17,8 +17,18 @@ def test_same_command_same_results_across_processes_and_thread_counts(tmp_path):
     for threads in ("1", "2"):
         out = tmp_path / f"t{threads}"
         done = subprocess.run(
-            [sys.executable, "-m", "fpl_bench.cli", *ARGS, "--threads", threads]
-            + ["--out", str(out), "--cache-dir", str(tmp_path / "cache")],
+            [
+                sys.executable,
+                "-m",
+                "fpl_bench.cli",
+                *ARGS,
+                "--threads",
+                threads,
+                "--out",
+                str(out),
+                "--cache-dir",
+                str(tmp_path / "cache"),
+            ],
             capture_output=True,
             text=True,
             timeout=900,

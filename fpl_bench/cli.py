@@ -493,14 +493,20 @@ def pretrain_tiny_cmd(
     out: Annotated[Path, typer.Option(help="Where to write the fp16 state dict.")],
     seed: Annotated[int, typer.Option(help="Training seed.")] = 0,
     n_images: Annotated[int, typer.Option(help="Synthetic training images.")] = 40000,
-    minutes: Annotated[float | None, typer.Option(help="Stop after this many minutes.")] = None,
+    minutes: Annotated[
+        float | None, typer.Option(help="Stop the contrastive phase (1) after this many minutes.")
+    ] = None,
+    threads: Annotated[
+        int | None,
+        typer.Option(help="torch CPU threads (default: all cores; the shipped file used 1)."),
+    ] = None,
 ) -> None:
     """Reproduce the embedded tiny CLIP: contrastive pretraining on the synthetic source."""
     from fpl_bench.pretrain import pretrain_tiny
 
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file path such as {out / 'tiny.pt'}")
-    result = pretrain_tiny(out=out, seed=seed, n_images=n_images, minutes=minutes)
+    result = pretrain_tiny(out=out, seed=seed, n_images=n_images, minutes=minutes, threads=threads)
     typer.echo(f"wrote {out}: {result}")
 
 

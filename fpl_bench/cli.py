@@ -224,6 +224,23 @@ def run(
             "estimates; run nothing.",
         ),
     ] = False,
+    tuned: Annotated[
+        bool,
+        typer.Option(
+            "--tuned",
+            help="Use each (method, eps) study's best hyperparameters from `fpl-bench tune`; "
+            "rows are marked tuned.",
+        ),
+    ] = False,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="With --tuned: the studies' storage (default OUT/optuna.db or OUT/optuna.journal)."
+        ),
+    ] = None,
+    study: Annotated[
+        str, typer.Option(help="With --tuned: the study name prefix given to tune.")
+    ] = "tune",
     resume: Annotated[
         bool,
         typer.Option(
@@ -310,23 +327,38 @@ def run(
     elif os.environ.get("FPL_BENCH_CACHE"):
         fields["cache_dir"] = Path(os.environ["FPL_BENCH_CACHE"])
     spec = build_spec_from_flags(fields)
+    specs = [spec]
+    if tuned:
+        from fpl_bench.tune import tuned_specs
+
+        specs = tuned_specs(spec, storage=storage, prefix=study)  # one per (method, eps)
+    elif storage is not None or study != "tune":
+        raise UsageError("--storage and --study apply with --tuned only")
+
+    import pandas as pd
 
     from fpl_bench.evaluate import PROTOCOL_METRICS
     from fpl_bench.experiment import build_methods, run_experiment
 
-    build_methods(spec)  # a learner x scheme pair that cannot work is refused here
+    for each in specs:
+        build_methods(each)  # a learner x scheme pair that cannot work is refused here
     console = Console(stderr=False)
     err = Console(stderr=True)
     t0 = time.perf_counter()
-    progress = TqdmProgress(spec)
+    progress = TqdmProgress(specs)
+    frames = []
     try:
-        frame = run_experiment(
-            spec,
-            log=lambda s: progress.write(s) if progress.bar else err.print(s, markup=False),
-            progress=progress,
-        )
+        for each in specs:
+            frames.append(
+                run_experiment(
+                    each,
+                    log=lambda s: progress.write(s) if progress.bar else err.print(s, markup=False),
+                    progress=progress,
+                )
+            )
     finally:
         progress.close()
+    frame = pd.concat(frames, ignore_index=True)
     with_privacy = any(e is not None for e in spec.eps)
     seeds = f"{len(spec.seeds)} seed{'s' if len(spec.seeds) > 1 else ''}"
     title = f"accuracy % on {spec.dataset}, {spec.protocol}, mean ± std over {seeds}" + (
@@ -407,13 +439,15 @@ class TqdmProgress:
     """One progress bar for the whole job on stderr: total = every run's rounds, so its ETA is
     the job's; the description says run k of N and round r of R."""
 
-    def __init__(self, spec: Any) -> None:
+    def __init__(self, specs: Any) -> None:
         from fpl_bench.learners import LEARNERS
 
-        per_seed_eps = sum(
-            spec.rounds if LEARNERS.get(m.learner).trains else 1 for m in spec.methods
+        self.total = sum(
+            sum(s.rounds if LEARNERS.get(m.learner).trains else 1 for m in s.methods)
+            * len(s.eps)
+            * len(s.seeds)
+            for s in (specs if isinstance(specs, list) else [specs])
         )
-        self.total = per_seed_eps * len(spec.eps) * len(spec.seeds)
         self.bar: Any = None
         self.label, self.rounds, self.done_before, self.index, self.runs = "", 0, 0, 0, 0
 

@@ -49,6 +49,9 @@ class ExperimentSpec(BaseModel):
     checkpoint: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
+    # frozen text tower: bf16 autocast or fp32; auto = bf16 where the device multiplies bf16
+    # natively (CUDA, CPU with AMX), fp32 elsewhere (fpl_bench/compute.py)
+    precision: Literal["auto", "bf16", "fp32"] = "auto"
     eps: tuple[float | None, ...] = (None,)
     delta: float = Field(1e-5, gt=0, lt=1)
     clip_norm: float = Field(1.0, gt=0)
@@ -59,6 +62,7 @@ class ExperimentSpec(BaseModel):
     eval_split: Literal["test", "val"] = "test"
     secure_noise: bool = False
     resume: bool = False  # continue checkpointed runs, skip finished ones
+    tuned: bool = False  # hyperparameters from `fpl-bench tune` studies (recorded per row)
     seeds: tuple[int, ...] = (0,)
     out: Path = Path("runs/default")
     cache_dir: Path = Path.home() / ".cache" / "fpl-bench"

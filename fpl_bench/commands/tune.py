@@ -1,0 +1,225 @@
+"""``fpl-bench tune``: one Optuna study per (method, dataset, protocol, trust, eps).
+
+    fpl-bench tune --methods promptfl --eps 0.5 --trials 8
+    fpl-bench tune --methods all --eps 0.5,1 --trials 20 --workers 2          # journal file
+    fpl-bench tune --methods dpfpl --eps 1 --trials 40 \\
+        --storage postgresql://fpl:fpl@db-host:5432/fpl_optuna                # on each machine
+
+Trials train on the training split and are scored on the validation split only. The default
+schedule is shorter than `fpl-bench run`'s (`TUNE_DEFAULTS` below) so that a small
+study fits in minutes on a laptop; `fpl-bench run --tuned` then trains with the best values.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Annotated, Any
+
+import typer
+
+from fpl_bench.errors import UsageError
+
+# The tuning schedule: a trial trains the first 4 rounds of the run it tunes for (whose --rounds
+# set the DP noise), evaluated every other round (each evaluation but the last can prune); the
+# objective is the mean of the last 2 evaluations.
+TUNE_DEFAULTS: dict[str, Any] = {"trial_rounds": 4, "eval_every": 2, "last_k": 2}
+
+
+def _default(name: str) -> Any:
+    """The ExperimentSpec default of `name` (as `fpl-bench run` uses it)."""
+    from fpl_bench.spec import ExperimentSpec
+
+    return ExperimentSpec.model_fields[name].default
+
+
+def tune_cmd(
+    methods: Annotated[
+        str,
+        typer.Option(
+            help="Comma list of presets to tune, or 'all' (the presets with a search table)."
+        ),
+    ],
+    trials: Annotated[
+        int,
+        typer.Option(
+            min=1, help="Trials per study, in total over every worker (a rerun extends a study)."
+        ),
+    ],
+    eps: Annotated[
+        str, typer.Option(help="Target epsilon(s), comma list; one study each; 'none' = no DP.")
+    ] = "none",
+    dataset: Annotated[str, typer.Option(help="Dataset card name.")] = _default("dataset"),
+    data_root: Annotated[Path | None, typer.Option(help="Folder holding the dataset.")] = None,
+    dataset_option: Annotated[
+        list[str] | None, typer.Option(help="Dataset option KEY=VALUE (repeatable).")
+    ] = None,
+    protocol: Annotated[str, typer.Option(help="base2novel or personalized.")] = _default(
+        "protocol"
+    ),
+    partition: Annotated[str, typer.Option(help="pathological, dirichlet or iid.")] = _default(
+        "partition"
+    ),
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = _default("alpha"),
+    trust: Annotated[str, typer.Option(help="Trust model under DP: server or client.")] = _default(
+        "trust"
+    ),
+    clients: Annotated[int, typer.Option(help="Number of clients.")] = _default("clients"),
+    shots: Annotated[int, typer.Option(help="Training shots per class per client.")] = _default(
+        "shots"
+    ),
+    rounds: Annotated[
+        int, typer.Option(help="Rounds of the run being tuned for (sets the DP noise).")
+    ] = _default("rounds"),
+    trial_rounds: Annotated[
+        int, typer.Option(min=1, help="Rounds a trial trains: the first N of --rounds.")
+    ] = TUNE_DEFAULTS["trial_rounds"],
+    eval_every: Annotated[int, typer.Option(help="Evaluate (and maybe prune) every N rounds.")] = (
+        TUNE_DEFAULTS["eval_every"]
+    ),
+    last_k: Annotated[int, typer.Option(help="Objective: mean of the last k evaluations.")] = (
+        TUNE_DEFAULTS["last_k"]
+    ),
+    seeds: Annotated[str, typer.Option(help="Training seeds of each trial (value: the mean).")] = (
+        "0"
+    ),
+    delta: Annotated[float, typer.Option(help="Target delta.")] = _default("delta"),
+    accountant: Annotated[str, typer.Option(help="rdp, prv or paper.")] = _default("accountant"),
+    backbone: Annotated[str, typer.Option(help="open_clip model name.")] = _default("backbone"),
+    pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag.")] = None,
+    checkpoint: Annotated[Path | None, typer.Option(help="Local checkpoint.")] = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = _default("device"),
+    threads: Annotated[
+        int | None,
+        typer.Option(
+            help="CPU threads per worker (default 1: a trial's steps are small, and threads "
+            "that oversubscribe the cores slow them tenfold; use --workers for more cores)."
+        ),
+    ] = None,
+    storage: Annotated[
+        str | None,
+        typer.Option(
+            help="sqlite:///FILE.db, FILE.journal or postgresql://USER:PASS@HOST:PORT/DB "
+            "(default: OUT/optuna.db; OUT/optuna.journal with --workers > 1)."
+        ),
+    ] = None,
+    study: Annotated[
+        str, typer.Option(help="Study name prefix: PREFIX-METHOD-DATASET-PROTOCOL-TRUST-epsE.")
+    ] = "tune",
+    workers: Annotated[
+        int, typer.Option(min=1, help="Worker processes on this machine, one study at a time.")
+    ] = 1,
+    timeout: Annotated[
+        float | None, typer.Option(help="Start no new trial after this many seconds.")
+    ] = None,
+    sampler_seed: Annotated[int, typer.Option(help="Study seed of the TPE samplers.")] = 0,
+    heartbeat: Annotated[
+        int, typer.Option(min=1, help="Seconds between heartbeats of a running trial (RDB).")
+    ] = 20,
+    out: Annotated[Path, typer.Option(help="Output folder (optuna.db, mlflow.db).")] = Path(
+        "runs/default"
+    ),
+    cache_dir: Annotated[Path | None, typer.Option(help="Feature/data cache.")] = None,
+) -> None:
+    """Tune the methods' hyperparameters on the validation split (one Optuna study each)."""
+    from fpl_bench import tune as tuning
+    from fpl_bench.catalog import parse_value, resolve_method
+    from fpl_bench.spec import build_spec, parse_eps, parse_int_list
+
+    names = _tunable(methods)
+    target = tuning.parse_storage(storage, out=out, workers=workers)
+    fields: dict[str, Any] = dict(
+        methods=tuple(resolve_method(name) for name in names),
+        dataset=dataset,
+        data_root=data_root,
+        dataset_options=_dataset_options(dataset_option or [], parse_value),
+        protocol=protocol,
+        partition=partition,
+        alpha=alpha,
+        trust=trust,
+        clients=clients,
+        shots=shots,
+        rounds=rounds,
+        eval_every=eval_every,
+        last_k=last_k,
+        seeds=parse_int_list(seeds, "--seeds"),
+        eps=parse_eps(eps),
+        delta=delta,
+        accountant=accountant,
+        backbone=backbone,
+        pretrained=pretrained,
+        checkpoint=checkpoint,
+        device=device,
+        threads=threads or 1,
+        out=out,
+        eval_split="val",
+    )
+    cache = cache_dir or (
+        Path(os.environ["FPL_BENCH_CACHE"]) if "FPL_BENCH_CACHE" in os.environ else None
+    )
+    if cache is not None:
+        fields["cache_dir"] = cache
+    spec = build_spec(**fields)
+    if trial_rounds > spec.rounds:
+        raise UsageError(f"--trial-rounds {trial_rounds}: more than --rounds {spec.rounds}")
+    for name in names:
+        tuning.check_search_space(name, spec)
+    tuning.check_storage(target)
+    job = tuning.TuneJob(
+        spec=spec,
+        trials=trials,
+        storage=target,
+        trial_rounds=trial_rounds,
+        prefix=study,
+        sampler_seed=sampler_seed,
+        workers=workers,
+        timeout=timeout,
+        heartbeat_interval=heartbeat,
+    )
+    typer.echo(
+        f"tuning {len(job.cells())} stud{'y' if len(job.cells()) == 1 else 'ies'} x {trials} "
+        f"trials on the validation split ({job.metric}); storage {target.shown}",
+        err=True,
+    )
+    lines, failed = tuning.tune(job, log=lambda s: typer.echo(s, err=True))
+    for line in lines:
+        typer.echo(line)
+    typer.echo(
+        f"use them: fpl-bench run --tuned --methods {','.join(names)} --eps {eps} "
+        f"--out {out}"
+        + (f" --storage {target.shown}" if storage else "")
+        + (f" --study {study}" if study != "tune" else "")
+    )
+    if failed:
+        typer.echo(f"fpl-bench: error: {len(failed)} worker(s) failed (see above)", err=True)
+        raise typer.Exit(1)
+
+
+def _tunable(methods: str) -> list[str]:
+    """The presets to tune: `all` is every preset with a [search] table; a named method
+    without one is an error (one line)."""
+    from fpl_bench.catalog import method_names, preset_cards
+
+    if methods.strip().lower() == "all":
+        return [n for n in method_names("all") if preset_cards()[n].search]
+    names = method_names(methods)
+    from fpl_bench.tune import search_space
+
+    for name in names:
+        search_space(name)
+    return names
+
+
+def _dataset_options(items: list[str], parse_value: Any) -> dict[str, Any]:
+    options = {}
+    for item in items:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--dataset-option {item}: expected KEY=VALUE, e.g. domain=noise")
+        options[key.strip()] = parse_value(value.strip())
+    return options
+
+
+def register(app: typer.Typer) -> None:
+    """Add the ``tune`` command to the CLI."""
+    app.command("tune")(tune_cmd)

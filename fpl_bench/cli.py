@@ -74,19 +74,22 @@ SHORT = {
 }
 
 
-def format_table(frame: Any, metrics: list[str], with_privacy: bool) -> Any:
-    """A rich Table that fits 80 columns: one row per (eps, method), mean ± std over the
-    finished seeds of each metric (in %); a cell with no finished seed says why (diverged)."""
+def format_table(frame: Any, metrics: list[str], with_privacy: bool) -> list[Any]:
+    """Rich tables that fit 80 columns: accuracy (one row per (eps, method), mean ± std over the
+    finished seeds, in %; a cell with no finished seed says why, e.g. diverged) and, under DP,
+    the privacy ledger in a table of its own."""
     from rich import box
     from rich.table import Table
 
-    table = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
-    table.add_column("eps", justify="right")
-    table.add_column("method")
+    several = frame.groupby(["eps", "method"], sort=False).size().max() > 1
+    accuracy = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
+    accuracy.add_column("eps", justify="right")
+    accuracy.add_column("method")
     for m in metrics:
-        table.add_column(SHORT.get(m, m), justify="right")
-    if with_privacy:
-        table.add_column("ε spent", justify="right")
+        accuracy.add_column(SHORT.get(m, m), justify="right")
+    ledger = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
+    for name in ("eps", "method", "ε spent", "σ", "q", "steps"):
+        ledger.add_column(name, justify="left" if name == "method" else "right")
     for (eps, method), group in frame.groupby(["eps", "method"], sort=False):
         finished = group[group["status"] == "finished"]
         cells = [str(eps), method]
@@ -96,12 +99,22 @@ def format_table(frame: Any, metrics: list[str], with_privacy: bool) -> Any:
                 cells.append("—" if len(finished) else "/".join(sorted(set(group["status"]))))
                 continue
             std = values.std(ddof=0) if len(values) > 1 else 0.0
-            cells.append(f"{values.mean():.1f}±{std:.1f}")
-        if with_privacy:
-            spent = group["eps_spent"].astype(float)
-            cells.append("—" if spent.isna().all() else f"{spent.max():.3f}")
-        table.add_row(*cells)
-    return table
+            cells.append(f"{values.mean():.1f}±{std:.1f}" if several else f"{values.mean():.1f}")
+        accuracy.add_row(*cells)
+        spent = group["eps_spent"].astype(float)
+        if with_privacy and not spent.isna().all():
+            sigma = group["noise_multiplier"].astype(float).max()
+            q = group["sample_rate"].astype(float).max()
+            steps = group["steps"].astype(float).max()
+            ledger.add_row(
+                str(eps),
+                method,
+                f"{spent.max():.3f}",
+                "—" if sigma != sigma or sigma == 0 else f"{sigma:.3g}",
+                "—" if q != q else f"{q:.2f}",
+                "—" if steps != steps else f"{int(steps)}",
+            )
+    return [accuracy, ledger] if with_privacy else [accuracy]
 
 
 @app.command()
@@ -365,7 +378,8 @@ def run(
         f"; DP with {spec.trust} trust" if with_privacy else ""
     )
     console.print(title, highlight=False, markup=False)
-    console.print(format_table(frame, list(PROTOCOL_METRICS[spec.protocol]), with_privacy))
+    for table in format_table(frame, list(PROTOCOL_METRICS[spec.protocol]), with_privacy):
+        console.print(table)
     console.print(
         f"wrote {Path(spec.out) / 'results.csv'} and MLflow runs "
         f"({math.ceil(time.perf_counter() - t0)} s)",

@@ -25,9 +25,16 @@ import numpy as np
 import pandas as pd
 import torch
 
-from fpl_bench.backbone import EMBEDDED, Backbone, load_backbone
+from fpl_bench.backbone import Backbone, load_backbone
 from fpl_bench.cards import dataset_card
 from fpl_bench.catalog import MethodChoice
+from fpl_bench.compute import (
+    PARALLEL_FLOPS,
+    busy_cores_elsewhere,
+    pick_threads,
+    resolve_precision,
+    usable_cores,
+)
 from fpl_bench.data.partition import ClientSplit, few_shot, make_partitioner
 from fpl_bench.data.sources import Splits, load_source
 from fpl_bench.driver import (
@@ -100,14 +107,30 @@ def resolve_device(choice: str) -> torch.device:
 CPU_THREADS = torch.get_num_threads()
 
 
-def set_threads(spec: ExperimentSpec, *, private: bool, device: torch.device) -> None:
-    """CPU threads for one run. The embedded model's non-private steps are too small for
-    intra-op threads to pay off (and OpenMP threads spinning against another busy process slow
-    them 20x), so they get one; per-sample (private) steps are B times larger and get all."""
+def set_threads(
+    spec: ExperimentSpec,
+    *,
+    private: bool,
+    device: torch.device,
+    tower: TextTower | None = None,
+    n_classes: int | None = None,
+) -> None:
+    """CPU threads for one run, by the measured size of its steps (fpl_bench/compute.py): the
+    FLOPs of one local step (B tower passes when private, 1 otherwise) over `n_classes`;
+    more than one thread only for large steps and only on cores other processes leave idle.
+    Without a tower (callers that do not pass one): one thread, all when private."""
     if device.type != "cpu":
         return
-    small = spec.backbone == EMBEDDED and not private
-    torch.set_num_threads(spec.threads or (1 if small else CPU_THREADS))
+    if spec.threads:
+        torch.set_num_threads(spec.threads)
+        return
+    if tower is None:
+        torch.set_num_threads(CPU_THREADS if private else 1)
+        return
+    flops = tower.pass_flops(n_classes or tower.n_classes) * (spec.batch_size if private else 2)
+    cores = min(CPU_THREADS, usable_cores())
+    busy = busy_cores_elsewhere() if flops >= PARALLEL_FLOPS else 0.0
+    torch.set_num_threads(pick_threads(flops, cores=cores, busy_elsewhere=busy))
 
 
 def build_methods(spec: ExperimentSpec) -> list[Method]:
@@ -134,7 +157,13 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
         split: _features(spec, backbone, splits, split, with_tokens, device, log)
         for split in ("train", spec.eval_split)
     }
-    tower = TextTower.build(backbone.model, backbone.tokenizer, splits.classnames, n_ctx=spec.n_ctx)
+    tower = TextTower.build(
+        backbone.model,
+        backbone.tokenizer,
+        splits.classnames,
+        n_ctx=spec.n_ctx,
+        precision=resolve_precision(spec.precision, device),
+    )
     transfers = [
         _transfer(spec, name, backbone, with_tokens, device, log) for name in spec.transfer_datasets
     ]
@@ -179,7 +208,13 @@ def _transfer(spec, name, backbone, with_tokens, device, log) -> Transfer:
         dataset_card(name), root=spec.data_root, options={}, cache_dir=spec.cache_dir
     )
     test = _features(spec, backbone, splits, "test", with_tokens, device, log)
-    tower = TextTower.build(backbone.model, backbone.tokenizer, splits.classnames, n_ctx=spec.n_ctx)
+    tower = TextTower.build(
+        backbone.model,
+        backbone.tokenizer,
+        splits.classnames,
+        n_ctx=spec.n_ctx,
+        precision=resolve_precision(spec.precision, device),
+    )
     return Transfer(dataset=name, tower=tower, test=test)
 
 
@@ -288,6 +323,7 @@ def run_config(spec: ExperimentSpec, choice: MethodChoice) -> dict[str, Any]:
             "data_root",
             "threads",
             "device",
+            "precision",
             "resume",
         },
     )
@@ -394,7 +430,8 @@ def run_one(
     )
     torch.manual_seed(seed)
     private = eps is not None and method.trains
-    set_threads(spec, private=private, device=prep.device)
+    n_seen = len(fed.protocol.seen_classes)
+    set_threads(spec, private=private, device=prep.device, tower=prep.tower, n_classes=n_seen)
     run = FederatedRun(
         method,
         prep.tower,
@@ -491,7 +528,7 @@ def run_one(
         "rounds": spec.rounds,
         "clients": spec.clients,
         "shots": spec.shots,
-        "tuned": False,
+        "tuned": spec.tuned,
         "wall_s": round(wall, 2),
         **provenance(),
         "mlflow_run_id": run_id,

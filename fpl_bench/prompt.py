@@ -13,12 +13,33 @@ Truncation (exact): open_clip's text transformer is causal (`attn_mask` is upper
 position among the prompts is therefore irrelevant to every pooled feature, and the tower runs
 on the first `max(eot) + 1` positions only. `tests/test_prompt.py` checks equality with the full
 length.
+
+Shared prefix (exact, the default where the tower allows it): the first 1 + n_ctx positions
+(SOS and the context vectors) are the same for every class, and by causality so are their
+hidden states in every layer. `encode` therefore runs them once per prompt, as a prefix stream
+[*lead, 1 + n_ctx, W], and runs only the class-specific positions per class, as a suffix stream
+[*lead, n, S - 1 - n_ctx, W] whose queries attend to the prefix's keys and values and causally to
+their own. In the last layer only the EOT rows are computed (queries, MLP), and the prefix only
+gives keys and values. On the embedded default (16 context vectors, EOT at 20) a per-sample
+backward then touches 17 + 32 x 4 rows per layer instead of 32 x 21. The path is taken when every
+block is open_clip's standard `ResidualAttentionBlock` (nn.MultiheadAttention) under its causal
+mask; any other tower runs through its own modules (`share_prefix=False` forces that, the
+reference compute pattern). tests/test_speed.py checks equality with the module path.
+
+Precision: `precision="bf16"` runs the frozen tower under bf16 autocast (matmuls in bf16, the
+residual stream, layer norms, softmax and the returned features in fp32); `"fp32"` is exact
+float32. Exact GELU is kept (never swapped for the tanh form): its derivative is computed once in
+the forward and the backward is one multiply, which a per-sample (vmapped) backward repeats B
+times instead of re-evaluating erf and exp.
 """
 
 from __future__ import annotations
 
+import contextlib
+import math
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import Any, Literal
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +48,8 @@ from torch import Tensor, nn
 from fpl_bench.errors import UsageError
 
 PLACEHOLDER = "X"
+
+Precision = Literal["fp32", "bf16"]
 
 
 def _text_module(model: nn.Module) -> nn.Module:
@@ -60,6 +83,9 @@ class TextTower:
     classnames: tuple[str, ...]
     n_ctx: int
     logit_scale: float
+    share_prefix: bool = False  # run SOS + context once per prompt (needs `fast_blocks`)
+    fast_blocks: bool = False  # every block is a standard open_clip block under a causal mask
+    precision: Precision = "fp32"
 
     @property
     def width(self) -> int:
@@ -70,6 +96,19 @@ class TextTower:
     def n_classes(self) -> int:
         return len(self.classnames)
 
+    def rows(self, n_classes: int) -> int:
+        """Token rows one prompt runs through the tower for `n_classes` classes:
+        1 + n_ctx + n (S - 1 - n_ctx) with the shared prefix, n S without (S = seq_len)."""
+        if self.share_prefix:
+            return 1 + self.n_ctx + n_classes * (self.seq_len - 1 - self.n_ctx)
+        return n_classes * self.seq_len
+
+    def pass_flops(self, n_classes: int) -> float:
+        """Approximate FLOPs of one forward (or one input-gradient backward) of one prompt over
+        `n_classes` classes: 24 W^2 per row and layer (q, k, v, out and a 4W MLP)."""
+        layers = len(getattr(self.transformer, "resblocks", ())) or 1
+        return 24.0 * self.width**2 * layers * self.rows(n_classes)
+
     @classmethod
     def build(
         cls,
@@ -79,8 +118,15 @@ class TextTower:
         *,
         n_ctx: int,
         truncate: bool = True,
+        share_prefix: bool = True,
+        precision: Precision = "fp32",
     ) -> TextTower:
-        """Tokenise "X X ... X {classname}." for every class and keep what the tower needs."""
+        """Tokenise "X X ... X {classname}." for every class and keep what the tower needs.
+
+        truncate: run on the first max(EOT) + 1 positions (exact under the causal mask);
+        share_prefix: run SOS + context once per prompt where the tower allows it (exact);
+        precision: "fp32", or "bf16" autocast of the frozen tower (see the module docstring).
+        """
         text = _text_module(model)
         pool = getattr(text, "text_pool_type", getattr(text, "pool_type", "argmax"))
         if pool != "argmax" or getattr(text, "cls_emb", None) is not None:
@@ -90,7 +136,8 @@ class TextTower:
             )
         names = tuple(name.replace("_", " ") for name in classnames)
         prompts = [" ".join([PLACEHOLDER] * n_ctx) + " " + name + "." for name in names]
-        tokens = tokenizer(prompts)  # [n_cls, L]
+        device = text.token_embedding.weight.device
+        tokens = tokenizer(prompts).to(device)  # [n_cls, L]
         eot = tokens.argmax(dim=-1)  # EOT has the largest id in CLIP's vocabulary
         context_length = tokens.shape[1]
         if int((tokens[:, -1] != 0).sum()) > 0 and int(eot.max()) == context_length - 1:
@@ -103,6 +150,10 @@ class TextTower:
         with torch.no_grad():
             embedding = text.token_embedding(tokens)  # [n_cls, L, W]
         mask = getattr(text, "attn_mask", None)
+        causal = mask is not None and torch.equal(mask, causal_mask(mask.shape[0], mask.device))
+        if not causal:
+            seq_len = context_length  # cutting after EOT is exact only under a causal mask
+        fast = causal and supports_fast_blocks(text.transformer)
         return cls(
             prefix=embedding[:, :1].clone(),
             suffix=embedding[:, 1 + n_ctx : seq_len].clone(),
@@ -118,7 +169,28 @@ class TextTower:
             classnames=names,
             n_ctx=n_ctx,
             logit_scale=float(model.logit_scale.exp()),
+            share_prefix=share_prefix and fast,
+            fast_blocks=fast,
+            precision=precision,
         )
+
+    def with_options(
+        self, *, share_prefix: bool | None = None, precision: Precision | None = None
+    ) -> TextTower:
+        """The same tower with other compute options (tensors are shared, not copied)."""
+        return replace(
+            self,
+            share_prefix=self.share_prefix
+            if share_prefix is None
+            else share_prefix and self.fast_blocks,
+            precision=self.precision if precision is None else precision,
+        )
+
+    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+        """bf16 autocast on `device` when precision is bf16; otherwise nothing."""
+        if self.precision == "bf16":
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
 
     def _run(self, x: Tensor, eot: Tensor) -> Tensor:
         """Tower on embeddings x [N, S, W] (positional added here) -> features [N, D].
@@ -131,11 +203,7 @@ class TextTower:
         x = self.transformer(x, attn_mask=mask)
         x = self.ln_final(x)
         x = x[torch.arange(x.shape[0], device=x.device), eot]
-        if isinstance(self.projection, nn.Module):
-            x = self.projection(x)
-        elif self.projection is not None:
-            x = x @ self.projection
-        return x
+        return self._project(x)
 
     def encode(self, ctx: Tensor, class_idx: Tensor | None = None) -> Tensor:
         """Text features of learned prompts, L2-normalised.
@@ -148,29 +216,235 @@ class TextTower:
         prefix, suffix, eot = self.prefix, self.suffix, self.eot
         if class_idx is not None:
             prefix, suffix, eot = prefix[class_idx], suffix[class_idx], eot[class_idx]
-        n = prefix.shape[0]
+        with self.autocast(ctx.device):
+            if self.share_prefix:
+                features = self._run_shared(ctx, suffix, eot)  # [*lead, n, D]
+                return F.normalize(features.float(), dim=-1)
+            n = prefix.shape[0]
+            lead = ctx.shape[:-2]
+            ctx = ctx.unsqueeze(-3).expand(*lead, n, *ctx.shape[-2:])
+            x = torch.cat(
+                [prefix.expand(*lead, *prefix.shape), ctx, suffix.expand(*lead, *suffix.shape)],
+                dim=-2,
+            )
+            flat = x.reshape(-1, *x.shape[-2:])
+            features = self._run(flat, eot.repeat(flat.shape[0] // n))
+        return F.normalize(features.float(), dim=-1).reshape(*lead, n, -1)
+
+    def _run_shared(self, ctx: Tensor, suffix: Tensor, eot: Tensor) -> Tensor:
+        """Projected EOT features [*lead, n, D] of ctx [*lead, n_ctx, W] by the shared-prefix
+        path (module docstring); suffix [n, S_suffix, W] and eot [n] of the scored classes."""
+        n_pre = 1 + self.n_ctx
+        seq = n_pre + suffix.shape[-2]
         lead = ctx.shape[:-2]
-        ctx = ctx.unsqueeze(-3).expand(*lead, n, *ctx.shape[-2:])
+        pos = self.positional[:seq].to(ctx.dtype)
+        sos = self.prefix[0].to(ctx.dtype)  # [1, W], the same for every class
+        n_cls = suffix.shape[0]
+        own = (suffix.to(ctx.dtype) + pos[n_pre:]).flatten(0, 1)  # [n S, W]
         x = torch.cat(
-            [prefix.expand(*lead, *prefix.shape), ctx, suffix.expand(*lead, *suffix.shape)],
-            dim=-2,
-        )
-        flat = x.reshape(-1, *x.shape[-2:])
-        features = self._run(flat, eot.repeat(flat.shape[0] // n))
-        return F.normalize(features, dim=-1).reshape(*lead, n, -1)
+            [sos.expand(*lead, *sos.shape), ctx, own.expand(*lead, *own.shape)], dim=-2
+        )  # [*lead, P + n S, W]
+        x = x + torch.cat([pos[:n_pre], x.new_zeros(own.shape)])
+        blocks = list(self.transformer.resblocks)
+        for block in blocks[:-1]:
+            x = shared_prefix_block(block, x, n_pre=n_pre, n_cls=n_cls)
+        rows = last_block_eot(blocks[-1], x, n_pre=n_pre, eot=eot - n_pre)  # [*lead, n, W]
+        return self._project(self.ln_final(rows))
+
+    def _project(self, x: Tensor) -> Tensor:
+        if isinstance(self.projection, nn.Module):
+            return self.projection(x)
+        if self.projection is not None:
+            return x @ self.projection.to(x.dtype)
+        return x
 
     def encode_text(self, texts: Sequence[str]) -> Tensor:
         """Features [len(texts), D] of hand-written prompts, L2-normalised (zero-shot CLIP)."""
-        tokens = self.tokenizer(list(texts))
+        tokens = self.tokenizer(list(texts)).to(self.positional.device)
         eot = tokens.argmax(dim=-1)
         seq = int(eot.max()) + 1
-        with torch.no_grad():
+        with torch.no_grad(), self.autocast(self.positional.device):
             x = self.token_embedding(tokens[:, :seq])
-            return F.normalize(self._run(x, eot), dim=-1)
+            return F.normalize(self._run(x, eot).float(), dim=-1)
 
     def embed_phrase(self, phrase: str) -> Tensor:
         """Token embeddings [n_words, W] of a phrase (CoOp's ctx_init), without SOS/EOT."""
-        tokens = self.tokenizer([phrase])[0]
+        tokens = self.tokenizer([phrase])[0].to(self.positional.device)
         n = int(tokens.argmax()) - 1
         with torch.no_grad():
             return self.token_embedding(tokens[1 : 1 + n]).clone()
+
+
+# -- the shared-prefix path: open_clip's ResidualAttentionBlock written out ----------------------
+
+
+def causal_mask(size: int, device: torch.device | None = None) -> Tensor:
+    """open_clip's additive causal mask [size, size]: -inf above the diagonal, 0 elsewhere."""
+    return torch.full((size, size), float("-inf"), device=device).triu_(1)
+
+
+def supports_fast_blocks(transformer: nn.Module) -> bool:
+    """Whether every block is open_clip's standard `ResidualAttentionBlock`, batch first, with a
+    plain nn.MultiheadAttention (packed in-projection, no extra k/v bias, no dropout)."""
+    from open_clip.transformer import ResidualAttentionBlock
+
+    blocks = getattr(transformer, "resblocks", None)
+    if not getattr(transformer, "batch_first", False) or not blocks:
+        return False
+    for block in blocks:
+        attn = getattr(block, "attn", None)
+        ok = (
+            type(block) is ResidualAttentionBlock
+            and not hasattr(block, "ln_1_kv")
+            and isinstance(attn, nn.MultiheadAttention)
+            and attn._qkv_same_embed_dim
+            and attn.bias_k is None
+            and not attn.add_zero_attn
+            and attn.dropout == 0.0
+            and hasattr(block.mlp, "c_fc")
+        )
+        if not ok:
+            return False
+    return True
+
+
+def exact_gelu(x: Tensor) -> Tensor:
+    """F.gelu(x) (exact, erf form), with its derivative Phi(x) + x phi(x) computed in the
+    forward so that the backward is one multiply by it (cheap to repeat per sample under vmap,
+    where GELU's own backward re-evaluates erf and exp B times).
+
+    The value x Phi(x) is detached and the gradient enters as (x - x.detach()) * slope, which
+    adds an exact zero to the value and has gradient slope, the exact derivative (plain ops, so
+    vmap and vjp add no autograd.Function overhead).
+    """
+    xf = x.detach().float()
+    cdf = torch.erf(xf * math.sqrt(0.5)).add_(1.0).mul_(0.5)  # Phi(x)
+    slope = torch.exp(xf.square().mul_(-0.5)).mul_(xf).mul_(1.0 / math.sqrt(2.0 * math.pi))
+    value = (xf * cdf).to(x.dtype)
+    return value + (x - x.detach()) * slope.add_(cdf).to(x.dtype)
+
+
+def _activation(module: nn.Module, x: Tensor) -> Tensor:
+    if isinstance(module, nn.GELU) and module.approximate == "none":
+        return exact_gelu(x)
+    return module(x)
+
+
+def _mlp(block: nn.Module, x: Tensor) -> Tensor:
+    mlp = block.mlp
+    hidden = _activation(mlp.gelu, F.linear(x, mlp.c_fc.weight, mlp.c_fc.bias))
+    return F.linear(hidden, mlp.c_proj.weight, mlp.c_proj.bias)
+
+
+# Below this many positions per class the attention among a class's own positions is computed
+# elementwise (broadcast multiply and sum) rather than by a batch of tiny matmuls.
+_ELEMENTWISE_MAX = 8
+
+
+def _in_proj(attn: nn.MultiheadAttention, x: Tensor, part: slice) -> Tensor:
+    """Rows `part` of the packed q/k/v projection applied to x."""
+    bias = None if attn.in_proj_bias is None else attn.in_proj_bias[part]
+    return F.linear(x, attn.in_proj_weight[part], bias)
+
+
+def _heads(x: Tensor, heads: int) -> Tensor:
+    """[..., R, W] -> [..., H, R, W / H]."""
+    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
+def _pair_scores(q: Tensor, k: Tensor) -> Tensor:
+    """q [..., Q, hd] . k [..., S, hd] -> [..., Q, S]."""
+    if q.shape[-2] * k.shape[-2] <= _ELEMENTWISE_MAX**2:
+        return (q.unsqueeze(-2) * k.unsqueeze(-3)).sum(-1)
+    return q @ k.transpose(-1, -2)
+
+
+def _pair_mix(p: Tensor, v: Tensor) -> Tensor:
+    """p [..., Q, S] @ v [..., S, hd] -> [..., Q, hd]."""
+    if p.shape[-2] * p.shape[-1] <= _ELEMENTWISE_MAX**2:
+        return (p.unsqueeze(-1) * v.unsqueeze(-3)).sum(-2)
+    return p @ v
+
+
+def _class_attention(
+    q: Tensor, k_pre: Tensor, v_pre: Tensor, k_suf: Tensor, v_suf: Tensor, mask: Tensor
+) -> Tensor:
+    """Class-specific queries over the shared prefix keys (all visible) and their own class's
+    keys (additive `mask`).
+
+    q [..., H, n, Q, hd] (scaled); k_pre, v_pre [..., H, P, hd]; k_suf, v_suf [..., H, n, S, hd];
+    mask broadcastable to [..., H, n, Q, S]. Returns [..., H, n, Q, hd].
+    """
+    n, rows = q.shape[-3], q.shape[-2]
+    to_pre = (q.flatten(-3, -2) @ k_pre.transpose(-1, -2)).unflatten(-2, (n, rows))
+    to_suf = _pair_scores(q, k_suf) + mask  # [..., H, n, Q, S]
+    probs = torch.softmax(torch.cat([to_pre, to_suf], dim=-1), dim=-1)
+    p_pre, p_suf = probs.split([k_pre.shape[-2], k_suf.shape[-2]], dim=-1)
+    from_pre = (p_pre.flatten(-3, -2) @ v_pre).unflatten(-2, (n, rows))
+    return from_pre + _pair_mix(p_suf, v_suf)
+
+
+def shared_prefix_block(block: nn.Module, x: Tensor, *, n_pre: int, n_cls: int) -> Tensor:
+    """One open_clip ResidualAttentionBlock on rows x [..., P + n S, W]: the P prefix rows shared
+    by every class, then each class's S own rows (positions P .. P + S - 1), class-major.
+
+    Equal to the block on the full sequences [..., n, P + S, W] under the causal mask: prefix
+    rows attend causally among themselves; a class's rows attend to every prefix row and
+    causally to that class's own rows. Layer norms, projections and MLP run on all rows at once.
+    """
+    attn, heads = block.attn, block.attn.num_heads
+    width = x.shape[-1]
+    n_suf = (x.shape[-2] - n_pre) // n_cls
+    qkv = _heads(_in_proj(attn, block.ln_1(x), slice(None)), 3 * heads)  # [..., 3H, R, hd]
+    q, k, v = qkv.chunk(3, dim=-3)  # [..., H, R, hd]
+    q = q * (width // heads) ** -0.5
+    (q_pre, q_suf), (k_pre, k_suf), (v_pre, v_suf) = (
+        t.split([n_pre, n_cls * n_suf], dim=-2) for t in (q, k, v)
+    )  # split, not two slices: its backward is one concatenation, not two zero-filled copies
+    mask_pre = causal_mask(n_pre, x.device).to(q.dtype)
+    scores = q_pre @ k_pre.transpose(-1, -2) + mask_pre
+    out_pre = torch.softmax(scores, dim=-1) @ v_pre  # [..., H, P, hd]
+    out_suf = _class_attention(
+        q_suf.unflatten(-2, (n_cls, n_suf)),
+        k_pre,
+        v_pre,
+        k_suf.unflatten(-2, (n_cls, n_suf)),
+        v_suf.unflatten(-2, (n_cls, n_suf)),
+        causal_mask(n_suf, x.device).to(q.dtype),
+    ).flatten(-3, -2)  # [..., H, n S, hd]
+    out = torch.cat([out_pre, out_suf], dim=-2).transpose(-3, -2).flatten(-2)  # [..., R, W]
+    x = x + block.ls_1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
+    return x + block.ls_2(_mlp(block, block.ln_2(x)))
+
+
+def last_block_eot(block: nn.Module, x: Tensor, *, n_pre: int, eot: Tensor) -> Tensor:
+    """The last block's output at each class's EOT row only: [..., n, W].
+
+    x [..., P + n S, W] as in `shared_prefix_block`; eot [n] EOT positions within the classes'
+    own rows. Every row gives keys and values; queries, attention output and MLP run for the n
+    EOT rows only.
+    """
+    attn, heads = block.attn, block.attn.num_heads
+    width = x.shape[-1]
+    n_cls = eot.shape[0]
+    n_suf = (x.shape[-2] - n_pre) // n_cls
+    h = block.ln_1(x)
+    k, v = _heads(_in_proj(attn, h, slice(width, None)), 2 * heads).chunk(2, dim=-3)
+    eot_rows = n_pre + torch.arange(n_cls, device=x.device) * n_suf + eot  # [n]
+    q = _in_proj(attn, h[..., eot_rows, :], slice(0, width)) * (width // heads) ** -0.5
+    q = _heads(q, heads).unsqueeze(-2)  # [..., H, n, 1, hd]
+    visible = torch.arange(n_suf, device=x.device) <= eot.unsqueeze(-1)  # [n, S]
+    mask = torch.zeros(visible.shape, dtype=q.dtype, device=x.device)
+    mask = mask.masked_fill_(~visible, float("-inf")).unsqueeze(-2)  # [n, 1, S]
+    (k_pre, k_suf), (v_pre, v_suf) = (t.split([n_pre, n_cls * n_suf], dim=-2) for t in (k, v))
+    out = _class_attention(
+        q,
+        k_pre,
+        v_pre,
+        k_suf.unflatten(-2, (n_cls, n_suf)),
+        v_suf.unflatten(-2, (n_cls, n_suf)),
+        mask,
+    )  # [..., H, n, 1, hd]
+    out = out.squeeze(-2).transpose(-3, -2).flatten(-2)  # [..., n, W]
+    y = x[..., eot_rows, :] + block.ls_1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
+    return y + block.ls_2(_mlp(block, block.ln_2(y)))

@@ -19,13 +19,23 @@ needs to clip each example's contribution; Opacus' module hooks cannot, because 
 a parameter used by every sample of the batch (and they silently mix samples when the batch
 size equals the class count).
 
+Many clients at once (`client_step_gradients`): clients are independent, so the Jacobian of
+their stacked encoders is block diagonal. One forward of `vmap(encode)` over the clients' stacked
+parameters [K, ...] and one `vmap(vjp_fn)` over the sample slot j, whose cotangent holds sample j
+of every client, give every client's per-sample gradients; batches of unequal size are padded
+and the padded rows get zero cotangents (their gradients are exactly zero and are dropped).
+tests/test_speed.py checks it equals client-by-client `step_gradients`.
+
+`per_sample_loop=True` is the reference compute pattern kept for ablation: one encoder forward
+and one backward per sample (what DP-SGD costs without the shared-forward identity above).
+
 References: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016
 (arXiv 1607.00133); torch.func (functorch) `vjp`, `vmap`, `grad`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -35,7 +45,14 @@ from torch.func import grad, grad_and_value, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
 
-__all__ = ["StepGrads", "mean_grads", "per_sample_grads", "step_gradients"]
+__all__ = [
+    "StepGrads",
+    "client_step_gradients",
+    "loop_per_sample_grads",
+    "mean_grads",
+    "per_sample_grads",
+    "step_gradients",
+]
 
 Encode = Callable[[dict[str, Tensor]], Any]
 SampleLoss = Callable[..., Tensor]
@@ -174,6 +191,30 @@ def _prior_cotangents(
     return gz, gp
 
 
+def loop_per_sample_grads(
+    encode: Encode,
+    sample_loss: SampleLoss,
+    params: dict[str, Tensor],
+    batch: tuple[Tensor, ...],
+) -> tuple[dict[str, Tensor], Tensor]:
+    """Per-sample gradients {name: [B, *shape]} and losses [B] by B separate forward and
+    backward passes through the encoder: the reference compute pattern (ablation only; the
+    same values as `per_sample_grads` to float rounding)."""
+    n = _batch_size(batch)
+    primals = {k: v.detach() for k, v in params.items()}
+    rows: list[dict[str, Tensor]] = []
+    losses: list[Tensor] = []
+    for i in range(n):
+        sample = tuple(t[i].detach() for t in batch)
+        grads, loss = grad_and_value(lambda p, s=sample: sample_loss(encode(p), *s))(primals)
+        rows.append(grads)
+        losses.append(loss)
+    if not rows:
+        empty = {k: v.new_zeros((0, *v.shape)) for k, v in primals.items()}
+        return empty, next(iter(primals.values())).new_zeros(0)
+    return {k: torch.stack([r[k] for r in rows]) for k in primals}, torch.stack(losses)
+
+
 def step_gradients(
     encode: Encode,
     sample_loss: SampleLoss,
@@ -183,6 +224,7 @@ def step_gradients(
     per_sample: bool,
     prior: Prior | None = None,
     chunk_size: int | None = None,
+    per_sample_loop: bool = False,
 ) -> StepGrads:
     """The gradients a local step needs, with one encoder forward.
 
@@ -191,6 +233,8 @@ def step_gradients(
     record. Its gradient J^T dprior/dZ + dprior/dparams re-uses the vjp of the one forward.
     With `per_sample` the data part is per sample (for clipping) and the prior part is
     returned apart (it is neither clipped nor noised); without, both are summed.
+    `per_sample_loop` takes the per-sample part by one forward and backward per sample
+    (`loop_per_sample_grads`, the reference compute pattern; ablation only).
     """
     n = _batch_size(batch)
     z, vjp_fn = _encode_once(encode, params, math_attention=per_sample)
@@ -198,7 +242,9 @@ def step_gradients(
     in_dims = (None, *(0 for _ in batch))
     batch = tuple(t.detach() for t in batch)
     if per_sample:
-        if n:
+        if n and per_sample_loop:
+            data, losses = loop_per_sample_grads(encode, sample_loss, params, batch)
+        elif n:
             cot, losses = vmap(grad_and_value(sample_loss), in_dims=in_dims, chunk_size=chunk_size)(
                 z, *batch
             )
@@ -223,6 +269,104 @@ def step_gradients(
     else:
         cot = tree_map(torch.zeros_like, z)
         losses = next(iter(params.values())).new_zeros(0)
+    direct: dict[str, Tensor] = {}
+    if prior_cot is not None:
+        cot = tree_map(torch.add, cot, prior_cot[0])
+        direct = prior_cot[1]
+    (data,) = vjp_fn(cot)
+    return StepGrads(data=_add(dict(data), direct), losses=losses, prior=None)
+
+
+ClientEncode = Callable[[dict[str, Tensor], Any], Any]
+ClientPrior = Callable[[Any, dict[str, Tensor], Any], "Tensor | None"]
+
+
+def _pick(tree: Any, k: int) -> Any:
+    return tree_map(lambda t: t[k] if isinstance(t, Tensor) else t, tree)
+
+
+def _mask_rows(tree: Any, valid: Tensor) -> Any:
+    """Zero the rows [K, B, ...] of every leaf where valid [K, B] is False (NaN-safe)."""
+
+    def mask(t: Tensor) -> Tensor:
+        keep = valid.reshape(*valid.shape, *([1] * (t.dim() - 2)))
+        return torch.where(keep, t, torch.zeros((), dtype=t.dtype, device=t.device))
+
+    return tree_map(mask, tree)
+
+
+def client_step_gradients(
+    encode: ClientEncode,
+    sample_loss: SampleLoss,
+    params: dict[str, Tensor],
+    extra: Any,
+    batch: tuple[Tensor, ...],
+    sizes: Sequence[int],
+    *,
+    per_sample: bool,
+    prior: ClientPrior | None = None,
+    chunk_size: int | None = None,
+) -> StepGrads:
+    """`step_gradients` of K clients at once, with one encoder forward for all of them.
+
+    encode: (params of one client, extra of one client) -> Z; vmapped over the clients.
+    params: {name: [K, *shape]} the clients' step parameters, stacked.
+    extra: a pytree of [K, ...] tensors per client that encode and prior read (not
+           differentiated), e.g. a scheme's auxiliary values and a proximal anchor.
+    batch: tensors [K, B, ...], client k's samples in rows 0 .. sizes[k] - 1, padding after.
+    sizes: number of real samples of each client (host integers: the padding mask is built
+           on the device without a host-to-device copy).
+    prior: (Z of one client, params of one client, extra of one client) -> scalar or None.
+
+    Returns StepGrads with data {name: [K, B, *shape]} (per_sample; padded rows zero) or
+    {name: [K, *shape]} (the gradient of each client's mean loss + prior), losses [K, B]
+    (padded rows zero) and prior {name: [K, *shape]} or None. Client k's values equal
+    `step_gradients` on client k alone (module docstring).
+    """
+    n_clients, width = batch[0].shape[0], batch[0].shape[1]
+    primals = {k: v.detach() for k, v in params.items()}
+    extra = _detach_tree(extra)
+    with sdpa_kernel([SDPBackend.MATH]):
+        z, vjp_fn = vjp(lambda p: vmap(encode)(p, extra), primals)
+    z = _detach_tree(z)
+    rows = torch.arange(width, device=batch[0].device)
+    valid = torch.stack([rows < int(n) for n in sizes])  # [K, B]
+    batch = tuple(t.detach() for t in batch)
+    per_client = vmap(grad_and_value(sample_loss), in_dims=(None, *(0 for _ in batch)))
+    prior_cot = None
+    if prior is not None and prior(_pick(z, 0), _pick(primals, 0), _pick(extra, 0)) is not None:
+
+        def total_prior(zz: Any, pp: dict[str, Tensor]) -> Tensor:
+            return vmap(prior)(zz, pp, extra).sum()
+
+        prior_cot = grad(total_prior, argnums=(0, 1))(z, primals)
+    if per_sample:
+        if width:
+            cot, losses = vmap(per_client, chunk_size=chunk_size)(z, *batch)  # [K, B, ...]
+            cot, losses = _mask_rows(cot, valid), _mask_rows(losses, valid)
+            (data,) = vmap(vjp_fn, in_dims=1, out_dims=1, chunk_size=chunk_size)(cot)
+            data = dict(data)
+        else:
+            data = {k: v.new_zeros((n_clients, 0, *v.shape[1:])) for k, v in primals.items()}
+            losses = next(iter(primals.values())).new_zeros(n_clients, 0)
+        prior_grads = None
+        if prior_cot is not None:
+            (through_z,) = vjp_fn(prior_cot[0])
+            prior_grads = _add(dict(through_z), prior_cot[1])
+        return StepGrads(data=data, losses=losses, prior=prior_grads)
+    weights = valid / valid.sum(-1, keepdim=True).clamp(min=1)  # [K, B], 1 / n_k on real rows
+
+    def mean_loss(zz: Any) -> tuple[Tensor, Tensor]:
+        losses = vmap(vmap(sample_loss, in_dims=(None, *(0 for _ in batch))))(zz, *batch)
+        losses = _mask_rows(losses, valid)
+        return (losses * weights.to(losses.dtype)).sum(), losses
+
+    if width:
+        cot, losses = grad(mean_loss, has_aux=True)(z)
+        losses = losses.detach()
+    else:
+        cot = tree_map(torch.zeros_like, z)
+        losses = next(iter(primals.values())).new_zeros(n_clients, 0)
     direct: dict[str, Tensor] = {}
     if prior_cot is not None:
         cot = tree_map(torch.add, cot, prior_cot[0])

@@ -1,0 +1,89 @@
+"""What runs fast on this machine: the tower's precision and the number of CPU threads.
+
+Both are choices of how to compute, never of what: bf16 changes results by rounding only
+(tests/test_speed.py bounds it), threads not at all.
+
+- Precision. bf16 autocast pays where the hardware multiplies bf16 natively: CUDA GPUs with
+  bf16 support, and CPUs with AMX tiles (Sapphire Rapids and later), where a bf16 matmul at
+  prompt-learning shapes runs several times faster than fp32. Without AMX (e.g. AVX2 only)
+  oneDNN emulates bf16 and a matmul ran 20x SLOWER than fp32 here (AMD EPYC, AVX2: 31-39 vs
+  1.1-1.9 GFLOP/s on [12288, 64] x [64, 64..256]), so "auto" keeps fp32 there.
+- Threads. Intra-op threads pay only when an op is large enough, and OpenMP threads that spin
+  against other busy processes cost far more than they give (measured here with two other jobs
+  on two cores: a private step took 27x longer on 2 threads than on 1). So a step gets more
+  than one thread only when its work is large AND cores are idle, counting the cores that other
+  processes keep busy at the moment the run starts.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Literal
+
+import torch
+
+Precision = Literal["fp32", "bf16"]
+
+# Work (FLOPs of one local step) from which a second intra-op thread pays for itself.
+PARALLEL_FLOPS = 1e9
+
+
+def fast_precision(device: torch.device) -> Precision:
+    """bf16 where the device multiplies bf16 natively (CUDA with bf16, CPU with AMX), else fp32."""
+    if device.type == "cuda":
+        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return "bf16" if amx is not None and amx() else "fp32"
+
+
+def resolve_precision(choice: str, device: torch.device) -> Precision:
+    """'fp32' or 'bf16' as given; 'auto' -> `fast_precision(device)`."""
+    if choice == "auto":
+        return fast_precision(device)
+    if choice not in ("fp32", "bf16"):
+        raise ValueError(f"precision must be auto, fp32 or bf16; got {choice!r}")
+    return choice  # type: ignore[return-value]
+
+
+def pick_threads(step_flops: float, *, cores: int, busy_elsewhere: float) -> int:
+    """Intra-op threads for steps of `step_flops` FLOPs: 1 below PARALLEL_FLOPS, otherwise
+    every core that other processes leave idle (at least 1; never more than `cores`)."""
+    if step_flops < PARALLEL_FLOPS:
+        return 1
+    idle = int(cores - busy_elsewhere + 0.5)
+    return max(1, min(cores, idle))
+
+
+def usable_cores() -> int:
+    """CPU cores this process may run on."""
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        return os.cpu_count() or 1
+
+
+def busy_cores_elsewhere(interval: float = 0.25) -> float:
+    """Cores kept busy by OTHER processes over `interval` seconds (Linux /proc/stat minus this
+    process's own CPU time); the 1-minute load average where /proc/stat is missing."""
+    try:
+        before, own_before = _proc_stat_busy(), _own_cpu_seconds()
+        time.sleep(interval)
+        after, own_after = _proc_stat_busy(), _own_cpu_seconds()
+    except OSError:
+        return float(os.getloadavg()[0]) if hasattr(os, "getloadavg") else 0.0
+    others = (after - before) - (own_after - own_before)
+    return max(0.0, others / interval)
+
+
+def _proc_stat_busy() -> float:
+    """Busy CPU seconds summed over all cores since boot (user .. steal, not idle or iowait)."""
+    with open("/proc/stat") as f:
+        fields = [float(x) for x in f.readline().split()[1:]]
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0.0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+def _own_cpu_seconds() -> float:
+    times = os.times()
+    return times.user + times.system

@@ -25,13 +25,6 @@ def test_the_pairs_include_the_new_entries():
 
 @pytest.mark.parametrize("pair", VALID)
 @pytest.mark.parametrize("mode", ["none", "server"])
-def test_client_trust_runs_step_synced_and_round_synced_schemes(tiny_tower, monkeypatch):
-    for pair in ("coop@dpfpl", "kgcoop@fedprox"):
-        test_pair_runs_a_round_clipped_and_sharing_only_its_shared_parameters(
-            tiny_tower, monkeypatch, pair, "client"
-        )
-
-
 def test_pair_runs_a_round_clipped_and_sharing_only_its_shared_parameters(
     tiny_tower, monkeypatch, pair, mode
 ):
@@ -91,3 +84,10 @@ def test_pair_runs_a_round_clipped_and_sharing_only_its_shared_parameters(
     assert all(keys <= shared for keys in reached_server), (reached_server, shared)
     if shared:
         assert reached_server
+
+
+def test_client_trust_runs_step_synced_and_round_synced_schemes(tiny_tower, monkeypatch):
+    for pair in ("coop@dpfpl", "kgcoop@fedprox"):
+        test_pair_runs_a_round_clipped_and_sharing_only_its_shared_parameters(
+            tiny_tower, monkeypatch, pair, "client"
+        )

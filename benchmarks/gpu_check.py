@@ -109,12 +109,12 @@ def short_run(name: str, device: torch.device, *, eps: float | None, epochs: int
 def check_runs() -> None:
     for name in ("promptfl", "dpfpl"):
         finals = {}
-        for device in (CPU, CUDA):
+        for label, device in (("cpu", CPU), ("cuda", CUDA)):
             run = short_run(name, device, eps=None)
             start = {k: v.clone() for k, v in run.view(0, evaluation=True).items()}
             for rnd in range(2):
                 run.run_round(rnd)
-            finals[device.type] = {
+            finals[label] = {
                 k: (v - start[k]).cpu() for k, v in run.view(0, evaluation=True).items()
             }
         for key in finals["cpu"]:

@@ -585,8 +585,9 @@ class FederatedRun:
         return local, upload
 
     def _groups(self, clients: Sequence[int]) -> list[list[int]]:
-        """The step's clients in groups whose batched activations stay under the bound."""
-        if not self.compute.batch_clients:
+        """The step's clients in groups whose batched activations stay under the bound (one by
+        one without client batching, and for the per-sample loop, a per-client pattern)."""
+        if not self.compute.batch_clients or (self.compute.per_sample_loop and self.private):
             return [[c] for c in clients]
         rows = self.tower.rows(len(self.ctx_seen.class_idx))
         per_client = rows * 4 * self.tower.width * (self.sched.batch_size if self.private else 1)
@@ -615,7 +616,8 @@ class FederatedRun:
 
     # -- rounds ---------------------------------------------------------------------------------
     def run_round(self, rnd: int) -> float:
-        """Train one round; returns the mean training loss over the round's steps."""
+        """Train one round; returns the mean training loss over the round's steps (NaN under
+        DP, where it is never released)."""
         sched, scheme = self.sched, self.method.scheme
         sampled = self.rounds_schedule[rnd]
         plans = {

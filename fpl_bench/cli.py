@@ -261,6 +261,12 @@ def run(
             help="Continue the job in --out: skip finished runs, continue checkpointed ones.",
         ),
     ] = False,
+    fp32: Annotated[
+        bool,
+        typer.Option(
+            "--fp32", help="Keep the frozen towers in fp32 (default: bf16 where it is native)."
+        ),
+    ] = False,
     secure_noise: Annotated[
         bool,
         typer.Option(
@@ -334,6 +340,7 @@ def run(
         trust=trust,
         secure_noise=secure_noise,
         resume=resume,
+        precision="fp32" if fp32 else "auto",
     )
     if cache_dir is not None:
         fields["cache_dir"] = cache_dir

@@ -17,4 +17,4 @@ fpl-bench leaderboard --runs "$OUT/server" --out leaderboards --name embedded \
   --title "fpl-bench on the embedded default, server trust"
 fpl-bench leaderboard --runs "$OUT/client" --out leaderboards --name embedded-client \
   --title "fpl-bench on the embedded default, client trust"
-cat leaderboards/embedded.md leaderboards/embedded-client.md
+python benchmarks/readme_tables.py   # rewrites the README section from the leaderboards

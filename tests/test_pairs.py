@@ -28,6 +28,10 @@ def test_the_pairs_include_the_new_entries():
 def test_pair_runs_a_round_clipped_and_sharing_only_its_shared_parameters(
     tiny_tower, monkeypatch, pair, mode
 ):
+    assert_pair_runs_clipped_and_sharing_only_shared(tiny_tower, monkeypatch, pair, mode)
+
+
+def assert_pair_runs_clipped_and_sharing_only_shared(tiny_tower, monkeypatch, pair, mode):
     options = {"scheme.rank": 2} if pair.split("@")[1] in ("dpfpl", "sigma_uv") else {}
     method = build_method(resolve_method(pair, options))
     shared = set(method.scheme.shared)
@@ -89,6 +93,4 @@ def test_pair_runs_a_round_clipped_and_sharing_only_its_shared_parameters(
 
 def test_client_trust_runs_step_synced_and_round_synced_schemes(tiny_tower, monkeypatch):
     for pair in ("coop@dpfpl", "kgcoop@fedprox"):
-        test_pair_runs_a_round_clipped_and_sharing_only_its_shared_parameters(
-            tiny_tower, monkeypatch, pair, "client"
-        )
+        assert_pair_runs_clipped_and_sharing_only_shared(tiny_tower, monkeypatch, pair, "client")

@@ -49,7 +49,7 @@ def run_cli(args, capsys, monkeypatch):
     return exc.value.code, captured.out, captured.err
 
 
-def one_line_error(code, err, needle):
+def assert_one_line_error(code, err, needle):
     lines = err.strip().splitlines()
     assert code == 2, err
     assert len(lines) == 1 and needle in lines[0], err
@@ -80,7 +80,7 @@ def test_bad_storage_is_one_line_exit_2(storage, workers, needle, capsys, monkey
     args = ["tune", "--methods", "promptfl", "--trials", "2", "--out", str(tmp_path)]
     args += ["--storage", storage, "--workers", str(workers)]
     code, _, err = run_cli(args, capsys, monkeypatch)
-    one_line_error(code, err, needle)
+    assert_one_line_error(code, err, needle)
     assert "secret" not in err
 
 
@@ -89,7 +89,7 @@ def test_unreachable_database_is_one_line_exit_2_fast(capsys, monkeypatch, tmp_p
     args += ["--storage", "postgresql://fpl:secret@127.0.0.1:9/nowhere"]
     t0 = time.perf_counter()
     code, _, err = run_cli(args, capsys, monkeypatch)
-    one_line_error(code, err, "cannot connect")
+    assert_one_line_error(code, err, "cannot connect")
     assert "secret" not in err and "fpl:***@127.0.0.1:9" in err
     assert time.perf_counter() - t0 < 30
     assert not (tmp_path / "mlflow.db").exists()
@@ -99,13 +99,13 @@ def test_unreachable_database_is_one_line_exit_2_fast(capsys, monkeypatch, tmp_p
 def test_card_without_search_table_cannot_be_tuned(capsys, monkeypatch, tmp_path):
     args = ["tune", "--methods", "zeroshot", "--trials", "2", "--out", str(tmp_path)]
     code, _, err = run_cli(args, capsys, monkeypatch)
-    one_line_error(code, err, "zeroshot cannot be tuned")
+    assert_one_line_error(code, err, "zeroshot cannot be tuned")
 
 
 def test_pair_without_card_cannot_be_tuned(capsys, monkeypatch, tmp_path):
     args = ["tune", "--methods", "coop@fedavg", "--trials", "2", "--out", str(tmp_path)]
     code, _, err = run_cli(args, capsys, monkeypatch)
-    one_line_error(code, err, "coop@fedavg cannot be tuned")
+    assert_one_line_error(code, err, "coop@fedavg cannot be tuned")
 
 
 def patch_search(monkeypatch, method: str, search: dict[str, SearchRange]) -> None:
@@ -127,7 +127,7 @@ def test_bad_search_range_is_one_line_exit_2(search, needle, capsys, monkeypatch
     patch_search(monkeypatch, "dpfpl", search)
     args = ["tune", "--methods", "dpfpl", "--trials", "2", "--out", str(tmp_path)]
     code, _, err = run_cli(args, capsys, monkeypatch)
-    one_line_error(code, err, needle)
+    assert_one_line_error(code, err, needle)
     assert "dpfpl.toml [search]" in err
 
 

@@ -407,6 +407,35 @@ def _privacy_columns(spec: ExperimentSpec, eps: float | None, ledger: PrivacyLed
     }
 
 
+def schedule_of(spec: ExperimentSpec) -> Schedule:
+    """The driver's schedule of a spec's runs."""
+    return Schedule(
+        rounds=spec.rounds,
+        local_epochs=spec.local_epochs,
+        batch_size=spec.batch_size,
+        lr=spec.lr,
+        momentum=spec.momentum,
+        client_fraction=spec.client_fraction,
+        eval_every=spec.eval_every,
+    )
+
+
+def federated_run(
+    prep: Prepared, fed: Federation, method: Method, seed: int, schedule: Schedule
+) -> FederatedRun:
+    """One federated run of `method` as the spec sets it up (trust model, ctx_init)."""
+    spec = prep.spec
+    return FederatedRun(
+        method,
+        prep.tower,
+        fed,
+        schedule=schedule,
+        seed=seed,
+        trust=spec.trust,
+        ctx_init=spec.ctx_init,
+    )
+
+
 def run_one(
     prep: Prepared,
     fed: Federation,
@@ -419,28 +448,12 @@ def run_one(
 ) -> dict[str, Any]:
     spec = prep.spec
     method = build_method(choice)
-    schedule = Schedule(
-        rounds=spec.rounds,
-        local_epochs=spec.local_epochs,
-        batch_size=spec.batch_size,
-        lr=spec.lr,
-        momentum=spec.momentum,
-        client_fraction=spec.client_fraction,
-        eval_every=spec.eval_every,
-    )
+    schedule = schedule_of(spec)
     torch.manual_seed(seed)
     private = eps is not None and method.trains
     n_seen = len(fed.protocol.seen_classes)
     set_threads(spec, private=private, device=prep.device, tower=prep.tower, n_classes=n_seen)
-    run = FederatedRun(
-        method,
-        prep.tower,
-        fed,
-        schedule=schedule,
-        seed=seed,
-        trust=spec.trust,
-        ctx_init=spec.ctx_init,
-    )
+    run = federated_run(prep, fed, method, seed, schedule)
     ledger = plan_run_privacy(run, spec, eps) if private else None
     if ledger is not None:
         run.enable_privacy(

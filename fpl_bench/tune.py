@@ -538,41 +538,22 @@ def train_seed(
     """
     import torch
 
-    from fpl_bench.driver import FederatedRun, NoisePlan, Schedule
-    from fpl_bench.experiment import plan_run_privacy, set_threads
+    from fpl_bench.driver import NoisePlan
+    from fpl_bench.experiment import federated_run, plan_run_privacy, schedule_of, set_threads
     from fpl_bench.method import build_method
 
     spec = prep.spec
     method = build_method(choice)
-    full = Schedule(
-        rounds=spec.rounds,
-        local_epochs=spec.local_epochs,
-        batch_size=spec.batch_size,
-        lr=spec.lr,
-        momentum=spec.momentum,
-        client_fraction=spec.client_fraction,
-        eval_every=spec.eval_every,
-    )
+    full = schedule_of(spec)
     schedule = replace(full, rounds=min(trial_rounds or spec.rounds, spec.rounds))
     torch.manual_seed(seed)
     private = eps is not None and method.trains
     set_threads(spec, private=private, device=prep.device)
 
-    def federated_run(sched: Schedule) -> FederatedRun:
-        return FederatedRun(
-            method,
-            prep.tower,
-            fed,
-            schedule=sched,
-            seed=seed,
-            trust=spec.trust,
-            ctx_init=spec.ctx_init,
-        )
-
-    run = federated_run(schedule)
+    run = federated_run(prep, fed, method, seed, schedule)
     ledger = None
     if private:
-        planned = run if schedule == full else federated_run(full)
+        planned = run if schedule == full else federated_run(prep, fed, method, seed, full)
         key = (tuple(sorted(set(planned.budget()))), eps, spec.delta, spec.clip_norm)
         key += (spec.rounds, spec.accountant)
         plans = {} if plans is None else plans

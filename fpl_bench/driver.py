@@ -464,11 +464,10 @@ class FederatedRun:
         def encode(p: Mapping[str, Tensor]) -> object:
             return method.encode(p, aux, ctx)
 
-        def loss_one(z: object, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-            return method.sample_loss(z, x, t, y, ctx)
-
         def prior(z: object, p: Mapping[str, Tensor]) -> Tensor | None:
             return method.prior(p, z, ctx, anchor)
+
+        loss_one, constants = self._loss_fns()
 
         grads = step_gradients(
             encode,
@@ -478,8 +477,22 @@ class FederatedRun:
             per_sample=self.private,
             prior=prior if method.has_prior else None,
             per_sample_loop=self.compute.per_sample_loop,
+            constants=constants if method.has_batch_constants else None,
         )
         return step, grads
+
+    def _loss_fns(self) -> tuple[Callable[..., Tensor], Callable[..., Tensor | None]]:
+        """(per-sample loss, batch constants) as `privacy.per_sample` calls them: on
+        (Z, pooled, tokens, target[, the sample's constants]) and (Z, *batch)."""
+        method, ctx = self.method, self.ctx_seen
+
+        def loss_one(z: object, x: Tensor, t: Tensor, y: Tensor, *given: Tensor) -> Tensor:
+            return method.sample_loss(z, x, t, y, ctx, *given)
+
+        def constants(z: object, x: Tensor, t: Tensor, y: Tensor) -> Tensor | None:
+            return method.batch_constants(z, t, ctx)
+
+        return loss_one, constants
 
     def _batched_gradients(
         self, clients: Sequence[int], rnd: int, step_no: int, indices: Sequence[Tensor]
@@ -504,8 +517,7 @@ class FederatedRun:
         def encode(p: Mapping[str, Tensor], e: Mapping[str, Params]) -> object:
             return method.encode(p, e["aux"], ctx)
 
-        def loss_one(z: object, x: Tensor, t: Tensor, y: Tensor) -> Tensor:
-            return method.sample_loss(z, x, t, y, ctx)
+        loss_one, constants = self._loss_fns()
 
         def prior(z: object, p: Mapping[str, Tensor], e: Mapping[str, Params]) -> Tensor | None:
             return method.prior(p, z, ctx, e["anchor"])
@@ -519,6 +531,7 @@ class FederatedRun:
             sizes,
             per_sample=self.private,
             prior=prior if method.has_prior else None,
+            constants=constants if method.has_batch_constants else None,
         )
         out = []
         for i, n in enumerate(sizes):

@@ -7,6 +7,8 @@ composes their hooks into what the driver and `privacy/` call:
     encode(step, aux, ctx)   the scheme's prompt components [N, n_ctx, W] and the extra prompts
                              its prior needs go through the learner's encoder in ONE tower
                              forward -> {"text": [N, n, D], <extra name>: [n, D], ...}
+    batch_constants(...)     what the learner's loss reads without gradient, for the whole batch
+                             before vmap (FedOTP: the transport plans), or None
     sample_loss(...)         the learner's per-sample loss (vmapped, clipped under DP)
     prior(step, encoded, ..) learner prior + scheme prior: data-independent, outside clipping
     logits(...)              the learner's scores
@@ -98,10 +100,21 @@ class Method:
     ) -> Tensor:
         return self.learner.logits(encoded["text"], images, tokens, ctx)
 
+    def batch_constants(
+        self, encoded: Encoded, tokens: Tensor, ctx: EncodeContext
+    ) -> Tensor | None:
+        return self.learner.batch_constants(encoded["text"], tokens, ctx)
+
     def sample_loss(
-        self, encoded: Encoded, image: Tensor, tokens: Tensor, label: Tensor, ctx: EncodeContext
+        self,
+        encoded: Encoded,
+        image: Tensor,
+        tokens: Tensor,
+        label: Tensor,
+        ctx: EncodeContext,
+        given: Tensor | None = None,
     ) -> Tensor:
-        return self.learner.sample_loss(encoded["text"], image, tokens, label, ctx)
+        return self.learner.sample_loss(encoded["text"], image, tokens, label, ctx, given)
 
     def prior(
         self,
@@ -117,6 +130,10 @@ class Method:
         ]
         terms = [t for t in terms if t is not None]
         return sum(terms[1:], terms[0]) if terms else None
+
+    @property
+    def has_batch_constants(self) -> bool:
+        return type(self.learner).batch_constants is not PromptLearner.batch_constants
 
     @property
     def has_prior(self) -> bool:

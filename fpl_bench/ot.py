@@ -61,9 +61,13 @@ Implementation:
   reference's `break` would have kept. Each problem stops on its own rule; the reference stops a
   whole batch on the batch mean of |v - v_prev|, which makes an image's plan depend on the other
   images in its batch. No data-dependent Python control flow, so `torch.func.vmap` works.
-- `check_every > 0` allows one host sync every that many iterations to end the loop once every
-  problem is frozen. The result is identical (frozen problems no longer change); the check is
-  skipped inside `torch.func` transforms (vmap, grad), where it would be an error.
+- `check_every > 0` allows one host sync every that many iterations: the problems that have
+  stopped are written out and dropped from the working set, and the loop ends once none is
+  left (`_solve_compacting`). The result is identical (frozen problems no longer change, and
+  each problem's ops read only its own entries); the cost follows the problems still
+  iterating, not the slowest one. Skipped inside `torch.func` transforms (vmap, grad), where a
+  host sync is an error: there every problem runs max_iter iterations (`_solve_frozen`), which
+  is why the OT learner computes its training plans for the whole batch outside vmap.
 - No gradient flows through the plan: the reference computes it under `torch.no_grad()`, and so
   does `sinkhorn` (on the detached cost). Gradients reach the prompts through the similarities
   that the caller multiplies with T. Runs in float32 at least (fp16/bf16 costs are upcast).
@@ -141,6 +145,76 @@ def _stops(g_new: Tensor, g_old: Tensor, shift: Tensor, *, log_thresh: float) ->
     return change.log2_() < log_thresh + math.log2(g_new.shape[-1]) - scale.squeeze(-1)
 
 
+def _iteration(
+    log_kernel: Tensor,
+    g: Tensor,
+    g_prev: Tensor,
+    done: Tensor,
+    shift: Tensor,
+    *,
+    log_a: float,
+    log_b: float,
+    log_thresh: float,
+    floor: float,
+) -> tuple[Tensor, Tensor, Tensor]:
+    """One Sinkhorn iteration of every problem that has not stopped: (g_prev, g, done).
+
+    A problem that meets the stopping rule takes this iteration's g and keeps it (and the g its
+    f was computed from, g_prev) from then on, as the reference's `break` would.
+    """
+    f = _patch_potential(log_kernel, g, log_a=log_a, floor=floor)  # [..., M]
+    g_new = _prompt_potential(log_kernel, f, log_b=log_b, floor=floor)  # [..., N]
+    stops = _stops(g_new, g, shift, log_thresh=log_thresh)  # [...]
+    keep = done.unsqueeze(-1)
+    return torch.where(keep, g_prev, g), torch.where(keep, g, g_new), done | stops
+
+
+def _solve_frozen(
+    log_kernel: Tensor, shift: Tensor, *, max_iter: int, check_every: int, **rule: float
+) -> tuple[Tensor, Tensor]:
+    """(g, g_prev) [..., N] after max_iter iterations of all problems, each frozen from its own
+    stop: the same ops for every problem and no host sync, so it runs under vmap and grad."""
+    g = -shift  # g~ for the reference's start v = 1 (g = 0)
+    g_prev = g  # the g that the kept f was computed from
+    done = torch.zeros(shift.shape[:-1], dtype=torch.bool, device=shift.device)  # [...]
+    for _ in range(max_iter):
+        g_prev, g, done = _iteration(log_kernel, g, g_prev, done, shift, **rule)
+    return g, g_prev
+
+
+def _solve_compacting(
+    log_kernel: Tensor, shift: Tensor, *, max_iter: int, check_every: int, **rule: float
+) -> tuple[Tensor, Tensor]:
+    """`_solve_frozen`'s (g, g_prev), iterating only the problems that have not stopped.
+
+    Every `check_every` iterations (one host sync) the stopped problems are written out and
+    dropped from the working set, and the loop ends once none is left. A stopped problem no
+    longer changes under `_solve_frozen`, and every op acts on each problem alone, so the
+    result is the same; the work falls with the number of problems still iterating.
+    """
+    n_cols, n_rows = log_kernel.shape[-2], log_kernel.shape[-1]
+    lead = shift.shape[:-1]
+    kernel = log_kernel.reshape(-1, n_cols, n_rows)  # [P, N, M], P problems
+    shift = shift.reshape(-1, n_cols)  # [P, N]
+    out_g = -shift
+    out_prev = out_g.clone()
+    ids = torch.arange(shift.shape[0], device=shift.device)  # the working set's problems
+    g, g_prev = out_g.clone(), out_prev.clone()
+    done = torch.zeros(shift.shape[0], dtype=torch.bool, device=shift.device)
+    for it in range(max_iter):
+        g_prev, g, done = _iteration(kernel, g, g_prev, done, shift, **rule)
+        if (it + 1) % check_every == 0 and bool(done.any()):
+            out_g[ids[done]], out_prev[ids[done]] = g[done], g_prev[done]
+            keep = ~done
+            if not bool(keep.any()):
+                break
+            kernel, shift, ids = kernel[keep], shift[keep], ids[keep]
+            g, g_prev, done = g[keep], g_prev[keep], done[keep]
+    else:
+        out_g[ids], out_prev[ids] = g, g_prev
+    return out_g.reshape(*lead, n_cols), out_prev.reshape(*lead, n_cols)
+
+
 def sinkhorn(
     cost: Tensor,
     *,
@@ -179,19 +253,17 @@ def sinkhorn(
         log_kernel = (col_min.unsqueeze(-1) - work.transpose(-1, -2)).mul_(_LOG2E / eps)
         log_kernel = log_kernel.contiguous()  # [..., N, M], M innermost (the sub kept C's layout)
         shift = col_min * (_LOG2E / eps)  # [..., N]  g = g~ + shift (base 2)
-        g = -shift  # [..., N]  g~ for the reference's start v = 1 (g = 0)
-        g_prev = g  # the g that the kept f was computed from
-        done = torch.zeros(work.shape[:-2], dtype=torch.bool, device=work.device)  # [...]
-        for it in range(max_iter):
-            f = _patch_potential(log_kernel, g, log_a=log_a, floor=floor)  # [..., M]
-            g_new = _prompt_potential(log_kernel, f, log_b=log_b, floor=floor)  # [..., N]
-            stops = _stops(g_new, g, shift, log_thresh=log_thresh)  # [...]
-            keep = done.unsqueeze(-1)
-            g_prev = torch.where(keep, g_prev, g)
-            g = torch.where(keep, g, g_new)
-            done = done | stops
-            if early and (it + 1) % check_every == 0 and bool(done.all()):
-                break
+        solve = _solve_compacting if early else _solve_frozen
+        g, g_prev = solve(
+            log_kernel,
+            shift,
+            max_iter=max_iter,
+            check_every=check_every,
+            log_a=log_a,
+            log_b=log_b,
+            log_thresh=log_thresh,
+            floor=floor,
+        )
         # f of the last accepted iteration, recomputed once instead of frozen every iteration
         f = _patch_potential(log_kernel, g_prev, log_a=log_a, floor=floor)
         log_plan = (f.unsqueeze(-1) + g.unsqueeze(-2)).add_(log_kernel.transpose(-1, -2))

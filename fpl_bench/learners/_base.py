@@ -86,16 +86,41 @@ class PromptLearner:
         return ctx.tower.encode(prompts, ctx.class_idx)
 
     def logits(
-        self, text: Tensor, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
+        self,
+        text: Tensor,
+        images: Tensor,
+        tokens: Tensor | None,
+        ctx: EncodeContext,
+        given: Tensor | None = None,
     ) -> Tensor:
-        """Logits [B, n] (or [n] for one image) from text features [1, n, D]."""
+        """Logits [B, n] (or [n] for one image) from text features [1, n, D].
+
+        given: what `batch_constants` computed for these images (None: compute it here).
+        """
         return cosine_logits(text[0], images, ctx.tower.logit_scale)
 
+    def batch_constants(self, text: Tensor, tokens: Tensor, ctx: EncodeContext) -> Tensor | None:
+        """Per-sample tensors [..., B, ...] that the loss reads without a gradient through them,
+        computed for the whole batch before the per-sample transforms (None: there are none).
+
+        text [..., N, n, D] (a leading client dim when clients are stacked), tokens
+        [..., B, P, D]. For work that vmap would make slower: a host sync (early exit) is an
+        error under vmap, so a loop inside the vmapped loss runs its full length.
+        """
+        return None
+
     def sample_loss(
-        self, text: Tensor, image: Tensor, tokens: Tensor, label: Tensor, ctx: EncodeContext
+        self,
+        text: Tensor,
+        image: Tensor,
+        tokens: Tensor,
+        label: Tensor,
+        ctx: EncodeContext,
+        given: Tensor | None = None,
     ) -> Tensor:
-        """Cross-entropy of one sample (vmapped over the batch by privacy/per_sample.py)."""
-        logits = self.logits(text, image, tokens, ctx)  # [n]
+        """Cross-entropy of one sample (vmapped over the batch by privacy/per_sample.py);
+        given: its row of `batch_constants`, if the learner has them."""
+        logits = self.logits(text, image, tokens, ctx, given)  # [n]
         return F.cross_entropy(logits.unsqueeze(0), label.unsqueeze(0))
 
     def prior_loss(self, text: Tensor, ctx: EncodeContext) -> Tensor | None:

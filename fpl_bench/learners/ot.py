@@ -65,23 +65,46 @@ class OTPatch(PromptLearner):
     needs_tokens: ClassVar[bool] = True
     max_prompts: ClassVar[int | None] = None
 
-    def logits(
-        self, text: Tensor, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
-    ) -> Tensor:
-        """OT logits [B, n] (or [n] for one image) from patch tokens [B, P, D] (or [P, D]).
-
-        `text` [N, n, D] are the prompts' text features; `images` (pooled) are not used.
-        """
-        if tokens is None:
-            raise ValueError("the ot learner scores patch tokens: call logits with [B, P, D]")
-        patches = F.normalize(tokens, dim=-1)  # [*, P, D]
-        sim = torch.einsum("...md,ncd->...cmn", patches, text)  # [*, n, P, N]
-        plan = sinkhorn(
+    def _plan(self, sim: Tensor) -> Tensor:
+        """Transport plans [..., P, N] for similarities [..., P, N] (no gradient)."""
+        return sinkhorn(
             1.0 - sim,
             eps=self.eps,
             top_percent=self.top_percent,
             max_iter=self.max_iter,
             thresh=self.thresh,
             check_every=_CHECK_EVERY,
-        )  # [*, n, P, N], no gradient
+        )
+
+    def logits(
+        self,
+        text: Tensor,
+        images: Tensor,
+        tokens: Tensor | None,
+        ctx: EncodeContext,
+        given: Tensor | None = None,
+    ) -> Tensor:
+        """OT logits [B, n] (or [n] for one image) from patch tokens [B, P, D] (or [P, D]).
+
+        `text` [N, n, D] are the prompts' text features; `images` (pooled) are not used.
+        given: the plans [B, n, P, N] (or [n, P, N]) from `batch_constants`; None solves them.
+        """
+        if tokens is None:
+            raise ValueError("the ot learner scores patch tokens: call logits with [B, P, D]")
+        patches = F.normalize(tokens, dim=-1)  # [*, P, D]
+        sim = torch.einsum("...md,ncd->...cmn", patches, text)  # [*, n, P, N]
+        plan = self._plan(sim) if given is None else given  # [*, n, P, N], no gradient
         return ctx.tower.logit_scale * (plan * sim).sum(dim=(-2, -1))  # [*, n]
+
+    def batch_constants(self, text: Tensor, tokens: Tensor, ctx: EncodeContext) -> Tensor:
+        """The transport plans [..., B, n, P, N] of a training batch, solved outside vmap.
+
+        Under vmap (per-sample gradients, and the vmapped mean loss) every Sinkhorn problem
+        would run max_iter iterations; here each stops at its own rule and leaves the working
+        set (`sinkhorn`'s check_every), with the same plans: the plan carries no gradient, so
+        it is a constant of the per-sample loss. text [..., N, n, D], tokens [..., B, P, D].
+        """
+        with torch.no_grad():
+            patches = F.normalize(tokens, dim=-1)
+            sim = torch.einsum("...bmd,...ncd->...bcmn", patches, text)  # [..., B, n, P, N]
+            return self._plan(sim)

@@ -52,6 +52,7 @@ __all__ = [
     "mean_grads",
     "per_sample_grads",
     "step_gradients",
+    "with_constants",
 ]
 
 Encode = Callable[[dict[str, Tensor]], Any]
@@ -158,6 +159,23 @@ def mean_grads(
 
 
 Prior = Callable[[Any, dict[str, Tensor]], Tensor | None]
+Constants = Callable[..., Tensor | None]
+
+
+def with_constants(
+    constants: Constants | None, z: Any, batch: tuple[Tensor, ...]
+) -> tuple[Tensor, ...]:
+    """`batch` plus `constants(Z, *batch)` (computed without gradient) when it gives a tensor.
+
+    Whatever the loss reads without differentiating it, and that is cheaper on the whole batch
+    than under vmap, goes here; per sample it is then an input like the image (FedOTP's
+    transport plans: under vmap their Sinkhorn loop could not stop early).
+    """
+    if constants is None or not batch or batch[0].numel() == 0:
+        return batch
+    with torch.no_grad():
+        extra = constants(z, *batch)
+    return batch if extra is None else (*batch, extra.detach())
 
 
 @dataclass(frozen=True)
@@ -225,6 +243,7 @@ def step_gradients(
     prior: Prior | None = None,
     chunk_size: int | None = None,
     per_sample_loop: bool = False,
+    constants: Constants | None = None,
 ) -> StepGrads:
     """The gradients a local step needs, with one encoder forward.
 
@@ -235,12 +254,15 @@ def step_gradients(
     returned apart (it is neither clipped nor noised); without, both are summed.
     `per_sample_loop` takes the per-sample part by one forward and backward per sample
     (`loop_per_sample_grads`, the reference compute pattern; ablation only).
+    `constants(Z, *batch)` -> [B, ...] or None: per-sample values the loss reads as constants
+    (no gradient flows through them), computed once for the batch outside vmap and handed to
+    sample_loss as one more batch tensor (`with_constants`).
     """
     n = _batch_size(batch)
     z, vjp_fn = _encode_once(encode, params, math_attention=per_sample)
     prior_cot = None if prior is None else _prior_cotangents(prior, z, params)
+    batch = with_constants(constants, z, tuple(t.detach() for t in batch))
     in_dims = (None, *(0 for _ in batch))
-    batch = tuple(t.detach() for t in batch)
     if per_sample:
         if n and per_sample_loop:
             data, losses = loop_per_sample_grads(encode, sample_loss, params, batch)
@@ -306,6 +328,7 @@ def client_step_gradients(
     per_sample: bool,
     prior: ClientPrior | None = None,
     chunk_size: int | None = None,
+    constants: Constants | None = None,
 ) -> StepGrads:
     """`step_gradients` of K clients at once, with one encoder forward for all of them.
 
@@ -317,6 +340,8 @@ def client_step_gradients(
     sizes: number of real samples of each client (host integers: the padding mask is built
            on the device without a host-to-device copy).
     prior: (Z of one client, params of one client, extra of one client) -> scalar or None.
+    constants: (Z of all clients [K, ...], *batch [K, B, ...]) -> [K, B, ...] or None, as in
+           `step_gradients` (padded rows included; their losses are masked anyway).
 
     Returns StepGrads with data {name: [K, B, *shape]} (per_sample; padded rows zero) or
     {name: [K, *shape]} (the gradient of each client's mean loss + prior), losses [K, B]
@@ -331,7 +356,7 @@ def client_step_gradients(
     z = _detach_tree(z)
     rows = torch.arange(width, device=batch[0].device)
     valid = torch.stack([rows < int(n) for n in sizes])  # [K, B]
-    batch = tuple(t.detach() for t in batch)
+    batch = with_constants(constants, z, tuple(t.detach() for t in batch))
     per_client = vmap(grad_and_value(sample_loss), in_dims=(None, *(0 for _ in batch)))
     prior_cot = None
     if prior is not None and prior(_pick(z, 0), _pick(primals, 0), _pick(extra, 0)) is not None:

@@ -9,7 +9,12 @@ from fpl_bench.errors import UsageError
 from fpl_bench.learners._base import EncodeContext, InitContext
 from fpl_bench.learners.ot import OTPatch
 from fpl_bench.method import method_from_name
-from fpl_bench.privacy.per_sample import mean_grads, per_sample_grads
+from fpl_bench.privacy.per_sample import (
+    client_step_gradients,
+    mean_grads,
+    per_sample_grads,
+    step_gradients,
+)
 from fpl_bench.schemes.global_local import GlobalLocal
 
 
@@ -136,6 +141,51 @@ def test_vmap_grad_per_sample_equals_a_loop_of_autograd(tiny_tower):
         torch.testing.assert_close(losses[i], li.detach())
     for name in params:
         torch.testing.assert_close(mean[name], driver[name].mean(0), rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("per_sample", [True, False])
+def test_plans_solved_for_the_batch_outside_vmap_give_the_same_gradients(tiny_tower, per_sample):
+    """The training plans come from `batch_constants` (early exit, outside vmap): the same
+    gradients and losses as solving them inside the vmapped loss (max_iter, frozen), for one
+    client and for clients stacked with padding."""
+    method = FedOTP()
+    assert method.has_batch_constants
+    params, ctx = setup(tiny_tower, method, n_classes=5)
+    tokens = random_tokens(4, P, D, seed=3)
+    batch = (tokens.mean(1), tokens, torch.tensor([0, 4, 2, 2]))
+
+    def encode(p, e=None):
+        return method.encode(p, {}, ctx)
+
+    def loss(z, x, t, y, *given):
+        return method.sample_loss(z, x, t, y, ctx, *given)
+
+    def constants(z, x, t, y):
+        return method.batch_constants(z, t, ctx)
+
+    plans = constants(encode(params), *batch)
+    assert plans.shape == (4, 5, P, 2)
+    inside = step_gradients(encode, loss, params, batch, per_sample=per_sample)
+    given = step_gradients(encode, loss, params, batch, per_sample=per_sample, constants=constants)
+    for name in params:
+        assert inside.data[name].abs().sum() > 0
+        torch.testing.assert_close(given.data[name], inside.data[name], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(given.losses, inside.losses)
+
+    # two clients: client 1 has the first 2 samples (padded to 4), its params moved a bit
+    other = {k: v + 0.01 * torch.ones_like(v) for k, v in params.items()}
+    stacked = {k: torch.stack([params[k], other[k]]) for k in params}
+    padded = tuple(torch.stack([b, torch.cat([b[:2], torch.zeros_like(b[2:])])]) for b in batch)
+    clients = client_step_gradients(
+        encode, loss, stacked, {}, padded, [4, 2], per_sample=per_sample, constants=constants
+    )
+    second = step_gradients(encode, loss, other, tuple(b[:2] for b in batch), per_sample=per_sample)
+    for name in params:
+        first_k = clients.data[name][0]
+        second_k = clients.data[name][1, :2] if per_sample else clients.data[name][1]
+        # a stacked tower forward rounds differently in float32 (as in tests/test_speed.py)
+        torch.testing.assert_close(first_k, inside.data[name], rtol=1e-4, atol=1e-6)
+        torch.testing.assert_close(second_k, second.data[name], rtol=1e-4, atol=1e-6)
 
 
 def test_missing_tokens_are_an_error(tiny_tower):

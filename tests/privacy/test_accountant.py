@@ -162,3 +162,25 @@ def test_plan_rejects(kw: dict, flag: str) -> None:
 def test_budget_too_small() -> None:
     with pytest.raises(UsageError, match="no noise multiplier"):
         calibrate_noise(target_epsilon=1e-4, target_delta=DELTA, sample_rate=1.0, steps=100)
+
+
+def test_calibration_is_memoised_and_gives_the_same_sigma(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A job's methods share (q, steps): the second calibration must not rerun Opacus' search
+    (about 25 s per run on one core), and must return the very same sigma."""
+    import fpl_bench.privacy.accountant as acc
+
+    kw = dict(target_epsilon=0.7, target_delta=1e-5, sample_rate=0.37, steps=23)
+    real = acc.get_noise_multiplier
+    calls = []
+
+    def counted(**k: object) -> float:
+        calls.append(k)
+        return real(**k)
+
+    monkeypatch.setattr(acc, "get_noise_multiplier", counted)
+    first = calibrate_noise(**kw)
+    assert len(calls) == 1
+    assert calibrate_noise(**kw) == first
+    assert len(calls) == 1  # served from the cache
+    assert calibrate_noise(**{**kw, "steps": 24}) > first  # a new key searches again
+    assert len(calls) == 2

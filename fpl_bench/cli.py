@@ -539,8 +539,10 @@ def datasets_cmd() -> None:
     """List the dataset sources, one line each."""
     from fpl_bench.cards import dataset_cards
 
-    for name, card in dataset_cards().items():
-        typer.echo(f"{name:10s} [{card.kind}] {card.summary}")
+    cards = dataset_cards()
+    width = max(map(len, cards))
+    for name, card in cards.items():
+        typer.echo(f"{name:{width}s} {'[' + card.kind + ']':11s} {card.summary}")
 
 
 @app.command("pretrain-tiny")

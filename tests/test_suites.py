@@ -209,7 +209,7 @@ seeds = [0]
         (lambda t: t.replace('["none"]', "[0]"), r"grid\.0\.eps: epsilon must be > 0"),
         (lambda t: t.replace('["none"]', '["none", "none"]'), r"listed twice"),
         (lambda t: t.replace('["coop"]', '["coopp"]'), r"unknown method 'coopp'"),
-        (lambda t: t.replace('["synthetic"]', '["imagenet"]'), r"unknown dataset 'imagenet'"),
+        (lambda t: t.replace('["synthetic"]', '["imagenet21k"]'), r"unknown dataset 'imagenet21k'"),
         (lambda t: t.replace("[[grid]]", "[[grid]\n"), r"bad suite .*\.toml: "),
         (lambda t: t.replace('name = "', 'name = "other-'), r"differs from the file stem"),
         (lambda t: t + "[params]\nfedpgp = { rank = 4 }\n", r"params\.fedpgp: no grid runs"),

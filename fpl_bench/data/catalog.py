@@ -13,6 +13,10 @@ Source kinds (``source.kind``):
 - ``coop``: CoOp's folder layout with ``split_zhou_<Name>.json`` (KaiyangZhou/CoOp,
   ``DATASETS.md`` and ``datasets/*.py``); without the JSON, ``fallback = "class_folders"``
   splits the class folders as CoOp's ``DescribableTextures.read_and_split_data`` does.
+- ``aircraft``: FGVC-Aircraft as CoOp reads it (``datasets/fgvc_aircraft.py``): class names one
+  per line of ``variants.txt``, the split in ``images_variant_{train,val,test}.txt``.
+- ``imagenet``: ImageNet as CoOp reads it (``datasets/imagenet.py``): class folders under
+  ``images/train`` and ``images/val``, names from ``classnames.txt``.
 - ``cifar``: CIFAR-10/100 in torchvision's on-disk format (python pickles).
 - ``domains``: one folder per domain with one sub-folder per class (Office-Caltech10, DomainNet,
   PACS as FedBN, FedPGP and DP-FPL use them).
@@ -34,10 +38,12 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fpl_bench.errors import UsageError
 
 __all__ = [
+    "AircraftSource",
     "CifarSource",
     "CoOpSource",
     "DatasetCard",
     "DomainSource",
+    "ImageNetSource",
     "SyntheticSource",
     "dataset_card",
     "dataset_cards",
@@ -84,6 +90,43 @@ class CoOpSource(_Strict):
     _rel = field_validator("dataset_dir", "image_dir", "split_file")(_relative)
 
 
+class AircraftSource(_Strict):
+    """FGVC-Aircraft: ``<dataset_dir>/<image_dir>/<id><image_suffix>``, and in ``dataset_dir``
+    ``classes_file`` (one class name a line; label = 0-based line number among the non-blank
+    lines) and one list per split (``<image id> <class name>`` a line)."""
+
+    kind: Literal["aircraft"]
+    dataset_dir: str
+    image_dir: str
+    classes_file: str
+    train_list: str
+    val_list: str
+    test_list: str
+    image_suffix: str = Field(pattern=r"^\.[A-Za-z0-9]+$")
+
+    _rel = field_validator(
+        "dataset_dir", "image_dir", "classes_file", "train_list", "val_list", "test_list"
+    )(_relative)
+
+
+class ImageNetSource(_Strict):
+    """ImageNet: ``<dataset_dir>/<image_dir>/<train_dir>/<wnid>/*`` and ``.../<test_dir>/<wnid>/*``
+    with ``<dataset_dir>/<classes_file>`` (``<wnid> <class name>`` a line). Labels follow the
+    sorted class folders of ``train_dir``; val is a seeded holdout of train (option
+    ``val_fraction``)."""
+
+    kind: Literal["imagenet"]
+    dataset_dir: str
+    image_dir: str
+    classes_file: str
+    train_dir: str
+    test_dir: str
+
+    _rel = field_validator("dataset_dir", "image_dir", "classes_file", "train_dir", "test_dir")(
+        _relative
+    )
+
+
 class CifarSource(_Strict):
     """torchvision's CIFAR folder (``cifar-10-batches-py`` or ``cifar-100-python``)."""
 
@@ -106,7 +149,8 @@ class DomainSource(_Strict):
 
 
 Source = Annotated[
-    SyntheticSource | CoOpSource | CifarSource | DomainSource, Field(discriminator="kind")
+    SyntheticSource | CoOpSource | AircraftSource | ImageNetSource | CifarSource | DomainSource,
+    Field(discriminator="kind"),
 ]
 
 
@@ -139,7 +183,7 @@ class DatasetCard(_Strict):
 
     @property
     def kind(self) -> str:
-        """The source kind: synthetic, coop, cifar or domains."""
+        """The source kind: synthetic, coop, aircraft, imagenet, cifar or domains."""
         return self.source.kind
 
     @model_validator(mode="after")

@@ -5,7 +5,7 @@ rules), and every image is also opened (header + ``verify``, or a full decode wi
 A dataset is
 
     found      its split lists are complete and every listed image opens
-    missing    something must be obtained first (folder, split file, batch file)
+    missing    something must be obtained first (folder, split or list file, batch file)
     malformed  it is there but has problems: missing or unreadable images, paths that escape
                the image folder (``..``, absolute, a symlink pointing out), bad labels,
                class-name mismatches, classes too small to split
@@ -18,22 +18,18 @@ written: a class-folder split is computed, not stored, and no image is modified.
 from __future__ import annotations
 
 from collections import Counter
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
-from pathlib import Path, PurePosixPath
-from typing import Literal
+from pathlib import Path
+from typing import Any, Literal
 
-from fpl_bench.data.catalog import (
-    CoOpSource,
-    DatasetCard,
-    DomainSource,
-    dataset_card,
-    dataset_cards,
-)
+from fpl_bench.data.aircraft import scan_aircraft
+from fpl_bench.data.catalog import DatasetCard, DomainSource, dataset_card, dataset_cards
 from fpl_bench.data.cifar import scan_cifar
 from fpl_bench.data.coop_layout import scan_coop
 from fpl_bench.data.domains import scan_domains
-from fpl_bench.data.folders import Entry, check_files
+from fpl_bench.data.folders import ListScan, scan_problems
+from fpl_bench.data.imagenet import scan_imagenet
 from fpl_bench.data.imageset import SPLITS
 from fpl_bench.data.problems import ADVICE, Problem
 from fpl_bench.errors import UsageError
@@ -98,30 +94,27 @@ def _todo(card: DatasetCard, status: Status, problems: Sequence[Problem]) -> tup
     return tuple(f"{kind}: {ADVICE[kind]}" for kind in kinds)
 
 
-def _counts(entries: dict[str, list[Entry]]) -> dict[str, int]:
-    return {split: len(entries.get(split, ())) for split in SPLITS}
-
-
-def _files_report(
-    base: Path,
-    entries: dict[str, list[Entry]],
-    problems: list[Problem],
-    *,
-    prefix: PurePosixPath,
-    decode: bool,
-) -> tuple[list[Problem], dict[str, int]]:
+def _files_report(scan: ListScan, *, decode: bool) -> tuple[list[Problem], dict[str, int]]:
     """Open every listed image when the lists themselves are usable."""
-    if any(p.kind == "missing" for p in problems):
-        return problems, {}
-    found = check_files(
-        entries, base, where=lambda rel: str(prefix / rel), open_images=True, decode=decode
-    )
+    if any(p.kind == "missing" for p in scan.problems):
+        return scan.problems, {}
+    found = scan_problems(scan, open_images=True, decode=decode)
     bad = {(p.split, p.where) for p in found}
     counts = {
-        split: sum((split, str(prefix / e.path)) not in bad for e in entries.get(split, ()))
+        split: sum(
+            (split, scan.where(split, e.path)) not in bad for e in scan.entries.get(split, ())
+        )
         for split in SPLITS
     }
-    return problems + found, counts
+    return scan.problems + found, counts
+
+
+# The file-backed kinds with split lists: how data check reads each (default options, no cache).
+SCANNERS: dict[str, Callable[[DatasetCard, Path, Mapping[str, Any]], ListScan]] = {
+    "coop": lambda card, root, options: scan_coop(card, root, options, cache_dir=None),
+    "aircraft": scan_aircraft,
+    "imagenet": scan_imagenet,
+}
 
 
 def check_dataset(card: DatasetCard, root: Path, *, decode: bool = False) -> DatasetReport:
@@ -129,23 +122,20 @@ def check_dataset(card: DatasetCard, root: Path, *, decode: bool = False) -> Dat
     root = Path(root)
     note, counts = "", {}
     src = card.source
-    if isinstance(src, CoOpSource):
-        scan = scan_coop(card, root, card.defaults, cache_dir=None)
+    if src.kind in SCANNERS:
+        scan = SCANNERS[src.kind](card, root, card.defaults)
         note = scan.origin
-        prefix = PurePosixPath(src.dataset_dir, src.image_dir)
-        problems, counts = _files_report(
-            scan.base, scan.entries, scan.problems, prefix=prefix, decode=decode
-        )
+        problems, counts = _files_report(scan, decode=decode)
     elif isinstance(src, DomainSource):
         dscan = scan_domains(card, root, card.defaults, cache_dir=None)
         note = f"seeded per (domain, class) over {', '.join(dscan.domains)}"
-        problems, counts = _files_report(
-            dscan.base,
-            dscan.entries,
-            dscan.problems,
-            prefix=PurePosixPath(src.dataset_dir),
-            decode=decode,
+        scan = ListScan(
+            folder=dscan.base,
+            prefix=src.dataset_dir,
+            entries=dscan.entries,
+            problems=dscan.problems,
         )
+        problems, counts = _files_report(scan, decode=decode)
     elif src.kind == "cifar":
         cscan = scan_cifar(card, root)
         problems = cscan.problems

@@ -32,10 +32,10 @@ from typing import Any, ClassVar
 import numpy as np
 
 from fpl_bench.data.catalog import CifarSource, DatasetCard
+from fpl_bench.data.folders import holdout, val_fraction
 from fpl_bench.data.imageset import ImageSet, Splits
 from fpl_bench.data.options import check_options
 from fpl_bench.data.problems import Problem, raise_problems
-from fpl_bench.errors import UsageError
 
 __all__ = [
     "FILES",
@@ -214,16 +214,6 @@ def _classnames(
     return tuple(names)
 
 
-def _holdout(labels: np.ndarray, *, fraction: float, seed: int) -> np.ndarray:
-    """Indices of a seeded per-class holdout: round(n_c * fraction) samples of each class c."""
-    rng = np.random.default_rng(seed)
-    picked = []
-    for c in np.unique(labels):
-        members = np.flatnonzero(labels == c)
-        picked.append(rng.permutation(members)[: round(members.size * fraction)])
-    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
-
-
 def _fingerprint(card: DatasetCard, files: list[Path], opts: Mapping[str, Any]) -> str:
     stats = []
     for path in files:
@@ -236,13 +226,11 @@ def _fingerprint(card: DatasetCard, files: list[Path], opts: Mapping[str, Any]) 
 def load_cifar(card: DatasetCard, root: Path, options: Mapping[str, Any]) -> Splits:
     """In-memory Splits of CIFAR-10/100 (train minus a val holdout, val, test)."""
     opts = check_options(card.name, options, OPTIONS)
-    fraction = opts["val_fraction"]
-    if isinstance(fraction, bool) or not isinstance(fraction, int | float) or not 0 <= fraction < 1:
-        raise UsageError(f"dataset {card.name}: val_fraction={fraction!r} must lie in [0, 1)")
+    fraction = val_fraction(card.name, opts["val_fraction"])
     scan = scan_cifar(card, root)
     raise_problems(card.name, Path(root), scan.problems)
     images, labels = scan.images["train"], scan.labels["train"]
-    val = _holdout(labels, fraction=float(fraction), seed=opts["seed"])
+    val = holdout(labels, fraction=fraction, seed=opts["seed"])
     train = np.setdiff1d(np.arange(labels.size), val)
     return Splits(
         classnames=scan.classnames,

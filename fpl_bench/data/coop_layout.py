@@ -19,7 +19,6 @@ symlink are refused (CoOp joins them blindly).
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
 from typing import Any
 
@@ -27,12 +26,12 @@ from fpl_bench.data.catalog import CoOpSource, DatasetCard
 from fpl_bench.data.folders import (
     Entry,
     Group,
+    ListScan,
     cached_split,
-    check_files,
     class_names,
-    file_splits,
     list_class_folders,
     list_images,
+    load_scan,
     parse_entries,
     read_split_json,
     split_fractions,
@@ -40,22 +39,11 @@ from fpl_bench.data.folders import (
 )
 from fpl_bench.data.imageset import SPLITS, Splits
 from fpl_bench.data.options import check_options
-from fpl_bench.data.problems import Problem, raise_problems
+from fpl_bench.data.problems import Problem
 
-__all__ = ["OPTIONS", "CoOpScan", "load_coop", "scan_coop"]
+__all__ = ["OPTIONS", "load_coop", "scan_coop"]
 
 OPTIONS = {"seed": 0, "p_train": 0.5, "p_val": 0.2}  # used only when the split file is absent
-
-
-@dataclass
-class CoOpScan:
-    """What reading a CoOp-layout dataset found: split lists, class names, problems."""
-
-    base: Path  # the resolved image folder
-    entries: dict[str, list[Entry]] = field(default_factory=dict)
-    classnames: tuple[str, ...] = ()
-    problems: list[Problem] = field(default_factory=list)
-    origin: str = ""  # the split file, or how the split was built
 
 
 def _display(src: CoOpSource, *parts: str) -> str:
@@ -65,7 +53,7 @@ def _display(src: CoOpSource, *parts: str) -> str:
 
 def scan_coop(
     card: DatasetCard, root: Path, options: Mapping[str, Any], cache_dir: Path | None
-) -> CoOpScan:
+) -> ListScan:
     """Read the split lists of a CoOp-layout dataset under ``root`` (no file is opened yet).
 
     A missing dataset folder, image folder or (without a fallback) split file gives one
@@ -76,7 +64,7 @@ def scan_coop(
     opts = check_options(card.name, {**OPTIONS, **options}, OPTIONS)
     dataset_dir = Path(root) / src.dataset_dir
     image_dir = dataset_dir / src.image_dir
-    scan = CoOpScan(base=image_dir.resolve())
+    scan = ListScan(folder=image_dir, prefix=_display(src))
     display = lambda rel: _display(src, rel)  # noqa: E731
     if not dataset_dir.is_dir() or not image_dir.is_dir():
         missing = src.dataset_dir if not dataset_dir.is_dir() else _display(src)
@@ -155,18 +143,4 @@ def load_coop(
     card: DatasetCard, root: Path, options: Mapping[str, Any], cache_dir: Path | None
 ) -> Splits:
     """File-backed Splits of a CoOp-layout dataset; any problem is one UsageError line."""
-    src = card.source
-    assert isinstance(src, CoOpSource)
-    scan = scan_coop(card, root, options, cache_dir)
-    problems = list(scan.problems)
-    if not problems:
-        problems = check_files(scan.entries, scan.base, where=lambda rel: _display(src, rel))
-    raise_problems(card.name, Path(root), problems)
-    return file_splits(
-        scan.entries,
-        base=scan.base,
-        kind="coop",
-        classnames=scan.classnames,
-        domain_names=(card.name,),
-        extra={"dataset": card.name, "origin": scan.origin},
-    )
+    return load_scan(card.name, root, scan_coop(card, root, options, cache_dir), kind="coop")

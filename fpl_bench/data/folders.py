@@ -1,6 +1,6 @@
-"""Image folders on disk: safe split paths, class-folder listing, seeded splits, split files.
+"""Image folders on disk: safe split paths, class-folder listing, seeded splits, split lists.
 
-Shared by the CoOp-layout and domain sources and by ``data check``.
+Shared by the CoOp-layout, FGVC-Aircraft, ImageNet and domain sources and by ``data check``.
 
 - **Split entries** are ``[rel_path, label, classname]`` (CoOp's ``split_zhou_*.json``; KaiyangZhou/CoOp,
   ``datasets/oxford_pets.py``, ``OxfordPets.save_split``/``read_split``) or, for domain
@@ -14,6 +14,15 @@ Shared by the CoOp-layout and domain sources and by ``data check``.
   with Python's global ``random``; here ``np.random.default_rng(seed)`` owns the draw, so the
   split depends on the seed and the listing only. Such a split is written to fpl-bench's cache
   dir (``<cache>/data/splits/``), never into the user's data folder.
+- **Text lists** (``read_lines``, ``read_pairs``): CoOp reads FGVC-Aircraft's ``variants.txt``
+  and ``images_variant_*.txt`` and ImageNet's ``classnames.txt`` line by line, a pair line as
+  ``line.strip().split(" ")``: the first token, then the rest joined by spaces (KaiyangZhou/CoOp,
+  ``datasets/fgvc_aircraft.py``, ``FGVCAircraft.read_data``; ``datasets/imagenet.py``,
+  ``ImageNet.read_classnames``). Here blank lines are skipped and a line without a second part,
+  or a file that is not UTF-8 text, is a problem naming the file and line.
+- **Scans** (``ListScan``): what a source read from disk (split lists, class names, problems,
+  where the split came from), with the folder each split's paths start at, so that ``data
+  check`` and loading open the same files (``scan_problems``, ``load_scan``).
 """
 
 from __future__ import annotations
@@ -22,6 +31,8 @@ import hashlib
 import json
 import os
 from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from functools import partial
 from pathlib import Path, PurePosixPath
 from typing import Any, NamedTuple
 
@@ -29,7 +40,7 @@ import numpy as np
 from PIL import Image
 
 from fpl_bench.data.imageset import DECODE_ERRORS, SPLITS, ImageSet, Splits, file_fingerprint
-from fpl_bench.data.problems import Problem
+from fpl_bench.data.problems import Problem, raise_problems
 from fpl_bench.errors import UsageError
 from fpl_bench.io import write_atomic
 
@@ -37,17 +48,24 @@ __all__ = [
     "IMAGE_SUFFIXES",
     "Entry",
     "Group",
+    "ListScan",
     "cached_split",
     "check_files",
     "class_names",
     "file_splits",
+    "holdout",
     "list_class_folders",
     "list_images",
+    "load_scan",
     "parse_entries",
     "path_problem",
+    "read_lines",
+    "read_pairs",
     "read_split_json",
+    "scan_problems",
     "split_fractions",
     "split_groups",
+    "val_fraction",
 ]
 
 IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp"})
@@ -320,6 +338,27 @@ def split_groups(
     return out, problems
 
 
+def val_fraction(dataset: str, value: Any) -> float:
+    """A ``val_fraction`` option, checked: a number in [0, 1)."""
+    if isinstance(value, bool) or not isinstance(value, int | float) or not 0 <= value < 1:
+        raise UsageError(f"dataset {dataset}: val_fraction={value!r} must lie in [0, 1)")
+    return float(value)
+
+
+def holdout(labels: Sequence[int] | np.ndarray, *, fraction: float, seed: int) -> np.ndarray:
+    """Sorted indices of a seeded per-class holdout: round(n_c * fraction) samples of class c.
+
+    The val split of sources that have none (CIFAR, ImageNet): it keeps tuning off test.
+    """
+    labels = np.asarray(labels)
+    rng = np.random.default_rng(seed)
+    picked = []
+    for c in np.unique(labels):
+        members = np.flatnonzero(labels == c)
+        picked.append(rng.permutation(members)[: round(members.size * fraction)])
+    return np.sort(np.concatenate(picked)) if picked else np.zeros(0, np.int64)
+
+
 def cached_split(
     cache_dir: Path | None,
     *,
@@ -348,24 +387,63 @@ def cached_split(
     return split, problems
 
 
+# ------------------------------------------------------------------------------ text lists
+
+
+def read_lines(path: Path, *, where: str) -> tuple[list[tuple[int, str]], list[Problem]]:
+    """The non-blank lines of a text file, stripped, with their 1-based numbers.
+
+    A file that cannot be read as UTF-8 text is one ``unreadable`` problem at ``where``.
+    """
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        return [], [Problem("unreadable", where, f"cannot read text: {err}")]
+    lines = [(n, line.strip()) for n, line in enumerate(text.splitlines(), start=1)]
+    return [(n, line) for n, line in lines if line], []
+
+
+def read_pairs(
+    path: Path, *, where: str, form: str
+) -> tuple[list[tuple[int, str, str]], list[Problem]]:
+    """``(line number, first token, the rest)`` of each non-blank line, split at the first space.
+
+    As CoOp's ``line.strip().split(" ")``, then ``" ".join(line[1:])``; the rest may hold spaces
+    (a class name). A line without a second part is a ``bad_entry`` problem; ``form`` says what
+    a line should look like (e.g. ``"<image id> <variant>"``).
+    """
+    lines, problems = read_lines(path, where=where)
+    pairs = []
+    for n, line in lines:
+        key, _, rest = line.partition(" ")
+        if rest:
+            pairs.append((n, key, rest))
+        else:
+            problems.append(Problem("bad_entry", where, f"line {n}: {line!r:.80} is not {form!r}"))
+    return pairs, problems
+
+
 # ------------------------------------------------------------------------------ to Splits
 
 
 def file_splits(
     entries: Mapping[str, Sequence[Entry]],
     *,
-    base: Path,
+    base: Path | Mapping[str, Path],
     kind: str,
     classnames: Sequence[str],
     domain_names: Sequence[str],
     extra: Mapping[str, Any] | None = None,
 ) -> Splits:
-    """File-backed Splits from checked split lists; the fingerprint stats every file."""
+    """File-backed Splits from checked split lists; the fingerprint stats every file.
+
+    ``base``: the folder the paths are relative to, one for all splits or one per split.
+    """
     sets = {
         split: ImageSet(
             labels=np.array([e.label for e in entries[split]], dtype=np.int64),
             paths=tuple(e.path for e in entries[split]),
-            root=base,
+            root=base[split] if isinstance(base, Mapping) else base,
             domains=np.array([e.domain for e in entries[split]], dtype=np.int64),
         )
         for split in SPLITS
@@ -380,4 +458,71 @@ def file_splits(
         test=sets["test"],
         fingerprint=digest,
         domain_names=tuple(domain_names),
+    )
+
+
+@dataclass
+class ListScan:
+    """What reading a file-backed dataset found: split lists, class names, problems.
+
+    Attributes:
+        folder: the image folder under the data root, as given (a split's ``base`` resolves
+            it, so a symlinked folder is checked against its target).
+        prefix: the same folder relative to the data root, POSIX, for messages.
+        entries: per split, its entries, paths relative to ``base(split)``.
+        classnames: the class name of each label.
+        problems: what reading the lists found wrong (no image is opened yet).
+        origin: where the split came from (the list files, or how it was built).
+        subdirs: per split, the sub-folder of ``folder`` its paths start at (ImageNet: train/
+            for train and val, val/ for test); a split not named starts at ``folder``.
+    """
+
+    folder: Path
+    prefix: str
+    entries: dict[str, list[Entry]] = field(default_factory=dict)
+    classnames: tuple[str, ...] = ()
+    problems: list[Problem] = field(default_factory=list)
+    origin: str = ""
+    subdirs: dict[str, str] = field(default_factory=dict)
+
+    def base(self, split: str) -> Path:
+        """The resolved folder that ``split``'s paths are relative to and must stay inside."""
+        return (self.folder / self.subdirs.get(split, "")).resolve()
+
+    def where(self, split: str, rel: str) -> str:
+        """A path of ``split``, relative to the data root, for messages."""
+        return str(PurePosixPath(self.prefix, self.subdirs.get(split, ""), rel))
+
+
+def scan_problems(
+    scan: ListScan, *, open_images: bool = False, decode: bool = False
+) -> list[Problem]:
+    """``check_files`` over each split of ``scan``, against that split's own base folder."""
+    problems: list[Problem] = []
+    for split, items in scan.entries.items():
+        problems += check_files(
+            {split: items},
+            scan.base(split),
+            where=partial(scan.where, split),
+            open_images=open_images,
+            decode=decode,
+        )
+    return problems
+
+
+def load_scan(name: str, root: Path, scan: ListScan, *, kind: str) -> Splits:
+    """File-backed Splits of a scanned dataset; any problem is one UsageError line.
+
+    The lists' problems come first; only clean lists have their files checked (escapes,
+    missing files), as ``load_source`` promises.
+    """
+    problems = list(scan.problems) or scan_problems(scan)
+    raise_problems(name, Path(root), problems)
+    return file_splits(
+        scan.entries,
+        base={split: scan.base(split) for split in SPLITS},
+        kind=kind,
+        classnames=scan.classnames,
+        domain_names=(name,),
+        extra={"dataset": name, "origin": scan.origin},
     )

@@ -24,7 +24,8 @@ def check_options(
     unknown = sorted(set(options) - set(known))
     if unknown:
         raise UsageError(
-            f"dataset {dataset} has no option {unknown[0]!r}; options: {', '.join(sorted(known))}"
+            f"dataset {dataset} has no option {unknown[0]!r}; "
+            f"options: {', '.join(sorted(known)) or 'none'}"
         )
     merged = {**known, **options}
     seed = merged.get("seed", 0)

@@ -17,12 +17,12 @@ from fpl_bench.errors import UsageError
 __all__ = ["ADVICE", "Problem", "ProblemKind", "raise_problems"]
 
 ProblemKind = Literal[
-    "missing",  # the dataset folder, split file or a batch file is absent
+    "missing",  # the dataset folder, a split file, list file or batch file is absent
     "missing_image",  # a listed image does not exist
     "unreadable",  # a file exists but cannot be decoded / parsed
     "path_escape",  # a listed path is absolute, has '..', or resolves outside the image folder
-    "bad_entry",  # a split entry is not [rel_path, label, classname]
-    "bad_label",  # a label outside [0, classes)
+    "bad_entry",  # a split entry is not [rel_path, label, classname], a list line not "a b"
+    "bad_label",  # a label outside [0, classes), or a list naming a class the card lacks
     "classname_mismatch",  # one label with two class names, or a class count off the card
     "too_few_images",  # a class folder too small for the train/val/test fractions
 ]
@@ -34,9 +34,10 @@ ADVICE: dict[str, str] = {
     "unreadable": "re-download or re-extract the listed files",
     "path_escape": "split entries must be relative paths inside the image folder; fix or "
     "replace the split file",
-    "bad_entry": "each split entry must be [relative_path, integer_label, classname]; "
-    "replace the split file",
-    "bad_label": "labels must lie in [0, classes); replace the split file",
+    "bad_entry": "each split entry must be [relative_path, integer_label, classname] (each line "
+    "of a list file: '<id> <name>'); replace the split or list file",
+    "bad_label": "labels must lie in [0, classes) and a list's class names must be in its "
+    "class-name file; replace the split or list file",
     "classname_mismatch": "each label must have one class name and the card's class count; "
     "replace the split file or check the class folders",
     "too_few_images": "add images to the class, or change the split fractions "

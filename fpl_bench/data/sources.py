@@ -5,6 +5,8 @@ Kinds (``card.source.kind``; see ``fpl_bench.data.catalog``):
     synthetic  generated in memory, 32x32 (``synthetic.py``); ``domain`` may name several
                backgrounds ("plain,noise" or "all"), each then a domain
     coop       CoOp folder + split_zhou_*.json, file-backed (``coop_layout.py``)
+    aircraft   FGVC-Aircraft's variants.txt + images_variant_*.txt, file-backed (``aircraft.py``)
+    imagenet   ImageNet class folders + CoOp's classnames.txt, file-backed (``imagenet.py``)
     cifar      torchvision's CIFAR-10/100 pickles, read safely, in memory (``cifar.py``)
     domains    one folder per domain with class sub-folders, file-backed (``domains.py``)
 
@@ -19,10 +21,12 @@ from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any
 
+from fpl_bench.data.aircraft import load_aircraft
 from fpl_bench.data.catalog import DatasetCard
 from fpl_bench.data.cifar import load_cifar
 from fpl_bench.data.coop_layout import load_coop
 from fpl_bench.data.domains import concat_domains, load_domains
+from fpl_bench.data.imagenet import load_imagenet
 from fpl_bench.data.imageset import ImageSet, Splits
 from fpl_bench.data.options import check_options
 from fpl_bench.data.synthetic import DOMAINS, load_synthetic
@@ -76,10 +80,19 @@ def _needs_root(
     return wrapped
 
 
+def _cacheless(
+    load: Callable[[DatasetCard, Path, Mapping[str, Any]], Splits],
+) -> Callable[[DatasetCard, Path, Mapping[str, Any], Path], Splits]:
+    """A file loader that stores nothing derived (its split is given, or recomputed each time)."""
+    return lambda card, root, options, cache_dir: load(card, root, options)
+
+
 LOADERS: dict[str, Callable[[DatasetCard, Path | None, Mapping[str, Any], Path], Splits]] = {
     "synthetic": _synthetic,
     "coop": _needs_root(load_coop),
-    "cifar": _needs_root(lambda card, root, options, cache_dir: load_cifar(card, root, options)),
+    "aircraft": _needs_root(_cacheless(load_aircraft)),
+    "imagenet": _needs_root(_cacheless(load_imagenet)),
+    "cifar": _needs_root(_cacheless(load_cifar)),
     "domains": _needs_root(load_domains),
 }
 

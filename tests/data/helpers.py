@@ -166,3 +166,109 @@ def domain_folder(root: Path, *, per_class: int = 5) -> None:
         for c, name in enumerate(("ice_cream", "zebra", "other")):
             for i in range(per_class):
                 write_image(root / "toydom" / domain / name / f"{i}.png", value=50 * d + 10 * c + i)
+
+
+# -- FGVC-Aircraft and ImageNet as CoOp lays them out -----------------------------------------
+
+VARIANTS = ("707-320", "Cessna 172", "F-16A/B")  # names with a space and a slash, as in the file
+
+
+def _card(
+    name: str, classes: int, layout: str, source: dict[str, Any], **fields: Any
+) -> DatasetCard:
+    return parse_card(
+        {
+            "name": name,
+            "summary": f"{classes} classes",
+            "classes": classes,
+            "layout": layout,
+            "url": f"https://example.org/{name}",
+            "obtain": "build it in the test",
+            "citation": "none",
+            "partition": "pathological",
+            "source": source,
+            **fields,
+        },
+        where=f"{name}.toml",
+    )
+
+
+def aircraft_card(**source: Any) -> DatasetCard:
+    """A 3-variant card over ``root/planes/`` laid out as the shipped ``fgvc_aircraft`` card."""
+    src = {
+        "kind": "aircraft",
+        "dataset_dir": "planes",
+        "image_dir": "images",
+        "classes_file": "variants.txt",
+        "train_list": "images_variant_train.txt",
+        "val_list": "images_variant_val.txt",
+        "test_list": "images_variant_test.txt",
+        "image_suffix": ".jpg",
+        **source,
+    }
+    return _card("planes", 3, "planes/\n  images/<id>.jpg\n  variants.txt\n", src)
+
+
+def aircraft_folder(
+    root: Path, *, counts: tuple[int, int, int] = (3, 1, 2), variants: tuple[str, ...] = VARIANTS
+) -> dict[str, list[tuple[str, str]]]:
+    """``root/planes/`` with ``variants.txt``, the three lists and ``images/<id>.jpg``.
+
+    Per variant, ``counts`` images in train, val, test (ids ``<label:02d><tr|va|te><i>``, in
+    list order). Returns each split's ``(image id, variant)`` lines.
+    """
+    folder = root / "planes"
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / "variants.txt").write_text("".join(f"{v}\n" for v in variants))
+    lines: dict[str, list[tuple[str, str]]] = {}
+    for split, n in zip(("train", "val", "test"), counts, strict=True):
+        lines[split] = [
+            (f"{label:02d}{split[:2]}{i}", v) for label, v in enumerate(variants) for i in range(n)
+        ]
+        for k, (image_id, _) in enumerate(lines[split]):
+            write_image(folder / "images" / f"{image_id}.jpg", size=(9 + k, 7), value=10 + k)
+        write_aircraft_list(root, split, lines[split])
+    return lines
+
+
+def write_aircraft_list(root: Path, split: str, lines: list[tuple[str, str]]) -> None:
+    text = "".join(f"{image_id} {variant}\n" for image_id, variant in lines)
+    (root / "planes" / f"images_variant_{split}.txt").write_text(text)
+
+
+WNIDS = {"n01440764": "tench", "n01443537": "goldfish", "n01484850": "great white shark"}
+
+
+def imagenet_card(**source: Any) -> DatasetCard:
+    """A 3-class card over ``root/inet/`` laid out as the shipped ``imagenet`` card."""
+    src = {
+        "kind": "imagenet",
+        "dataset_dir": "inet",
+        "image_dir": "images",
+        "classes_file": "classnames.txt",
+        "train_dir": "train",
+        "test_dir": "val",
+        **source,
+    }
+    defaults = {"seed": 0, "val_fraction": 0.25}
+    return _card("inet", 3, "inet/\n  images/train/<wnid>/*.JPEG\n", src, defaults=defaults)
+
+
+def imagenet_folder(
+    root: Path, *, n_train: int = 8, n_val: int = 2, wnids: dict[str, str] = WNIDS
+) -> None:
+    """``root/inet/images/{train,val}/<wnid>/*.JPEG`` and ``classnames.txt``.
+
+    The class-name file lists the classes in reverse order and one class with no folder (as
+    CoOp's 1000-line file over a subset): labels must follow the sorted folders all the same.
+    """
+    folder = root / "inet"
+    for c, wnid in enumerate(sorted(wnids)):
+        for part, n in (("train", n_train), ("val", n_val)):
+            for i in range(n):
+                name = f"{wnid}_{i}.JPEG" if part == "train" else f"ILSVRC2012_val_{c}{i}.JPEG"
+                write_image(
+                    folder / "images" / part / wnid / name, size=(8 + i, 6), value=c * 20 + i
+                )
+    lines = [f"{wnid} {name}\n" for wnid, name in sorted(wnids.items(), reverse=True)]
+    (folder / "classnames.txt").write_text("".join(lines) + "n99999999 not a folder here\n")

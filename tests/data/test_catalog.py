@@ -24,6 +24,12 @@ def test_every_shipped_card_validates_and_is_keyed_by_its_stem():
         "oxford_flowers": "coop",
         "food101": "coop",
         "dtd": "coop",
+        "eurosat": "coop",
+        "stanford_cars": "coop",
+        "sun397": "coop",
+        "ucf101": "coop",
+        "fgvc_aircraft": "aircraft",
+        "imagenet": "imagenet",
         "cifar10": "cifar",
         "cifar100": "cifar",
         "office_caltech10": "domains",
@@ -83,6 +89,26 @@ def test_a_bad_card_is_one_line_naming_the_field(change, needle):
     message = str(err.value)
     assert "\n" not in message and message.startswith("bad card datasets/dtd.toml: ")
     assert needle in message, message
+
+
+@pytest.mark.parametrize(
+    ("card", "change", "needle"),
+    [
+        (
+            "fgvc_aircraft",
+            {"train_list": "../lists.txt"},
+            "source.aircraft.train_list: Value error",
+        ),
+        ("fgvc_aircraft", {"image_suffix": "jpg"}, "source.aircraft.image_suffix: String should"),
+        ("imagenet", {"test_dir": "/data/val"}, "source.imagenet.test_dir: Value error"),
+        ("imagenet", {"val_dir": "val"}, "source.imagenet.val_dir: Extra inputs"),
+    ],
+)
+def test_aircraft_and_imagenet_sources_are_checked(card, change, needle):
+    data = tomllib.loads((DATASETS / f"{card}.toml").read_text())
+    data["source"].update(change)
+    with pytest.raises(UsageError, match=needle):
+        parse_card(data, where=f"{card}.toml")
 
 
 def test_domain_card_class_count_must_match_its_class_folders():

@@ -1,67 +1,129 @@
-"""Renders the README's "Results on the embedded default" from leaderboards/embedded*.{md,csv}
-(written by benchmarks/readme_results.sh). Usage: python benchmarks/readme_tables.py"""
+"""Render the README's "Results on the embedded default" from leaderboards/embedded*.{md,csv}.
 
-import re
+Run by benchmarks/readme_results.sh after `fpl-bench leaderboard`; usage:
+    python benchmarks/readme_tables.py
+It replaces the README section between "## Results on the embedded default" and the next
+"## " heading, and prints the DP-FPL ordering lines.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
 
 import pandas as pd
 
-HEAD = "## Results on the embedded default\n\n`bash benchmarks/readme_results.sh` runs two suites (`leaderboards/embedded.toml`: every preset\nat eps none / 0.5 / 0.1 under the **server** trust model; `leaderboards/embedded-client.toml`:\nthe private cells again under the **client** trust model; seeds 0-2; a CPU-sized schedule of\n10 rounds x 1 local epoch, evaluated every 5; delta 1e-5, C = 1, RDP) and writes\n`leaderboards/embedded.{md,csv,html}` and `embedded-client.*`. Rerunning resumes finished\ncells; the same command and seed give the same numbers (tests/test_reproducibility.py).\n\n**This session's tables are partial** (the 2-core machine was shared with other jobs): the\nserver suite finished seed 0 of every cell and seed 1 of the non-private cells, the client\nsuite seed 0 at eps 0.5; a `± 0.0` is one seed (the CSV's `n_seeds` says how many). Rerun the\nscript to complete them. Accuracy in %, local accuracy (server trust):\n"
+README = Path("README.md")
+BOARDS = Path("leaderboards")
+SECTION = "## Results on the embedded default"
 
-def section(md, title):
-    s = md.index(f"### {title}"); e = md.find("\n### ", s + 5)
-    return md[s:e if e > 0 else len(md)].strip().split("\n", 1)[1].strip()
+HEAD = """\
+`bash benchmarks/readme_results.sh` runs two suites (`leaderboards/embedded.toml`: every preset
+at eps none / 0.5 / 0.1 under the **server** trust model; `leaderboards/embedded-client.toml`:
+the private cells again under the **client** trust model; seeds 0-2; a CPU-sized schedule of
+10 rounds x 1 local epoch, evaluated every 5, the final figure the mean of the last 2
+evaluations; delta 1e-5, C = 1, RDP) and writes `leaderboards/embedded.{md,csv,html}` and
+`embedded-client.*`. Rerunning resumes finished cells; the same command and seed give the same
+numbers (tests/test_reproducibility.py). Accuracy in %, mean ± standard deviation over the
+seeds (the CSV's `n_seeds` says how many; the best of each column in bold)."""
 
-srv = open('leaderboards/embedded.md').read(); cli = open('leaderboards/embedded-client.md').read()
-f = pd.read_csv('leaderboards/embedded.csv', dtype={'eps': str})
-def v(method, metric, eps):
-    r = f[(f.method == method) & (f.metric == metric) & (f.eps == eps)].iloc[0]
-    m = r['mean'] * (100 if r['mean'] <= 1 else 1)
-    return m, int(r['n_seeds'])
-seeds = sorted(set(f[f.eps != 'none'].n_seeds))
-head = HEAD
-n_priv = ", ".join(str(s) for s in seeds)
-head = re.sub(r"\*\*This session's tables are partial\*\*.*?Accuracy in %, local accuracy \(server trust\):",
-    f"**This session's tables are partial** (the 2-core machine was shared with other jobs): private "
-    f"server-trust cells have {n_priv} finished seed(s), the client-trust table seed 0 at eps 0.5 "
-    "only; a `± 0.0` is one seed (the CSV's `n_seeds` says how many). Rerun the script to complete "
-    "them. Accuracy in %, local accuracy (server trust):", head, flags=re.S)
-out = head + "\n" + section(srv, "local accuracy") + "\n\nNeighbor accuracy (server trust):\n\n" + section(srv, "neighbor accuracy")
-out += "\n\nHM of base and novel accuracy (server trust):\n\n" + section(srv, "harmonic mean")
-out += "\n\nLocal accuracy under the **client** trust model (every parameter noised by its client):\n\n" + section(cli, "local accuracy")
-def cmp(other):
-    parts = []
+CAVEATS = """\
+Plausible reasons where an ordering does not reproduce, not tested here: the paper's baselines
+were noised differently (every method's shared prompt gets the same server-side noise here, see
+DESIGN.md), its baselines were simplified (PromptFL = global prompt only, FedOTP without OT),
+clipping is per sample, and this is a 10-round CPU schedule on synthetic data."""
+
+
+def table(markdown: str, title: str) -> str:
+    """The markdown table under `### <title>` of a leaderboard page."""
+    start = markdown.index(f"### {title}")
+    end = markdown.find("\n### ", start + 5)
+    body = markdown[start : end if end > 0 else len(markdown)]
+    return body.split("\n", 1)[1].strip()
+
+
+def mean_pct(frame: pd.DataFrame, method: str, metric: str, eps: str) -> tuple[float, int]:
+    """(mean in %, number of seeds) of one leaderboard cell."""
+    row = frame[(frame.method == method) & (frame.metric == metric) & (frame.eps == eps)].iloc[0]
+    scale = 100 if row["mean"] <= 1 else 1
+    return float(row["mean"]) * scale, int(row["n_seeds"])
+
+
+def ordering(frame: pd.DataFrame, other: str, name: str) -> str:
+    """One line: DP-FPL above / below / mixed against `other`, local and neighbor, eps 0.5 and 0.1."""
+    cells = []
     for metric in ("local_acc", "neighbor_acc"):
         for eps in ("0.5", "0.1"):
-            d, o = v("dpfpl", metric, eps)[0], v(other, metric, eps)[0]
-            parts.append((metric, eps, d, o))
-    above = all(d > o for _, _, d, o in parts)
-    below = all(d < o for _, _, d, o in parts)
-    word = "above" if above else ("below" if below else "mixed against")
-    nums = "; ".join(f"{m.split('_')[0]} {e}: {d:.1f} vs {o:.1f}" for m, e, d, o in parts)
-    return word, nums
-lines = []
-for other, name in (("promptfl", "PromptFL"), ("fedotp", "FedOTP"), ("fedpgp", "FedPGP")):
-    word, nums = cmp(other)
-    lines.append(f"- DP-FPL **{word} {name}** ({nums})")
-zs, _ = v("zeroshot", "local_acc", "none"); ot, n_ot = v("fedotp", "local_acc", "none")
-out += f"""
+            ours = mean_pct(frame, "dpfpl", metric, eps)[0]
+            theirs = mean_pct(frame, other, metric, eps)[0]
+            cells.append((metric.split("_")[0], eps, ours, theirs))
+    if all(d > o for *_, d, o in cells):
+        word = "above"
+    elif all(d < o for *_, d, o in cells):
+        word = "below"
+    else:
+        word = "mixed against"
+    numbers = "; ".join(f"{m} {e}: {d:.1f} vs {o:.1f}" for m, e, d, o in cells)
+    return f"- DP-FPL **{word} {name}** ({numbers})"
 
-**The DP-FPL paper's orderings, re-checked under server trust** (its Tables 2-3: DP-FPL above
-PromptFL, FedOTP and FedPGP at small epsilon, on local and neighbor accuracy), from the tables
-above (DP-FPL vs the other, local / neighbor accuracy at eps 0.5 and 0.1):
 
-""" + "\n".join(lines) + f"""
+def partial_note(server: pd.DataFrame, client: pd.DataFrame) -> str:
+    """A sentence when some cell has fewer than 3 seeds, else nothing."""
+    counts = sorted(set(server.n_seeds) | set(client.n_seeds))
+    if counts == [3]:
+        return ""
+    return (
+        f"\n\n**These tables are partial**: cells have {', '.join(map(str, counts))} finished "
+        "seed(s); rerun the script to complete them."
+    )
 
-Plausible reasons where an ordering does not reproduce, not yet tested: every method's shared
-prompt gets the same server-side noise here (the paper's baselines were noised differently, see
-DESIGN.md), the paper's baselines were simplified (PromptFL = global prompt only, FedOTP without
-OT), clipping is per sample, and this is a 10-round CPU schedule on synthetic data with few seeds.
-FedOTP beats zero-shot without privacy (local {ot:.1f} vs {zs:.1f}, {n_ot} seeds), which the
-retrained tiny CLIP was for. FedProx equals PromptFL to the shown digit: its mu = 0.01 barely moves
-a prompt trained for 10 steps (`--param fedprox.mu=1` separates them).
-"""
-s = open('README.md').read()
-a = s.index("## Results on the embedded default"); b = s.index("## Methods: a prompt learner x a federation scheme")
-s = s[:a] + out.strip() + "\n\n" + s[b:]
-open('README.md', 'w').write(s)
-print("\n".join(lines))
+
+def render() -> tuple[str, list[str]]:
+    server_md = (BOARDS / "embedded.md").read_text()
+    client_md = (BOARDS / "embedded-client.md").read_text()
+    server = pd.read_csv(BOARDS / "embedded.csv", dtype={"eps": str})
+    client = pd.read_csv(BOARDS / "embedded-client.csv", dtype={"eps": str})
+    lines = [
+        ordering(server, other, name)
+        for other, name in (("promptfl", "PromptFL"), ("fedotp", "FedOTP"), ("fedpgp", "FedPGP"))
+    ]
+    zeroshot = mean_pct(server, "zeroshot", "local_acc", "none")[0]
+    fedotp, n_otp = mean_pct(server, "fedotp", "local_acc", "none")
+    relation = "above" if fedotp > zeroshot else "not above"
+    parts = [
+        SECTION,
+        HEAD + partial_note(server, client),
+        "Local accuracy (server trust):",
+        table(server_md, "local accuracy"),
+        "Neighbor accuracy (server trust):",
+        table(server_md, "neighbor accuracy"),
+        "HM of base and novel accuracy (server trust):",
+        table(server_md, "harmonic mean"),
+        "Local accuracy under the **client** trust model (every parameter noised by its client"
+        " before it leaves; each scheme keeps its own synchronisation):",
+        table(client_md, "local accuracy"),
+        "Neighbor accuracy (client trust):",
+        table(client_md, "neighbor accuracy"),
+        "**The DP-FPL paper's orderings, re-checked under server trust** (its Tables 2-3: DP-FPL\n"
+        "above PromptFL, FedOTP and FedPGP at small epsilon, on local and neighbor accuracy),\n"
+        "from the tables above (DP-FPL vs the other, mean local / neighbor accuracy at eps 0.5\n"
+        "and 0.1):",
+        "\n".join(lines),
+        CAVEATS,
+        f"FedOTP is {relation} zero-shot on local accuracy without privacy ({fedotp:.1f} vs "
+        f"{zeroshot:.1f}, {n_otp} seeds): the retrained tiny CLIP's patch tokens carry text "
+        "alignment.",
+    ]
+    return "\n\n".join(parts), lines
+
+
+def main() -> None:
+    text, lines = render()
+    readme = README.read_text()
+    start = readme.index(SECTION)
+    end = readme.index("\n## ", start + len(SECTION))
+    README.write_text(readme[:start] + text + "\n" + readme[end:])
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

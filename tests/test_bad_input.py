@@ -3,12 +3,11 @@ problem and the fix, exit code 2, no traceback, and earlier results stay byte-fo
 
 import fcntl
 import os
-import sys
 
 import pytest
 
-from fpl_bench.cli import main
 from fpl_bench.report.records import RESULT_COLUMNS
+from tests.cli import run_cli
 
 TINY = ["--rounds", "1", "--clients", "2", "--shots", "2"]
 for _opt in ("n_train_per_class=4", "n_test_per_class=2", "n_val_per_class=2"):
@@ -89,11 +88,8 @@ def _existing_results(out):
 
 
 def _run(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["fpl-bench", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.err
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    return code, err
 
 
 @pytest.mark.parametrize(("args", "needle"), CASES, ids=[" ".join(a) for a, _ in CASES])
@@ -170,12 +166,9 @@ def test_a_second_job_on_the_same_folder_is_refused(tmp_path, cache, capsys, mon
 
 def test_help_and_version_exit_0_without_traceback(capsys, monkeypatch):
     for args in ([], ["-h"], ["--help"], ["run", "-h"], ["--version"]):
-        monkeypatch.setattr(sys, "argv", ["fpl-bench", *args])
-        with pytest.raises(SystemExit) as exc:
-            main()
-        captured = capsys.readouterr()
-        assert exc.value.code == 0, args
-        assert "Traceback" not in captured.err and captured.out.strip()
+        code, out, err = run_cli(args, capsys, monkeypatch)
+        assert code == 0, args
+        assert "Traceback" not in err and out.strip()
 
 
 def test_cross_dataset_without_transfer_datasets_is_refused(tmp_path, cache, capsys, monkeypatch):

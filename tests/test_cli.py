@@ -1,19 +1,10 @@
 """CLI: bad input gives one line on stderr and exit code 2, and leaves earlier results alone."""
 
 import re
-import sys
 
 import pytest
 
-from fpl_bench.cli import main
-
-
-def run_cli(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["fpl-bench", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
+from tests.cli import run_cli
 
 
 @pytest.mark.parametrize(

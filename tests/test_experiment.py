@@ -9,6 +9,7 @@ import pandas as pd
 import pytest
 
 from fpl_bench.cli import main
+from tests.cli import run_main
 
 
 @pytest.fixture(scope="module")
@@ -107,10 +108,7 @@ def test_a_diverged_run_is_recorded_as_such_and_the_job_goes_on(tmp_path, capsys
     out = tmp_path / "out"
     args = ["fpl-bench", "run", "--methods", "coop,zeroshot", "--lr", "1e38", "--rounds", "1"]
     args += ["--clients", "2", "--shots", "2", "--out", str(out), "--cache-dir", str(tmp_path)]
-    monkeypatch.setattr(sys, "argv", args)
-    with pytest.raises(SystemExit) as exc:
-        main()
-    assert exc.value.code == 0
+    assert run_main(args[1:], monkeypatch) == 0
     frame = pd.read_csv(out / "results.csv")
     coop = frame[frame.method == "coop"].iloc[0]
     assert coop.status == "diverged" and math.isnan(coop.local_acc)
@@ -136,10 +134,7 @@ def test_domain_protocols_run_on_synthetic_domains(tmp_path, monkeypatch, protoc
     for option in ("domain=all", "n_train_per_class=4", "n_test_per_class=2", "n_val_per_class=2"):
         args += ["--dataset-option", option]
     args += ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
-    monkeypatch.setattr(sys, "argv", args)
-    with pytest.raises(SystemExit) as exc:
-        main()
-    assert exc.value.code == 0
+    assert run_main(args[1:], monkeypatch) == 0
     frame = pd.read_csv(out / "results.csv")
     assert set(frame.status) == {"finished"}
     for metric in metrics:
@@ -153,10 +148,7 @@ def test_cross_dataset_scores_the_trained_prompts_on_the_transfer_dataset(tmp_pa
     for option in ("domain=noise", "n_train_per_class=4", "n_test_per_class=2"):
         args += ["--dataset-option", option]
     args += ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
-    monkeypatch.setattr(sys, "argv", args)
-    with pytest.raises(SystemExit) as exc:
-        main()
-    assert exc.value.code == 0
+    assert run_main(args[1:], monkeypatch) == 0
     frame = pd.read_csv(out / "results.csv").set_index("method")
     # zero-shot on the plain-background test set: the tiny CLIP is far above chance (1/64)
     assert frame.loc["zeroshot", "target_acc"] > 0.3

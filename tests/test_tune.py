@@ -24,9 +24,9 @@ from optuna.trial import TrialState
 
 from fpl_bench import tune
 from fpl_bench.catalog import SearchRange, preset_cards, resolve_method
-from fpl_bench.cli import main
 from fpl_bench.errors import UsageError
 from fpl_bench.spec import ExperimentSpec, build_spec
+from tests.cli import run_cli
 
 TINY = [
     "--clients", "2", "--shots", "4", "--threads", "1",
@@ -39,14 +39,6 @@ needs_postgres = pytest.mark.skipif(
     not POSTGRES_URL,
     reason="no PostgreSQL server: set FPL_TEST_POSTGRES_URL (.ci/postgres.sh prints one)",
 )
-
-
-def run_cli(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["fpl-bench", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 def assert_one_line_error(code, err, needle):

@@ -3,19 +3,18 @@ classnames.txt) as CoOp lays them out: loading, data check, refused paths, one r
 
 import os
 import pickle
-import sys
 import tomllib
 
 import numpy as np
 import pandas as pd
 import pytest
 
-from fpl_bench.cli import main
 from fpl_bench.data import catalog
 from fpl_bench.data.catalog import dataset_card
 from fpl_bench.data.check import check_dataset
 from fpl_bench.data.sources import load_source
 from fpl_bench.errors import UsageError
+from tests.cli import run_main
 from tests.data.helpers import (
     VARIANTS,
     WNIDS,
@@ -349,10 +348,7 @@ def test_one_round_runs_end_to_end(tmp_path, monkeypatch, three_class_cards, dat
     args = ["fpl-bench", "run", "--methods", "coop", "--dataset", dataset, "--data-root", str(root)]
     args += ["--protocol", "personalized", "--clients", "2", "--shots", "1", "--rounds", "1"]
     args += ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
-    monkeypatch.setattr(sys, "argv", args)
-    with pytest.raises(SystemExit) as exc:
-        main()
-    assert exc.value.code == 0
+    assert run_main(args[1:], monkeypatch) == 0
     frame = pd.read_csv(out / "results.csv")
     assert list(frame.status) == ["finished"] and list(frame.dataset) == [dataset]
     assert 0.0 <= frame.local_acc.iloc[0] <= 1.0

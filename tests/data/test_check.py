@@ -3,13 +3,12 @@
 import json
 import os
 import pickle
-import sys
 
 import pytest
 
-from fpl_bench.cli import main
 from fpl_bench.data.catalog import dataset_card
 from fpl_bench.data.check import check_data_root, check_dataset, exit_code
+from tests.cli import run_cli
 from tests.data.helpers import (
     coop_folder,
     domain_card,
@@ -139,14 +138,6 @@ def eurosat(root):
             split["train" if i < 2 else "val" if i == 2 else "test"].append([rel, label, name])
     (root / "eurosat" / "split_zhou_EuroSAT.json").write_text(json.dumps(split))
     return split
-
-
-def run_cli(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["fpl-bench", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 def test_cli_check_found_exits_0(tmp_path, capsys, monkeypatch):

@@ -1,22 +1,13 @@
 """`fpl-bench leaderboard` and `fpl-bench regress` end to end: files, exit codes 0 / 1 / 2."""
 
 import shutil
-import sys
 
 import pandas as pd
 import pytest
 
-from fpl_bench.cli import main
 from fpl_bench.report.build import write_leaderboard
+from tests.cli import run_cli
 from tests.report.conftest import make_records
-
-
-def run_cli(args, capsys, monkeypatch):
-    monkeypatch.setattr(sys, "argv", ["fpl-bench", *args])
-    with pytest.raises(SystemExit) as exc:
-        main()
-    captured = capsys.readouterr()
-    return exc.value.code, captured.out, captured.err
 
 
 @pytest.fixture(scope="module")

@@ -211,6 +211,14 @@ def run(
         int | None,
         typer.Option(help="CPU threads for training (default: 1 for the embedded model)."),
     ] = None,
+    workers: Annotated[
+        int | None,
+        typer.Option(
+            help="Runs in parallel processes (default: on CPU, the usable cores for a job "
+            "large enough to pay for starting them; 1 on CUDA).",
+            min=1,
+        ),
+    ] = None,
     param: Annotated[
         list[str] | None,
         typer.Option(help="Method option METHOD.OPTION=VALUE (repeatable), e.g. dpfpl.rank=4."),
@@ -292,7 +300,7 @@ def run(
     if suite is not None:
         if methods != "all" or eps != "none" or seeds != "0" or dataset != _default("dataset"):
             raise UsageError("--methods/--eps/--seeds/--dataset: the suite sets them; drop them")
-        _run_suite(suite, out, dry_run, data_root, cache_dir, device, threads, pretrained)
+        _run_suite(suite, out, dry_run, data_root, cache_dir, device, threads, workers, pretrained)
         return
     if alpha is not None and partition != "dirichlet":
         raise UsageError(f"--alpha applies to --partition dirichlet only (got {partition})")
@@ -330,6 +338,7 @@ def run(
         checkpoint=checkpoint,
         device=device,
         threads=threads,
+        workers=workers,
         eps=parse_eps(eps),
         delta=delta,
         clip_norm=clip_norm,
@@ -403,6 +412,7 @@ def _run_suite(
     cache_dir: Path | None,
     device: str,
     threads: int | None,
+    workers: int | None,
     pretrained: str | None,
 ) -> None:
     """`run --suite NAME [--dry-run]`: a grid from leaderboards/NAME.toml (fpl_bench/suite.py)."""
@@ -420,6 +430,8 @@ def _run_suite(
         overrides["cache_dir"] = cache
     if threads is not None:
         overrides["threads"] = threads
+    if workers is not None:
+        overrides["workers"] = workers
     if pretrained is not None:
         overrides["pretrained"] = str(pretrained)
     if dry_run:

@@ -51,8 +51,9 @@ from fpl_bench.evaluate import final_metrics
 from fpl_bench.features import image_features
 from fpl_bench.learners import LEARNERS
 from fpl_bench.method import Method, build_method
+from fpl_bench.parallel import job_workers, run_parallel, threads_per_worker
 from fpl_bench.privacy.accountant import PrivacyLedger
-from fpl_bench.privacy.planning import check_delta, plan_for_clients
+from fpl_bench.privacy.planning import check_delta, plan_for_clients, steps_per_round
 from fpl_bench.prompt import TextTower
 from fpl_bench.protocols import Protocol, domain_protocol, make_protocol
 from fpl_bench.report.records import (
@@ -322,6 +323,7 @@ def run_config(spec: ExperimentSpec, choice: MethodChoice) -> dict[str, Any]:
             "cache_dir",
             "data_root",
             "threads",
+            "workers",
             "device",
             "precision",
             "resume",
@@ -640,34 +642,100 @@ def _run_cells(
     log: Callable[[str], None],
     progress: JobProgress | None,
 ) -> list[dict[str, Any]]:
+    """Every run of the spec not finished before (--resume): in this process, or spread over
+    worker processes when the job is large enough (fpl_bench/parallel.py)."""
     from fpl_bench.tracking import Tracker
 
     prep = prepare(spec, log)
-    tracker = Tracker(out)
-    rows: list[dict[str, Any]] = []
     cells = [
         (seed, eps, choice) for seed in spec.seeds for eps in spec.eps for choice in spec.methods
     ]
-    feds: dict[int, Federation] = {}
+    for seed in spec.seeds:
+        save_partition(federation(prep, seed), out, spec.dataset, seed)
+    rows: list[dict[str, Any] | None] = [None] * len(cells)
+    pending = []
     for index, (seed, eps, choice) in enumerate(cells):
+        done = _finished_row(previous, run_key(spec, choice, eps, seed)) if spec.resume else None
+        if done is None:
+            pending.append(index)
+        else:
+            log(f"{_cell_label(cells[index])}: finished in an earlier job; skipped (--resume)")
+            rows[index] = done
+    frozen = [row for row in rows if row is not None]
+
+    def record(index: int, row: dict[str, Any]) -> None:
+        rows[index] = row
+        job.add_run(row["mlflow_run_id"])
+        frame = pd.DataFrame([r for r in rows if r is not None], columns=list(RESULT_COLUMNS))
+        write_results(upsert_results(previous, frame), csv_path)
+
+    workers = job_workers(
+        requested=spec.workers,
+        threads=spec.threads,
+        device_type=prep.device.type,
+        n_runs=len(pending),
+        job_flops=job_training_flops(prep, [cells[i] for i in pending]),
+    )
+    tracker = Tracker(out)  # creates or migrates the tracking store before any worker opens it
+    if workers > 1:
+        log(f"{len(pending)} runs on {workers} worker processes")
+        finished = [len(frozen)]
+
+        def record_parallel(index: int, row: dict[str, Any]) -> None:
+            record(index, row)
+            if progress:  # the bar counts whole runs as they finish, in any order
+                finished[0] += 1
+                trains = LEARNERS.get(cells[index][2].learner).trains
+                progress.start_run(
+                    finished[0], len(cells), _cell_label(cells[index]), spec.rounds if trains else 0
+                )
+                progress.advance(spec.rounds if trains else 0)
+
+        threads = threads_per_worker(workers, spec.threads)
+        run_parallel(
+            spec.model_copy(update={"threads": threads}),
+            cells,
+            pending,
+            workers=workers,
+            on_row=record_parallel,
+            log=log,
+        )
+        return [row for row in rows if row is not None]
+    _run_in_process(prep, cells, pending, tracker, log, progress, record, n_done=len(frozen))
+    return [row for row in rows if row is not None]
+
+
+def _cell_label(cell: tuple[int, float | None, MethodChoice]) -> str:
+    seed, eps, choice = cell
+    return f"{choice.label} eps={'none' if eps is None else eps} seed={seed}"
+
+
+def _run_in_process(
+    prep: Prepared,
+    cells: list[tuple[int, float | None, MethodChoice]],
+    pending: list[int],
+    tracker: Any,
+    log: Callable[[str], None],
+    progress: JobProgress | None,
+    record: Callable[[int, dict[str, Any]], None],
+    *,
+    n_done: int,
+) -> None:
+    """The pending runs one after the other in this process."""
+    rounds = prep.spec.rounds
+    feds: dict[int, Federation] = {}
+    for k, index in enumerate(pending):
+        seed, eps, choice = cells[index]
         if seed not in feds:
             feds = {seed: federation(prep, seed)}
-            save_partition(feds[seed], out, spec.dataset, seed)
-        fed = feds[seed]
-        label = f"{choice.label} eps={'none' if eps is None else eps} seed={seed}"
         trains = LEARNERS.get(choice.learner).trains
         if progress:
-            progress.start_run(index + 1, len(cells), label, spec.rounds if trains else 0)
-        done = _finished_row(previous, run_key(spec, choice, eps, seed)) if spec.resume else None
-        if done is not None:
-            log(f"{label}: finished in an earlier job; skipped (--resume)")
-            rows.append(done)
-            if progress:
-                progress.advance(spec.rounds if trains else 0)
-            continue
+            progress.start_run(
+                n_done + k + 1, len(cells), _cell_label(cells[index]), rounds if trains else 0
+            )
         row = run_one(
             prep,
-            fed,
+            feds[seed],
             choice,
             eps,
             seed,
@@ -675,8 +743,25 @@ def _run_cells(
             log,
             progress=progress.advance if progress else None,
         )
-        rows.append(row)
-        job.add_run(row["mlflow_run_id"])
-        frame = pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
-        write_results(upsert_results(previous, frame), csv_path)
-    return rows
+        record(index, row)
+
+
+def job_training_flops(
+    prep: Prepared, cells: list[tuple[int, float | None, MethodChoice]]
+) -> float:
+    """FLOPs of the training in `cells`: client steps x tower FLOPs per step (B passes per
+    private step, about 2 otherwise); what decides whether workers pay (fpl_bench/parallel.py)."""
+    spec = prep.spec
+    total = 0.0
+    for seed, eps, choice in cells:
+        if not LEARNERS.get(choice.learner).trains:
+            continue
+        protocol, split = prep.partitions[seed]
+        client_steps = sum(
+            steps_per_round(len(idx), batch_size=spec.batch_size, local_epochs=spec.local_epochs)
+            for idx in split.train
+        )
+        per_step = prep.tower.pass_flops(len(protocol.seen_classes))
+        per_step *= spec.batch_size if eps is not None else 2
+        total += spec.rounds * spec.client_fraction * client_steps * per_step
+    return total

@@ -49,6 +49,7 @@ class ExperimentSpec(BaseModel):
     checkpoint: Path | None = None
     device: Literal["auto", "cpu", "cuda"] = "auto"
     threads: int | None = Field(None, ge=1)
+    workers: int | None = Field(None, ge=1)  # None: fpl_bench.parallel.job_workers decides
     # frozen text tower: bf16 autocast or fp32; auto = bf16 where the device multiplies bf16
     # natively (CUDA, CPU with AMX), fp32 elsewhere (fpl_bench/compute.py)
     precision: Literal["auto", "bf16", "fp32"] = "auto"

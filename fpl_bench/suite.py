@@ -62,7 +62,7 @@ SUITE_FOLDER = "leaderboards"
 DONE_STATUSES: tuple[str, ...] = ("finished", "diverged")
 # Fields a grid sets per cell, and machine settings given on the command line, not in a file.
 CELL_FIELDS: tuple[str, ...] = ("methods", "dataset", "eps", "seeds", "out")
-MACHINE_FIELDS: tuple[str, ...] = ("data_root", "cache_dir", "device", "threads")
+MACHINE_FIELDS: tuple[str, ...] = ("data_root", "cache_dir", "device", "threads", "workers")
 BENCH_FILE = "bench.json"
 
 

@@ -84,10 +84,13 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(reference, tmp_path, ki
     assert {r.info.status for r in runs} == {"FINISHED"}
 
 
-def test_sigterm_stops_with_one_line_and_marks_the_run_killed(reference, tmp_path):
+@pytest.mark.parametrize("workers", ["1", "2"])
+def test_sigterm_stops_with_one_line_and_marks_the_run_killed(reference, tmp_path, workers):
+    """In one process, and with the runs in worker processes (the parent stops them)."""
     root, _ = reference
     out = tmp_path / "out"
     args = [*ARGS, "--rounds", "30", "--cache-dir", str(root / "cache"), "--out", str(out)]
+    args += ["--workers", workers]
     proc = subprocess.Popen(
         [sys.executable, "-m", "fpl_bench.cli", *args],
         cwd=tmp_path,
@@ -108,3 +111,5 @@ def test_sigterm_stops_with_one_line_and_marks_the_run_killed(reference, tmp_pat
     runs = client.search_runs(client.get_experiment_by_name("fpl-bench").experiment_id)
     assert "KILLED" in {r.info.status for r in runs}
     assert "RUNNING" not in {r.info.status for r in runs}
+    if workers == "2":  # both runs were in flight in their workers, and both were stopped
+        assert [r.info.status for r in runs] == ["KILLED", "KILLED"]

@@ -1,0 +1,184 @@
+"""The runs of a job in parallel worker processes (`--workers`), one run per worker at a time.
+
+A run is sequential work of small tensor ops (a few MFLOP each on the embedded model): a second
+intra-op thread adds little, a second run in its own process nearly doubles the job's rate. So
+on CPU a large job spreads its runs over `usable cores / threads per run` workers (`job_workers`);
+a small one (the tests, a smoke run) stays in-process, where starting workers would cost more
+than it saves, and CUDA jobs keep one process (one device).
+
+Parent and workers, as Flower splits server and client:
+- the parent prepares the job once (data, features into the on-disk cache, partitions), hands
+  out run indices through a queue, and alone writes results.csv, the job record and the log;
+- a worker (spawned: no state inherited) prepares the same spec from the warm cache, then runs
+  `experiment.run_one` for each index it takes and sends back the row. Its MLflow run, per-round
+  metrics and checkpoints are written by the worker itself (MLflow's store takes concurrent
+  writers; a checkpoint is per run).
+Every run is seeded by its own (seed, round, client, step) streams, so the rows are the same
+whichever worker runs them, and the same as in one process (tests/test_parallel.py).
+
+Stopping: workers ignore SIGINT (Ctrl-C reaches the whole process group); the parent, on
+KeyboardInterrupt (Ctrl-C, or SIGTERM turned into one by the CLI), sends SIGTERM to each worker,
+whose handler raises KeyboardInterrupt inside its run (`run_one` marks the MLflow run KILLED,
+its last checkpoint stays for --resume), waits for them and re-raises. A run's error is sent
+back and raised in the parent after the other workers are stopped.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import os
+import queue
+import signal
+import traceback
+from collections.abc import Callable, Sequence
+from typing import Any
+
+from fpl_bench.compute import usable_cores
+
+__all__ = ["PARALLEL_JOB_FLOPS", "job_workers", "run_parallel"]
+
+# Below this many FLOPs of training for the whole job, workers are not started (spawning one
+# and preparing its data costs a few seconds; 2e12 FLOPs is a minute or more of runs).
+PARALLEL_JOB_FLOPS = 2e12
+
+Cell = tuple[int, float | None, Any]  # (seed, eps, MethodChoice)
+
+
+def job_workers(
+    *, requested: int | None, threads: int | None, device_type: str, n_runs: int, job_flops: float
+) -> int:
+    """How many worker processes a job uses: `requested` (capped at the runs), else 1 on CUDA,
+    for a single run or below PARALLEL_JOB_FLOPS, else usable cores / threads per run.
+
+    >>> job_workers(requested=None, threads=None, device_type="cpu", n_runs=9, job_flops=1e13) > 0
+    True
+    >>> job_workers(requested=None, threads=None, device_type="cuda", n_runs=9, job_flops=1e15)
+    1
+    """
+    if requested is not None:
+        return max(1, min(requested, n_runs))
+    if device_type != "cpu" or n_runs < 2 or job_flops < PARALLEL_JOB_FLOPS:
+        return 1
+    return max(1, min(n_runs, usable_cores() // (threads or 1)))
+
+
+def threads_per_worker(workers: int, threads: int | None) -> int:
+    """Intra-op threads of each worker: as asked, else the usable cores shared out (>= 1)."""
+    return threads or max(1, usable_cores() // workers)
+
+
+# ----------------------------------------------------------------------------- worker side
+
+
+def _stop_run(signum: int, frame: Any) -> None:
+    raise KeyboardInterrupt
+
+
+def _worker_main(spec: Any, cells: Sequence[Cell], tasks: Any, results: Any) -> None:
+    """A worker: prepare the spec, then run the cells whose indices arrive on `tasks`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, _stop_run)
+    from fpl_bench.experiment import federation, prepare, run_one
+    from fpl_bench.tracking import Tracker
+
+    index = None
+    try:
+        prep = prepare(spec, lambda text: None)
+        tracker = Tracker(spec.out)
+        feds: dict[int, Any] = {}
+        while (index := tasks.get()) is not None:
+            seed, eps, choice = cells[index]
+            if seed not in feds:
+                feds = {seed: federation(prep, seed)}
+            log = lambda text: results.put(("log", index, text))  # noqa: E731
+            row = run_one(prep, feds[seed], choice, eps, seed, tracker, log)
+            results.put(("row", index, row))
+    except KeyboardInterrupt:
+        results.put(("killed", index, None))
+    except BaseException as err:  # sent to the parent, raised there
+        results.put(("error", index, _portable(err)))
+
+
+def _portable(err: BaseException) -> BaseException:
+    """The error itself when it pickles (UsageError and friends), else a RuntimeError with its
+    traceback text."""
+    import pickle
+
+    try:
+        pickle.loads(pickle.dumps(err))
+        return err
+    except Exception:
+        text = "".join(traceback.format_exception(err))
+        return RuntimeError(f"a worker failed:\n{text}")
+
+
+# ----------------------------------------------------------------------------- parent side
+
+
+def run_parallel(
+    spec: Any,
+    cells: Sequence[Cell],
+    pending: Sequence[int],
+    *,
+    workers: int,
+    on_row: Callable[[int, dict[str, Any]], None],
+    log: Callable[[str], None],
+) -> None:
+    """Run cells[i] for i in `pending` on `workers` spawned processes; `on_row(i, row)` in the
+    parent as each finishes (in completion order)."""
+    ctx = mp.get_context("spawn")
+    tasks, results = ctx.Queue(), ctx.Queue()
+    for index in pending:
+        tasks.put(index)
+    for _ in range(workers):
+        tasks.put(None)
+    procs = [
+        ctx.Process(target=_worker_main, args=(spec, list(cells), tasks, results), daemon=True)
+        for _ in range(workers)
+    ]
+    for proc in procs:
+        proc.start()
+    remaining = set(pending)
+    try:
+        while remaining:
+            try:
+                kind, index, payload = results.get(timeout=1.0)
+            except queue.Empty:
+                dead = [p for p in procs if p.exitcode not in (None, 0)]
+                if dead:
+                    raise RuntimeError(
+                        f"a worker process died (exit code {dead[0].exitcode}); "
+                        "rerun with --resume to finish the job"
+                    ) from None
+                if all(p.exitcode == 0 for p in procs) and results.empty():
+                    raise RuntimeError(
+                        "the workers ended with runs left; rerun with --resume"
+                    ) from None
+                continue
+            if kind == "log":
+                log(payload)
+            elif kind == "row":
+                remaining.discard(index)
+                on_row(index, payload)
+            elif kind == "killed":
+                raise KeyboardInterrupt
+            else:
+                raise payload
+    except BaseException:
+        _stop(procs)
+        raise
+    for proc in procs:
+        proc.join()
+
+
+def _stop(procs: Sequence[Any], grace: float = 60.0) -> None:
+    """SIGTERM every live worker (each marks its run KILLED) and wait for them; SIGKILL after
+    `grace` seconds."""
+    for proc in procs:
+        if proc.is_alive() and proc.pid is not None:
+            os.kill(proc.pid, signal.SIGTERM)
+    for proc in procs:
+        proc.join(timeout=grace)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()

@@ -1,0 +1,61 @@
+"""Runs in worker processes: when workers are used, and that they change no result."""
+
+import pandas as pd
+import pytest
+from mlflow.tracking import MlflowClient
+
+import fpl_bench.parallel as parallel
+from fpl_bench.parallel import PARALLEL_JOB_FLOPS, job_workers
+from tests.cli import run_main
+
+
+@pytest.mark.parametrize(
+    ("kw", "cores", "expected"),
+    [
+        (dict(requested=3, threads=None, device_type="cpu", n_runs=2, job_flops=0.0), 8, 2),
+        (dict(requested=1, threads=None, device_type="cpu", n_runs=9, job_flops=1e15), 8, 1),
+        (dict(requested=None, threads=None, device_type="cpu", n_runs=9, job_flops=1e15), 8, 8),
+        (dict(requested=None, threads=2, device_type="cpu", n_runs=9, job_flops=1e15), 8, 4),
+        (dict(requested=None, threads=None, device_type="cpu", n_runs=3, job_flops=1e15), 8, 3),
+        (dict(requested=None, threads=None, device_type="cpu", n_runs=1, job_flops=1e15), 8, 1),
+        (dict(requested=None, threads=None, device_type="cuda", n_runs=9, job_flops=1e15), 8, 1),
+        (dict(requested=None, threads=3, device_type="cpu", n_runs=9, job_flops=1e15), 2, 1),
+        (
+            dict(
+                requested=None,
+                threads=None,
+                device_type="cpu",
+                n_runs=9,
+                job_flops=PARALLEL_JOB_FLOPS / 2,
+            ),
+            8,
+            1,
+        ),
+    ],
+)
+def test_how_many_workers(monkeypatch, kw, cores, expected):
+    monkeypatch.setattr(parallel, "usable_cores", lambda: cores)
+    assert job_workers(**kw) == expected
+
+
+ARGS = ["run", "--methods", "coop,zeroshot,dpfpl", "--eps", "0.5,none", "--rounds", "2"]
+ARGS += ["--clients", "3", "--shots", "2", "--eval-every", "1", "--param", "dpfpl.rank=2"]
+for _opt in ("n_train_per_class=4", "n_test_per_class=2", "n_val_per_class=2"):
+    ARGS += ["--dataset-option", _opt]
+
+
+def test_two_workers_write_the_same_results_as_one_process(tmp_path, monkeypatch):
+    frames = {}
+    for workers in ("1", "2"):
+        out = tmp_path / f"out{workers}"
+        args = [*ARGS, "--workers", workers, "--out", str(out), "--cache-dir", str(tmp_path)]
+        assert run_main(args, monkeypatch) == 0
+        frames[workers] = pd.read_csv(out / "results.csv", dtype={"eps": str})
+        client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+        runs = client.search_runs(client.get_experiment_by_name("fpl-bench").experiment_id)
+        assert sorted(r.info.run_id for r in runs) == sorted(frames[workers].mlflow_run_id)
+        assert {r.info.status for r in runs} == {"FINISHED"}
+        assert all(r.data.metrics for r in runs)  # final metrics logged by the workers
+    one, two = (f.drop(columns=["wall_s", "mlflow_run_id"]) for f in frames.values())
+    assert len(one) == 6 and set(one.status) == {"finished"}
+    pd.testing.assert_frame_equal(one, two)  # same rows, same (cell) order

@@ -661,6 +661,10 @@ def _run_cells(
         else:
             log(f"{_cell_label(cells[index])}: finished in an earlier job; skipped (--resume)")
             rows[index] = done
+            if progress:  # the bar's total counts every run of the job
+                rounds = spec.rounds if LEARNERS.get(choice.learner).trains else 0
+                progress.start_run(index + 1, len(cells), _cell_label(cells[index]), rounds)
+                progress.advance(rounds)
     frozen = [row for row in rows if row is not None]
 
     def record(index: int, row: dict[str, Any]) -> None:
@@ -675,6 +679,7 @@ def _run_cells(
         device_type=prep.device.type,
         n_runs=len(pending),
         job_flops=job_training_flops(prep, [cells[i] for i in pending]),
+        worker_bytes=prepared_bytes(prep),
     )
     tracker = Tracker(out)  # creates or migrates the tracking store before any worker opens it
     if workers > 1:
@@ -692,6 +697,7 @@ def _run_cells(
                 progress.advance(spec.rounds if trains else 0)
 
         threads = threads_per_worker(workers, spec.threads)
+        del prep  # each worker prepares its own copy (from the warm cache)
         run_parallel(
             spec.model_copy(update={"threads": threads}),
             cells,
@@ -744,6 +750,26 @@ def _run_in_process(
             progress=progress.advance if progress else None,
         )
         record(index, row)
+
+
+def prepared_bytes(prep: Prepared) -> float:
+    """Bytes of a prepared job's tensors (features, tokens, the backbone's weights): about
+    what each worker process holds."""
+    seen: set[int] = set()
+    total = 0.0
+
+    def add(t: Any) -> None:
+        nonlocal total
+        if isinstance(t, torch.Tensor) and id(t) not in seen:
+            seen.add(id(t))
+            total += t.numel() * t.element_size()
+
+    for features in (prep.train, prep.test):
+        for value in vars(features).values():
+            add(value)
+    for p in prep.backbone.model.parameters():
+        add(p)
+    return total
 
 
 def job_training_flops(

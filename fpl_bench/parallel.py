@@ -29,13 +29,15 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import threading
+import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
 from fpl_bench.compute import usable_cores
 
-__all__ = ["PARALLEL_JOB_FLOPS", "job_workers", "run_parallel"]
+__all__ = ["PARALLEL_JOB_FLOPS", "available_memory", "job_workers", "run_parallel"]
 
 # Below this many FLOPs of training for the whole job, workers are not started (spawning one
 # and preparing its data costs a few seconds; 2e12 FLOPs is a minute or more of runs).
@@ -45,10 +47,17 @@ Cell = tuple[int, float | None, Any]  # (seed, eps, MethodChoice)
 
 
 def job_workers(
-    *, requested: int | None, threads: int | None, device_type: str, n_runs: int, job_flops: float
+    *,
+    requested: int | None,
+    threads: int | None,
+    device_type: str,
+    n_runs: int,
+    job_flops: float,
+    worker_bytes: float = 0.0,
 ) -> int:
     """How many worker processes a job uses: `requested` (capped at the runs), else 1 on CUDA,
-    for a single run or below PARALLEL_JOB_FLOPS, else usable cores / threads per run.
+    for a single run or below PARALLEL_JOB_FLOPS, else usable cores / threads per run, and no
+    more than fit in half the available memory at `worker_bytes` each (its data and model).
 
     >>> job_workers(requested=None, threads=None, device_type="cpu", n_runs=9, job_flops=1e13) > 0
     True
@@ -59,7 +68,20 @@ def job_workers(
         return max(1, min(requested, n_runs))
     if device_type != "cpu" or n_runs < 2 or job_flops < PARALLEL_JOB_FLOPS:
         return 1
-    return max(1, min(n_runs, usable_cores() // (threads or 1)))
+    fit = int(0.5 * available_memory() / worker_bytes) if worker_bytes > 0 else n_runs
+    return max(1, min(n_runs, usable_cores() // (threads or 1), fit))
+
+
+def available_memory() -> float:
+    """Bytes of memory available to new processes (Linux MemAvailable; inf where unknown)."""
+    try:
+        with open("/proc/meminfo") as fh:
+            for line in fh:
+                if line.startswith("MemAvailable:"):
+                    return float(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return float("inf")
 
 
 def threads_per_worker(workers: int, threads: int | None) -> int:
@@ -74,10 +96,20 @@ def _stop_run(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt
 
 
+def _watch_parent(interval: float = 1.0) -> None:
+    """SIGTERM this worker once its parent is gone (killed without stopping us): its run is
+    then marked KILLED like any stopped run, and nothing runs on unlocked output."""
+    parent = mp.parent_process()
+    while parent is not None and parent.is_alive():
+        time.sleep(interval)
+    os.kill(os.getpid(), signal.SIGTERM)
+
+
 def _worker_main(spec: Any, cells: Sequence[Cell], tasks: Any, results: Any) -> None:
     """A worker: prepare the spec, then run the cells whose indices arrive on `tasks`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_run)
+    threading.Thread(target=_watch_parent, daemon=True).start()
     from fpl_bench.experiment import federation, prepare, run_one
     from fpl_bench.tracking import Tracker
 
@@ -100,16 +132,15 @@ def _worker_main(spec: Any, cells: Sequence[Cell], tasks: Any, results: Any) -> 
 
 
 def _portable(err: BaseException) -> BaseException:
-    """The error itself when it pickles (UsageError and friends), else a RuntimeError with its
-    traceback text."""
-    import pickle
+    """What the parent raises for a worker's error: a UsageError as its one line (exit 2, as
+    in one process), anything else as a RuntimeError holding the worker's traceback (a bug
+    keeps its traceback; the worker's frames are not the parent's)."""
+    from fpl_bench.errors import UsageError
 
-    try:
-        pickle.loads(pickle.dumps(err))
-        return err
-    except Exception:
-        text = "".join(traceback.format_exception(err))
-        return RuntimeError(f"a worker failed:\n{text}")
+    if isinstance(err, UsageError):
+        return UsageError(str(err))
+    text = "".join(traceback.format_exception(err)).rstrip()
+    return RuntimeError(f"a worker process failed:\n{text}")
 
 
 # ----------------------------------------------------------------------------- parent side
@@ -136,10 +167,10 @@ def run_parallel(
         ctx.Process(target=_worker_main, args=(spec, list(cells), tasks, results), daemon=True)
         for _ in range(workers)
     ]
-    for proc in procs:
-        proc.start()
     remaining = set(pending)
     try:
+        for proc in procs:
+            proc.start()
         while remaining:
             try:
                 kind, index, payload = results.get(timeout=1.0)
@@ -175,9 +206,11 @@ def _stop(procs: Sequence[Any], grace: float = 60.0) -> None:
     """SIGTERM every live worker (each marks its run KILLED) and wait for them; SIGKILL after
     `grace` seconds."""
     for proc in procs:
-        if proc.is_alive() and proc.pid is not None:
+        if proc.pid is not None and proc.is_alive():
             os.kill(proc.pid, signal.SIGTERM)
     for proc in procs:
+        if proc.pid is None:  # never started
+            continue
         proc.join(timeout=grace)
         if proc.is_alive():
             proc.kill()

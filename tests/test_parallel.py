@@ -59,3 +59,28 @@ def test_two_workers_write_the_same_results_as_one_process(tmp_path, monkeypatch
     one, two = (f.drop(columns=["wall_s", "mlflow_run_id"]) for f in frames.values())
     assert len(one) == 6 and set(one.status) == {"finished"}
     pd.testing.assert_frame_equal(one, two)  # same rows, same (cell) order
+
+
+def test_memory_caps_the_automatic_worker_count(monkeypatch):
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 8)
+    monkeypatch.setattr(parallel, "available_memory", lambda: 10e9)
+    kw = dict(requested=None, threads=None, device_type="cpu", n_runs=9, job_flops=1e15)
+    assert job_workers(**kw, worker_bytes=1e9) == 5  # half of 10 GB at 1 GB each
+    assert job_workers(**kw, worker_bytes=8e9) == 1
+    assert job_workers(**kw, worker_bytes=0.0) == 8
+
+
+def test_a_workers_error_reaches_the_parent_as_it_would_in_one_process():
+    from fpl_bench.errors import UsageError
+    from fpl_bench.spec import FieldError
+
+    usage = parallel._portable(UsageError("checkpoint x is damaged; delete it"))
+    assert type(usage) is UsageError and str(usage) == "checkpoint x is damaged; delete it"
+    field = FieldError("lr", -1, "must be > 0")
+    assert type(parallel._portable(field)) is UsageError  # one line, exit 2, like in-process
+    try:
+        raise ValueError("a bug in a run")
+    except ValueError as err:
+        bug = parallel._portable(err)
+    assert isinstance(bug, RuntimeError)
+    assert "ValueError: a bug in a run" in str(bug) and "Traceback" in str(bug)

@@ -1,7 +1,8 @@
 """ImageNet (ILSVRC-2012) as CoOp reads it: class folders under ``images/train`` and ``images/val``.
 
 Reference: KaiyangZhou/CoOp, ``DATASETS.md`` (``imagenet/images/{train,val}/`` with 1,000
-folders such as ``n01440764``, possibly symlinks to a copy kept elsewhere, and
+folders such as ``n01440764``; ``train/`` and ``val/`` may be symlinks to a copy kept
+elsewhere (a class folder linking out of its split folder is refused as an escape), and
 ``imagenet/classnames.txt`` from CoOp's link; the names are CLIP's) and ``datasets/imagenet.py``
 (``ImageNet``): ``read_classnames`` maps each line ``<wnid> <class name>`` to wnid -> name;
 ``read_data`` labels the *sorted* class folders of a split folder 0, 1, ... and takes every

@@ -684,17 +684,22 @@ def _run_cells(
     tracker = Tracker(out)  # creates or migrates the tracking store before any worker opens it
     if workers > 1:
         log(f"{len(pending)} runs on {workers} worker processes")
-        finished = [len(frozen)]
+        rounds_of = {
+            i: spec.rounds if LEARNERS.get(cells[i][2].learner).trains else 0 for i in pending
+        }
+        done_rounds = dict.fromkeys(pending, 0)
+        if progress:  # one bar segment for all parallel runs, moved by every worker's rounds
+            label = f"{len(pending)} runs on {workers} workers"
+            progress.start_run(len(frozen) + 1, len(cells), label, sum(rounds_of.values()))
+
+        def on_round(index: int, rounds_done: int) -> None:
+            done_rounds[index] = rounds_done
+            if progress:
+                progress.advance(sum(done_rounds.values()))
 
         def record_parallel(index: int, row: dict[str, Any]) -> None:
             record(index, row)
-            if progress:  # the bar counts whole runs as they finish, in any order
-                finished[0] += 1
-                trains = LEARNERS.get(cells[index][2].learner).trains
-                progress.start_run(
-                    finished[0], len(cells), _cell_label(cells[index]), spec.rounds if trains else 0
-                )
-                progress.advance(spec.rounds if trains else 0)
+            on_round(index, rounds_of[index])
 
         threads = threads_per_worker(workers, spec.threads)
         del prep  # each worker prepares its own copy (from the warm cache)
@@ -704,6 +709,7 @@ def _run_cells(
             pending,
             workers=workers,
             on_row=record_parallel,
+            on_round=on_round,
             log=log,
         )
         return [row for row in rows if row is not None]

@@ -123,7 +123,8 @@ def _worker_main(spec: Any, cells: Sequence[Cell], tasks: Any, results: Any) -> 
             if seed not in feds:
                 feds = {seed: federation(prep, seed)}
             log = lambda text: results.put(("log", index, text))  # noqa: E731
-            row = run_one(prep, feds[seed], choice, eps, seed, tracker, log)
+            progress = lambda rounds: results.put(("round", index, rounds))  # noqa: E731
+            row = run_one(prep, feds[seed], choice, eps, seed, tracker, log, progress=progress)
             results.put(("row", index, row))
     except KeyboardInterrupt:
         results.put(("killed", index, None))
@@ -154,9 +155,11 @@ def run_parallel(
     workers: int,
     on_row: Callable[[int, dict[str, Any]], None],
     log: Callable[[str], None],
+    on_round: Callable[[int, int], None] | None = None,
 ) -> None:
     """Run cells[i] for i in `pending` on `workers` spawned processes; `on_row(i, row)` in the
-    parent as each finishes (in completion order)."""
+    parent as each finishes (in completion order), `on_round(i, rounds done)` after each of
+    its rounds."""
     ctx = mp.get_context("spawn")
     tasks, results = ctx.Queue(), ctx.Queue()
     for index in pending:
@@ -188,6 +191,9 @@ def run_parallel(
                 continue
             if kind == "log":
                 log(payload)
+            elif kind == "round":
+                if on_round is not None:
+                    on_round(index, payload)
             elif kind == "row":
                 remaining.discard(index)
                 on_row(index, payload)

@@ -84,3 +84,42 @@ def test_a_workers_error_reaches_the_parent_as_it_would_in_one_process():
         bug = parallel._portable(err)
     assert isinstance(bug, RuntimeError)
     assert "ValueError: a bug in a run" in str(bug) and "Traceback" in str(bug)
+
+
+class Recorder:
+    """A JobProgress that keeps what it was told."""
+
+    def __init__(self):
+        self.starts, self.advances = [], []
+
+    def start_run(self, index, total, label, rounds):
+        self.starts.append((index, total, label, rounds))
+
+    def advance(self, rounds_done):
+        self.advances.append(rounds_done)
+
+
+def test_the_progress_bar_moves_with_every_workers_rounds(tmp_path):
+    from fpl_bench.catalog import resolve_method
+    from fpl_bench.experiment import run_experiment
+    from fpl_bench.spec import build_spec
+
+    spec = build_spec(
+        methods=(resolve_method("coop"), resolve_method("zeroshot"), resolve_method("promptfl")),
+        rounds=3,
+        clients=2,
+        shots=2,
+        eval_every=3,
+        last_k=1,
+        workers=2,
+        dataset_options={"n_train_per_class": 4, "n_test_per_class": 2, "n_val_per_class": 2},
+        out=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+    )
+    progress = Recorder()
+    frame = run_experiment(spec, log=lambda line: None, progress=progress)
+    assert list(frame.method) == ["coop", "zeroshot", "promptfl"]
+    assert progress.starts == [(1, 3, "3 runs on 2 workers", 6)]  # zero-shot has no rounds
+    assert progress.advances == sorted(progress.advances)  # never backwards
+    assert progress.advances[-1] == 6
+    assert len(progress.advances) >= 6  # per round, not only per finished run

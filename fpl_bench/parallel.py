@@ -29,6 +29,7 @@ import multiprocessing as mp
 import os
 import queue
 import signal
+import sys
 import threading
 import time
 import traceback
@@ -92,8 +93,22 @@ def threads_per_worker(workers: int, threads: int | None) -> int:
 # ----------------------------------------------------------------------------- worker side
 
 
+_stopping = False  # set by SIGTERM in a worker
+
+
 def _stop_run(signum: int, frame: Any) -> None:
+    """SIGTERM in a worker: stop the run now, and again at its next round should this
+    KeyboardInterrupt land where Python swallows it (a garbage-collection callback)."""
+    global _stopping
+    _stopping = True
     raise KeyboardInterrupt
+
+
+def _quiet_stop(unraisable: Any) -> None:
+    """`sys.unraisablehook` of a worker: a stop swallowed in a callback is re-raised at the
+    run's next round (`_stopping`), so it is not printed as an error."""
+    if not isinstance(unraisable.exc_value, KeyboardInterrupt):
+        sys.__unraisablehook__(unraisable)
 
 
 def _watch_parent(interval: float = 1.0) -> None:
@@ -109,6 +124,7 @@ def _worker_main(spec: Any, cells: Sequence[Cell], tasks: Any, results: Any) -> 
     """A worker: prepare the spec, then run the cells whose indices arrive on `tasks`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_run)
+    sys.unraisablehook = _quiet_stop
     threading.Thread(target=_watch_parent, daemon=True).start()
     from fpl_bench.experiment import federation, prepare, run_one
     from fpl_bench.tracking import Tracker
@@ -123,7 +139,12 @@ def _worker_main(spec: Any, cells: Sequence[Cell], tasks: Any, results: Any) -> 
             if seed not in feds:
                 feds = {seed: federation(prep, seed)}
             log = lambda text: results.put(("log", index, text))  # noqa: E731
-            progress = lambda rounds: results.put(("round", index, rounds))  # noqa: E731
+
+            def progress(rounds: int, index: int = index) -> None:
+                results.put(("round", index, rounds))
+                if _stopping:  # a SIGTERM whose KeyboardInterrupt was swallowed
+                    raise KeyboardInterrupt
+
             row = run_one(prep, feds[seed], choice, eps, seed, tracker, log, progress=progress)
             results.put(("row", index, row))
     except KeyboardInterrupt:

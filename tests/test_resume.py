@@ -99,7 +99,8 @@ def test_sigterm_stops_with_one_line_and_marks_the_run_killed(reference, tmp_pat
         text=True,
     )
     deadline = time.time() + 600
-    while not list((out / "checkpoints").glob("*.pt")) and time.time() < deadline:
+    in_flight = int(workers)  # with 2 workers, wait until both runs have a checkpoint
+    while len(list((out / "checkpoints").glob("*.pt"))) < in_flight and time.time() < deadline:
         time.sleep(0.2)
     proc.send_signal(signal.SIGTERM)
     _, err = proc.communicate(timeout=120)

@@ -19,7 +19,8 @@ SECTION = "## Results on the embedded default"
 HEAD = """\
 `bash benchmarks/readme_results.sh` runs two suites (`leaderboards/embedded.toml`: every preset
 at eps none / 0.5 / 0.1 under the **server** trust model; `leaderboards/embedded-client.toml`:
-the private cells again under the **client** trust model; seeds 0-2; a CPU-sized schedule of
+the private cells again under the **client** trust model (without DP the trust model changes
+nothing, so eps none is in the server tables only); seeds 0-2; a CPU-sized schedule of
 10 rounds x 1 local epoch, evaluated every 5, the final figure the mean of the last 2
 evaluations; delta 1e-5, C = 1, RDP) and writes `leaderboards/embedded.{md,csv,html}` and
 `embedded-client.*`. Rerunning resumes finished cells; the same command and seed give the same

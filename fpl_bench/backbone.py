@@ -57,6 +57,23 @@ def register_model_configs() -> None:
         open_clip.add_model_config(MODEL_CONFIG_DIR)
 
 
+def visual_features(model: torch.nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
+    """Pooled [B, D] and projected patch tokens [B, P, D] of a ViT open_clip model, unnormalised:
+    the tokens after `ln_post` (open_clip's `output_tokens`: forward then returns
+    (pooled @ proj, tokens)), times `visual.proj`. Differentiable; the feature cache
+    (`Backbone.encode_images`) and pretraining (fpl_bench/pretrain.py) both use it.
+    """
+    visual = model.visual
+    visual.output_tokens = True
+    try:
+        pooled, tokens = visual(x)
+    finally:
+        visual.output_tokens = False
+    if visual.proj is not None:
+        tokens = tokens @ visual.proj
+    return pooled, tokens
+
+
 @dataclass
 class Backbone:
     """A frozen open_clip model (eval mode, no grad) with its tokenizer and eval transform."""
@@ -157,14 +174,7 @@ class Backbone:
         if not with_tokens:
             pooled = visual(x)
             return pooled, pooled.new_empty(len(x), 0, pooled.shape[-1])
-        visual.output_tokens = True  # forward then returns (pooled @ proj, tokens after ln_post)
-        try:
-            pooled, tokens = visual(x)
-        finally:
-            visual.output_tokens = False
-        if visual.proj is not None:
-            tokens = tokens @ visual.proj
-        return pooled, tokens
+        return visual_features(self.model, x)
 
 
 def _check_images(images: np.ndarray) -> np.ndarray:

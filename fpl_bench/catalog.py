@@ -132,22 +132,33 @@ class PresetCard(BaseModel):
     notes: dict[str, str] = Field(default_factory=dict)  # why a default differs from a paper
 
 
-def _read(path: Path, model: type[BaseModel]) -> Any:
+def read_toml_model(path: Path, model: type[BaseModel], *, what: str) -> Any:
+    """A TOML file validated by `model`, whose `name` must equal the file stem. Any problem is
+    one UsageError line "bad <what> <path>: ..." naming the field (cards, suites)."""
     try:
-        card = model.model_validate(tomllib.loads(path.read_text()))
+        value = model.model_validate(tomllib.loads(path.read_text()))
     except OSError as err:
-        raise UsageError(f"cannot read card {path}: {err.strerror}") from None
+        raise UsageError(f"cannot read {what} {path}: {err.strerror}") from None
     except tomllib.TOMLDecodeError as err:
-        raise UsageError(f"bad card {path}: {err}") from None
+        raise UsageError(f"bad {what} {path}: {_one_line(str(err))}") from None
     except ValidationError as err:
         first = err.errors()[0]
-        loc = ".".join(str(p) for p in first["loc"])
-        raise UsageError(f"bad card {path}: {loc}: {first['msg']}") from None
+        where = ".".join(str(p) for p in first["loc"]) or what
+        message = first["msg"].removeprefix("Value error, ")
+        raise UsageError(f"bad {what} {path}: {where}: {_one_line(message)}") from None
     except UsageError as err:
-        raise UsageError(f"bad card {path}: {err}") from None
-    if card.name != path.stem:
-        raise UsageError(f"bad card {path}: name {card.name!r} differs from the file stem")
-    return card
+        raise UsageError(f"bad {what} {path}: {err}") from None
+    if value.name != path.stem:
+        raise UsageError(f"bad {what} {path}: name {value.name!r} differs from the file stem")
+    return value
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _read(path: Path, model: type[BaseModel]) -> Any:
+    return read_toml_model(path, model, what="card")
 
 
 def _folder(*parts: str) -> Path:

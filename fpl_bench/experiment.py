@@ -15,7 +15,7 @@ import math
 import pickle
 import subprocess
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -158,13 +158,7 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
         split: _features(spec, backbone, splits, split, with_tokens, device, log)
         for split in ("train", spec.eval_split)
     }
-    tower = TextTower.build(
-        backbone.model,
-        backbone.tokenizer,
-        splits.classnames,
-        n_ctx=spec.n_ctx,
-        precision=resolve_precision(spec.precision, device),
-    )
+    tower = _text_tower(spec, backbone, splits.classnames, device)
     transfers = [
         _transfer(spec, name, backbone, with_tokens, device, log) for name in spec.transfer_datasets
     ]
@@ -203,19 +197,26 @@ def _features(spec, backbone, splits, split, with_tokens, device, log) -> Featur
     )
 
 
+def _text_tower(
+    spec: ExperimentSpec, backbone: Backbone, classnames: Sequence[str], device: torch.device
+) -> TextTower:
+    """The frozen text tower over `classnames` at the spec's context length and precision."""
+    return TextTower.build(
+        backbone.model,
+        backbone.tokenizer,
+        classnames,
+        n_ctx=spec.n_ctx,
+        precision=resolve_precision(spec.precision, device),
+    )
+
+
 def _transfer(spec, name, backbone, with_tokens, device, log) -> Transfer:
     """Load a cross-dataset target: its test split's features and a tower over its classes."""
     splits = load_source(
         dataset_card(name), root=spec.data_root, options={}, cache_dir=spec.cache_dir
     )
     test = _features(spec, backbone, splits, "test", with_tokens, device, log)
-    tower = TextTower.build(
-        backbone.model,
-        backbone.tokenizer,
-        splits.classnames,
-        n_ctx=spec.n_ctx,
-        precision=resolve_precision(spec.precision, device),
-    )
+    tower = _text_tower(spec, backbone, splits.classnames, device)
     return Transfer(dataset=name, tower=tower, test=test)
 
 
@@ -662,7 +663,7 @@ def _run_cells(
             log(f"{_cell_label(cells[index])}: finished in an earlier job; skipped (--resume)")
             rows[index] = done
             if progress:  # the bar's total counts every run of the job
-                rounds = spec.rounds if LEARNERS.get(choice.learner).trains else 0
+                rounds = _rounds_of(spec, choice)
                 progress.start_run(index + 1, len(cells), _cell_label(cells[index]), rounds)
                 progress.advance(rounds)
     frozen = [row for row in rows if row is not None]
@@ -684,9 +685,7 @@ def _run_cells(
     tracker = Tracker(out)  # creates or migrates the tracking store before any worker opens it
     if workers > 1:
         log(f"{len(pending)} runs on {workers} worker processes")
-        rounds_of = {
-            i: spec.rounds if LEARNERS.get(cells[i][2].learner).trains else 0 for i in pending
-        }
+        rounds_of = {i: _rounds_of(spec, cells[i][2]) for i in pending}
         done_rounds = dict.fromkeys(pending, 0)
         if progress:  # one bar segment for all parallel runs, moved by every worker's rounds
             label = f"{len(pending)} runs on {workers} workers"
@@ -717,6 +716,11 @@ def _run_cells(
     return [row for row in rows if row is not None]
 
 
+def _rounds_of(spec: ExperimentSpec, choice: MethodChoice) -> int:
+    """Rounds a run of `choice` trains (0 for a learner with nothing to train): its progress."""
+    return spec.rounds if LEARNERS.get(choice.learner).trains else 0
+
+
 def _cell_label(cell: tuple[int, float | None, MethodChoice]) -> str:
     seed, eps, choice = cell
     return f"{choice.label} eps={'none' if eps is None else eps} seed={seed}"
@@ -734,17 +738,14 @@ def _run_in_process(
     n_done: int,
 ) -> None:
     """The pending runs one after the other in this process."""
-    rounds = prep.spec.rounds
     feds: dict[int, Federation] = {}
     for k, index in enumerate(pending):
         seed, eps, choice = cells[index]
         if seed not in feds:
             feds = {seed: federation(prep, seed)}
-        trains = LEARNERS.get(choice.learner).trains
         if progress:
-            progress.start_run(
-                n_done + k + 1, len(cells), _cell_label(cells[index]), rounds if trains else 0
-            )
+            rounds = _rounds_of(prep.spec, choice)
+            progress.start_run(n_done + k + 1, len(cells), _cell_label(cells[index]), rounds)
         row = run_one(
             prep,
             feds[seed],

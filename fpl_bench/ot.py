@@ -170,7 +170,7 @@ def _iteration(
 
 
 def _solve_frozen(
-    log_kernel: Tensor, shift: Tensor, *, max_iter: int, check_every: int, **rule: float
+    log_kernel: Tensor, shift: Tensor, *, max_iter: int, **rule: float
 ) -> tuple[Tensor, Tensor]:
     """(g, g_prev) [..., N] after max_iter iterations of all problems, each frozen from its own
     stop: the same ops for every problem and no host sync, so it runs under vmap and grad."""
@@ -253,17 +253,13 @@ def sinkhorn(
         log_kernel = (col_min.unsqueeze(-1) - work.transpose(-1, -2)).mul_(_LOG2E / eps)
         log_kernel = log_kernel.contiguous()  # [..., N, M], M innermost (the sub kept C's layout)
         shift = col_min * (_LOG2E / eps)  # [..., N]  g = g~ + shift (base 2)
-        solve = _solve_compacting if early else _solve_frozen
-        g, g_prev = solve(
-            log_kernel,
-            shift,
-            max_iter=max_iter,
-            check_every=check_every,
-            log_a=log_a,
-            log_b=log_b,
-            log_thresh=log_thresh,
-            floor=floor,
-        )
+        rule = dict(log_a=log_a, log_b=log_b, log_thresh=log_thresh, floor=floor)
+        if early:
+            g, g_prev = _solve_compacting(
+                log_kernel, shift, max_iter=max_iter, check_every=check_every, **rule
+            )
+        else:
+            g, g_prev = _solve_frozen(log_kernel, shift, max_iter=max_iter, **rule)
         # f of the last accepted iteration, recomputed once instead of frozen every iteration
         f = _patch_potential(log_kernel, g_prev, log_a=log_a, floor=floor)
         log_plan = (f.unsqueeze(-1) + g.unsqueeze(-2)).add_(log_kernel.transpose(-1, -2))

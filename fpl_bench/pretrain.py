@@ -82,6 +82,7 @@ from fpl_bench.backbone import (
     load_backbone,
     quiet_random_init,
     register_model_configs,
+    visual_features,
 )
 from fpl_bench.data.synthetic import CLASSNAMES, DOMAINS, generate, load_synthetic
 from fpl_bench.io import write_atomic
@@ -168,23 +169,6 @@ def evaluate_checkpoint(
 
 
 # ----------------------------------------------------------------------------- pieces
-
-
-def visual_features(model: torch.nn.Module, x: Tensor) -> tuple[Tensor, Tensor]:
-    """Pooled [B, D] and projected patch tokens [B, P, D] of a ViT open_clip model, unnormalised.
-
-    The same path as `Backbone._forward_visual` (the feature cache): the tokens after `ln_post`
-    (open_clip's `output_tokens`), times `visual.proj`. Differentiable. Tested equal.
-    """
-    visual = model.visual
-    visual.output_tokens = True
-    try:
-        pooled, tokens = visual(x)
-    finally:
-        visual.output_tokens = False
-    if visual.proj is not None:
-        tokens = tokens @ visual.proj
-    return pooled, tokens
 
 
 def _training_classnames() -> tuple[tuple[str, ...], np.ndarray]:

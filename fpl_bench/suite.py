@@ -44,16 +44,15 @@ from __future__ import annotations
 import json
 import math
 import statistics
-import tomllib
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pandas as pd
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fpl_bench.catalog import MethodChoice, list_presets, resolve_method
+from fpl_bench.catalog import MethodChoice, list_presets, read_toml_model, resolve_method
 from fpl_bench.errors import UsageError
 from fpl_bench.report.records import KEY_COLUMNS, normalize_eps
 from fpl_bench.spec import ExperimentSpec, FieldError, build_spec
@@ -165,28 +164,12 @@ def load_suite(name_or_path: str | Path) -> Suite:
     """Read and validate a suite: schema, run fields, methods and their options, datasets,
     and every cell's ExperimentSpec. Any problem is one UsageError line naming the file."""
     path = suite_path(name_or_path)
-    try:
-        suite = Suite.model_validate(tomllib.loads(path.read_text()))
-    except OSError as err:
-        raise UsageError(f"cannot read suite {path}: {err.strerror}") from None
-    except tomllib.TOMLDecodeError as err:
-        raise UsageError(f"bad suite {path}: {_one_line(str(err))}") from None
-    except ValidationError as err:
-        first = err.errors()[0]
-        where = ".".join(str(p) for p in first["loc"]) or "suite"
-        message = first["msg"].removeprefix("Value error, ")
-        raise UsageError(f"bad suite {path}: {where}: {_one_line(message)}") from None
-    if suite.name != path.stem:
-        raise UsageError(f"bad suite {path}: name {suite.name!r} differs from the file stem")
+    suite = read_toml_model(path, Suite, what="suite")
     try:
         _check(suite)
     except UsageError as err:
         raise UsageError(f"bad suite {path}: {err}") from None
     return suite
-
-
-def _one_line(text: str) -> str:
-    return " ".join(text.split())
 
 
 def _check(suite: Suite) -> None:

@@ -146,6 +146,13 @@ def patch_zero_shot_accuracy(
     return float(np.mean(predicted == np.asarray(labels)))
 
 
+def _measure(out: str | Path, eval_per_class: int, log: LogFn) -> dict[str, Any]:
+    """`evaluate_checkpoint` of the written file, or nothing when `eval_per_class` is 0."""
+    if not eval_per_class:
+        return {}
+    return evaluate_checkpoint(Path(out), n_per_class=eval_per_class, log=log)
+
+
 def evaluate_checkpoint(
     checkpoint: Path, *, n_per_class: int = 32, log: LogFn = print
 ) -> dict[str, dict[str, float]]:
@@ -485,11 +492,7 @@ def pretrain_tiny(
             log=log,
         )
         _save_fp16(model, out)
-    measured = (
-        evaluate_checkpoint(Path(out), n_per_class=eval_per_class, log=log)
-        if eval_per_class
-        else {}
-    )
+    measured = _measure(out, eval_per_class, log)
     steps = phase1["steps"] + phase2["steps"]
     return {
         **measured,
@@ -544,9 +547,5 @@ def finetune_patches(
             log=log,
         )
         _save_fp16(model, out)
-    measured = (
-        evaluate_checkpoint(Path(out), n_per_class=eval_per_class, log=log)
-        if eval_per_class
-        else {}
-    )
+    measured = _measure(out, eval_per_class, log)
     return {**measured, **trained, "seconds": time.perf_counter() - started, "out": str(out)}

@@ -52,7 +52,7 @@ from fpl_bench.features import image_features
 from fpl_bench.learners import LEARNERS
 from fpl_bench.method import Method, build_method
 from fpl_bench.parallel import job_workers, run_parallel, threads_per_worker
-from fpl_bench.privacy.accountant import PrivacyLedger
+from fpl_bench.privacy.accountant import PrivacyLedger, use_calibration_cache
 from fpl_bench.privacy.planning import check_delta, plan_for_clients, steps_per_round
 from fpl_bench.prompt import TextTower
 from fpl_bench.protocols import Protocol, domain_protocol, make_protocol
@@ -64,6 +64,7 @@ from fpl_bench.report.records import (
     upsert_results,
     write_results,
 )
+from fpl_bench.schemes import SCHEMES
 from fpl_bench.spec import ExperimentSpec
 
 
@@ -141,6 +142,7 @@ def build_methods(spec: ExperimentSpec) -> list[Method]:
 
 def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepared:
     device = resolve_device(spec.device)
+    use_calibration_cache(Path(spec.cache_dir) / "noise")
     with_tokens = any(LEARNERS.get(m.learner).needs_tokens for m in spec.methods)
     card = dataset_card(spec.dataset)
     backbone = load_backbone(
@@ -705,7 +707,7 @@ def _run_cells(
         run_parallel(
             spec.model_copy(update={"threads": threads}),
             cells,
-            pending,
+            longest_first(prep, cells, pending),
             workers=workers,
             on_row=record_parallel,
             on_round=on_round,
@@ -779,22 +781,45 @@ def prepared_bytes(prep: Prepared) -> float:
     return total
 
 
+def cell_training_flops(prep: Prepared, cell: tuple[int, float | None, MethodChoice]) -> float:
+    """FLOPs of one run's training: client steps x tower FLOPs per step (B passes per private
+    step, about 2 otherwise) x prompt components through the tower (FedOTP's global and local
+    prompt, FedPGP's full and sigma prompt: 2)."""
+    spec = prep.spec
+    seed, eps, choice = cell
+    if not LEARNERS.get(choice.learner).trains:
+        return 0.0
+    protocol, split = prep.partitions[seed]
+    client_steps = sum(
+        steps_per_round(len(idx), batch_size=spec.batch_size, local_epochs=spec.local_epochs)
+        for idx in split.train
+    )
+    scheme = SCHEMES.get(choice.scheme)
+    per_step = prep.tower.pass_flops(len(protocol.seen_classes))
+    per_step *= spec.batch_size if eps is not None else 2
+    per_step *= scheme.n_prompts + scheme.n_extra_prompts
+    return spec.rounds * spec.client_fraction * client_steps * per_step
+
+
 def job_training_flops(
     prep: Prepared, cells: list[tuple[int, float | None, MethodChoice]]
 ) -> float:
-    """FLOPs of the training in `cells`: client steps x tower FLOPs per step (B passes per
-    private step, about 2 otherwise); what decides whether workers pay (fpl_bench/parallel.py)."""
-    spec = prep.spec
-    total = 0.0
-    for seed, eps, choice in cells:
-        if not LEARNERS.get(choice.learner).trains:
-            continue
-        protocol, split = prep.partitions[seed]
-        client_steps = sum(
-            steps_per_round(len(idx), batch_size=spec.batch_size, local_epochs=spec.local_epochs)
-            for idx in split.train
-        )
-        per_step = prep.tower.pass_flops(len(protocol.seen_classes))
-        per_step *= spec.batch_size if eps is not None else 2
-        total += spec.rounds * spec.client_fraction * client_steps * per_step
-    return total
+    """FLOPs of the training in `cells` (`cell_training_flops`); what decides whether workers
+    pay (fpl_bench/parallel.py)."""
+    return sum(cell_training_flops(prep, cell) for cell in cells)
+
+
+def longest_first(
+    prep: Prepared, cells: list[tuple[int, float | None, MethodChoice]], pending: list[int]
+) -> list[int]:
+    """`pending` in the order worker processes should take them: most training FLOPs first,
+    and among equals a learner that scores patch tokens (FedOTP: a Sinkhorn problem per image,
+    class and step on top of the tower) first; so the longest run does not start last and
+    leave one worker running alone at the end."""
+    return sorted(
+        pending,
+        key=lambda i: (
+            -cell_training_flops(prep, cells[i]),
+            not LEARNERS.get(cells[i][2].learner).needs_tokens,
+        ),
+    )

@@ -38,9 +38,14 @@ orders on one CPU core), and the answer is the same value either way.
 from __future__ import annotations
 
 import functools
+import hashlib
+import json
 import math
+import os
 import warnings
 from dataclasses import asdict, dataclass, fields
+from importlib.metadata import version
+from pathlib import Path
 from typing import Any
 
 from opacus.accountants import RDPAccountant, create_accountant
@@ -58,6 +63,7 @@ __all__ = [
     "epsilon_spent",
     "paper_noise",
     "plan_privacy",
+    "use_calibration_cache",
 ]
 
 ACCOUNTANTS: tuple[str, ...] = ("rdp", "prv")
@@ -135,6 +141,60 @@ def epsilon_spent(
         return float(acc.get_epsilon(delta=delta, **_accountant_kwargs(accountant)))
 
 
+_CACHE_DIR: list[Path] = []  # where calibrated sigmas are kept on disk (use_calibration_cache)
+
+
+def use_calibration_cache(directory: Path | None) -> None:
+    """Keep every calibrated sigma in `directory` (one small JSON file per setting) so that
+    worker processes and later jobs skip the search (Opacus' RDP series at a large sampling rate
+    takes ~20 s per setting on a laptop core); None turns the disk cache off. A stored sigma is
+    used only if its file names exactly this setting and the accountant confirms that it meets
+    the target; anything else (a corrupt, stale or edited file) is searched again."""
+    _CACHE_DIR[:] = [] if directory is None else [Path(directory)]
+
+
+def _cache_key(**setting: Any) -> dict[str, Any]:
+    return {
+        "format": 1,
+        "opacus": version("opacus"),
+        "orders": list(RDP_ORDERS),
+        "bump": _BUMP,
+        **setting,
+    }
+
+
+def _cache_file(key: dict[str, Any]) -> Path:
+    digest = hashlib.sha256(json.dumps(key, sort_keys=True).encode()).hexdigest()[:24]
+    return _CACHE_DIR[0] / f"sigma-{digest}.json"
+
+
+def _cached_sigma(key: dict[str, Any]) -> float | None:
+    """The stored sigma for `key` if a file for exactly this key holds a positive number."""
+    if not _CACHE_DIR:
+        return None
+    try:
+        data = json.loads(_cache_file(key).read_text())
+        sigma = float(data["sigma"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if data.get("key") != key or not (sigma > 0 and math.isfinite(sigma)):
+        return None
+    return sigma
+
+
+def _store_sigma(key: dict[str, Any], sigma: float) -> None:
+    if not _CACHE_DIR:
+        return
+    path = _cache_file(key)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps({"key": key, "sigma": sigma}, sort_keys=True))
+        os.replace(tmp, path)  # atomic: concurrent workers write the same value
+    except OSError:
+        pass  # a read-only cache only costs the search next time
+
+
 @functools.lru_cache(maxsize=1024)
 def calibrate_noise(
     *,
@@ -157,11 +217,53 @@ def calibrate_noise(
     above sigma = 1e6), then bisects and returns the upper bracket. The result is checked with
     `epsilon_spent` and raised by 0.1% steps until it provably meets the target.
     UsageError when no sigma in the search range meets it (budget too small for the settings).
+    With `use_calibration_cache` the result is also kept on disk and read back (checked).
     """
     _check_accountant(accountant)
     _check_common(eps=target_epsilon, delta=target_delta, sample_rate=sample_rate, steps=steps)
     if not epsilon_tolerance > 0:
         raise ValueError(f"epsilon_tolerance must be > 0, got {epsilon_tolerance}")
+    key = _cache_key(
+        target_epsilon=float(target_epsilon),
+        target_delta=float(target_delta),
+        sample_rate=float(sample_rate),
+        steps=int(steps),
+        accountant=accountant,
+        epsilon_tolerance=float(epsilon_tolerance),
+    )
+    stored = _cached_sigma(key)
+    if stored is not None:
+        spent = epsilon_spent(
+            noise_multiplier=stored,
+            sample_rate=sample_rate,
+            steps=steps,
+            delta=target_delta,
+            accountant=accountant,
+        )
+        if spent <= target_epsilon:
+            return stored
+    sigma = _search_sigma(
+        target_epsilon=target_epsilon,
+        target_delta=target_delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant=accountant,
+        epsilon_tolerance=epsilon_tolerance,
+    )
+    _store_sigma(key, sigma)
+    return sigma
+
+
+def _search_sigma(
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+    epsilon_tolerance: float,
+) -> float:
+    """`calibrate_noise`'s search (its docstring), without the caches."""
     setting = (
         f"eps={target_epsilon}, delta={target_delta}, sample rate {sample_rate:.4g}, "
         f"{steps} noisy steps, accountant {accountant}"

@@ -184,3 +184,44 @@ def test_calibration_is_memoised_and_gives_the_same_sigma(monkeypatch: pytest.Mo
     assert len(calls) == 1  # served from the cache
     assert calibrate_noise(**{**kw, "steps": 24}) > first  # a new key searches again
     assert len(calls) == 2
+
+
+def test_calibration_disk_cache_reuses_checked_sigmas(
+    monkeypatch: pytest.MonkeyPatch, tmp_path
+) -> None:
+    """Worker processes and later jobs read a stored sigma instead of searching; a stored value
+    that does not meet the target (an edited file) or a corrupt file is searched again."""
+    import json
+
+    import fpl_bench.privacy.accountant as acc
+
+    kw = dict(target_epsilon=0.6, target_delta=1e-5, sample_rate=0.41, steps=19)
+    real = acc.get_noise_multiplier
+    calls: list[dict] = []
+
+    def counted(**k: object) -> float:
+        calls.append(k)
+        return real(**k)
+
+    monkeypatch.setattr(acc, "get_noise_multiplier", counted)
+    acc.use_calibration_cache(tmp_path)
+    try:
+        first = calibrate_noise(**kw)
+        (stored,) = tmp_path.glob("sigma-*.json")
+        assert json.loads(stored.read_text())["sigma"] == first
+        calibrate_noise.cache_clear()  # a new process: only the disk remembers
+        assert calibrate_noise(**kw) == first
+        assert len(calls) == 1
+        data = json.loads(stored.read_text())
+        stored.write_text(json.dumps({**data, "sigma": first / 2}))  # too little noise
+        calibrate_noise.cache_clear()
+        assert calibrate_noise(**kw) == first
+        assert len(calls) == 2  # refused, searched again, and stored again
+        assert json.loads(stored.read_text())["sigma"] == first
+        stored.write_text("{not json")
+        calibrate_noise.cache_clear()
+        assert calibrate_noise(**kw) == first
+        assert len(calls) == 3
+    finally:
+        acc.use_calibration_cache(None)
+        calibrate_noise.cache_clear()

@@ -123,3 +123,30 @@ def test_the_progress_bar_moves_with_every_workers_rounds(tmp_path):
     assert progress.advances == sorted(progress.advances)  # never backwards
     assert progress.advances[-1] == 6
     assert len(progress.advances) >= 6  # per round, not only per finished run
+
+
+def test_worker_queue_takes_the_longest_runs_first(tmp_path):
+    """Two-prompt methods cost twice a one-prompt method per step; FedOTP (patch tokens, a
+    Sinkhorn problem per image and class) goes before FedPGP; zero-shot (no training) last."""
+    from fpl_bench.catalog import resolve_method
+    from fpl_bench.experiment import cell_training_flops, longest_first, prepare
+    from fpl_bench.spec import build_spec
+
+    names = ["zeroshot", "coop", "fedpgp", "dpfpl", "fedotp"]
+    spec = build_spec(
+        methods=tuple(resolve_method(n) for n in names),
+        eps=(0.5,),
+        rounds=2,
+        clients=3,
+        shots=2,
+        dataset_options={"n_train_per_class": 4, "n_test_per_class": 2, "n_val_per_class": 2},
+        out=tmp_path / "out",
+        cache_dir=tmp_path / "cache",
+    )
+    prep = prepare(spec, log=lambda _: None)
+    cells = [(0, 0.5, choice) for choice in spec.methods]
+    flops = {c[2].label: cell_training_flops(prep, c) for c in cells}
+    assert flops["zeroshot"] == 0
+    assert flops["fedpgp"] == flops["fedotp"] == 2 * flops["coop"] == 2 * flops["dpfpl"] > 0
+    order = [cells[i][2].label for i in longest_first(prep, cells, list(range(len(cells))))]
+    assert order == ["fedotp", "fedpgp", "coop", "dpfpl", "zeroshot"]

@@ -11,6 +11,7 @@ A scheme owns a client's stored prompt parameters. Class variables declare:
                 (DP-FPL). Under DP with the `server` trust model every scheme syncs per step
                 (fpl_bench/privacy/placement.py decides; the scheme does not).
     n_prompts   how many prompt components `prompts` returns (the learner must accept them)
+    n_extra_prompts  how many `extra_prompts` returns (they go through the tower too)
     resets_shared_momentum  clear a client's momentum on `shared` when a round starts
 
 One round, in call order (the driver does it; a scheme never calls backward, clips, draws noise,
@@ -49,6 +50,7 @@ class Scheme:
     shared: ClassVar[tuple[str, ...]] = ()
     sync: ClassVar[Literal["round", "step"]] = "round"
     n_prompts: ClassVar[int] = 1
+    n_extra_prompts: ClassVar[int] = 0
     resets_shared_momentum: ClassVar[bool] = True
 
     def init_params(self, init: InitContext, learner: PromptLearner) -> Params:

@@ -58,6 +58,7 @@ class SigmaUV(Scheme):
     temperature: float
 
     shared: ClassVar[tuple[str, ...]] = ("sigma",)
+    n_extra_prompts: ClassVar[int] = 1  # sigma alone, for the contrastive prior
 
     def check(self, init: InitContext) -> None:
         check_rank(self.rank, init, "rank")

@@ -17,6 +17,8 @@ restores one piece of the reference implementations' compute pattern (DESIGN.md,
     batch_clients    off: the step's clients one after another (`--sequential-clients`)
     bf16             off: fp32 even where bf16 is native (`--fp32`; on a CPU without AMX the
                      fast config is fp32 too, so this switch changes nothing there)
+    hand_backward    off: the text tower's backward by autograd, vmapped over the samples
+                     (`--autograd-backward`), instead of fpl_bench/tower_vjp.py
 
 `compare_reference` measures the fast config, each switch off alone (its own contribution:
 time with it off / time with everything on) and all switches off (the reference pattern), and
@@ -59,6 +61,7 @@ SWITCH_FLAGS = {
     "vmap_per_sample": "--per-sample-loop",
     "batch_clients": "--sequential-clients",
     "bf16": "--fp32",
+    "hand_backward": "--autograd-backward",
 }
 
 
@@ -72,6 +75,7 @@ class Config:
     vmap_per_sample: bool = True
     batch_clients: bool = True
     bf16: bool = True
+    hand_backward: bool = True
 
     @property
     def label(self) -> str:
@@ -252,7 +256,7 @@ def build_run(
         truncate=config.eot_truncation,
         share_prefix=config.shared_prefix,
         precision=fast_precision(device) if config.bf16 else "fp32",
-    )
+    ).with_options(hand_backward=config.hand_backward)
     n_tokens = backbone.n_patches if method.needs_tokens else 0
     fed = synthetic_federation(
         total_clients, sizes=sizes, dim=backbone.embed_dim, n_tokens=n_tokens, device=device

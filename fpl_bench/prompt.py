@@ -52,6 +52,11 @@ PLACEHOLDER = "X"
 Precision = Literal["fp32", "bf16"]
 
 
+def wide(x: Tensor) -> Tensor:
+    """x in float32 or wider: bf16/fp16 become fp32, fp32 and fp64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def _text_module(model: nn.Module) -> nn.Module:
     """The module that owns the text tower: `CLIP` itself or `CustomTextCLIP.text`."""
     text = getattr(model, "text", None)
@@ -86,6 +91,7 @@ class TextTower:
     share_prefix: bool = False  # run SOS + context once per prompt (needs `fast_blocks`)
     fast_blocks: bool = False  # every block is a standard open_clip block under a causal mask
     precision: Precision = "fp32"
+    hand_backward: bool = False  # shared-prefix path through tower_vjp (needs share_prefix)
 
     @property
     def width(self) -> int:
@@ -172,18 +178,28 @@ class TextTower:
             share_prefix=share_prefix and fast,
             fast_blocks=fast,
             precision=precision,
+            hand_backward=fast and hand_backward_supported(text.transformer),
         )
 
     def with_options(
-        self, *, share_prefix: bool | None = None, precision: Precision | None = None
+        self,
+        *,
+        share_prefix: bool | None = None,
+        precision: Precision | None = None,
+        hand_backward: bool | None = None,
     ) -> TextTower:
-        """The same tower with other compute options (tensors are shared, not copied)."""
+        """The same tower with other compute options (tensors are shared, not copied).
+        hand_backward=True is honoured only where the tower supports it."""
+        supported = self.fast_blocks and hand_backward_supported(self.transformer)
         return replace(
             self,
             share_prefix=self.share_prefix
             if share_prefix is None
             else share_prefix and self.fast_blocks,
             precision=self.precision if precision is None else precision,
+            hand_backward=self.hand_backward
+            if hand_backward is None
+            else hand_backward and supported,
         )
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
@@ -217,9 +233,13 @@ class TextTower:
         if class_idx is not None:
             prefix, suffix, eot = prefix[class_idx], suffix[class_idx], eot[class_idx]
         with self.autocast(ctx.device):
+            if self.share_prefix and self.hand_backward and torch.is_grad_enabled():
+                from fpl_bench import tower_vjp
+
+                return tower_vjp.encode(self, ctx, suffix, eot)  # normalised, [*lead, n, D]
             if self.share_prefix:
                 features = self._run_shared(ctx, suffix, eot)  # [*lead, n, D]
-                return F.normalize(features.float(), dim=-1)
+                return F.normalize(wide(features), dim=-1)
             n = prefix.shape[0]
             lead = ctx.shape[:-2]
             ctx = ctx.unsqueeze(-3).expand(*lead, n, *ctx.shape[-2:])
@@ -229,11 +249,14 @@ class TextTower:
             )
             flat = x.reshape(-1, *x.shape[-2:])
             features = self._run(flat, eot.repeat(flat.shape[0] // n))
-        return F.normalize(features.float(), dim=-1).reshape(*lead, n, -1)
+        return F.normalize(wide(features), dim=-1).reshape(*lead, n, -1)
 
-    def _run_shared(self, ctx: Tensor, suffix: Tensor, eot: Tensor) -> Tensor:
+    def _run_shared(
+        self, ctx: Tensor, suffix: Tensor, eot: Tensor, saved: list[Tensor] | None = None
+    ) -> Tensor:
         """Projected EOT features [*lead, n, D] of ctx [*lead, n_ctx, W] by the shared-prefix
-        path (module docstring); suffix [n, S_suffix, W] and eot [n] of the scored classes."""
+        path (module docstring); suffix [n, S_suffix, W] and eot [n] of the scored classes.
+        `saved` receives what tower_vjp's backward reads (values are the same without it)."""
         n_pre = 1 + self.n_ctx
         seq = n_pre + suffix.shape[-2]
         lead = ctx.shape[:-2]
@@ -247,9 +270,9 @@ class TextTower:
         x = x + torch.cat([pos[:n_pre], x.new_zeros(own.shape)])
         blocks = list(self.transformer.resblocks)
         for block in blocks[:-1]:
-            x = shared_prefix_block(block, x, n_pre=n_pre, n_cls=n_cls)
-        rows = last_block_eot(blocks[-1], x, n_pre=n_pre, eot=eot - n_pre)  # [*lead, n, W]
-        return self._project(self.ln_final(rows))
+            x = shared_prefix_block(block, x, n_pre=n_pre, n_cls=n_cls, saved=saved)
+        rows = last_block_eot(blocks[-1], x, n_pre=n_pre, eot=eot - n_pre, saved=saved)
+        return self._project(_norm(self.ln_final, rows, saved))  # [*lead, n, D]
 
     def _project(self, x: Tensor) -> Tensor:
         if isinstance(self.projection, nn.Module):
@@ -265,7 +288,7 @@ class TextTower:
         seq = int(eot.max()) + 1
         with torch.no_grad(), self.autocast(self.positional.device):
             x = self.token_embedding(tokens[:, :seq])
-            return F.normalize(self._run(x, eot).float(), dim=-1)
+            return F.normalize(wide(self._run(x, eot)), dim=-1)
 
     def embed_phrase(self, phrase: str) -> Tensor:
         """Token embeddings [n_words, W] of a phrase (CoOp's ctx_init), without SOS/EOT."""
@@ -281,6 +304,13 @@ class TextTower:
 def causal_mask(size: int, device: torch.device | None = None) -> Tensor:
     """open_clip's additive causal mask [size, size]: -inf above the diagonal, 0 elsewhere."""
     return torch.full((size, size), float("-inf"), device=device).triu_(1)
+
+
+def hand_backward_supported(transformer: nn.Module) -> bool:
+    """Whether tower_vjp's hand-written backward covers every block (see `tower_vjp.supported`)."""
+    from fpl_bench import tower_vjp
+
+    return tower_vjp.supported(transformer)
 
 
 def supports_fast_blocks(transformer: nn.Module) -> bool:
@@ -308,6 +338,14 @@ def supports_fast_blocks(transformer: nn.Module) -> bool:
     return True
 
 
+def gelu_parts(x: Tensor) -> tuple[Tensor, Tensor]:
+    """(F.gelu(x) exact, its derivative Phi(x) + x phi(x)), both in x's dtype, computed in fp32."""
+    xf = x.detach().float()
+    cdf = torch.erf(xf * math.sqrt(0.5)).add_(1.0).mul_(0.5)  # Phi(x)
+    slope = torch.exp(xf.square().mul_(-0.5)).mul_(xf).mul_(1.0 / math.sqrt(2.0 * math.pi))
+    return (xf * cdf).to(x.dtype), slope.add_(cdf).to(x.dtype)
+
+
 def exact_gelu(x: Tensor) -> Tensor:
     """F.gelu(x) (exact, erf form), with its derivative Phi(x) + x phi(x) computed in the
     forward so that the backward is one multiply by it (cheap to repeat per sample under vmap,
@@ -317,11 +355,27 @@ def exact_gelu(x: Tensor) -> Tensor:
     adds an exact zero to the value and has gradient slope, the exact derivative (plain ops, so
     vmap and vjp add no autograd.Function overhead).
     """
-    xf = x.detach().float()
-    cdf = torch.erf(xf * math.sqrt(0.5)).add_(1.0).mul_(0.5)  # Phi(x)
-    slope = torch.exp(xf.square().mul_(-0.5)).mul_(xf).mul_(1.0 / math.sqrt(2.0 * math.pi))
-    value = (xf * cdf).to(x.dtype)
-    return value + (x - x.detach()) * slope.add_(cdf).to(x.dtype)
+    value, slope = gelu_parts(x)
+    return value + (x - x.detach()) * slope
+
+
+def activation_slope(module: nn.Module, x: Tensor) -> Tensor | None:
+    """The derivative of an MLP activation at x for the towers' activations (exact and tanh
+    GELU, open_clip's QuickGELU x sigmoid(1.702 x)); None for any other module."""
+    from open_clip.transformer import QuickGELU
+
+    xf = wide(x.detach())
+    if isinstance(module, nn.GELU) and module.approximate == "none":
+        return gelu_parts(x)[1]
+    if isinstance(module, nn.GELU) and module.approximate == "tanh":
+        c = math.sqrt(2.0 / math.pi)
+        t = torch.tanh(c * (xf + 0.044715 * xf**3))
+        slope = 0.5 * (1 + t) + 0.5 * xf * (1 - t * t) * c * (1 + 3 * 0.044715 * xf * xf)
+        return slope.to(x.dtype)
+    if type(module) is QuickGELU:
+        s = torch.sigmoid(1.702 * xf)
+        return (s + 1.702 * xf * s * (1 - s)).to(x.dtype)
+    return None
 
 
 def _activation(module: nn.Module, x: Tensor) -> Tensor:
@@ -330,10 +384,25 @@ def _activation(module: nn.Module, x: Tensor) -> Tensor:
     return module(x)
 
 
-def _mlp(block: nn.Module, x: Tensor) -> Tensor:
+def _mlp(block: nn.Module, x: Tensor, saved: list[Tensor] | None = None) -> Tensor:
     mlp = block.mlp
-    hidden = _activation(mlp.gelu, F.linear(x, mlp.c_fc.weight, mlp.c_fc.bias))
+    pre = F.linear(x, mlp.c_fc.weight, mlp.c_fc.bias)
+    if saved is not None:
+        slope = activation_slope(mlp.gelu, pre)
+        assert slope is not None  # hand_backward_supported checked the activation
+        saved.append(slope)
+    hidden = _activation(mlp.gelu, pre)
     return F.linear(hidden, mlp.c_proj.weight, mlp.c_proj.bias)
+
+
+def _norm(ln: nn.Module, x: Tensor, saved: list[Tensor] | None) -> Tensor:
+    """ln(x); with `saved`, also keeps (x_hat, 1 / std) in fp32 for the hand-written backward."""
+    if saved is not None:
+        xf = wide(x.detach())
+        var, mean = torch.var_mean(xf, dim=-1, keepdim=True, correction=0)
+        rstd = torch.rsqrt(var + ln.eps)
+        saved += [(xf - mean) * rstd, rstd]
+    return ln(x)
 
 
 # Below this many positions per class the attention among a class's own positions is computed
@@ -367,7 +436,13 @@ def _pair_mix(p: Tensor, v: Tensor) -> Tensor:
 
 
 def _class_attention(
-    q: Tensor, k_pre: Tensor, v_pre: Tensor, k_suf: Tensor, v_suf: Tensor, mask: Tensor
+    q: Tensor,
+    k_pre: Tensor,
+    v_pre: Tensor,
+    k_suf: Tensor,
+    v_suf: Tensor,
+    mask: Tensor,
+    saved: list[Tensor] | None = None,
 ) -> Tensor:
     """Class-specific queries over the shared prefix keys (all visible) and their own class's
     keys (additive `mask`).
@@ -380,22 +455,28 @@ def _class_attention(
     to_suf = _pair_scores(q, k_suf) + mask  # [..., H, n, Q, S]
     probs = torch.softmax(torch.cat([to_pre, to_suf], dim=-1), dim=-1)
     p_pre, p_suf = probs.split([k_pre.shape[-2], k_suf.shape[-2]], dim=-1)
+    if saved is not None:
+        saved += [p_pre, p_suf]
     from_pre = (p_pre.flatten(-3, -2) @ v_pre).unflatten(-2, (n, rows))
     return from_pre + _pair_mix(p_suf, v_suf)
 
 
-def shared_prefix_block(block: nn.Module, x: Tensor, *, n_pre: int, n_cls: int) -> Tensor:
+def shared_prefix_block(
+    block: nn.Module, x: Tensor, *, n_pre: int, n_cls: int, saved: list[Tensor] | None = None
+) -> Tensor:
     """One open_clip ResidualAttentionBlock on rows x [..., P + n S, W]: the P prefix rows shared
     by every class, then each class's S own rows (positions P .. P + S - 1), class-major.
 
     Equal to the block on the full sequences [..., n, P + S, W] under the causal mask: prefix
     rows attend causally among themselves; a class's rows attend to every prefix row and
     causally to that class's own rows. Layer norms, projections and MLP run on all rows at once.
+    `saved`: a list that receives what `tower_vjp.block_backward` reads (the values returned
+    are the same with or without it).
     """
     attn, heads = block.attn, block.attn.num_heads
     width = x.shape[-1]
     n_suf = (x.shape[-2] - n_pre) // n_cls
-    qkv = _heads(_in_proj(attn, block.ln_1(x), slice(None)), 3 * heads)  # [..., 3H, R, hd]
+    qkv = _heads(_in_proj(attn, _norm(block.ln_1, x, saved), slice(None)), 3 * heads)
     q, k, v = qkv.chunk(3, dim=-3)  # [..., H, R, hd]
     q = q * (width // heads) ** -0.5
     (q_pre, q_suf), (k_pre, k_suf), (v_pre, v_suf) = (
@@ -403,7 +484,10 @@ def shared_prefix_block(block: nn.Module, x: Tensor, *, n_pre: int, n_cls: int) 
     )  # split, not two slices: its backward is one concatenation, not two zero-filled copies
     mask_pre = causal_mask(n_pre, x.device).to(q.dtype)
     scores = q_pre @ k_pre.transpose(-1, -2) + mask_pre
-    out_pre = torch.softmax(scores, dim=-1) @ v_pre  # [..., H, P, hd]
+    probs_pre = torch.softmax(scores, dim=-1)
+    if saved is not None:
+        saved += [q, k, v, probs_pre]
+    out_pre = probs_pre @ v_pre  # [..., H, P, hd]
     out_suf = _class_attention(
         q_suf.unflatten(-2, (n_cls, n_suf)),
         k_pre,
@@ -411,24 +495,27 @@ def shared_prefix_block(block: nn.Module, x: Tensor, *, n_pre: int, n_cls: int) 
         k_suf.unflatten(-2, (n_cls, n_suf)),
         v_suf.unflatten(-2, (n_cls, n_suf)),
         causal_mask(n_suf, x.device).to(q.dtype),
+        saved,
     ).flatten(-3, -2)  # [..., H, n S, hd]
     out = torch.cat([out_pre, out_suf], dim=-2).transpose(-3, -2).flatten(-2)  # [..., R, W]
     x = x + block.ls_1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
-    return x + block.ls_2(_mlp(block, block.ln_2(x)))
+    return x + block.ls_2(_mlp(block, _norm(block.ln_2, x, saved), saved))
 
 
-def last_block_eot(block: nn.Module, x: Tensor, *, n_pre: int, eot: Tensor) -> Tensor:
+def last_block_eot(
+    block: nn.Module, x: Tensor, *, n_pre: int, eot: Tensor, saved: list[Tensor] | None = None
+) -> Tensor:
     """The last block's output at each class's EOT row only: [..., n, W].
 
     x [..., P + n S, W] as in `shared_prefix_block`; eot [n] EOT positions within the classes'
     own rows. Every row gives keys and values; queries, attention output and MLP run for the n
-    EOT rows only.
+    EOT rows only. `saved` as in `shared_prefix_block`.
     """
     attn, heads = block.attn, block.attn.num_heads
     width = x.shape[-1]
     n_cls = eot.shape[0]
     n_suf = (x.shape[-2] - n_pre) // n_cls
-    h = block.ln_1(x)
+    h = _norm(block.ln_1, x, saved)
     k, v = _heads(_in_proj(attn, h, slice(width, None)), 2 * heads).chunk(2, dim=-3)
     eot_rows = n_pre + torch.arange(n_cls, device=x.device) * n_suf + eot  # [n]
     q = _in_proj(attn, h[..., eot_rows, :], slice(0, width)) * (width // heads) ** -0.5
@@ -436,6 +523,8 @@ def last_block_eot(block: nn.Module, x: Tensor, *, n_pre: int, eot: Tensor) -> T
     visible = torch.arange(n_suf, device=x.device) <= eot.unsqueeze(-1)  # [n, S]
     mask = torch.zeros(visible.shape, dtype=q.dtype, device=x.device)
     mask = mask.masked_fill_(~visible, float("-inf")).unsqueeze(-2)  # [n, 1, S]
+    if saved is not None:
+        saved += [q, k, v]
     (k_pre, k_suf), (v_pre, v_suf) = (t.split([n_pre, n_cls * n_suf], dim=-2) for t in (k, v))
     out = _class_attention(
         q,
@@ -444,7 +533,8 @@ def last_block_eot(block: nn.Module, x: Tensor, *, n_pre: int, eot: Tensor) -> T
         k_suf.unflatten(-2, (n_cls, n_suf)),
         v_suf.unflatten(-2, (n_cls, n_suf)),
         mask,
+        saved,
     )  # [..., H, n, 1, hd]
     out = out.squeeze(-2).transpose(-3, -2).flatten(-2)  # [..., n, W]
     y = x[..., eot_rows, :] + block.ls_1(F.linear(out, attn.out_proj.weight, attn.out_proj.bias))
-    return y + block.ls_2(_mlp(block, block.ln_2(y)))
+    return y + block.ls_2(_mlp(block, _norm(block.ln_2, y, saved), saved))

@@ -273,7 +273,12 @@ def test_bench_measures_and_compares(tmp_path):
         log=lambda _: None,
     )
     records = with_speedups(records)
-    assert {r.config for r in records} >= {"fast", "reference", "per-sample-loop"}
+    assert {r.config for r in records} >= {
+        "fast",
+        "reference",
+        "per-sample-loop",
+        "autograd-backward",
+    }
     assert all(r.seconds_per_round > 0 and r.peak_mem_bytes > 0 for r in records)
     assert all(r.speedup is not None for r in records)
     rows = contributions(records)

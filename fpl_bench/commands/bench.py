@@ -84,6 +84,13 @@ def bench_cmd(
         bool, typer.Option("--sequential-clients", help="A step's clients one at a time.")
     ] = False,
     fp32: Annotated[bool, typer.Option("--fp32", help="fp32 even where bf16 is native.")] = False,
+    autograd_backward: Annotated[
+        bool,
+        typer.Option(
+            "--autograd-backward",
+            help="The text tower's backward by autograd (vmapped per sample), not by hand.",
+        ),
+    ] = False,
     compare_reference: Annotated[
         bool,
         typer.Option(
@@ -122,6 +129,7 @@ def bench_cmd(
         per_sample_loop,
         sequential_clients,
         fp32,
+        autograd_backward,
     )
     if compare_reference and any(ablations):
         raise UsageError("--compare-reference measures every switch itself; drop the --no-* flags")
@@ -162,6 +170,7 @@ def bench_cmd(
                 vmap_per_sample=not per_sample_loop,
                 batch_clients=not sequential_clients,
                 bf16=not fp32,
+                hand_backward=not autograd_backward,
             )
         ]
     typer.echo(format_records([]).splitlines()[0])

@@ -1,0 +1,346 @@
+"""The shared-prefix text tower as one autograd node with a hand-written, sample-batched backward.
+
+A private step needs B per-sample gradients of the prompt, i.e. B backward passes of the frozen
+text tower from B cotangents on the class features, all at the same forward point
+(privacy/per_sample.py). Under `vmap` autograd replays the tower's ~100 small backward ops with
+a batch dimension, moving it around between ops; on a CPU most of that time went to copies and
+broadcast reductions, not to the matmuls. Here the tower's forward saves what its input-gradient
+backward needs (normalised layer-norm inputs, attention probabilities, the MLP activation's
+derivative) and the backward is written out, for cotangents with any number of leading batch
+dimensions: the B samples become leading rows of every matmul against the frozen weights.
+
+Per block (open_clip's ResidualAttentionBlock on the shared-prefix rows, prompt.py), with the
+weights frozen, only input gradients are formed:
+
+    y = x1 + ls2 MLP(LN2(x1)),  x1 = x + ls1 Attn(LN1(x))
+    dx1 = dy + LN2^T( W_fc^T (act'(a) * W_proj^T ls2 dy) )
+    dx  = dx1 + LN1^T( W_in^T [dq, dk, dv] ),   from dO = W_out^T ls1 dx1
+    LN^T(g) = rstd (g w - mean(g w) - x_hat mean(g w x_hat))
+    softmax: dS = P * (dP - sum_j dP_j P_j),  dq = dS k,  dk = dS^T q,  dv = P^T dO
+
+(q scaled by hd^-1/2 as in the forward.) The last block and the final layer norm run on the EOT
+rows only, as the forward does; the features' L2 normalisation is differentiated too.
+
+How it plugs into torch.func: `SharedPrefixEncode` is an autograd.Function whose backward calls
+`_Backward.apply`; both have a `vmap` rule that folds the vmapped dimension into the leading
+dimensions the code already handles (a stack of prompts, a stack of samples), so
+`vmap(vjp_fn)(cotangents)` runs the batched backward once rather than op by op. Values equal
+autograd's to float rounding (tests/test_tower_vjp.py, fp64). Used only when every block is
+supported (`supported`); `TextTower(hand_backward=False)` keeps autograd (for comparison).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from fpl_bench.prompt import wide
+
+__all__ = ["SharedPrefixEncode", "encode", "supported"]
+
+_PER_BLOCK = 11  # tensors a full block saves (prompt.shared_prefix_block)
+_PER_LAST = 10  # tensors the EOT-only last block saves (prompt.last_block_eot)
+
+
+def supported(transformer: nn.Module) -> bool:
+    """Whether the hand-written backward covers every block: layer scales that are identities
+    or open_clip's LayerScale, affine layer norms, and an MLP activation with a known derivative
+    (exact or tanh GELU, QuickGELU). The shared-prefix path itself needs `fast_blocks`."""
+    from open_clip.transformer import LayerScale, QuickGELU
+
+    for block in getattr(transformer, "resblocks", ()):
+        for ls in (block.ls_1, block.ls_2):
+            if not isinstance(ls, nn.Identity | LayerScale):
+                return False
+        for ln in (block.ln_1, block.ln_2):
+            if not isinstance(ln, nn.LayerNorm) or ln.weight is None or ln.bias is None:
+                return False
+        act = block.mlp.gelu
+        if not (isinstance(act, nn.GELU) or type(act) is QuickGELU):
+            return False
+    return True
+
+
+@dataclass(frozen=True, eq=False)
+class _Spec:
+    """What the backward needs besides saved tensors: the tower and the scored classes."""
+
+    tower: Any  # prompt.TextTower
+    suffix: Tensor  # [n, S, W]
+    eot: Tensor  # [n] EOT positions in the full sequence
+
+
+def encode(tower: Any, ctx: Tensor, suffix: Tensor, eot: Tensor) -> Tensor:
+    """L2-normalised EOT features [*lead, n, D] of ctx [*lead, n_ctx, W], as
+    `TextTower._run_shared` + normalisation, with the hand-written backward."""
+    return SharedPrefixEncode.apply(ctx, _Spec(tower, suffix, eot))[0]
+
+
+class SharedPrefixEncode(torch.autograd.Function):
+    """features = normalize(tower(ctx)); outputs (features, *saved) with the saved tensors
+    marked non-differentiable (a torch.func-compatible Function cannot keep them on ctx)."""
+
+    @staticmethod
+    def forward(ctx_vectors: Tensor, spec: _Spec) -> tuple[Tensor, ...]:
+        saved: list[Tensor] = []
+        feats = spec.tower._run_shared(ctx_vectors, spec.suffix, spec.eot, saved=saved)
+        flat = wide(feats)
+        norm = flat.norm(dim=-1, keepdim=True)
+        z = F.normalize(flat, dim=-1)
+        return (z, *saved, z.clone(), norm)
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
+        ctx.spec = inputs[1]
+        ctx.ctx_dtype = inputs[0].dtype
+        ctx.mark_non_differentiable(*output[1:])
+        ctx.save_for_backward(*output[1:])
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor | None, None]:
+        dctx = _Backward.apply(grad, ctx.spec, *ctx.saved_tensors)
+        return dctx.to(ctx.ctx_dtype), None
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], ctx_vectors: Tensor, spec: _Spec) -> Any:
+        outputs = SharedPrefixEncode.apply(_front(ctx_vectors, in_dims[0], info), spec)
+        return outputs, tuple(0 for _ in outputs)
+
+
+class _Backward(torch.autograd.Function):
+    """d features -> d ctx, for cotangents [*extra, *lead, n, D] against tensors saved for
+    [*lead]. Not differentiable itself (no double backward)."""
+
+    @staticmethod
+    def forward(grad: Tensor, spec: _Spec, *saved: Tensor) -> Tensor:
+        lead = saved[-1].shape[:-2]  # the norm [*lead, n, 1]
+        extra = grad.shape[: grad.dim() - len(lead) - 2]
+        flat = grad.reshape(-1, *grad.shape[len(extra) :])  # [E, *lead, n, D]
+        with spec.tower.autocast(grad.device):
+            dctx = tower_backward(spec, list(saved), flat)
+        return dctx.reshape(*extra, *dctx.shape[1:])
+
+    @staticmethod
+    def setup_context(ctx: Any, inputs: tuple[Any, ...], output: Tensor) -> None:
+        pass
+
+    @staticmethod
+    def backward(ctx: Any, *grads: Any) -> Any:
+        raise NotImplementedError("the hand-written tower backward is not differentiable")
+
+    @staticmethod
+    def vmap(info: Any, in_dims: tuple[Any, ...], grad: Tensor, spec: _Spec, *saved: Tensor) -> Any:
+        saved_dims = in_dims[2:]
+        if all(d is None for d in saved_dims):  # per-sample cotangents: a new extra dim
+            return _Backward.apply(_front(grad, in_dims[0], info), spec, *saved), 0
+        # the forward itself ran under this vmap: the batch is one more lead dim of everything
+        saved = tuple(_front(t, d, info) for t, d in zip(saved, saved_dims, strict=True))
+        grad = _front(grad, in_dims[0], info)
+        n_extra = grad.dim() - saved[-1].dim()  # [K, *extra, *lead, n, D] vs [K, *lead, n, 1]
+        grad = grad.movedim(0, n_extra)
+        return _Backward.apply(grad, spec, *saved), n_extra
+
+
+def _front(t: Tensor, dim: int | None, info: Any) -> Tensor:
+    """The vmapped dimension of t at the front (expanded when t is not batched)."""
+    if dim is None:
+        return t.unsqueeze(0).expand(info.batch_size, *t.shape)
+    return t.movedim(dim, 0)
+
+
+# -- the math ----------------------------------------------------------------------------------
+
+
+def _ln_back(dh: Tensor, x_hat: Tensor, rstd: Tensor, ln: nn.Module) -> Tensor:
+    """Input gradient of an affine layer norm with frozen weight, from (x_hat, 1/std)."""
+    g = dh * ln.weight.to(dh.dtype)
+    g = g.to(torch.promote_types(g.dtype, x_hat.dtype))
+    mean_g = g.mean(-1, keepdim=True)
+    mean_gx = (g * x_hat).mean(-1, keepdim=True)
+    return (g - mean_g - x_hat * mean_gx) * rstd
+
+
+def _ls_back(ls: nn.Module, d: Tensor) -> Tensor:
+    gamma = getattr(ls, "gamma", None)
+    return d if gamma is None else d * gamma.to(d.dtype)
+
+
+def _mlp_back(block: nn.Module, dy: Tensor, slope: Tensor) -> Tensor:
+    """d LN2-output of y = x1 + ls2 MLP(h2): W_fc^T (act' * W_proj^T ls2 dy)."""
+    mlp = block.mlp
+    da = (_ls_back(block.ls_2, dy) @ mlp.c_proj.weight) * slope
+    return da @ mlp.c_fc.weight
+
+
+def _heads(x: Tensor, heads: int) -> Tensor:
+    """[..., R, W] -> [..., H, R, W / H]."""
+    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+
+
+def _merge(x: Tensor) -> Tensor:
+    """[..., H, R, hd] -> [..., R, H hd]."""
+    return x.transpose(-3, -2).flatten(-2)
+
+
+def _t(x: Tensor) -> Tensor:
+    return x.transpose(-1, -2)
+
+
+def _class_attention_back(
+    d_out: Tensor,
+    q: Tensor,
+    k_pre: Tensor,
+    v_pre: Tensor,
+    k_suf: Tensor,
+    v_suf: Tensor,
+    p_pre: Tensor,
+    p_suf: Tensor,
+    *,
+    prefix_only: bool = False,
+) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
+    """Gradients of prompt._class_attention for cotangents d_out [E, L, H, n, Q, hd] against
+    its saved inputs q [L, H, n, Q, hd] (scaled), k_pre, v_pre [L, H, P, hd], k_suf, v_suf
+    [L, H, n, S, hd] and probabilities p_pre [L, H, n, Q, P], p_suf [L, H, n, Q, S].
+    Returns (dk_pre, dv_pre, dq, dk_suf, dv_suf), each with the leading E; with `prefix_only`
+    the last three (the class rows' own inputs) are None."""
+    dp_pre = torch.einsum("elhnqd,lhpd->elhnqp", d_out, v_pre)
+    dp_suf = torch.einsum("elhnqd,lhnsd->elhnqs", d_out, v_suf)
+    total = (dp_pre * p_pre).sum(-1, keepdim=True) + (dp_suf * p_suf).sum(-1, keepdim=True)
+    ds_pre = p_pre * (dp_pre - total)
+    dk_pre = torch.einsum("elhnqp,lhnqd->elhpd", ds_pre, q)  # summed over classes and rows
+    dv_pre = torch.einsum("lhnqp,elhnqd->elhpd", p_pre, d_out)
+    if prefix_only:
+        return dk_pre, dv_pre, None, None, None
+    ds_suf = p_suf * (dp_suf - total)
+    dq = torch.einsum("elhnqp,lhpd->elhnqd", ds_pre, k_pre) + torch.einsum(
+        "elhnqs,lhnsd->elhnqd", ds_suf, k_suf
+    )
+    dk_suf = torch.einsum("elhnqs,lhnqd->elhnsd", ds_suf, q)
+    dv_suf = torch.einsum("lhnqs,elhnqd->elhnsd", p_suf, d_out)
+    return dk_pre, dv_pre, dq, dk_suf, dv_suf
+
+
+def _block_back(
+    block: nn.Module,
+    dy: Tensor,
+    saved: list[Tensor],
+    *,
+    n_pre: int,
+    n_cls: int,
+    prefix_only: bool = False,
+) -> Tensor:
+    """dx [E, L, R, W] of prompt.shared_prefix_block from dy [E, L, R, W]; with
+    `prefix_only`, dx of the prefix rows [E, L, P, W] only (the first block, whose class rows
+    are constant token embeddings: their queries, keys and values need no gradient, but their
+    attention to the prefix still sends gradient to its keys and values)."""
+    x_hat1, rstd1, q, k, v, probs_pre, p_pre, p_suf, x_hat2, rstd2, slope = saved
+    attn, heads = block.attn, block.attn.num_heads
+    scale = (q.shape[-1]) ** -0.5
+    dx1 = dy + _ln_back(_mlp_back(block, dy, slope), x_hat2, rstd2, block.ln_2)
+    d_out = _heads(_ls_back(block.ls_1, dx1) @ attn.out_proj.weight, heads)  # [E, L, H, R, hd]
+    n_suf = (q.shape[-2] - n_pre) // n_cls
+    sizes = [n_pre, n_cls * n_suf]
+    (q_pre, q_suf), (k_pre, k_suf), (v_pre, v_suf) = (t.split(sizes, dim=-2) for t in (q, k, v))
+    d_pre, d_suf = d_out.split(sizes, dim=-2)
+    # prefix rows: causal attention among themselves
+    dp = torch.einsum("elhid,lhjd->elhij", d_pre, v_pre)
+    ds = probs_pre * (dp - (dp * probs_pre).sum(-1, keepdim=True))
+    dq_pre = torch.einsum("elhij,lhjd->elhid", ds, k_pre)
+    dk_pre = torch.einsum("elhij,lhid->elhjd", ds, q_pre)
+    dv_pre = torch.einsum("lhij,elhid->elhjd", probs_pre, d_pre)
+    # class rows: every prefix row and their own class's rows
+    per_class = (n_cls, n_suf)
+    dk_pre2, dv_pre2, dq_suf, dk_suf, dv_suf = _class_attention_back(
+        d_suf.unflatten(-2, per_class),
+        q_suf.unflatten(-2, per_class),
+        k_pre,
+        v_pre,
+        k_suf.unflatten(-2, per_class),
+        v_suf.unflatten(-2, per_class),
+        p_pre,
+        p_suf,
+        prefix_only=prefix_only,
+    )
+    dk, dv, dq = dk_pre + dk_pre2, dv_pre + dv_pre2, dq_pre
+    if dq_suf is not None and dk_suf is not None and dv_suf is not None:
+        dq = torch.cat([dq, dq_suf.flatten(-3, -2)], dim=-2)
+        dk = torch.cat([dk, dk_suf.flatten(-3, -2)], dim=-2)
+        dv = torch.cat([dv, dv_suf.flatten(-3, -2)], dim=-2)
+    rows = dq.shape[-2]
+    dh = _merge(torch.cat([dq * scale, dk, dv], dim=-3)) @ attn.in_proj_weight
+    return dx1[..., :rows, :] + _ln_back(
+        dh, x_hat1[..., :rows, :], rstd1[..., :rows, :], block.ln_1
+    )
+
+
+def _last_block_back(
+    block: nn.Module, dy: Tensor, saved: list[Tensor], *, n_pre: int, eot_rows: Tensor
+) -> Tensor:
+    """dx [E, L, R, W] of prompt.last_block_eot from dy [E, L, n, W] (the EOT rows)."""
+    x_hat1, rstd1, q, k, v, p_pre, p_suf, x_hat2, rstd2, slope = saved
+    attn, heads = block.attn, block.attn.num_heads
+    width = attn.embed_dim
+    n_cls = q.shape[-3]
+    dy1 = dy + _ln_back(_mlp_back(block, dy, slope), x_hat2, rstd2, block.ln_2)
+    d_out = _heads(_ls_back(block.ls_1, dy1) @ attn.out_proj.weight, heads).unsqueeze(-2)
+    n_suf = (k.shape[-2] - n_pre) // n_cls
+    sizes, per_class = [n_pre, n_cls * n_suf], (n_cls, n_suf)
+    (k_pre, k_suf), (v_pre, v_suf) = (t.split(sizes, dim=-2) for t in (k, v))
+    dk_pre, dv_pre, dq, dk_suf, dv_suf = _class_attention_back(
+        d_out,
+        q,
+        k_pre,
+        v_pre,
+        k_suf.unflatten(-2, per_class),
+        v_suf.unflatten(-2, per_class),
+        p_pre,
+        p_suf,
+    )
+    assert dq is not None and dk_suf is not None and dv_suf is not None
+    dk = torch.cat([dk_pre, dk_suf.flatten(-3, -2)], dim=-2)
+    dv = torch.cat([dv_pre, dv_suf.flatten(-3, -2)], dim=-2)
+    dh = _merge(torch.cat([dk, dv], dim=-3)) @ attn.in_proj_weight[width:]  # [E, L, R, W]
+    dq_rows = _merge(dq.squeeze(-2) * q.shape[-1] ** -0.5) @ attn.in_proj_weight[:width]
+    dh = dh.index_add(2, eot_rows, dq_rows.to(dh.dtype))
+    dx = _ln_back(dh, x_hat1, rstd1, block.ln_1)
+    return dx.index_add(2, eot_rows, dy1.to(dx.dtype))
+
+
+def tower_backward(spec: _Spec, saved: list[Tensor], dz: Tensor) -> Tensor:
+    """d ctx [E, *lead, n_ctx, W] from d features dz [E, *lead, n, D] (normalised features)."""
+    lead = saved[-1].shape[:-2]
+    saved = [t.reshape(-1, *t.shape[len(lead) :]) for t in saved]  # one lead dim L
+    dz = dz.reshape(dz.shape[0], -1, *dz.shape[1 + len(lead) :])  # [E, L, n, D]
+    out = _backward(spec, saved, dz)
+    return out.reshape(out.shape[0], *lead, *out.shape[2:])
+
+
+def _backward(spec: _Spec, saved: list[Tensor], dz: Tensor) -> Tensor:
+    tower = spec.tower
+    blocks = list(tower.transformer.resblocks)
+    n_pre = 1 + tower.n_ctx
+    n_cls = spec.eot.shape[0]
+    z, norm = saved[-2], saved[-1]
+    x_hat_f, rstd_f = saved[-4], saved[-3]
+    dz = dz.to(z.dtype)
+    df = (dz - z * (dz * z).sum(-1, keepdim=True)) / norm.clamp_min(1e-12)
+    proj = tower.projection
+    if isinstance(proj, nn.Module):
+        d_rows = df @ proj.weight.to(df.dtype)
+    elif proj is not None:
+        d_rows = df @ _t(proj).to(df.dtype)
+    else:
+        d_rows = df
+    d = _ln_back(d_rows, x_hat_f, rstd_f, tower.ln_final)
+    n_suf = spec.suffix.shape[-2]
+    eot_rows = n_pre + torch.arange(n_cls, device=dz.device) * n_suf + (spec.eot - n_pre)
+    last = saved[_PER_BLOCK * (len(blocks) - 1) : _PER_BLOCK * (len(blocks) - 1) + _PER_LAST]
+    d = _last_block_back(blocks[-1], d, last, n_pre=n_pre, eot_rows=eot_rows)
+    for i in range(len(blocks) - 2, -1, -1):
+        part = saved[_PER_BLOCK * i : _PER_BLOCK * (i + 1)]
+        d = _block_back(blocks[i], d, part, n_pre=n_pre, n_cls=n_cls, prefix_only=i == 0)
+    return d[..., 1:n_pre, :]

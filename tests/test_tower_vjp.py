@@ -1,0 +1,119 @@
+"""The hand-written tower backward (fpl_bench/tower_vjp.py) equals autograd through the same
+forward, in float64 to rounding: per-sample (vmapped) cotangents, a plain backward, a subset of
+classes, clients stacked under vmap, vmap of grad; for exact GELU, QuickGELU with LayerScale,
+and tanh GELU. A tower it does not cover falls back to autograd."""
+
+import copy
+import dataclasses
+import json
+from pathlib import Path
+
+import open_clip
+import pytest
+import torch
+from torch import nn
+from torch.func import grad, vjp, vmap
+
+from fpl_bench.prompt import TextTower
+
+CONFIG = Path(__file__).resolve().parents[1] / "fpl_bench" / "model_configs" / "fpl-tiny-vit.json"
+NAMES = ["red circle", "dark blue square", "green triangle", "yellow star", "a"]
+
+
+def _tower(variant: str) -> TextTower:
+    cfg = json.loads(CONFIG.read_text())
+    quick = variant == "quickgelu_layerscale"
+    if quick:
+        cfg["text_cfg"]["ls_init_value"] = 0.7
+    torch.manual_seed(0)
+    model = open_clip.CLIP(**cfg, quick_gelu=quick).eval().double()
+    if variant == "tanh_gelu":
+        for block in model.transformer.resblocks:
+            block.mlp.gelu = nn.GELU(approximate="tanh")
+    if quick:  # a layer scale that is not 1 everywhere, so that its gradient factor shows
+        for block in model.transformer.resblocks:
+            for ls in (block.ls_1, block.ls_2):
+                ls.gamma.data = torch.linspace(0.3, 1.5, ls.gamma.numel(), dtype=torch.float64)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    tower = TextTower.build(model, open_clip.get_tokenizer("fpl-tiny-vit"), NAMES, n_ctx=4)
+    assert tower.hand_backward
+    return tower
+
+
+@pytest.fixture(scope="module", params=["exact_gelu", "quickgelu_layerscale", "tanh_gelu"])
+def towers(request):
+    hand = _tower(request.param)
+    return hand, hand.with_options(hand_backward=False)
+
+
+def _rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())
+
+
+def _data(*shape: int) -> torch.Tensor:
+    return torch.randn(
+        *shape, generator=torch.Generator().manual_seed(sum(shape)), dtype=torch.float64
+    )
+
+
+def test_values_are_the_plain_paths_bit_for_bit(towers):
+    hand, auto = towers
+    ctx = 0.1 * _data(2, 4, hand.width)
+    with torch.no_grad():
+        plain = auto.encode(ctx)
+    assert torch.equal(hand.encode(ctx.clone().requires_grad_()), plain)
+    assert plain.dtype == torch.float64
+
+
+def test_per_sample_cotangents_equal_autograd(towers):
+    hand, auto = towers
+    ctx, cot = 0.1 * _data(2, 4, hand.width), _data(7, 2, len(NAMES), 64)
+
+    def per_sample(tower):
+        _, fn = vjp(tower.encode, ctx)
+        return vmap(fn)(cot)[0]
+
+    got, want = per_sample(hand), per_sample(auto)
+    assert got.shape == (7, 2, 4, hand.width)
+    assert _rel(got, want) < 1e-12
+
+
+def test_plain_backward_and_class_subset_equal_autograd(towers):
+    hand, auto = towers
+    ctx, cot, subset = 0.1 * _data(4, hand.width), _data(2, 64), torch.tensor([3, 1])
+    grads = []
+    for tower in (hand, auto):
+        leaf = ctx.clone().requires_grad_()
+        (tower.encode(leaf, subset) * cot).sum().backward()
+        grads.append(leaf.grad)
+    assert _rel(grads[0], grads[1]) < 1e-12
+
+
+def test_clients_stacked_under_vmap_equal_autograd(towers):
+    """client_step_gradients' pattern: vjp of vmap(encode) over clients, then vmap over samples
+    of the vjp; and vmap of grad (the forward batched at the grad's own level)."""
+    hand, auto = towers
+    ctx, cot = 0.1 * _data(3, 4, hand.width), _data(5, 3, len(NAMES), 64)
+
+    def clients(tower):
+        _, fn = vjp(lambda p: vmap(tower.encode)(p), ctx)
+        return vmap(fn)(cot)[0]
+
+    assert _rel(clients(hand), clients(auto)) < 1e-12
+
+    def of_grad(tower):
+        return vmap(grad(lambda c, v: (tower.encode(c) * v).sum()))(ctx, cot[0])
+
+    assert _rel(of_grad(hand), of_grad(auto)) < 1e-12
+
+
+def test_unsupported_activation_keeps_autograd():
+    tower = _tower("exact_gelu")
+    transformer = copy.deepcopy(tower.transformer)
+    transformer.resblocks[1].mlp.gelu = nn.SiLU()
+    from fpl_bench.tower_vjp import supported
+
+    assert supported(tower.transformer) and not supported(transformer)
+    other = dataclasses.replace(tower, transformer=transformer, hand_backward=False)
+    assert not other.with_options(hand_backward=True).hand_backward

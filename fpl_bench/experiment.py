@@ -703,11 +703,12 @@ def _run_cells(
             on_round(index, rounds_of[index])
 
         threads = threads_per_worker(workers, spec.threads)
+        order = longest_first(prep, cells, pending)
         del prep  # each worker prepares its own copy (from the warm cache)
         run_parallel(
             spec.model_copy(update={"threads": threads}),
             cells,
-            longest_first(prep, cells, pending),
+            order,
             workers=workers,
             on_row=record_parallel,
             on_round=on_round,

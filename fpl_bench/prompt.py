@@ -26,6 +26,10 @@ block is open_clip's standard `ResidualAttentionBlock` (nn.MultiheadAttention) u
 mask; any other tower runs through its own modules (`share_prefix=False` forces that, the
 reference compute pattern). tests/test_speed.py checks equality with the module path.
 
+Backward: with gradients on, the shared-prefix path is one autograd node whose backward is
+written out and batched over per-sample cotangents (fpl_bench/tower_vjp.py; equal to autograd's
+to rounding); `hand_backward=False` keeps autograd through the ops below.
+
 Precision: `precision="bf16"` runs the frozen tower under bf16 autocast (matmuls in bf16, the
 residual stream, layer norms, softmax and the returned features in fp32); `"fp32"` is exact
 float32. Exact GELU is kept (never swapped for the tanh form): its derivative is computed once in

@@ -32,6 +32,34 @@ Precision = Literal["fp32", "bf16"]
 PARALLEL_FLOPS = 1e9
 
 
+_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
+
+
+def retain_freed_memory() -> bool:
+    """On glibc, serve allocations below 1 GiB from the heap and keep what is freed (mallopt
+    M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB, M_TOP_PAD 64 MiB). By default every
+    tensor above a few MB is a fresh mmap whose pages fault in on first touch and go back to
+    the kernel on free: a private step's backward (coop, B = 32) took ~1600 page faults each
+    time on this machine, 10-15% of its time; with this, none after the first step. The
+    process keeps its peak heap instead of returning it. False where it does not apply."""
+    import ctypes
+    import ctypes.util
+    import platform
+
+    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
+        return False
+    try:
+        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+        settings = (
+            (_M_MMAP_THRESHOLD, 1 << 30),
+            (_M_TRIM_THRESHOLD, 1 << 31),
+            (_M_TOP_PAD, 64 << 20),
+        )
+        return all(libc.mallopt(param, value) == 1 for param, value in settings)
+    except (OSError, AttributeError):
+        return False
+
+
 def fast_precision(device: torch.device) -> Precision:
     """bf16 where the device multiplies bf16 natively (CUDA with bf16, CPU with AMX), else fp32."""
     if device.type == "cuda":

@@ -33,6 +33,7 @@ from fpl_bench.compute import (
     busy_cores_elsewhere,
     pick_threads,
     resolve_precision,
+    retain_freed_memory,
     usable_cores,
 )
 from fpl_bench.data.partition import ClientSplit, few_shot, make_partitioner
@@ -143,6 +144,8 @@ def build_methods(spec: ExperimentSpec) -> list[Method]:
 def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepared:
     device = resolve_device(spec.device)
     use_calibration_cache(Path(spec.cache_dir) / "noise")
+    if device.type == "cpu":
+        retain_freed_memory()
     with_tokens = any(LEARNERS.get(m.learner).needs_tokens for m in spec.methods)
     card = dataset_card(spec.dataset)
     backbone = load_backbone(

@@ -153,15 +153,27 @@ def _front(t: Tensor, dim: int | None, info: Any) -> Tensor:
 
 
 # -- the math ----------------------------------------------------------------------------------
+#
+# Cotangents are laid out [L, R, E, W]: lead (prompts), rows, samples, width. The weight
+# products see L R E rows; in attention the heads come out as [L, H, R, E, hd], where every
+# product with a saved (per-prompt) tensor is one batched matmul with the samples folded into
+# its rows or columns, without copies. Saved tensors get a size-1 sample axis (`_each`).
+
+
+def _each(t: Tensor) -> Tensor:
+    """A saved [L, R, X] tensor broadcast over the samples: [L, R, 1, X]."""
+    return t.unsqueeze(-2)
 
 
 def _ln_back(dh: Tensor, x_hat: Tensor, rstd: Tensor, ln: nn.Module) -> Tensor:
-    """Input gradient of an affine layer norm with frozen weight, from (x_hat, 1/std)."""
+    """Input gradient of an affine layer norm with frozen weight from (x_hat, 1/std) saved
+    [L, R, W] and [L, R, 1]; dh [L, R, E, W]."""
     g = dh * ln.weight.to(dh.dtype)
     g = g.to(torch.promote_types(g.dtype, x_hat.dtype))
+    x_hat = _each(x_hat)
     mean_g = g.mean(-1, keepdim=True)
     mean_gx = (g * x_hat).mean(-1, keepdim=True)
-    return (g - mean_g - x_hat * mean_gx) * rstd
+    return (g - mean_g - x_hat * mean_gx) * _each(rstd)
 
 
 def _ls_back(ls: nn.Module, d: Tensor) -> Tensor:
@@ -172,22 +184,43 @@ def _ls_back(ls: nn.Module, d: Tensor) -> Tensor:
 def _mlp_back(block: nn.Module, dy: Tensor, slope: Tensor) -> Tensor:
     """d LN2-output of y = x1 + ls2 MLP(h2): W_fc^T (act' * W_proj^T ls2 dy)."""
     mlp = block.mlp
-    da = (_ls_back(block.ls_2, dy) @ mlp.c_proj.weight) * slope
+    da = (_ls_back(block.ls_2, dy) @ mlp.c_proj.weight) * _each(slope)
     return da @ mlp.c_fc.weight
 
 
-def _heads(x: Tensor, heads: int) -> Tensor:
-    """[..., R, W] -> [..., H, R, W / H]."""
-    return x.unflatten(-1, (heads, -1)).transpose(-3, -2)
+def _split_heads(d: Tensor, heads: int) -> Tensor:
+    """[L, R, E, W] -> [L, H, R, E, hd] (contiguous)."""
+    return d.unflatten(-1, (heads, -1)).permute(0, 3, 1, 2, 4).contiguous()
 
 
-def _merge(x: Tensor) -> Tensor:
-    """[..., H, R, hd] -> [..., R, H hd]."""
-    return x.transpose(-3, -2).flatten(-2)
+def _merge_heads(d: Tensor) -> Tensor:
+    """[L, H', R, E, hd] -> [L, R, E, H' hd]."""
+    return d.permute(0, 2, 3, 1, 4).flatten(-2)
 
 
 def _t(x: Tensor) -> Tensor:
     return x.transpose(-1, -2)
+
+
+def _softmax_back(d_probs: Tensor, probs: Tensor, total: Tensor) -> Tensor:
+    """dS = P * (dP - sum_j dP_j P_j), with the sum given."""
+    return probs * (d_probs - total)
+
+
+def _prefix_attention_back(
+    d_pre: Tensor, q: Tensor, k: Tensor, v: Tensor, probs: Tensor
+) -> tuple[Tensor, Tensor, Tensor]:
+    """Causal attention among the prefix rows: d_pre [L, H, P, E, hd]; q (scaled), k, v
+    [L, H, P, hd]; probs [L, H, P, P]. Returns (dq, dk, dv), each [L, H, P, E, hd]."""
+    lead, n_pre, n_each = d_pre.shape[:2], d_pre.shape[2], d_pre.shape[3]
+    d_rows = d_pre.flatten(2, 3)  # [L, H, P E, hd]
+    probs_e = probs.unsqueeze(-2)  # [L, H, P, 1, P]
+    dp = (d_rows @ _t(v)).unflatten(2, (n_pre, n_each))  # [L, H, P, E, P]
+    ds = _softmax_back(dp, probs_e, (dp * probs_e).sum(-1, keepdim=True))
+    dq = (ds.flatten(2, 3) @ k).unflatten(2, (n_pre, n_each))
+    dk = (_t(ds.reshape(*lead, n_pre, -1)) @ q).unflatten(2, (n_each, n_pre)).transpose(2, 3)
+    dv = (_t(probs) @ d_pre.flatten(3)).unflatten(-1, (n_each, -1))
+    return dq, dk, dv
 
 
 def _class_attention_back(
@@ -202,25 +235,33 @@ def _class_attention_back(
     *,
     prefix_only: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of prompt._class_attention for cotangents d_out [E, L, H, n, Q, hd] against
+    """Gradients of prompt._class_attention for cotangents d_out [L, H, n, Q, E, hd] against
     its saved inputs q [L, H, n, Q, hd] (scaled), k_pre, v_pre [L, H, P, hd], k_suf, v_suf
     [L, H, n, S, hd] and probabilities p_pre [L, H, n, Q, P], p_suf [L, H, n, Q, S].
-    Returns (dk_pre, dv_pre, dq, dk_suf, dv_suf), each with the leading E; with `prefix_only`
-    the last three (the class rows' own inputs) are None."""
-    dp_pre = torch.einsum("elhnqd,lhpd->elhnqp", d_out, v_pre)
-    dp_suf = torch.einsum("elhnqd,lhnsd->elhnqs", d_out, v_suf)
-    total = (dp_pre * p_pre).sum(-1, keepdim=True) + (dp_suf * p_suf).sum(-1, keepdim=True)
-    ds_pre = p_pre * (dp_pre - total)
-    dk_pre = torch.einsum("elhnqp,lhnqd->elhpd", ds_pre, q)  # summed over classes and rows
-    dv_pre = torch.einsum("lhnqp,elhnqd->elhpd", p_pre, d_out)
+    Returns (dk_pre, dv_pre [L, H, P, E, hd], dq [L, H, n, Q, E, hd], dk_suf, dv_suf
+    [L, H, n, S, E, hd]); with `prefix_only` the last three (the class rows' own inputs) are
+    None."""
+    lead = d_out.shape[:2]
+    n, rows, n_each = d_out.shape[2], d_out.shape[3], d_out.shape[4]
+    n_pre, n_suf = p_pre.shape[-1], p_suf.shape[-1]
+    pe_pre, pe_suf = p_pre.unsqueeze(-2), p_suf.unsqueeze(-2)  # [L, H, n, Q, 1, P | S]
+    dp_pre = (d_out.flatten(2, 4) @ _t(v_pre)).view(*lead, n, rows, n_each, n_pre)
+    dp_suf = (d_out.flatten(3, 4) @ _t(v_suf)).view(*lead, n, rows, n_each, n_suf)
+    total = (dp_pre * pe_pre).sum(-1, keepdim=True) + (dp_suf * pe_suf).sum(-1, keepdim=True)
+    ds_pre = _softmax_back(dp_pre, pe_pre, total)
+    ds_flat = ds_pre.reshape(*lead, n * rows, n_each * n_pre)  # [L, H, n Q, E P]
+    q_flat = q.flatten(2, 3)  # [L, H, n Q, hd]
+    dk_pre = (_t(ds_flat) @ q_flat).unflatten(2, (n_each, n_pre)).transpose(2, 3)
+    dv_pre = (_t(p_pre.flatten(2, 3)) @ d_out.flatten(2, 3).flatten(3)).unflatten(-1, (n_each, -1))
     if prefix_only:
         return dk_pre, dv_pre, None, None, None
-    ds_suf = p_suf * (dp_suf - total)
-    dq = torch.einsum("elhnqp,lhpd->elhnqd", ds_pre, k_pre) + torch.einsum(
-        "elhnqs,lhnsd->elhnqd", ds_suf, k_suf
-    )
-    dk_suf = torch.einsum("elhnqs,lhnqd->elhnsd", ds_suf, q)
-    dv_suf = torch.einsum("lhnqs,elhnqd->elhnsd", p_suf, d_out)
+    ds_suf = _softmax_back(dp_suf, pe_suf, total)
+    dq = (ds_pre.flatten(2, 4) @ k_pre).view(*lead, n, rows, n_each, -1) + (
+        ds_suf.flatten(3, 4) @ k_suf
+    ).view(*lead, n, rows, n_each, -1)
+    by_sample = ds_suf.reshape(*lead, n, rows, n_each * n_suf)  # [L, H, n, Q, E S]
+    dk_suf = (_t(by_sample) @ q).unflatten(3, (n_each, n_suf)).transpose(3, 4)
+    dv_suf = (_t(p_suf) @ d_out.flatten(4)).unflatten(-1, (n_each, -1))
     return dk_pre, dv_pre, dq, dk_suf, dv_suf
 
 
@@ -233,29 +274,22 @@ def _block_back(
     n_cls: int,
     prefix_only: bool = False,
 ) -> Tensor:
-    """dx [E, L, R, W] of prompt.shared_prefix_block from dy [E, L, R, W]; with
-    `prefix_only`, dx of the prefix rows [E, L, P, W] only (the first block, whose class rows
+    """dx [L, R, E, W] of prompt.shared_prefix_block from dy [L, R, E, W]; with
+    `prefix_only`, dx of the prefix rows [L, P, E, W] only (the first block, whose class rows
     are constant token embeddings: their queries, keys and values need no gradient, but their
     attention to the prefix still sends gradient to its keys and values)."""
     x_hat1, rstd1, q, k, v, probs_pre, p_pre, p_suf, x_hat2, rstd2, slope = saved
     attn, heads = block.attn, block.attn.num_heads
     scale = (q.shape[-1]) ** -0.5
     dx1 = dy + _ln_back(_mlp_back(block, dy, slope), x_hat2, rstd2, block.ln_2)
-    d_out = _heads(_ls_back(block.ls_1, dx1) @ attn.out_proj.weight, heads)  # [E, L, H, R, hd]
+    d_out = _split_heads(_ls_back(block.ls_1, dx1) @ attn.out_proj.weight, heads)
     n_suf = (q.shape[-2] - n_pre) // n_cls
-    sizes = [n_pre, n_cls * n_suf]
+    sizes, per_class = [n_pre, n_cls * n_suf], (n_cls, n_suf)
     (q_pre, q_suf), (k_pre, k_suf), (v_pre, v_suf) = (t.split(sizes, dim=-2) for t in (q, k, v))
-    d_pre, d_suf = d_out.split(sizes, dim=-2)
-    # prefix rows: causal attention among themselves
-    dp = torch.einsum("elhid,lhjd->elhij", d_pre, v_pre)
-    ds = probs_pre * (dp - (dp * probs_pre).sum(-1, keepdim=True))
-    dq_pre = torch.einsum("elhij,lhjd->elhid", ds, k_pre)
-    dk_pre = torch.einsum("elhij,lhid->elhjd", ds, q_pre)
-    dv_pre = torch.einsum("lhij,elhid->elhjd", probs_pre, d_pre)
-    # class rows: every prefix row and their own class's rows
-    per_class = (n_cls, n_suf)
+    d_pre, d_suf = d_out.split(sizes, dim=2)
+    dq, dk, dv = _prefix_attention_back(d_pre, q_pre, k_pre, v_pre, probs_pre)
     dk_pre2, dv_pre2, dq_suf, dk_suf, dv_suf = _class_attention_back(
-        d_suf.unflatten(-2, per_class),
+        d_suf.unflatten(2, per_class),
         q_suf.unflatten(-2, per_class),
         k_pre,
         v_pre,
@@ -265,33 +299,32 @@ def _block_back(
         p_suf,
         prefix_only=prefix_only,
     )
-    dk, dv, dq = dk_pre + dk_pre2, dv_pre + dv_pre2, dq_pre
+    dk, dv = dk + dk_pre2, dv + dv_pre2
     if dq_suf is not None and dk_suf is not None and dv_suf is not None:
-        dq = torch.cat([dq, dq_suf.flatten(-3, -2)], dim=-2)
-        dk = torch.cat([dk, dk_suf.flatten(-3, -2)], dim=-2)
-        dv = torch.cat([dv, dv_suf.flatten(-3, -2)], dim=-2)
-    rows = dq.shape[-2]
-    dh = _merge(torch.cat([dq * scale, dk, dv], dim=-3)) @ attn.in_proj_weight
-    return dx1[..., :rows, :] + _ln_back(
-        dh, x_hat1[..., :rows, :], rstd1[..., :rows, :], block.ln_1
-    )
+        dq = torch.cat([dq, dq_suf.flatten(2, 3)], dim=2)
+        dk = torch.cat([dk, dk_suf.flatten(2, 3)], dim=2)
+        dv = torch.cat([dv, dv_suf.flatten(2, 3)], dim=2)
+    rows = dq.shape[2]
+    dh = _merge_heads(torch.cat([dq * scale, dk, dv], dim=1)) @ attn.in_proj_weight
+    part = (x_hat1[:, :rows], rstd1[:, :rows])
+    return dx1[:, :rows] + _ln_back(dh, *part, block.ln_1)
 
 
 def _last_block_back(
     block: nn.Module, dy: Tensor, saved: list[Tensor], *, n_pre: int, eot_rows: Tensor
 ) -> Tensor:
-    """dx [E, L, R, W] of prompt.last_block_eot from dy [E, L, n, W] (the EOT rows)."""
+    """dx [L, R, E, W] of prompt.last_block_eot from dy [L, n, E, W] (the EOT rows)."""
     x_hat1, rstd1, q, k, v, p_pre, p_suf, x_hat2, rstd2, slope = saved
     attn, heads = block.attn, block.attn.num_heads
     width = attn.embed_dim
     n_cls = q.shape[-3]
     dy1 = dy + _ln_back(_mlp_back(block, dy, slope), x_hat2, rstd2, block.ln_2)
-    d_out = _heads(_ls_back(block.ls_1, dy1) @ attn.out_proj.weight, heads).unsqueeze(-2)
+    d_out = _split_heads(_ls_back(block.ls_1, dy1) @ attn.out_proj.weight, heads).unsqueeze(3)
     n_suf = (k.shape[-2] - n_pre) // n_cls
     sizes, per_class = [n_pre, n_cls * n_suf], (n_cls, n_suf)
     (k_pre, k_suf), (v_pre, v_suf) = (t.split(sizes, dim=-2) for t in (k, v))
     dk_pre, dv_pre, dq, dk_suf, dv_suf = _class_attention_back(
-        d_out,
+        d_out,  # [L, H, n, 1, E, hd]
         q,
         k_pre,
         v_pre,
@@ -301,13 +334,13 @@ def _last_block_back(
         p_suf,
     )
     assert dq is not None and dk_suf is not None and dv_suf is not None
-    dk = torch.cat([dk_pre, dk_suf.flatten(-3, -2)], dim=-2)
-    dv = torch.cat([dv_pre, dv_suf.flatten(-3, -2)], dim=-2)
-    dh = _merge(torch.cat([dk, dv], dim=-3)) @ attn.in_proj_weight[width:]  # [E, L, R, W]
-    dq_rows = _merge(dq.squeeze(-2) * q.shape[-1] ** -0.5) @ attn.in_proj_weight[:width]
-    dh = dh.index_add(2, eot_rows, dq_rows.to(dh.dtype))
+    dk = torch.cat([dk_pre, dk_suf.flatten(2, 3)], dim=2)
+    dv = torch.cat([dv_pre, dv_suf.flatten(2, 3)], dim=2)
+    dh = _merge_heads(torch.cat([dk, dv], dim=1)) @ attn.in_proj_weight[width:]  # [L, R, E, W]
+    dq_rows = _merge_heads(dq.squeeze(3) * q.shape[-1] ** -0.5) @ attn.in_proj_weight[:width]
+    dh = dh.index_add(1, eot_rows, dq_rows.to(dh.dtype))
     dx = _ln_back(dh, x_hat1, rstd1, block.ln_1)
-    return dx.index_add(2, eot_rows, dy1.to(dx.dtype))
+    return dx.index_add(1, eot_rows, dy1.to(dx.dtype))
 
 
 def tower_backward(spec: _Spec, saved: list[Tensor], dz: Tensor) -> Tensor:
@@ -315,16 +348,17 @@ def tower_backward(spec: _Spec, saved: list[Tensor], dz: Tensor) -> Tensor:
     lead = saved[-1].shape[:-2]
     saved = [t.reshape(-1, *t.shape[len(lead) :]) for t in saved]  # one lead dim L
     dz = dz.reshape(dz.shape[0], -1, *dz.shape[1 + len(lead) :])  # [E, L, n, D]
-    out = _backward(spec, saved, dz)
-    return out.reshape(out.shape[0], *lead, *out.shape[2:])
+    out = _backward(spec, saved, dz.permute(1, 2, 0, 3))  # [L, n_ctx, E, W]
+    return out.permute(2, 0, 1, 3).reshape(out.shape[2], *lead, *out.shape[1:2], out.shape[3])
 
 
 def _backward(spec: _Spec, saved: list[Tensor], dz: Tensor) -> Tensor:
+    """d ctx [L, n_ctx, E, W] from dz [L, n, E, D]."""
     tower = spec.tower
     blocks = list(tower.transformer.resblocks)
     n_pre = 1 + tower.n_ctx
     n_cls = spec.eot.shape[0]
-    z, norm = saved[-2], saved[-1]
+    z, norm = _each(saved[-2]), _each(saved[-1])
     x_hat_f, rstd_f = saved[-4], saved[-3]
     dz = dz.to(z.dtype)
     df = (dz - z * (dz * z).sum(-1, keepdim=True)) / norm.clamp_min(1e-12)
@@ -343,4 +377,4 @@ def _backward(spec: _Spec, saved: list[Tensor], dz: Tensor) -> Tensor:
     for i in range(len(blocks) - 2, -1, -1):
         part = saved[_PER_BLOCK * i : _PER_BLOCK * (i + 1)]
         d = _block_back(blocks[i], d, part, n_pre=n_pre, n_cls=n_cls, prefix_only=i == 0)
-    return d[..., 1:n_pre, :]
+    return d[:, 1:n_pre]

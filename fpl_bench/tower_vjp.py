@@ -202,6 +202,17 @@ def _t(x: Tensor) -> Tensor:
     return x.transpose(-1, -2)
 
 
+def _rows(t: Tensor, n_pre: int, n_cls: int, dim: int = -2) -> tuple[Tensor, Tensor]:
+    """The prefix rows of t along `dim`, and the class rows split per class [.., n, S, ..]."""
+    pre, own = t.split([n_pre, t.shape[dim] - n_pre], dim=dim)
+    return pre, own.unflatten(dim, (n_cls, -1))
+
+
+def _join_rows(pre: Tensor, own: Tensor) -> Tensor:
+    """Inverse of `_rows` for [L, H, P, E, hd] and [L, H, n, S, E, hd]: [L, H, R, E, hd]."""
+    return torch.cat([pre, own.flatten(2, 3)], dim=2)
+
+
 def _softmax_back(d_probs: Tensor, probs: Tensor, total: Tensor) -> Tensor:
     """dS = P * (dP - sum_j dP_j P_j), with the sum given."""
     return probs * (d_probs - total)
@@ -283,27 +294,15 @@ def _block_back(
     scale = (q.shape[-1]) ** -0.5
     dx1 = dy + _ln_back(_mlp_back(block, dy, slope), x_hat2, rstd2, block.ln_2)
     d_out = _split_heads(_ls_back(block.ls_1, dx1) @ attn.out_proj.weight, heads)
-    n_suf = (q.shape[-2] - n_pre) // n_cls
-    sizes, per_class = [n_pre, n_cls * n_suf], (n_cls, n_suf)
-    (q_pre, q_suf), (k_pre, k_suf), (v_pre, v_suf) = (t.split(sizes, dim=-2) for t in (q, k, v))
-    d_pre, d_suf = d_out.split(sizes, dim=2)
+    (q_pre, q_suf), (k_pre, k_suf), (v_pre, v_suf) = (_rows(t, n_pre, n_cls) for t in (q, k, v))
+    d_pre, d_suf = _rows(d_out, n_pre, n_cls, dim=2)
     dq, dk, dv = _prefix_attention_back(d_pre, q_pre, k_pre, v_pre, probs_pre)
     dk_pre2, dv_pre2, dq_suf, dk_suf, dv_suf = _class_attention_back(
-        d_suf.unflatten(2, per_class),
-        q_suf.unflatten(-2, per_class),
-        k_pre,
-        v_pre,
-        k_suf.unflatten(-2, per_class),
-        v_suf.unflatten(-2, per_class),
-        p_pre,
-        p_suf,
-        prefix_only=prefix_only,
+        d_suf, q_suf, k_pre, v_pre, k_suf, v_suf, p_pre, p_suf, prefix_only=prefix_only
     )
     dk, dv = dk + dk_pre2, dv + dv_pre2
     if dq_suf is not None and dk_suf is not None and dv_suf is not None:
-        dq = torch.cat([dq, dq_suf.flatten(2, 3)], dim=2)
-        dk = torch.cat([dk, dk_suf.flatten(2, 3)], dim=2)
-        dv = torch.cat([dv, dv_suf.flatten(2, 3)], dim=2)
+        dq, dk, dv = _join_rows(dq, dq_suf), _join_rows(dk, dk_suf), _join_rows(dv, dv_suf)
     rows = dq.shape[2]
     dh = _merge_heads(torch.cat([dq * scale, dk, dv], dim=1)) @ attn.in_proj_weight
     part = (x_hat1[:, :rows], rstd1[:, :rows])
@@ -320,22 +319,12 @@ def _last_block_back(
     n_cls = q.shape[-3]
     dy1 = dy + _ln_back(_mlp_back(block, dy, slope), x_hat2, rstd2, block.ln_2)
     d_out = _split_heads(_ls_back(block.ls_1, dy1) @ attn.out_proj.weight, heads).unsqueeze(3)
-    n_suf = (k.shape[-2] - n_pre) // n_cls
-    sizes, per_class = [n_pre, n_cls * n_suf], (n_cls, n_suf)
-    (k_pre, k_suf), (v_pre, v_suf) = (t.split(sizes, dim=-2) for t in (k, v))
+    (k_pre, k_suf), (v_pre, v_suf) = (_rows(t, n_pre, n_cls) for t in (k, v))
     dk_pre, dv_pre, dq, dk_suf, dv_suf = _class_attention_back(
-        d_out,  # [L, H, n, 1, E, hd]
-        q,
-        k_pre,
-        v_pre,
-        k_suf.unflatten(-2, per_class),
-        v_suf.unflatten(-2, per_class),
-        p_pre,
-        p_suf,
-    )
+        d_out, q, k_pre, v_pre, k_suf, v_suf, p_pre, p_suf
+    )  # the EOT rows' queries: Q = 1
     assert dq is not None and dk_suf is not None and dv_suf is not None
-    dk = torch.cat([dk_pre, dk_suf.flatten(2, 3)], dim=2)
-    dv = torch.cat([dv_pre, dv_suf.flatten(2, 3)], dim=2)
+    dk, dv = _join_rows(dk_pre, dk_suf), _join_rows(dv_pre, dv_suf)
     dh = _merge_heads(torch.cat([dk, dv], dim=1)) @ attn.in_proj_weight[width:]  # [L, R, E, W]
     dq_rows = _merge_heads(dq.squeeze(3) * q.shape[-1] ** -0.5) @ attn.in_proj_weight[:width]
     dh = dh.index_add(1, eot_rows, dq_rows.to(dh.dtype))

@@ -43,6 +43,7 @@ import json
 import math
 import os
 import warnings
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, fields
 from importlib.metadata import version
 from pathlib import Path
@@ -232,29 +233,43 @@ def calibrate_noise(
         epsilon_tolerance=float(epsilon_tolerance),
     )
     stored = _cached_sigma(key)
-    if stored is not None:
-        spent = epsilon_spent(
-            noise_multiplier=stored,
-            sample_rate=sample_rate,
-            steps=steps,
-            delta=target_delta,
-            accountant=accountant,
-        )
-        if spent <= target_epsilon:
-            return stored
-    sigma = _search_sigma(
+    meets = functools.partial(
+        _meets,
         target_epsilon=target_epsilon,
         target_delta=target_delta,
         sample_rate=sample_rate,
         steps=steps,
         accountant=accountant,
-        epsilon_tolerance=epsilon_tolerance,
     )
+    if stored is not None and meets(stored):
+        return stored
+    sigma = _search_sigma(meets, epsilon_tolerance=epsilon_tolerance, **meets.keywords)
     _store_sigma(key, sigma)
     return sigma
 
 
+def _meets(
+    sigma: float,
+    *,
+    target_epsilon: float,
+    target_delta: float,
+    sample_rate: float,
+    steps: int,
+    accountant: str,
+) -> bool:
+    """Whether `sigma` spends at most target_epsilon (the accountant's word)."""
+    spent = epsilon_spent(
+        noise_multiplier=sigma,
+        sample_rate=sample_rate,
+        steps=steps,
+        delta=target_delta,
+        accountant=accountant,
+    )
+    return spent <= target_epsilon
+
+
 def _search_sigma(
+    meets: Callable[[float], bool],
     *,
     target_epsilon: float,
     target_delta: float,
@@ -263,7 +278,7 @@ def _search_sigma(
     accountant: str,
     epsilon_tolerance: float,
 ) -> float:
-    """`calibrate_noise`'s search (its docstring), without the caches."""
+    """`calibrate_noise`'s search (its docstring), without the caches; `meets(sigma)` checks."""
     setting = (
         f"eps={target_epsilon}, delta={target_delta}, sample rate {sample_rate:.4g}, "
         f"{steps} noisy steps, accountant {accountant}"
@@ -288,14 +303,7 @@ def _search_sigma(
             "raise --eps or --delta, or train fewer steps"
         ) from err
     for _ in range(_MAX_BUMPS):
-        spent = epsilon_spent(
-            noise_multiplier=sigma,
-            sample_rate=sample_rate,
-            steps=steps,
-            delta=target_delta,
-            accountant=accountant,
-        )
-        if spent <= target_epsilon:
+        if meets(sigma):
             return sigma
         sigma *= _BUMP
     raise RuntimeError(f"calibrated sigma={sigma} still exceeds the target for {setting}")

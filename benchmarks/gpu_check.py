@@ -1,7 +1,8 @@
 """CUDA against CPU on one seed, with bf16 tolerances (run by benchmarks/gpu_check.sh).
 
 1. text features of the embedded tower: CUDA fp32 = CPU fp32 (1e-4), CUDA bf16 close (5e-2);
-2. per-sample prompt gradients (DP): CUDA fp32 = CPU fp32 (1e-3), CUDA bf16 within 10%;
+2. per-sample prompt gradients (DP): CUDA fp32 = CPU fp32 (1e-3), CUDA bf16 within 10%; the
+   hand-written tower backward (tower_vjp.py) = autograd's on CUDA (fp32 1e-4, bf16 5e-2);
 3. two short runs (promptfl, dpfpl, no DP) on the same synthetic federation: the CUDA bf16
    parameter updates within 10% of the CPU fp32 ones; a DP round runs and stays finite;
 4. host syncs inside the step loop: one round under torch.cuda.set_sync_debug_mode("warn"),
@@ -52,6 +53,8 @@ def towers() -> dict[str, TextTower]:
         out[label] = TextTower.build(
             bb.model, bb.tokenizer, CLASSNAMES[:32], n_ctx=16, precision=precision
         )
+    out["cuda32-autograd"] = out["cuda32"].with_options(hand_backward=False)
+    out["cuda16-autograd"] = out["cuda16"].with_options(hand_backward=False)
     return out
 
 
@@ -88,6 +91,12 @@ def check_tower_and_gradients() -> None:
         rel(grads["cuda16"]["ctx"], grads["cpu32"]["ctx"]),
         0.1,
     )
+    for bits, bound in (("32", 1e-4), ("16", 5e-2)):  # tower_vjp's backward against autograd's
+        check(
+            f"per-sample grads cuda {'fp32' if bits == '32' else 'bf16'}: hand vs autograd",
+            rel(grads[f"cuda{bits}"]["ctx"], grads[f"cuda{bits}-autograd"]["ctx"]),
+            bound,
+        )
 
 
 def short_run(name: str, device: torch.device, *, eps: float | None, epochs: int = 1):

@@ -22,6 +22,9 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from typing import Literal
 
 import torch
@@ -30,6 +33,27 @@ Precision = Literal["fp32", "bf16"]
 
 # Work (FLOPs of one local step) from which a second intra-op thread pays for itself.
 PARALLEL_FLOPS = 1e9
+
+
+_PER_SAMPLE_BACKWARD: ContextVar[bool] = ContextVar("per_sample_backward", default=False)
+
+
+@contextmanager
+def per_sample_backward() -> Iterator[None]:
+    """Marks forwards whose backward runs once per sample (vmapped over B cotangents, for DP
+    clipping): there the text tower builds its hand-written, sample-batched backward
+    (fpl_bench/tower_vjp.py). A single backward (no DP) stays with autograd's engine, which is
+    faster for one cotangent (no Python per op)."""
+    token = _PER_SAMPLE_BACKWARD.set(True)
+    try:
+        yield
+    finally:
+        _PER_SAMPLE_BACKWARD.reset(token)
+
+
+def per_sample_backward_ahead() -> bool:
+    """Whether the current forward is under `per_sample_backward`."""
+    return _PER_SAMPLE_BACKWARD.get()
 
 
 _M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters

@@ -26,9 +26,10 @@ block is open_clip's standard `ResidualAttentionBlock` (nn.MultiheadAttention) u
 mask; any other tower runs through its own modules (`share_prefix=False` forces that, the
 reference compute pattern). tests/test_speed.py checks equality with the module path.
 
-Backward: with gradients on, the shared-prefix path is one autograd node whose backward is
-written out and batched over per-sample cotangents (fpl_bench/tower_vjp.py; equal to autograd's
-to rounding); `hand_backward=False` keeps autograd through the ops below.
+Backward: for per-sample gradients (under `compute.per_sample_backward`, which
+privacy/per_sample.py sets) the shared-prefix path is one autograd node whose backward is written
+out and batched over the samples' cotangents (fpl_bench/tower_vjp.py; equal to autograd's to
+rounding); otherwise, and with `hand_backward=False`, autograd runs through the ops below.
 
 Precision: `precision="bf16"` runs the frozen tower under bf16 autocast (matmuls in bf16, the
 residual stream, layer norms, softmax and the returned features in fp32); `"fp32"` is exact
@@ -49,6 +50,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from fpl_bench.compute import per_sample_backward_ahead
 from fpl_bench.errors import UsageError
 
 PLACEHOLDER = "X"
@@ -237,7 +239,7 @@ class TextTower:
         if class_idx is not None:
             prefix, suffix, eot = prefix[class_idx], suffix[class_idx], eot[class_idx]
         with self.autocast(ctx.device):
-            if self.share_prefix and self.hand_backward and torch.is_grad_enabled():
+            if self.share_prefix and self.hand_backward and per_sample_backward_ahead():
                 from fpl_bench import tower_vjp
 
                 return tower_vjp.encode(self, ctx, suffix, eot)  # normalised, [*lead, n, D]

@@ -14,6 +14,7 @@ import torch
 from torch import nn
 from torch.func import grad, vjp, vmap
 
+from fpl_bench.compute import per_sample_backward
 from fpl_bench.prompt import TextTower
 
 CONFIG = Path(__file__).resolve().parents[1] / "fpl_bench" / "model_configs" / "fpl-tiny-vit.json"
@@ -39,6 +40,14 @@ def _tower(variant: str) -> TextTower:
     tower = TextTower.build(model, open_clip.get_tokenizer("fpl-tiny-vit"), NAMES, n_ctx=4)
     assert tower.hand_backward
     return tower
+
+
+@pytest.fixture(autouse=True)
+def _per_sample():
+    """What privacy/per_sample.py does around a per-sample forward: the tower builds the
+    hand-written backward only there (tested below)."""
+    with per_sample_backward():
+        yield
 
 
 @pytest.fixture(scope="module", params=["exact_gelu", "quickgelu_layerscale", "tanh_gelu"])
@@ -117,3 +126,30 @@ def test_unsupported_activation_keeps_autograd():
     assert supported(tower.transformer) and not supported(transformer)
     other = dataclasses.replace(tower, transformer=transformer, hand_backward=False)
     assert not other.with_options(hand_backward=True).hand_backward
+
+
+def test_hand_backward_only_for_per_sample_forwards():
+    """A single backward (no DP) stays with autograd (faster for one cotangent); a forward under
+    per_sample_backward, which privacy/per_sample.py's per-sample vjp sets, builds the node."""
+    from fpl_bench import compute
+    from fpl_bench.privacy.per_sample import per_sample_grads
+
+    tower = _tower("exact_gelu")
+    leaf = (0.1 * _data(4, tower.width)).requires_grad_()
+    inside = type(tower.encode(leaf).grad_fn).__name__  # the autouse fixture's context
+    token = compute._PER_SAMPLE_BACKWARD.set(False)  # as outside privacy/per_sample.py
+    try:
+        outside = type(tower.encode(leaf).grad_fn).__name__
+        seen = []
+
+        def encode(p):
+            seen.append(compute.per_sample_backward_ahead())
+            return tower.encode(p["ctx"])
+
+        per_sample_grads(
+            encode, lambda z, x: (z * x).sum(), {"ctx": leaf.detach()}, (_data(3, 5, 64),)
+        )
+    finally:
+        compute._PER_SAMPLE_BACKWARD.reset(token)
+    assert "SharedPrefixEncode" in inside and "SharedPrefixEncode" not in outside
+    assert seen == [True]

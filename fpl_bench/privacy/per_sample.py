@@ -35,6 +35,7 @@ References: Abadi et al., "Deep Learning with Differential Privacy", CCS 2016
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -44,6 +45,8 @@ from torch import Tensor
 from torch.func import grad, grad_and_value, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils._pytree import tree_map
+
+from fpl_bench.compute import per_sample_backward
 
 __all__ = [
     "StepGrads",
@@ -78,14 +81,16 @@ def _encode_once(
     """Z = encode(params) and vjp_fn: cotangent on Z -> ({name: grad},), on detached inputs so
     that outer autograd state (params that require grad) never leaks into torch.func.
 
-    math_attention: run scaled_dot_product_attention with its MATH backend (matmul + softmax).
+    math_attention: the per-sample case. Runs scaled_dot_product_attention with its MATH
+    backend (matmul + softmax), and under `compute.per_sample_backward` (the text tower then
+    builds its sample-batched backward, fpl_bench/tower_vjp.py).
     The fused kernels' backward ops (flash / memory-efficient, CPU and CUDA) have no vmap
     batching rule, so `vmap(vjp_fn)` would fall back to a slow per-sample loop (with a
     "performance drop" warning); the math backend's backward is made of batchable ops.
     """
     primals = {k: v.detach() for k, v in params.items()}
     if math_attention:
-        with sdpa_kernel([SDPBackend.MATH]):
+        with sdpa_kernel([SDPBackend.MATH]), per_sample_backward():
             z, vjp_fn = vjp(encode, primals)
     else:
         z, vjp_fn = vjp(encode, primals)
@@ -351,7 +356,8 @@ def client_step_gradients(
     n_clients, width = batch[0].shape[0], batch[0].shape[1]
     primals = {k: v.detach() for k, v in params.items()}
     extra = _detach_tree(extra)
-    with sdpa_kernel([SDPBackend.MATH]):
+    batched = per_sample_backward() if per_sample else contextlib.nullcontext()
+    with sdpa_kernel([SDPBackend.MATH]), batched:
         z, vjp_fn = vjp(lambda p: vmap(encode)(p, extra), primals)
     z = _detach_tree(z)
     rows = torch.arange(width, device=batch[0].device)

@@ -17,8 +17,9 @@ restores one piece of the reference implementations' compute pattern (DESIGN.md,
     batch_clients    off: the step's clients one after another (`--sequential-clients`)
     bf16             off: fp32 even where bf16 is native (`--fp32`; on a CPU without AMX the
                      fast config is fp32 too, so this switch changes nothing there)
-    hand_backward    off: the text tower's backward by autograd, vmapped over the samples
-                     (`--autograd-backward`), instead of fpl_bench/tower_vjp.py
+    hand_backward    off: the text tower's per-sample backward by autograd, vmapped over the
+                     samples (`--autograd-backward`), instead of fpl_bench/tower_vjp.py (DP
+                     only: a single backward uses autograd either way)
 
 `compare_reference` measures the fast config, each switch off alone (its own contribution:
 time with it off / time with everything on) and all switches off (the reference pattern), and
@@ -353,10 +354,10 @@ def measure(
 
 def reference_configs(*, private: bool = True, bf16_native: bool = True) -> list[Config]:
     """fast, each switch off alone, all off; without the switches that change nothing here
-    (the per-sample loop without DP, fp32 where the fast config is fp32 already)."""
+    (the per-sample loop and backward without DP, fp32 where the fast config is fp32 already)."""
     fast = Config()
     idle = {s: False for s in SWITCH_FLAGS}
-    idle.update(vmap_per_sample=not private, bf16=not bf16_native)
+    idle.update(vmap_per_sample=not private, hand_backward=not private, bf16=not bf16_native)
     return [fast, *(fast.without(s) for s in SWITCH_FLAGS if not idle[s]), REFERENCE]
 
 

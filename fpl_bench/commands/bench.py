@@ -88,7 +88,7 @@ def bench_cmd(
         bool,
         typer.Option(
             "--autograd-backward",
-            help="The text tower's backward by autograd (vmapped per sample), not by hand.",
+            help="DP: the text tower's per-sample backward by autograd (vmapped), not by hand.",
         ),
     ] = False,
     compare_reference: Annotated[

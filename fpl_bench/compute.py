@@ -84,6 +84,11 @@ def retain_freed_memory() -> bool:
         return False
 
 
+def wide(x: torch.Tensor) -> torch.Tensor:
+    """x in float32 or wider: bf16/fp16 become fp32, fp32 and fp64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
 def fast_precision(device: torch.device) -> Precision:
     """bf16 where the device multiplies bf16 natively (CUDA with bf16, CPU with AMX), else fp32."""
     if device.type == "cuda":

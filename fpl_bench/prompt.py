@@ -50,17 +50,13 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fpl_bench.compute import per_sample_backward_ahead
+from fpl_bench import tower_vjp
+from fpl_bench.compute import per_sample_backward_ahead, wide
 from fpl_bench.errors import UsageError
 
 PLACEHOLDER = "X"
 
 Precision = Literal["fp32", "bf16"]
-
-
-def wide(x: Tensor) -> Tensor:
-    """x in float32 or wider: bf16/fp16 become fp32, fp32 and fp64 stay as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
 
 
 def _text_module(model: nn.Module) -> nn.Module:
@@ -184,7 +180,7 @@ class TextTower:
             share_prefix=share_prefix and fast,
             fast_blocks=fast,
             precision=precision,
-            hand_backward=fast and hand_backward_supported(text.transformer),
+            hand_backward=fast and tower_vjp.supported(text.transformer),
         )
 
     def with_options(
@@ -196,7 +192,7 @@ class TextTower:
     ) -> TextTower:
         """The same tower with other compute options (tensors are shared, not copied).
         hand_backward=True is honoured only where the tower supports it."""
-        supported = self.fast_blocks and hand_backward_supported(self.transformer)
+        supported = self.fast_blocks and tower_vjp.supported(self.transformer)
         return replace(
             self,
             share_prefix=self.share_prefix
@@ -240,8 +236,6 @@ class TextTower:
             prefix, suffix, eot = prefix[class_idx], suffix[class_idx], eot[class_idx]
         with self.autocast(ctx.device):
             if self.share_prefix and self.hand_backward and per_sample_backward_ahead():
-                from fpl_bench import tower_vjp
-
                 return tower_vjp.encode(self, ctx, suffix, eot)  # normalised, [*lead, n, D]
             if self.share_prefix:
                 features = self._run_shared(ctx, suffix, eot)  # [*lead, n, D]
@@ -310,13 +304,6 @@ class TextTower:
 def causal_mask(size: int, device: torch.device | None = None) -> Tensor:
     """open_clip's additive causal mask [size, size]: -inf above the diagonal, 0 elsewhere."""
     return torch.full((size, size), float("-inf"), device=device).triu_(1)
-
-
-def hand_backward_supported(transformer: nn.Module) -> bool:
-    """Whether tower_vjp's hand-written backward covers every block (see `tower_vjp.supported`)."""
-    from fpl_bench import tower_vjp
-
-    return tower_vjp.supported(transformer)
 
 
 def supports_fast_blocks(transformer: nn.Module) -> bool:
@@ -395,7 +382,7 @@ def _mlp(block: nn.Module, x: Tensor, saved: list[Tensor] | None = None) -> Tens
     pre = F.linear(x, mlp.c_fc.weight, mlp.c_fc.bias)
     if saved is not None:
         slope = activation_slope(mlp.gelu, pre)
-        assert slope is not None  # hand_backward_supported checked the activation
+        assert slope is not None  # tower_vjp.supported checked the activation
         saved.append(slope)
     hidden = _activation(mlp.gelu, pre)
     return F.linear(hidden, mlp.c_proj.weight, mlp.c_proj.bias)
@@ -476,7 +463,7 @@ def shared_prefix_block(
     Equal to the block on the full sequences [..., n, P + S, W] under the causal mask: prefix
     rows attend causally among themselves; a class's rows attend to every prefix row and
     causally to that class's own rows. Layer norms, projections and MLP run on all rows at once.
-    `saved`: a list that receives what `tower_vjp.block_backward` reads (the values returned
+    `saved`: a list that receives what `tower_vjp._block_back` reads (the values returned
     are the same with or without it).
     """
     attn, heads = block.attn, block.attn.num_heads

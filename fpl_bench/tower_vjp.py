@@ -38,7 +38,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fpl_bench.prompt import wide
+from fpl_bench.compute import wide
 
 __all__ = ["SharedPrefixEncode", "encode", "supported"]
 

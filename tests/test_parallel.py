@@ -99,23 +99,26 @@ class Recorder:
         self.advances.append(rounds_done)
 
 
-def test_the_progress_bar_moves_with_every_workers_rounds(tmp_path):
+def tiny_spec(tmp_path, names, **fields):
+    """An ExperimentSpec of `names` on the tiny synthetic federation of ARGS (in-process)."""
     from fpl_bench.catalog import resolve_method
-    from fpl_bench.experiment import run_experiment
     from fpl_bench.spec import build_spec
 
-    spec = build_spec(
-        methods=(resolve_method("coop"), resolve_method("zeroshot"), resolve_method("promptfl")),
-        rounds=3,
-        clients=2,
+    return build_spec(
+        methods=tuple(resolve_method(n) for n in names),
         shots=2,
-        eval_every=3,
-        last_k=1,
-        workers=2,
         dataset_options={"n_train_per_class": 4, "n_test_per_class": 2, "n_val_per_class": 2},
         out=tmp_path / "out",
         cache_dir=tmp_path / "cache",
+        **fields,
     )
+
+
+def test_the_progress_bar_moves_with_every_workers_rounds(tmp_path):
+    from fpl_bench.experiment import run_experiment
+
+    names = ["coop", "zeroshot", "promptfl"]
+    spec = tiny_spec(tmp_path, names, rounds=3, clients=2, eval_every=3, last_k=1, workers=2)
     progress = Recorder()
     frame = run_experiment(spec, log=lambda line: None, progress=progress)
     assert list(frame.method) == ["coop", "zeroshot", "promptfl"]
@@ -128,21 +131,10 @@ def test_the_progress_bar_moves_with_every_workers_rounds(tmp_path):
 def test_worker_queue_takes_the_longest_runs_first(tmp_path):
     """Two-prompt methods cost twice a one-prompt method per step; FedOTP (patch tokens, a
     Sinkhorn problem per image and class) goes before FedPGP; zero-shot (no training) last."""
-    from fpl_bench.catalog import resolve_method
     from fpl_bench.experiment import cell_training_flops, longest_first, prepare
-    from fpl_bench.spec import build_spec
 
     names = ["zeroshot", "coop", "fedpgp", "dpfpl", "fedotp"]
-    spec = build_spec(
-        methods=tuple(resolve_method(n) for n in names),
-        eps=(0.5,),
-        rounds=2,
-        clients=3,
-        shots=2,
-        dataset_options={"n_train_per_class": 4, "n_test_per_class": 2, "n_val_per_class": 2},
-        out=tmp_path / "out",
-        cache_dir=tmp_path / "cache",
-    )
+    spec = tiny_spec(tmp_path, names, eps=(0.5,), rounds=2, clients=3)
     prep = prepare(spec, log=lambda _: None)
     cells = [(0, 0.5, choice) for choice in spec.methods]
     flops = {c[2].label: cell_training_flops(prep, c) for c in cells}

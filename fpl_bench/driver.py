@@ -719,14 +719,9 @@ class FederatedRun:
         tokens: Tensor | None,
         targets: Tensor,
         ctx: EncodeContext,
-        chunk: int = 128,
     ) -> np.ndarray:
-        out = []
-        for i in range(0, len(targets), chunk):
-            t = None if tokens is None else tokens[i : i + chunk]
-            logits = self.method.logits(z, pooled[i : i + chunk], t, ctx)
-            out.append(logits.argmax(-1) == targets[i : i + chunk])
-        return torch.cat(out).cpu().numpy() if out else np.zeros(0, dtype=bool)
+        """Whether each image's predicted class is its target (the learner chunks the images)."""
+        return (self.method.predict(z, pooled, tokens, ctx) == targets).cpu().numpy()
 
     def state_dict(self) -> dict[str, Any]:
         """Everything a resumed run needs (tensors and plain values; `torch.save`-able and

@@ -100,6 +100,12 @@ class Method:
     ) -> Tensor:
         return self.learner.logits(encoded["text"], images, tokens, ctx)
 
+    def predict(
+        self, encoded: Encoded, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
+    ) -> Tensor:
+        """Predicted class positions [B]: `logits(...).argmax(-1)`, as the learner finds it."""
+        return self.learner.predict(encoded["text"], images, tokens, ctx)
+
     def batch_constants(
         self, encoded: Encoded, tokens: Tensor, ctx: EncodeContext
     ) -> Tensor | None:

@@ -53,6 +53,14 @@ def random_context(init: InitContext) -> Tensor:
     return 0.02 * torch.randn(tower.n_ctx, tower.width, generator=init.generator)
 
 
+EVAL_CHUNK = 128  # images per `logits` call in evaluation (`PromptLearner.predict`)
+
+
+def chunks(n: int, size: int) -> list[tuple[int, int]]:
+    """[(start, stop)] covering range(n) in pieces of `size`."""
+    return [(i, min(i + size, n)) for i in range(0, n, size)]
+
+
 def cosine_logits(text: Tensor, images: Tensor, logit_scale: float) -> Tensor:
     """CLIP logits: logit_scale * cos(image, text). images [B, D] or [D], text [n_cls, D]."""
     return logit_scale * F.normalize(images, dim=-1) @ text.T
@@ -98,6 +106,23 @@ class PromptLearner:
         given: what `batch_constants` computed for these images (None: compute it here).
         """
         return cosine_logits(text[0], images, ctx.tower.logit_scale)
+
+    def predict(
+        self, text: Tensor, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
+    ) -> Tensor:
+        """Predicted class positions [B] (into ctx.class_idx) of images [B, D] (tokens
+        [B, P, D]): the first argmax of `logits`, computed `EVAL_CHUNK` images at a time.
+        Evaluation only needs this; a learner whose logits are costly may find the argmax
+        without computing every logit, but must return exactly `logits(...).argmax(-1)`."""
+        return torch.cat(
+            [
+                self.logits(text, images[i:j], None if tokens is None else tokens[i:j], ctx)
+                .argmax(-1)
+                .reshape(-1)
+                for i, j in chunks(len(images), EVAL_CHUNK)
+            ]
+            or [torch.zeros(0, dtype=torch.long, device=images.device)]
+        )
 
     def batch_constants(self, text: Tensor, tokens: Tensor, ctx: EncodeContext) -> Tensor | None:
         """Per-sample tensors [..., B, ...] that the loss reads without a gradient through them,

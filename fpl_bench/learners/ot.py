@@ -36,6 +36,7 @@ Departures from the reference:
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -44,12 +45,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fpl_bench.learners import LEARNERS
-from fpl_bench.learners._base import EncodeContext, PromptLearner
+from fpl_bench.learners._base import EncodeContext, PromptLearner, chunks
 from fpl_bench.ot import sinkhorn
 
 # Evaluation may end the Sinkhorn loop early, checking every this many iterations whether all
 # problems have converged (same result; never inside vmap/grad, where the loop runs max_iter).
 _CHECK_EVERY = 5
+
+# `predict` solves the transport problems of this many similarity entries at a time (16 MB in
+# float32): a Sinkhorn iteration costs ~3x more per problem on 128 problems than on 2000+.
+_EVAL_ELEMENTS = 1 << 22
+
+# `predict` skips a class whose logit bound, raised by this fraction of the largest possible
+# |logit|, is below a solved logit: 1e3 times float32 rounding of a 128-term sum.
+_BOUND_SLACK = 1e-3
 
 
 @LEARNERS.register("ot")
@@ -89,12 +98,71 @@ class OTPatch(PromptLearner):
         `text` [N, n, D] are the prompts' text features; `images` (pooled) are not used.
         given: the plans [B, n, P, N] (or [n, P, N]) from `batch_constants`; None solves them.
         """
+        sim = self._similarities(text, tokens)  # [*, n, P, N]
+        plan = self._plan(sim) if given is None else given  # [*, n, P, N], no gradient
+        return self._score(plan, sim, ctx)  # [*, n]
+
+    @staticmethod
+    def _similarities(text: Tensor, tokens: Tensor | None) -> Tensor:
+        """S [*, n, P, N]: cosine of every patch token [*, P, D] with every text feature."""
         if tokens is None:
             raise ValueError("the ot learner scores patch tokens: call logits with [B, P, D]")
-        patches = F.normalize(tokens, dim=-1)  # [*, P, D]
-        sim = torch.einsum("...md,ncd->...cmn", patches, text)  # [*, n, P, N]
-        plan = self._plan(sim) if given is None else given  # [*, n, P, N], no gradient
-        return ctx.tower.logit_scale * (plan * sim).sum(dim=(-2, -1))  # [*, n]
+        patches = F.normalize(tokens, dim=-1)
+        return torch.einsum("...md,ncd->...cmn", patches, text)
+
+    @staticmethod
+    def _score(plan: Tensor, sim: Tensor, ctx: EncodeContext) -> Tensor:
+        """logit = logit_scale * sum_{m, n} T_mn S_mn over the last two dims."""
+        return ctx.tower.logit_scale * (plan * sim).sum(dim=(-2, -1))
+
+    def _logit_bound(self, sim: Tensor, ctx: EncodeContext) -> tuple[Tensor, float]:
+        """(U [*, n], slack): U_c = s (top_percent / N) sum_n max_m S_mn >= logit_c (`predict`);
+        slack = `_BOUND_SLACK` s top_percent max |S|, a margin for float rounding."""
+        scale = ctx.tower.logit_scale
+        bound = scale * (self.top_percent / sim.shape[-1]) * sim.amax(dim=-2).sum(-1)
+        return bound, _BOUND_SLACK * scale * self.top_percent * float(sim.abs().amax())
+
+    def predict(
+        self, text: Tensor, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
+    ) -> Tensor:
+        """`logits(...).argmax(-1)` [B], solving only the transport problems that can decide it.
+
+        A plan is non-negative with column sums b_n = top_percent / N (exact after every
+        Sinkhorn iteration: the prompt step comes last), so
+
+            logit_c = s sum_n sum_m T_mn S_mn  <=  s sum_n b_n max_m S_mn  =: U_c.
+
+        Each image's class with the largest U is solved first; a class with U_c + slack below
+        that logit cannot be the argmax (the slack, `_BOUND_SLACK` of the largest possible
+        |logit|, covers float rounding of the plan and the sum) and is not solved; the rest
+        are. `sinkhorn` solves each problem alone with the same ops whatever the batch, so every
+        solved logit is bit-for-bit the one `logits` computes, and so is the argmax
+        (tests/methods/test_fedotp.py).
+        """
+        if tokens is None or tokens.dim() != 3:
+            return super().predict(text, images, tokens, ctx)
+        per_image = text.shape[0] * text.shape[1] * tokens.shape[1]  # S entries of one image
+        size = max(1, _EVAL_ELEMENTS // per_image)
+        parts = [self._predict(text, tokens[i:j], ctx) for i, j in chunks(len(tokens), size)]
+        return torch.cat(parts) if parts else super().predict(text, images, tokens, ctx)
+
+    def _predict(self, text: Tensor, tokens: Tensor, ctx: EncodeContext) -> Tensor:
+        """`predict` for one chunk of images (tokens [B, P, D])."""
+        sim = self._similarities(text, tokens)  # [B, n, P, N]
+        if sim.shape[1] < 2 or not bool(torch.isfinite(sim).all()):
+            return self._score(self._plan(sim), sim, ctx).argmax(-1)
+        bound, slack = self._logit_bound(sim, ctx)  # [B, n], a float
+        rows = torch.arange(sim.shape[0], device=sim.device)
+        first = bound.argmax(-1)  # [B]
+        solved = torch.full_like(bound, -math.inf)
+        best = self._score(self._plan(sim[rows, first]), sim[rows, first], ctx)  # [B]
+        solved[rows, first] = best
+        rest = bound + slack >= best.unsqueeze(-1)
+        rest[rows, first] = False
+        if bool(rest.any()):
+            chosen = sim[rest]  # [K, P, N]
+            solved[rest] = self._score(self._plan(chosen), chosen, ctx)
+        return solved.argmax(-1)
 
     def batch_constants(self, text: Tensor, tokens: Tensor, ctx: EncodeContext) -> Tensor:
         """The transport plans [..., B, n, P, N] of a training batch, solved outside vmap.

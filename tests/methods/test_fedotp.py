@@ -104,6 +104,81 @@ def test_identical_patches_give_top_percent_times_the_mean_prompt_cosine(tiny_to
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
+def _clustered(n_images, n_classes, *, seed):
+    """Text features [2, n, D] and patch tokens [B, P, D] near one class each (with noise), so
+    that one class stands out per image as in a trained model, and classes 0 and 1 identical
+    (exact ties)."""
+    g = torch.Generator().manual_seed(seed)
+    centres = torch.randn(n_classes, D, generator=g)
+    centres[1] = centres[0]
+    text = F.normalize(centres + 0.3 * torch.randn(2, 1, D, generator=g), dim=-1)
+    text[:, 1] = text[:, 0]
+    labels = torch.randint(0, n_classes, (n_images,), generator=g)
+    tokens = centres[labels].unsqueeze(1) + 3.0 * torch.randn(n_images, P, D, generator=g)
+    return text, F.normalize(tokens, dim=-1)
+
+
+@pytest.mark.parametrize(("top_percent", "per_call"), [(0.8, 96), (1.0, 7)])
+def test_predict_is_the_argmax_of_logits_from_fewer_problems(
+    tiny_tower, monkeypatch, top_percent, per_call
+):
+    # per_call: images per chunk (7: 14 chunks, the last one of 5 images)
+    monkeypatch.setattr("fpl_bench.learners.ot._EVAL_ELEMENTS", per_call * 20 * P * 2)
+    learner = FedOTP(top_percent=top_percent).learner
+    ctx = EncodeContext(tower=tiny_tower, class_idx=torch.arange(20))
+    text, tokens = _clustered(96, 20, seed=3)
+    full = learner.logits(text, tokens.mean(1), tokens, ctx)  # [B, n]
+    solved = []
+    plan = OTPatch._plan
+
+    def counting(self, sim):
+        solved.append(sim.detach().clone())
+        return plan(self, sim)
+
+    monkeypatch.setattr(OTPatch, "_plan", counting)
+    predicted = learner.predict(text, tokens.mean(1), tokens, ctx)
+    assert torch.equal(predicted, full.argmax(-1))
+    assert (predicted == 0).any() and not (predicted == 1).any()  # ties go to the first class
+    assert len(solved) == 2 * -(-96 // per_call)  # the first classes, then the rest, per chunk
+    n_solved = sum(s.shape[0] for s in solved)
+    assert 96 <= n_solved < 96 * 20 / 2  # one per image, then only the classes still in reach
+    # every solved problem gives bit-for-bit the logit of the full computation
+    sim = OTPatch._similarities(text, tokens)
+    for s in solved:
+        hits = (sim.unsqueeze(2) == s).flatten(-2).all(-1)  # [B, n, K]
+        b, c, k = hits.nonzero(as_tuple=True)
+        assert len(k) >= s.shape[0]
+        again = OTPatch._score(plan(learner, s), s, ctx)
+        assert torch.equal(again[k], full[b, c])
+
+
+def test_logit_bound_holds_and_is_reached_by_identical_patches(tiny_tower):
+    learner = FedOTP(top_percent=0.8).learner
+    ctx = EncodeContext(tower=tiny_tower, class_idx=torch.arange(20))
+    text, tokens = _clustered(32, 20, seed=6)
+    sim = OTPatch._similarities(text, tokens)
+    bound, slack = learner._logit_bound(sim, ctx)
+    logits = learner.logits(text, tokens.mean(1), tokens, ctx)
+    assert (logits <= bound).all()
+    assert slack == pytest.approx(1e-3 * tiny_tower.logit_scale * 0.8 * float(sim.abs().max()))
+    # identical patches: the plan is uniform, logit = 0.8 s mean_n cos = the bound
+    same = tokens[:, :1].expand(-1, P, -1)
+    sim = OTPatch._similarities(text, same)
+    bound, _ = learner._logit_bound(sim, ctx)
+    torch.testing.assert_close(learner.logits(text, same.mean(1), same, ctx), bound)
+
+
+def test_predict_without_a_clear_winner_solves_everything_and_agrees(tiny_tower):
+    learner = FedOTP().learner
+    ctx = EncodeContext(tower=tiny_tower, class_idx=torch.arange(6))
+    text = F.normalize(torch.ones(2, 6, D) + 1e-3 * random_tokens(2, 6, D, seed=4), dim=-1)
+    tokens = random_tokens(7, P, D, seed=5)
+    full = learner.logits(text, tokens.mean(1), tokens, ctx)
+    assert torch.equal(learner.predict(text, tokens.mean(1), tokens, ctx), full.argmax(-1))
+    one = learner.predict(text, tokens[:1].mean(1), tokens[:1], ctx)
+    assert one.shape == (1,) and one[0] == full[0].argmax()
+
+
 def test_vmap_grad_per_sample_equals_a_loop_of_autograd(tiny_tower):
     method = FedOTP()
     params, ctx = setup(tiny_tower, method, n_classes=4)

@@ -88,6 +88,36 @@ def test_per_sample_cotangents_equal_autograd(towers):
     assert _rel(got, want) < 1e-12
 
 
+def test_prompt_with_zero_cotangents_is_skipped_and_gets_zero(towers, monkeypatch):
+    """FedPGP's pattern: the second prompt's features feed only a prior, so its per-sample
+    cotangents are zero; the backward runs for the first prompt only, with the same values."""
+    from fpl_bench import tower_vjp
+
+    hand, auto = towers
+    ctx, cot = 0.1 * _data(3, 4, hand.width), _data(6, 3, len(NAMES), 64)
+    cot[:, 1] = 0.0
+    leads = []
+    backward = tower_vjp._backward
+
+    def counting(spec, saved, dz):
+        leads.append(dz.shape[0])
+        return backward(spec, saved, dz)
+
+    monkeypatch.setattr(tower_vjp, "_backward", counting)
+
+    def per_sample(tower):
+        _, fn = vjp(tower.encode, ctx)
+        return vmap(fn)(cot)[0]
+
+    got, want = per_sample(hand), per_sample(auto)
+    assert leads == [2]  # prompts 0 and 2 of 3
+    assert torch.equal(got[:, 1], torch.zeros_like(got[:, 1]))
+    assert _rel(got, want) < 1e-12
+    cot[:, 1] = 1e-30  # not zero: every prompt goes through
+    per_sample(hand)
+    assert leads == [2, 3]
+
+
 def test_plain_backward_and_class_subset_equal_autograd(towers):
     hand, auto = towers
     ctx, cot, subset = 0.1 * _data(4, hand.width), _data(2, 64), torch.tensor([3, 1])

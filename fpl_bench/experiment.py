@@ -786,9 +786,11 @@ def prepared_bytes(prep: Prepared) -> float:
 
 
 def cell_training_flops(prep: Prepared, cell: tuple[int, float | None, MethodChoice]) -> float:
-    """FLOPs of one run's training: client steps x tower FLOPs per step (B passes per private
-    step, about 2 otherwise) x prompt components through the tower (FedOTP's global and local
-    prompt, FedPGP's full and sigma prompt: 2)."""
+    """FLOPs of one run's training: client steps x tower passes per step x the FLOPs of one.
+    A step's forward is one pass per prompt component (FedOTP's global and local prompt,
+    FedPGP's full and sigma prompt: 2); its backward one more without DP, and under DP one per
+    sample for each component the loss reads (FedPGP's sigma feeds only its prior, whose
+    per-sample cotangents are zero and skipped: tower_vjp.tower_backward)."""
     spec = prep.spec
     seed, eps, choice = cell
     if not LEARNERS.get(choice.learner).trains:
@@ -799,9 +801,9 @@ def cell_training_flops(prep: Prepared, cell: tuple[int, float | None, MethodCho
         for idx in split.train
     )
     scheme = SCHEMES.get(choice.scheme)
-    per_step = prep.tower.pass_flops(len(protocol.seen_classes))
-    per_step *= spec.batch_size if eps is not None else 2
-    per_step *= scheme.n_prompts + scheme.n_extra_prompts
+    components = scheme.n_prompts + scheme.n_extra_prompts
+    passes = components + (scheme.n_prompts * spec.batch_size if eps is not None else components)
+    per_step = prep.tower.pass_flops(len(protocol.seen_classes)) * passes
     return spec.rounds * spec.client_fraction * client_steps * per_step
 
 

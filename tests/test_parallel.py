@@ -129,8 +129,9 @@ def test_the_progress_bar_moves_with_every_workers_rounds(tmp_path):
 
 
 def test_worker_queue_takes_the_longest_runs_first(tmp_path):
-    """Two-prompt methods cost twice a one-prompt method per step; FedOTP (patch tokens, a
-    Sinkhorn problem per image and class) goes before FedPGP; zero-shot (no training) last."""
+    """Under DP a step costs 1 forward pass per prompt component and B backward passes per
+    component the loss reads: FedOTP (2 of 2) twice CoOp, FedPGP (1 of 2: sigma feeds only
+    its prior) one pass more than CoOp; zero-shot (no training) last."""
     from fpl_bench.experiment import cell_training_flops, longest_first, prepare
 
     names = ["zeroshot", "coop", "fedpgp", "dpfpl", "fedotp"]
@@ -139,6 +140,8 @@ def test_worker_queue_takes_the_longest_runs_first(tmp_path):
     cells = [(0, 0.5, choice) for choice in spec.methods]
     flops = {c[2].label: cell_training_flops(prep, c) for c in cells}
     assert flops["zeroshot"] == 0
-    assert flops["fedpgp"] == flops["fedotp"] == 2 * flops["coop"] == 2 * flops["dpfpl"] > 0
+    assert flops["fedotp"] == 2 * flops["coop"] == 2 * flops["dpfpl"] > 0
+    b = spec.batch_size
+    assert flops["fedpgp"] * (1 + b) == pytest.approx(flops["coop"] * (2 + b), rel=1e-12)
     order = [cells[i][2].label for i in longest_first(prep, cells, list(range(len(cells))))]
     assert order == ["fedotp", "fedpgp", "coop", "dpfpl", "zeroshot"]

@@ -57,7 +57,8 @@ _CHECK_EVERY = 5
 _EVAL_ELEMENTS = 1 << 22
 
 # `predict` skips a class whose logit bound, raised by this fraction of the largest possible
-# |logit|, is below a solved logit: 1e3 times float32 rounding of a 128-term sum.
+# |logit|, is below a solved logit: 1e3 times float32 rounding of a 128-term sum (at least 256
+# units of rounding of the similarities' dtype: in bf16 nothing is skipped).
 _BOUND_SLACK = 1e-3
 
 
@@ -117,10 +118,13 @@ class OTPatch(PromptLearner):
 
     def _logit_bound(self, sim: Tensor, ctx: EncodeContext) -> tuple[Tensor, float]:
         """(U [*, n], slack): U_c = s (top_percent / N) sum_n max_m S_mn >= logit_c (`predict`);
-        slack = `_BOUND_SLACK` s top_percent max |S|, a margin for float rounding."""
+        slack = r s top_percent max |S|, a margin for float rounding, r = `_BOUND_SLACK` or
+        256 units of rounding of sim's dtype if that is more."""
         scale = ctx.tower.logit_scale
-        bound = scale * (self.top_percent / sim.shape[-1]) * sim.amax(dim=-2).sum(-1)
-        return bound, _BOUND_SLACK * scale * self.top_percent * float(sim.abs().amax())
+        top = sim.amax(dim=-2).float()  # [*, n, N]
+        bound = scale * (self.top_percent / sim.shape[-1]) * top.sum(-1)
+        rel = max(_BOUND_SLACK, 256 * torch.finfo(sim.dtype).eps)
+        return bound, rel * scale * self.top_percent * float(sim.abs().amax())
 
     def predict(
         self, text: Tensor, images: Tensor, tokens: Tensor | None, ctx: EncodeContext

@@ -790,7 +790,8 @@ def cell_training_flops(prep: Prepared, cell: tuple[int, float | None, MethodCho
     A step's forward is one pass per prompt component (FedOTP's global and local prompt,
     FedPGP's full and sigma prompt: 2); its backward one more without DP, and under DP one per
     sample for each component the loss reads (FedPGP's sigma feeds only its prior, whose
-    per-sample cotangents are zero and skipped: tower_vjp.tower_backward)."""
+    per-sample cotangents are zero and skipped: tower_vjp.tower_backward), plus one per
+    component for a prior (KgCoOp, FedProx, FedPGP: its own backward, outside clipping)."""
     spec = prep.spec
     seed, eps, choice = cell
     if not LEARNERS.get(choice.learner).trains:
@@ -802,7 +803,11 @@ def cell_training_flops(prep: Prepared, cell: tuple[int, float | None, MethodCho
     )
     scheme = SCHEMES.get(choice.scheme)
     components = scheme.n_prompts + scheme.n_extra_prompts
-    passes = components + (scheme.n_prompts * spec.batch_size if eps is not None else components)
+    if eps is None:
+        passes = 2 * components
+    else:
+        prior = components if build_method(choice).has_prior else 0
+        passes = components + scheme.n_prompts * spec.batch_size + prior
     per_step = prep.tower.pass_flops(len(protocol.seen_classes)) * passes
     return spec.rounds * spec.client_fraction * client_steps * per_step
 

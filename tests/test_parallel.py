@@ -129,12 +129,13 @@ def test_the_progress_bar_moves_with_every_workers_rounds(tmp_path):
 
 
 def test_worker_queue_takes_the_longest_runs_first(tmp_path):
-    """Under DP a step costs 1 forward pass per prompt component and B backward passes per
-    component the loss reads: FedOTP (2 of 2) twice CoOp, FedPGP (1 of 2: sigma feeds only
-    its prior) one pass more than CoOp; zero-shot (no training) last."""
+    """Under DP a step costs 1 forward pass per prompt component, B backward passes per
+    component the loss reads and 1 per component for a prior: FedOTP (2 of 2) twice CoOp,
+    FedPGP (2 components, 1 read by the loss, a prior) B + 4, KgCoOp (a prior) B + 2, CoOp
+    and DP-FPL B + 1; zero-shot (no training) last."""
     from fpl_bench.experiment import cell_training_flops, longest_first, prepare
 
-    names = ["zeroshot", "coop", "fedpgp", "dpfpl", "fedotp"]
+    names = ["zeroshot", "coop", "fedpgp", "dpfpl", "kgcoop", "fedotp"]
     spec = tiny_spec(tmp_path, names, eps=(0.5,), rounds=2, clients=3)
     prep = prepare(spec, log=lambda _: None)
     cells = [(0, 0.5, choice) for choice in spec.methods]
@@ -142,6 +143,7 @@ def test_worker_queue_takes_the_longest_runs_first(tmp_path):
     assert flops["zeroshot"] == 0
     assert flops["fedotp"] == 2 * flops["coop"] == 2 * flops["dpfpl"] > 0
     b = spec.batch_size
-    assert flops["fedpgp"] * (1 + b) == pytest.approx(flops["coop"] * (2 + b), rel=1e-12)
+    assert flops["fedpgp"] * (1 + b) == pytest.approx(flops["coop"] * (4 + b), rel=1e-12)
+    assert flops["kgcoop"] * (1 + b) == pytest.approx(flops["coop"] * (2 + b), rel=1e-12)
     order = [cells[i][2].label for i in longest_first(prep, cells, list(range(len(cells))))]
-    assert order == ["fedotp", "fedpgp", "coop", "dpfpl", "zeroshot"]
+    assert order == ["fedotp", "fedpgp", "kgcoop", "coop", "dpfpl", "zeroshot"]

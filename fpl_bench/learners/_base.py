@@ -53,12 +53,7 @@ def random_context(init: InitContext) -> Tensor:
     return 0.02 * torch.randn(tower.n_ctx, tower.width, generator=init.generator)
 
 
-EVAL_CHUNK = 128  # images per `logits` call in evaluation (`PromptLearner.predict`)
-
-
-def chunks(n: int, size: int) -> list[tuple[int, int]]:
-    """[(start, stop)] covering range(n) in pieces of `size`."""
-    return [(i, min(i + size, n)) for i in range(0, n, size)]
+EVAL_CHUNK = 128  # images per `predict_chunk` call in evaluation (`PromptLearner.predict`)
 
 
 def cosine_logits(text: Tensor, images: Tensor, logit_scale: float) -> Tensor:
@@ -111,18 +106,27 @@ class PromptLearner:
         self, text: Tensor, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
     ) -> Tensor:
         """Predicted class positions [B] (into ctx.class_idx) of images [B, D] (tokens
-        [B, P, D]): the first argmax of `logits`, computed `EVAL_CHUNK` images at a time.
-        Evaluation only needs this; a learner whose logits are costly may find the argmax
-        without computing every logit, but must return exactly `logits(...).argmax(-1)`."""
-        return torch.cat(
-            [
-                self.logits(text, images[i:j], None if tokens is None else tokens[i:j], ctx)
-                .argmax(-1)
-                .reshape(-1)
-                for i, j in chunks(len(images), EVAL_CHUNK)
-            ]
-            or [torch.zeros(0, dtype=torch.long, device=images.device)]
-        )
+        [B, P, D]): the first argmax of `logits`, by `predict_chunk` on `eval_chunk` images at
+        a time. Evaluation only needs this."""
+        size = self.eval_chunk(text, tokens)
+        parts = [
+            self.predict_chunk(
+                text, images[i : i + size], None if tokens is None else tokens[i : i + size], ctx
+            )
+            for i in range(0, len(images), size)
+        ]
+        return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=images.device)
+
+    def eval_chunk(self, text: Tensor, tokens: Tensor | None) -> int:
+        """Images per `predict_chunk` call (bounds evaluation's memory)."""
+        return EVAL_CHUNK
+
+    def predict_chunk(
+        self, text: Tensor, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
+    ) -> Tensor:
+        """`logits(...).argmax(-1)` [B] for one chunk. A learner whose logits are costly may
+        find the argmax without computing every logit, but must return exactly this."""
+        return self.logits(text, images, tokens, ctx).argmax(-1)
 
     def batch_constants(self, text: Tensor, tokens: Tensor, ctx: EncodeContext) -> Tensor | None:
         """Per-sample tensors [..., B, ...] that the loss reads without a gradient through them,

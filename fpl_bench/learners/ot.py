@@ -45,20 +45,20 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fpl_bench.learners import LEARNERS
-from fpl_bench.learners._base import EncodeContext, PromptLearner, chunks
+from fpl_bench.learners._base import EncodeContext, PromptLearner
 from fpl_bench.ot import sinkhorn
 
 # Evaluation may end the Sinkhorn loop early, checking every this many iterations whether all
 # problems have converged (same result; never inside vmap/grad, where the loop runs max_iter).
 _CHECK_EVERY = 5
 
-# `predict` solves the transport problems of this many similarity entries at a time (16 MB in
-# float32): a Sinkhorn iteration costs ~3x more per problem on 128 problems than on 2000+.
+# Evaluation's chunk (`eval_chunk`): this many similarity entries (16 MB in float32); a Sinkhorn
+# iteration costs ~3x more per problem on 128 problems than on 2000+.
 _EVAL_ELEMENTS = 1 << 22
 
-# `predict` skips a class whose logit bound, raised by this fraction of the largest possible
-# |logit|, is below a solved logit: 1e3 times float32 rounding of a 128-term sum (at least 256
-# units of rounding of the similarities' dtype: in bf16 nothing is skipped).
+# `predict_chunk` skips a class whose logit bound, raised by this fraction of the largest
+# possible |logit|, is below a solved logit: 1e3 times float32 rounding of a 128-term sum (at
+# least 256 units of rounding of the similarities' dtype: in bf16 nothing is skipped).
 _BOUND_SLACK = 1e-3
 
 
@@ -117,7 +117,7 @@ class OTPatch(PromptLearner):
         return ctx.tower.logit_scale * (plan * sim).sum(dim=(-2, -1))
 
     def _logit_bound(self, sim: Tensor, ctx: EncodeContext) -> tuple[Tensor, float]:
-        """(U [*, n], slack): U_c = s (top_percent / N) sum_n max_m S_mn >= logit_c (`predict`);
+        """(U [*, n], slack): U_c = s (top_percent / N) sum_n max_m S_mn >= logit_c (`predict_chunk`);
         slack = r s top_percent max |S|, a margin for float rounding, r = `_BOUND_SLACK` or
         256 units of rounding of sim's dtype if that is more."""
         scale = ctx.tower.logit_scale
@@ -126,7 +126,14 @@ class OTPatch(PromptLearner):
         rel = max(_BOUND_SLACK, 256 * torch.finfo(sim.dtype).eps)
         return bound, rel * scale * self.top_percent * float(sim.abs().amax())
 
-    def predict(
+    def eval_chunk(self, text: Tensor, tokens: Tensor | None) -> int:
+        """As many images as give `_EVAL_ELEMENTS` similarity entries (N n P per image)."""
+        if tokens is None:
+            return super().eval_chunk(text, tokens)
+        per_image = text.shape[0] * text.shape[1] * tokens.shape[-2]
+        return max(1, _EVAL_ELEMENTS // per_image)
+
+    def predict_chunk(
         self, text: Tensor, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
     ) -> Tensor:
         """`logits(...).argmax(-1)` [B], solving only the transport problems that can decide it.
@@ -143,15 +150,6 @@ class OTPatch(PromptLearner):
         solved logit is bit-for-bit the one `logits` computes, and so is the argmax
         (tests/methods/test_fedotp.py).
         """
-        if tokens is None or tokens.dim() != 3:
-            return super().predict(text, images, tokens, ctx)
-        per_image = text.shape[0] * text.shape[1] * tokens.shape[1]  # S entries of one image
-        size = max(1, _EVAL_ELEMENTS // per_image)
-        parts = [self._predict(text, tokens[i:j], ctx) for i, j in chunks(len(tokens), size)]
-        return torch.cat(parts) if parts else super().predict(text, images, tokens, ctx)
-
-    def _predict(self, text: Tensor, tokens: Tensor, ctx: EncodeContext) -> Tensor:
-        """`predict` for one chunk of images (tokens [B, P, D])."""
         sim = self._similarities(text, tokens)  # [B, n, P, N]
         if sim.shape[1] < 2 or not bool(torch.isfinite(sim).all()):
             return self._score(self._plan(sim), sim, ctx).argmax(-1)

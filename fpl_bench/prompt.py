@@ -380,11 +380,18 @@ def _activation(module: nn.Module, x: Tensor) -> Tensor:
 def _mlp(block: nn.Module, x: Tensor, saved: list[Tensor] | None = None) -> Tensor:
     mlp = block.mlp
     pre = F.linear(x, mlp.c_fc.weight, mlp.c_fc.bias)
-    if saved is not None:
+    if saved is None:
+        hidden = _activation(mlp.gelu, pre)
+    elif isinstance(mlp.gelu, nn.GELU) and mlp.gelu.approximate == "none":
+        # inside tower_vjp's forward nothing is differentiated: the value and the slope
+        # from one evaluation of erf and exp (exact_gelu's value is the same tensor)
+        hidden, slope = gelu_parts(pre)
+        saved.append(slope)
+    else:
         slope = activation_slope(mlp.gelu, pre)
         assert slope is not None  # tower_vjp.supported checked the activation
         saved.append(slope)
-    hidden = _activation(mlp.gelu, pre)
+        hidden = _activation(mlp.gelu, pre)
     return F.linear(hidden, mlp.c_proj.weight, mlp.c_proj.bias)
 
 

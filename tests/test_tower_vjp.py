@@ -183,3 +183,20 @@ def test_hand_backward_only_for_per_sample_forwards():
         compute._PER_SAMPLE_BACKWARD.reset(token)
     assert "SharedPrefixEncode" in inside and "SharedPrefixEncode" not in outside
     assert seen == [True]
+
+
+def test_saving_forward_evaluates_the_gelu_once_per_block(monkeypatch):
+    """The forward that saves for the hand-written backward takes GELU's value and slope from
+    one erf (and one exp) per MLP, not one for the value and another for the slope; the
+    features are those of the plain forward bit for bit (test above)."""
+    tower = _tower("exact_gelu")
+    calls = []
+    erf = torch.erf
+
+    def counting(x, *args, **kwargs):
+        calls.append(tuple(x.shape))
+        return erf(x, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "erf", counting)
+    tower.encode((0.1 * _data(2, 4, tower.width)).requires_grad_())
+    assert len(calls) == len(tower.transformer.resblocks)

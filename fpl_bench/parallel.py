@@ -9,10 +9,18 @@ than it saves, and CUDA jobs keep one process (one device).
 Parent and workers, as Flower splits server and client:
 - the parent prepares the job once (data, features into the on-disk cache, partitions), hands
   out run indices through a queue, and alone writes results.csv, the job record and the log;
-- a worker (spawned: no state inherited) prepares the same spec from the warm cache, then runs
-  `experiment.run_one` for each index it takes and sends back the row. Its MLflow run, per-round
+- a worker (forked from a fork server, or spawned: no state of the parent's either way)
+  prepares the same spec from the warm cache, then runs `experiment.run_one` for each index it
+  takes and sends back the row. Its MLflow run, per-round
   metrics and checkpoints are written by the worker itself (MLflow's store takes concurrent
   writers; a checkpoint is per run).
+Start-up: a fresh interpreter spends ~10 s importing torch, open_clip and MLflow before it can
+run. `warm_workers`, called before the parent prepares the job, starts the fork server that
+multiprocessing's "forkserver" method forks workers from, and has it import those modules while
+the parent is busy with its own imports and data; each worker is then a fork of it that starts
+running within a second or two. (The fork server is a fresh interpreter: nothing of the
+parent's state, threads or open files reaches a worker; where there is no forkserver method,
+workers are spawned as before.)
 Every run is seeded by its own (seed, round, client, step) streams, so the rows are the same
 whichever worker runs them, and the same as in one process (tests/test_parallel.py).
 
@@ -38,13 +46,44 @@ from typing import Any
 
 from fpl_bench.compute import usable_cores
 
-__all__ = ["PARALLEL_JOB_FLOPS", "available_memory", "job_workers", "run_parallel"]
+__all__ = ["PARALLEL_JOB_FLOPS", "available_memory", "job_workers", "run_parallel", "warm_workers"]
 
 # Below this many FLOPs of training for the whole job, workers are not started (spawning one
 # and preparing its data costs a few seconds; 2e12 FLOPs is a minute or more of runs).
 PARALLEL_JOB_FLOPS = 2e12
 
 Cell = tuple[int, float | None, Any]  # (seed, eps, MethodChoice)
+
+# What a worker imports before its first run; the fork server imports them once (`warm_workers`).
+WORKER_MODULES = (
+    "torch",
+    "open_clip",
+    "mlflow.tracking",
+    "mlflow.store.tracking.sqlalchemy_store",
+    "fpl_bench.experiment",
+    "fpl_bench.tracking",
+)
+
+
+def _context() -> Any:
+    """The multiprocessing context workers start from: forkserver where the platform has it
+    (Linux, macOS), else spawn. Neither gives a worker any of the parent's state."""
+    method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
+    return mp.get_context(method)
+
+
+def warm_workers() -> bool:
+    """Start the fork server now, importing `WORKER_MODULES` in its own process, so that it is
+    ready (or nearly) when `run_parallel` asks it for workers. Returns whether one is running.
+    Idempotent: the server lives as long as this process and serves every later job."""
+    ctx = _context()
+    if ctx.get_start_method() != "forkserver":
+        return False
+    from multiprocessing import forkserver
+
+    ctx.set_forkserver_preload(list(WORKER_MODULES))  # no effect once the server runs
+    forkserver.ensure_running()
+    return True
 
 
 def job_workers(
@@ -120,8 +159,14 @@ def _watch_parent(interval: float = 1.0) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
-def _worker_main(spec: Any, cells: Sequence[Cell], tasks: Any, results: Any) -> None:
-    """A worker: prepare the spec, then run the cells whose indices arrive on `tasks`."""
+def _worker_main(
+    spec: Any, cells: Sequence[Cell], tasks: Any, results: Any, env: dict[str, str], cwd: str
+) -> None:
+    """A worker: prepare the spec, then run the cells whose indices arrive on `tasks`.
+    `env` and `cwd` are the parent's now (a fork server's copies date from its start)."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_run)
     sys.unraisablehook = _quiet_stop
@@ -178,17 +223,21 @@ def run_parallel(
     log: Callable[[str], None],
     on_round: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Run cells[i] for i in `pending` on `workers` spawned processes; `on_row(i, row)` in the
-    parent as each finishes (in completion order), `on_round(i, rounds done)` after each of
-    its rounds."""
-    ctx = mp.get_context("spawn")
+    """Run cells[i] for i in `pending` on `workers` processes (`_context`); `on_row(i, row)`
+    in the parent as each finishes (in completion order), `on_round(i, rounds done)` after
+    each of its rounds."""
+    ctx = _context()
     tasks, results = ctx.Queue(), ctx.Queue()
     for index in pending:
         tasks.put(index)
     for _ in range(workers):
         tasks.put(None)
     procs = [
-        ctx.Process(target=_worker_main, args=(spec, list(cells), tasks, results), daemon=True)
+        ctx.Process(
+            target=_worker_main,
+            args=(spec, list(cells), tasks, results, dict(os.environ), os.getcwd()),
+            daemon=True,
+        )
         for _ in range(workers)
     ]
     remaining = set(pending)

@@ -45,13 +45,20 @@ for _opt in ("n_train_per_class=4", "n_test_per_class=2", "n_val_per_class=2"):
 
 
 def test_two_workers_write_the_same_results_as_one_process(tmp_path, monkeypatch):
+    """Also: workers forked from a fork server started earlier (in another folder, with another
+    environment) work in the parent's folder and environment as they are at the job's start:
+    relative paths and MLFLOW_TRACKING_URI (set only now) resolve as in the parent."""
+    parallel.warm_workers()  # a no-op if an earlier test started the server
+    monkeypatch.chdir(tmp_path)
     frames = {}
     for workers in ("1", "2"):
         out = tmp_path / f"out{workers}"
-        args = [*ARGS, "--workers", workers, "--out", str(out), "--cache-dir", str(tmp_path)]
+        uri = f"sqlite:///{tmp_path / f'tracking{workers}.db'}"
+        monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+        args = [*ARGS, "--workers", workers, "--out", out.name, "--cache-dir", "cache"]
         assert run_main(args, monkeypatch) == 0
         frames[workers] = pd.read_csv(out / "results.csv", dtype={"eps": str})
-        client = MlflowClient(tracking_uri=f"sqlite:///{out / 'mlflow.db'}")
+        client = MlflowClient(tracking_uri=uri)
         runs = client.search_runs(client.get_experiment_by_name("fpl-bench").experiment_id)
         assert sorted(r.info.run_id for r in runs) == sorted(frames[workers].mlflow_run_id)
         assert {r.info.status for r in runs} == {"FINISHED"}

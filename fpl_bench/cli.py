@@ -356,6 +356,10 @@ def run(
     elif os.environ.get("FPL_BENCH_CACHE"):
         fields["cache_dir"] = Path(os.environ["FPL_BENCH_CACHE"])
     spec = build_spec_from_flags(fields)
+    if spec.workers != 1 and spec.device != "cuda" and _n_runs(spec) > 1:
+        from fpl_bench.parallel import warm_workers
+
+        warm_workers()  # its imports overlap with this process's (fpl_bench/parallel.py)
     specs = [spec]
     if tuned:
         from fpl_bench.tune import tuned_specs
@@ -447,6 +451,11 @@ def _run_suite(
         progress=TqdmProgress,
     )
     typer.echo(f"wrote {out / 'results.csv'}; `fpl-bench leaderboard --runs {out}` for the tables")
+
+
+def _n_runs(spec: Any) -> int:
+    """Runs a job of `spec` has (methods x eps x seeds)."""
+    return len(spec.methods) * len(spec.eps) * len(spec.seeds)
 
 
 def _out_folder(text: str) -> Path:

@@ -15,7 +15,8 @@ Parent and workers, as Flower splits server and client:
   metrics and checkpoints are written by the worker itself (MLflow's store takes concurrent
   writers; a checkpoint is per run).
 Start-up: a fresh interpreter spends ~10 s importing torch, open_clip and MLflow before it can
-run. `warm_workers`, called before the parent prepares the job, starts the fork server that
+run. `warm_workers`, called before the parent imports torch (the CLI's `run`, as soon as the
+job's flags are read) and again before it prepares the job (`run_experiment`), starts the fork server that
 multiprocessing's "forkserver" method forks workers from, and has it import those modules while
 the parent is busy with its own imports and data; each worker is then a fork of it that starts
 running within a second or two. (The fork server is a fresh interpreter: nothing of the
@@ -43,8 +44,6 @@ import time
 import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
-
-from fpl_bench.compute import usable_cores
 
 __all__ = ["PARALLEL_JOB_FLOPS", "available_memory", "job_workers", "run_parallel", "warm_workers"]
 
@@ -122,6 +121,14 @@ def available_memory() -> float:
     except OSError:
         pass
     return float("inf")
+
+
+def usable_cores() -> int:
+    """`compute.usable_cores`, imported when first needed: this module is imported (for
+    `warm_workers`) before torch is."""
+    from fpl_bench.compute import usable_cores as cores
+
+    return cores()
 
 
 def threads_per_worker(workers: int, threads: int | None) -> int:

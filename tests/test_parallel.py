@@ -154,3 +154,32 @@ def test_worker_queue_takes_the_longest_runs_first(tmp_path):
     assert flops["kgcoop"] * (1 + b) == pytest.approx(flops["coop"] * (2 + b), rel=1e-12)
     order = [cells[i][2].label for i in longest_first(prep, cells, list(range(len(cells))))]
     assert order == ["fedotp", "fedpgp", "kgcoop", "coop", "dpfpl", "zeroshot"]
+
+
+@pytest.mark.parametrize(
+    ("flags", "warmed"),
+    [
+        (["--methods", "coop,promptfl"], True),
+        (["--methods", "coop", "--eps", "none,0.5"], True),
+        (["--methods", "coop"], False),  # one run: never parallel
+        (["--methods", "coop,promptfl", "--workers", "1"], False),
+        (["--methods", "coop,promptfl", "--device", "cuda"], False),  # one process on CUDA
+    ],
+)
+def test_run_warms_the_fork_server_only_for_jobs_that_may_use_workers(
+    monkeypatch, tmp_path, flags, warmed
+):
+    """`fpl-bench run` starts the fork server before it imports torch when the job may use
+    workers (CPU, more than one run, --workers not 1): its imports overlap the parent's."""
+    import fpl_bench.experiment as experiment
+
+    calls = []
+    monkeypatch.setattr(parallel, "warm_workers", lambda: calls.append(True))
+
+    def stop(*args, **kwargs):
+        raise SystemExit(0)
+
+    monkeypatch.setattr(experiment, "run_experiment", stop)
+    monkeypatch.setattr(experiment, "build_methods", lambda spec: None)
+    assert run_main(["run", *flags, "--out", str(tmp_path)], monkeypatch) == 0
+    assert calls == ([True] if warmed else [])

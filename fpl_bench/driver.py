@@ -46,7 +46,13 @@ from fpl_bench.errors import FplError
 from fpl_bench.learners._base import EncodeContext, InitContext, Params
 from fpl_bench.method import Method
 from fpl_bench.privacy.mechanism import clipped_sum, noisy_mean
-from fpl_bench.privacy.per_sample import StepGrads, client_step_gradients, step_gradients
+from fpl_bench.privacy.per_sample import (
+    Forward,
+    StepGrads,
+    client_step_gradients,
+    encode_once,
+    step_gradients,
+)
 from fpl_bench.privacy.placement import Placement, Trust, place_noise
 from fpl_bench.privacy.planning import client_budgets, sample_rate, steps_per_round
 from fpl_bench.prompt import TextTower
@@ -158,6 +164,13 @@ class Upload:
     grads: Params  # mean gradient, client-noised gradient, or clipped per-sample SUM
     weight: float  # batch size, or expected batch size under DP
     prior: Params | None = None  # gradient of the prior on shared parameters (DP only)
+
+
+def _equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
+    """Same names, and tensors equal bit for bit (shape, dtype and values)."""
+    return a.keys() == b.keys() and all(
+        a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a
+    )
 
 
 def stream_seed(*keys: int) -> int:
@@ -357,6 +370,8 @@ class FederatedRun:
         position[seen[seen < len(position)].cpu()] = torch.arange(int((seen < len(position)).sum()))
         self.train_targets = position.to(device)[fed.train.labels]
         self.ctx_seen = EncodeContext(tower=tower, class_idx=seen, consts=self.consts)
+        # the last step forward: ((round, step), its params and aux (copies), (Z, vjp_fn))
+        self._last_forward: tuple[tuple[int, int], Params, Params, Forward] | None = None
         self._set_placement()
         if noise is not None:
             self.enable_privacy(noise)
@@ -478,8 +493,39 @@ class FederatedRun:
             prior=prior if method.has_prior else None,
             per_sample_loop=self.compute.per_sample_loop,
             constants=constants if method.has_batch_constants else None,
+            forward=self._forward(rnd, step_no, step, aux, encode),
         )
         return step, grads
+
+    def _forward(
+        self, rnd: int, step_no: int, step: Params, aux: Params, encode: Callable[..., object]
+    ) -> Forward:
+        """The encoder forward (Z, vjp_fn) of a client's step, computed once for the clients of
+        a step whose step parameters and aux equal the previous client's bit for bit.
+
+        Under step synchronisation every client of a step encodes the same global prompt
+        (PromptFL, FedProx, FedKgCoOp, and any shared-only scheme), and one client at a time
+        (a private step on CPU, `_groups`) each forward was ~15% of the step. The encoder is a
+        deterministic function of (params, aux) and the scored classes, so the shared forward
+        is the one each client would compute; its vjp_fn serves every client's cotangents.
+        On CPU only: the comparison is a host sync on other devices."""
+        last = self._last_forward
+        device = next(iter(step.values())).device if step else torch.device("cpu")
+        if (
+            last is not None
+            and last[0] == (rnd, step_no)
+            and _equal(last[1], step)
+            and _equal(last[2], aux)
+        ):
+            return last[3]
+        forward = encode_once(encode, step, math_attention=self.private)
+        if device.type == "cpu":
+            copies = (
+                {k: v.clone() for k, v in step.items()},
+                {k: v.clone() for k, v in aux.items()},
+            )
+            self._last_forward = ((rnd, step_no), *copies, forward)
+        return forward
 
     def _loss_fns(self) -> tuple[Callable[..., Tensor], Callable[..., Tensor | None]]:
         """(per-sample loss, batch constants) as `privacy.per_sample` calls them: on

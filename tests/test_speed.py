@@ -11,7 +11,12 @@ import torch.nn.functional as F
 from fpl_bench.compute import PARALLEL_FLOPS, pick_threads, resolve_precision
 from fpl_bench.driver import Compute, FederatedRun, NoisePlan, Schedule
 from fpl_bench.method import method_from_name
-from fpl_bench.privacy.per_sample import client_step_gradients, per_sample_grads, step_gradients
+from fpl_bench.privacy.per_sample import (
+    client_step_gradients,
+    encode_once,
+    per_sample_grads,
+    step_gradients,
+)
 from fpl_bench.prompt import TextTower, exact_gelu
 from tests.test_driver import make_federation
 
@@ -92,6 +97,48 @@ def test_batched_clients_equal_clients_one_by_one(tiny_tower, name, private):
         a, b = batched.view(c, evaluation=True), sequential.view(c, evaluation=True)
         for key in b:
             assert rel_err(a[key], b[key]) < 1e-5, (c, key)
+
+
+@pytest.mark.parametrize(
+    ("name", "shared"), [("promptfl", True), ("fedprox", True), ("dpfpl", False)]
+)
+def test_clients_with_equal_step_params_share_one_forward(tiny_tower, monkeypatch, name, shared):
+    """A private step one client at a time encodes a step's prompt once for all clients whose
+    step parameters and aux are equal (the global prompt under step synchronisation); every
+    parameter ends bit for bit as with one forward per client. DP-FPL's step parameters are
+    per client (its local low-rank factors, from each client's own random stream): no sharing."""
+    import fpl_bench.driver as driver
+
+    fed = make_federation(tiny_tower)
+    finals, forwards = [], []
+    for share in (True, False):
+        if not share:
+            monkeypatch.setattr(driver, "_equal", lambda a, b: False)
+        count = []
+
+        def once(*args, count=count, **kwargs):
+            count.append(1)
+            return encode_once(*args, **kwargs)
+
+        monkeypatch.setattr(driver, "encode_once", once)
+        run = FederatedRun(
+            method_from_name(name, _options(name)),
+            tiny_tower,
+            fed,
+            schedule=Schedule(rounds=2, batch_size=8, lr=0.1),
+            seed=0,
+            compute=Compute(batch_clients=False),
+        )
+        run.enable_privacy(NoisePlan(noise_multiplier=1.0, clip_norm=1.0))
+        run.run()
+        finals.append([run.view(c, evaluation=True) for c in range(len(run.clients))])
+        forwards.append(len(count))
+    for a, b in zip(*finals, strict=True):
+        assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    client_steps = sum(run.steps[c] for r in run.rounds_schedule for c in r)
+    steps = sum(max(run.steps[c] for c in r) for r in run.rounds_schedule)
+    assert forwards[1] == client_steps
+    assert forwards[0] == (steps if shared else client_steps)
 
 
 def test_per_sample_loop_equals_vmapped_per_sample_gradients(tiny_tower):

@@ -49,8 +49,10 @@ from torch.utils._pytree import tree_map
 from fpl_bench.compute import per_sample_backward
 
 __all__ = [
+    "Forward",
     "StepGrads",
     "client_step_gradients",
+    "encode_once",
     "loop_per_sample_grads",
     "mean_grads",
     "per_sample_grads",
@@ -75,9 +77,12 @@ def _batch_size(batch: tuple[Tensor, ...]) -> int:
     return sizes.pop()
 
 
-def _encode_once(
+Forward = tuple[Any, Callable[..., Any]]  # (Z, vjp_fn) of one encoder forward
+
+
+def encode_once(
     encode: Encode, params: Mapping[str, Tensor], *, math_attention: bool = False
-) -> tuple[Any, Callable[..., Any]]:
+) -> Forward:
     """Z = encode(params) and vjp_fn: cotangent on Z -> ({name: grad},), on detached inputs so
     that outer autograd state (params that require grad) never leaks into torch.func.
 
@@ -123,7 +128,7 @@ def per_sample_grads(
         grads = {k: v.detach().new_zeros((0, *v.shape)) for k, v in params.items()}
         ref = next(iter(params.values()), batch[0])
         return grads, ref.new_zeros(0)
-    z, vjp_fn = _encode_once(encode, params, math_attention=True)
+    z, vjp_fn = encode_once(encode, params, math_attention=True)
     in_dims = (None, *(0 for _ in batch))
     batch = tuple(t.detach() for t in batch)
     cot, losses = vmap(grad_and_value(sample_loss), in_dims=in_dims, chunk_size=chunk_size)(
@@ -150,7 +155,7 @@ def mean_grads(
         grads = {k: torch.zeros_like(v.detach()) for k, v in params.items()}
         ref = next(iter(params.values()), batch[0])
         return grads, ref.new_zeros(0)
-    z, vjp_fn = _encode_once(encode, params)
+    z, vjp_fn = encode_once(encode, params)
     in_dims = (None, *(0 for _ in batch))
     batch = tuple(t.detach() for t in batch)
 
@@ -249,6 +254,7 @@ def step_gradients(
     chunk_size: int | None = None,
     per_sample_loop: bool = False,
     constants: Constants | None = None,
+    forward: Forward | None = None,
 ) -> StepGrads:
     """The gradients a local step needs, with one encoder forward.
 
@@ -262,9 +268,14 @@ def step_gradients(
     `constants(Z, *batch)` -> [B, ...] or None: per-sample values the loss reads as constants
     (no gradient flows through them), computed once for the batch outside vmap and handed to
     sample_loss as one more batch tensor (`with_constants`).
+    `forward`: `encode_once(encode, params, math_attention=per_sample)` when the caller has it
+    already (its vjp_fn may be applied any number of times): clients whose step parameters
+    are equal share one forward (driver.FederatedRun._forward).
     """
     n = _batch_size(batch)
-    z, vjp_fn = _encode_once(encode, params, math_attention=per_sample)
+    if forward is None:
+        forward = encode_once(encode, params, math_attention=per_sample)
+    z, vjp_fn = forward
     prior_cot = None if prior is None else _prior_cotangents(prior, z, params)
     batch = with_constants(constants, z, tuple(t.detach() for t in batch))
     in_dims = (None, *(0 for _ in batch))

@@ -335,29 +335,51 @@ def _last_block_back(
 def tower_backward(spec: _Spec, saved: list[Tensor], dz: Tensor) -> Tensor:
     """d ctx [E, *lead, n_ctx, W] from d features dz [E, *lead, n, D] (normalised features).
 
-    On CPU a prompt whose cotangent is zero for every sample (FedPGP's sigma, whose features
-    only its data-independent prior reads) is left out: its gradient is zero, and half of
-    FedPGP's per-sample backward was spent computing it."""
+    On CPU the rows (samples) whose cotangent is zero for a prompt are left out of that
+    prompt's backward: their gradient is zero. FedPGP's sigma prompt feeds only its
+    data-independent prior, so its per-sample rows are all zero and only the prior's row (the
+    last, privacy/per_sample.py) is live; half of FedPGP's per-sample backward was spent
+    computing zeros. Prompts with the same live rows run as one backward."""
     lead = saved[-1].shape[:-2]
     saved = [t.reshape(-1, *t.shape[len(lead) :]) for t in saved]  # one lead dim L
     dz = dz.reshape(dz.shape[0], -1, *dz.shape[1 + len(lead) :])  # [E, L, n, D]
-    live = _live_prompts(dz)
-    if live is None:
+    groups = _live_rows(dz)
+    if groups is None:
         out = _backward(spec, saved, dz.permute(1, 2, 0, 3))  # [L, n_ctx, E, W]
     else:
-        part = _backward(spec, [t[live] for t in saved], dz[:, live].permute(1, 2, 0, 3))
-        out = part.new_zeros(dz.shape[1], *part.shape[1:])
-        out[live] = part
+        out = None
+        for prompts, rows in groups:
+            part = _backward(
+                spec, [t[prompts] for t in saved], dz[rows][:, prompts].permute(1, 2, 0, 3)
+            )  # [l, n_ctx, e, W]
+            if out is None:
+                out = part.new_zeros(dz.shape[1], part.shape[1], dz.shape[0], part.shape[3])
+            out[prompts.unsqueeze(-1), :, rows] = part.permute(0, 2, 1, 3)
+        assert out is not None
     return out.permute(2, 0, 1, 3).reshape(out.shape[2], *lead, *out.shape[1:2], out.shape[3])
 
 
-def _live_prompts(dz: Tensor) -> Tensor | None:
-    """Indices of the prompts (dim 1 of dz [E, L, n, D]) with a nonzero cotangent; None for
-    all (also when none is: no shortcut) and on devices where the check is a host sync."""
-    if dz.device.type != "cpu" or dz.shape[1] < 2:
+def _live_rows(dz: Tensor) -> list[tuple[Tensor, Tensor]] | None:
+    """(prompt indices, row indices) groups of dz [E, L, n, D]: each group's prompts have
+    nonzero cotangents in exactly those rows. None when every row of every prompt is live (or
+    none is: no shortcut), and on devices where the check is a host sync."""
+    if dz.device.type != "cpu":
         return None
-    live = dz.ne(0).flatten(2).any(-1).any(0)  # [L]
-    return None if bool(live.all()) or not bool(live.any()) else live.nonzero().squeeze(-1)
+    live = dz.ne(0).flatten(2).any(-1)  # [E, L]
+    if bool(live.all()) or not bool(live.any()):
+        return None
+    by_pattern: dict[tuple[bool, ...], list[int]] = {}
+    for prompt, pattern in enumerate(live.t().tolist()):
+        if any(pattern):
+            by_pattern.setdefault(tuple(pattern), []).append(prompt)
+    device = dz.device
+    return [
+        (
+            torch.tensor(prompts, device=device),
+            torch.tensor([i for i, on in enumerate(pattern) if on], device=device),
+        )
+        for pattern, prompts in by_pattern.items()
+    ]
 
 
 def _backward(spec: _Spec, saved: list[Tensor], dz: Tensor) -> Tensor:

@@ -88,19 +88,20 @@ def test_per_sample_cotangents_equal_autograd(towers):
     assert _rel(got, want) < 1e-12
 
 
-def test_prompt_with_zero_cotangents_is_skipped_and_gets_zero(towers, monkeypatch):
+def test_zero_cotangent_rows_are_skipped_and_get_zero(towers, monkeypatch):
     """FedPGP's pattern: the second prompt's features feed only a prior, so its per-sample
-    cotangents are zero; the backward runs for the first prompt only, with the same values."""
+    cotangents are zero (the backward runs for the other prompts only) except in the row that
+    carries the prior's cotangent (privacy/per_sample.py), which runs alone for that prompt.
+    Same values as autograd."""
     from fpl_bench import tower_vjp
 
     hand, auto = towers
     ctx, cot = 0.1 * _data(3, 4, hand.width), _data(6, 3, len(NAMES), 64)
-    cot[:, 1] = 0.0
-    leads = []
+    shapes = []
     backward = tower_vjp._backward
 
     def counting(spec, saved, dz):
-        leads.append(dz.shape[0])
+        shapes.append((dz.shape[0], dz.shape[2]))  # (prompts, rows)
         return backward(spec, saved, dz)
 
     monkeypatch.setattr(tower_vjp, "_backward", counting)
@@ -109,13 +110,21 @@ def test_prompt_with_zero_cotangents_is_skipped_and_gets_zero(towers, monkeypatc
         _, fn = vjp(tower.encode, ctx)
         return vmap(fn)(cot)[0]
 
+    cot[:, 1] = 0.0
     got, want = per_sample(hand), per_sample(auto)
-    assert leads == [2]  # prompts 0 and 2 of 3
+    assert shapes == [(2, 6)]  # prompts 0 and 2 of 3, every row
     assert torch.equal(got[:, 1], torch.zeros_like(got[:, 1]))
     assert _rel(got, want) < 1e-12
-    cot[:, 1] = 1e-30  # not zero: every prompt goes through
+    cot[5, 1] = _data(len(NAMES), 64)[0]  # a prior's row
+    shapes.clear()
+    got, want = per_sample(hand), per_sample(auto)
+    assert shapes == [(2, 6), (1, 1)]
+    assert torch.equal(got[:5, 1], torch.zeros_like(got[:5, 1]))
+    assert _rel(got, want) < 1e-12
+    cot[:, 1] = 1e-30  # not zero: every prompt and row goes through
+    shapes.clear()
     per_sample(hand)
-    assert leads == [2, 3]
+    assert shapes == [(3, 6)]
 
 
 def test_plain_backward_and_class_subset_equal_autograd(towers):

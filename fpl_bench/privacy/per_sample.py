@@ -204,6 +204,11 @@ class StepGrads:
     prior: dict[str, Tensor] | None
 
 
+def _append_row(rows: Tensor, row: Tensor) -> Tensor:
+    """rows [n, *shape] with `row` [*shape] appended: [n + 1, *shape]."""
+    return torch.cat([rows, row.unsqueeze(0).to(rows.dtype)])
+
+
 def _add(a: dict[str, Tensor], b: dict[str, Tensor]) -> dict[str, Tensor]:
     return {k: a[k] + b[k] if k in b else a[k] for k in a}
 
@@ -286,6 +291,10 @@ def step_gradients(
             cot, losses = vmap(grad_and_value(sample_loss), in_dims=in_dims, chunk_size=chunk_size)(
                 z, *batch
             )
+            if prior_cot is not None and chunk_size is None:
+                # the prior's cotangent rides as row n of the per-sample backward: one batched
+                # backward of n + 1 rows instead of n rows and a separate pass for one
+                cot = tree_map(_append_row, cot, prior_cot[0])
             (data,) = vmap(vjp_fn, chunk_size=chunk_size)(cot)
             data = dict(data)
         else:
@@ -293,7 +302,11 @@ def step_gradients(
             losses = next(iter(params.values())).new_zeros(0)
         prior_grads = None
         if prior_cot is not None:
-            (through_z,) = vjp_fn(prior_cot[0])
+            if n and not per_sample_loop and chunk_size is None:
+                through_z = {k: g[n] for k, g in data.items()}
+                data = {k: g[:n] for k, g in data.items()}
+            else:
+                (through_z,) = vjp_fn(prior_cot[0])
             prior_grads = _add(dict(through_z), prior_cot[1])
         return StepGrads(data=data, losses=losses, prior=prior_grads)
     if n:

@@ -185,3 +185,29 @@ def test_real_text_tower(tiny_tower) -> None:
     grads, _ = per_sample_grads(encode, cosine_ce, params, (images, labels))
     ref, _ = loop_grads(encode, cosine_ce, params, (images, labels))
     assert rel_err(grads["ctx"], ref["ctx"]) < 1e-4
+
+
+@pytest.mark.parametrize("n", [5, 0])
+def test_step_gradients_prior_rides_with_the_per_sample_backward(n: int) -> None:
+    """With a prior (reads Z and params, no record), step_gradients gives the per-sample data
+    gradients and the prior's gradient J^T dprior/dZ + dprior/dparams apart; the prior's
+    cotangent goes through the per-sample backward as one more row. Both against autograd."""
+    from fpl_bench.privacy.per_sample import step_gradients
+
+    encode, sample_loss, params, batch = dict_case()
+    batch = tuple(t[:n] for t in batch)
+    anchor = {k: 0.3 * torch.ones_like(v) for k, v in params.items()}
+
+    def prior(z: dict[str, Tensor], p: dict[str, Tensor]) -> Tensor:
+        return 2.0 * (z["g"] * z["l"]).sum() + sum(((p[k] - anchor[k]) ** 2).sum() for k in p)
+
+    out = step_gradients(encode, sample_loss, params, batch, per_sample=True, prior=prior)
+    ref = loop_grads(encode, sample_loss, params, batch)[0] if n else {}
+    leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
+    want = torch.autograd.grad(prior(encode(leaves), leaves), list(leaves.values()))
+    assert out.prior is not None
+    for k, w in zip(leaves, want, strict=True):
+        assert out.data[k].shape == (n, *params[k].shape)
+        if n:
+            assert rel_err(out.data[k], ref[k]) < 1e-5
+        torch.testing.assert_close(out.prior[k], w, rtol=1e-9, atol=1e-12)

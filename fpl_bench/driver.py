@@ -134,10 +134,13 @@ class Compute:
     batch_clients: the step's clients through one tower forward and one vmapped backward.
     per_sample_loop: per-sample gradients by one forward + backward per sample (ablation).
     group_elements: bound on one activation tensor of a batched step (clients x samples x
-        tower rows x MLP width elements); the step's clients are split into groups under it.
-        None: 2^28 on CUDA (memory), 2^20 on a CPU (cache: on the embedded default a private
-        step, ~1.2M elements per client, ran 1.1-1.7x slower batched than one client at a
-        time, while non-private steps, 30x smaller, ran 3-4x faster batched).
+        tower rows x MLP width elements; on CPU without the samples factor: there the
+        per-sample backward runs in calls of a few prompts, tower_vjp.CPU_ROWS_PER_CALL);
+        the step's clients are split into groups under it. None: 2^28 on CUDA (memory),
+        2^20 on a CPU (cache: non-private steps ran 3-4x faster batched; a private step,
+        whose per-sample backward as one call for 10 clients ran 1.1-1.7x slower than one
+        client at a time, now shares the forward, the loss and the noise calls of its
+        clients and runs their backward in chunks).
     """
 
     batch_clients: bool = True
@@ -649,8 +652,10 @@ class FederatedRun:
         if not self.compute.batch_clients or (self.compute.per_sample_loop and self.private):
             return [[c] for c in clients]
         rows = self.tower.rows(len(self.ctx_seen.class_idx))
-        per_client = rows * 4 * self.tower.width * (self.sched.batch_size if self.private else 1)
-        bound = self.compute.group_bound(self.fed.train.labels.device)
+        device = self.fed.train.labels.device
+        samples = self.sched.batch_size if self.private and device.type != "cpu" else 1
+        per_client = rows * 4 * self.tower.width * samples
+        bound = self.compute.group_bound(device)
         size = max(1, bound // max(1, per_client))
         return [list(clients[i : i + size]) for i in range(0, len(clients), size)]
 

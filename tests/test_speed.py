@@ -141,6 +141,23 @@ def test_clients_with_equal_step_params_share_one_forward(tiny_tower, monkeypatc
     assert forwards[0] == (steps if shared else client_steps)
 
 
+def test_private_steps_on_cpu_batch_the_clients(tiny_tower):
+    """On CPU a private step's clients go through one forward (their per-sample backward runs
+    in chunks inside tower_vjp), as non-private ones do; without client batching, one by one."""
+    fed = make_federation(tiny_tower)
+    for compute, groups in ((Compute(), [[0, 1]]), (Compute(batch_clients=False), [[0], [1]])):
+        run = FederatedRun(
+            method_from_name("coop", {}),
+            tiny_tower,
+            fed,
+            schedule=Schedule(rounds=1, batch_size=1024),  # samples x rows x width > 2^20
+            seed=0,
+            compute=compute,
+        )
+        run.enable_privacy(NoisePlan(noise_multiplier=1.0, clip_norm=1.0))
+        assert run._groups([0, 1]) == groups
+
+
 def test_per_sample_loop_equals_vmapped_per_sample_gradients(tiny_tower):
     fed = make_federation(tiny_tower)
     finals = []

@@ -209,3 +209,32 @@ def test_saving_forward_evaluates_the_gelu_once_per_block(monkeypatch):
     monkeypatch.setattr(torch, "erf", counting)
     tower.encode((0.1 * _data(2, 4, tower.width)).requires_grad_())
     assert len(calls) == len(tower.transformer.resblocks)
+
+
+def test_prompts_run_in_calls_of_bounded_rows_with_the_same_values(towers, monkeypatch):
+    """On CPU the per-sample backward of many prompts (a batched step's clients) runs in
+    calls of at most CPU_ROWS_PER_CALL rows, with the gradients of one call (to rounding: the
+    BLAS may round a row differently in a matrix of another height)."""
+    from fpl_bench import tower_vjp
+
+    hand, _ = towers
+    ctx, cot = 0.1 * _data(5, 4, hand.width), _data(3, 5, len(NAMES), 64)
+    shapes = []
+    backward = tower_vjp._backward
+
+    def counting(spec, saved, dz):
+        shapes.append((dz.shape[0], dz.shape[2]))  # (prompts, rows)
+        return backward(spec, saved, dz)
+
+    monkeypatch.setattr(tower_vjp, "_backward", counting)
+
+    def per_sample():
+        _, fn = vjp(hand.encode, ctx)
+        return vmap(fn)(cot)[0]
+
+    whole = per_sample()
+    rows = hand.rows(len(NAMES))
+    monkeypatch.setattr(tower_vjp, "CPU_ROWS_PER_CALL", 2 * 3 * rows)  # 2 prompts x 3 samples
+    shapes.clear()
+    assert _rel(per_sample(), whole) < 1e-13
+    assert shapes == [(2, 3), (2, 3), (1, 3)]

@@ -346,6 +346,30 @@ def _mask_rows(tree: Any, valid: Tensor) -> Any:
     return tree_map(mask, tree)
 
 
+def _client_by_client(
+    per_client: Callable[..., tuple[Any, Tensor]],
+    z: Any,
+    batch: tuple[Tensor, ...],
+    sizes: Sequence[int],
+) -> tuple[Any, Tensor]:
+    """Per-sample cotangents and losses [K, B, ...] of each client's real rows, one client at
+    a time (padding rows zero). On CPU a matmul batched over clients (bmm) rounds differently
+    from the same product for one client (mm); this way each client's loss is the very
+    computation of a step for that client alone (`step_gradients`), and padding rows cost
+    nothing. The calls are few and small."""
+    outs = [per_client(_pick(z, k), *(t[k, :n] for t in batch)) for k, n in enumerate(sizes)]
+    width = batch[0].shape[1]
+
+    def padded(*rows: Tensor) -> Tensor:
+        out = rows[0].new_zeros(len(rows), width, *rows[0].shape[1:])
+        for k, (r, n) in enumerate(zip(rows, sizes, strict=True)):
+            out[k, :n] = r
+        return out
+
+    cot = tree_map(padded, *[c for c, _ in outs])
+    return cot, padded(*[loss for _, loss in outs])
+
+
 def client_step_gradients(
     encode: ClientEncode,
     sample_loss: SampleLoss,
@@ -397,8 +421,11 @@ def client_step_gradients(
         prior_cot = grad(total_prior, argnums=(0, 1))(z, primals)
     if per_sample:
         if width:
-            cot, losses = vmap(per_client, chunk_size=chunk_size)(z, *batch)  # [K, B, ...]
-            cot, losses = _mask_rows(cot, valid), _mask_rows(losses, valid)
+            if batch[0].device.type == "cpu":
+                cot, losses = _client_by_client(per_client, z, batch, sizes)
+            else:
+                cot, losses = vmap(per_client, chunk_size=chunk_size)(z, *batch)  # [K, B, ...]
+                cot, losses = _mask_rows(cot, valid), _mask_rows(losses, valid)
             (data,) = vmap(vjp_fn, in_dims=1, out_dims=1, chunk_size=chunk_size)(cot)
             data = dict(data)
         else:

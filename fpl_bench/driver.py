@@ -511,7 +511,11 @@ class FederatedRun:
         (a private step on CPU, `_groups`) each forward was ~15% of the step. The encoder is a
         deterministic function of (params, aux) and the scored classes, so the shared forward
         is the one each client would compute; its vjp_fn serves every client's cotangents.
-        On CPU only: the comparison is a host sync on other devices."""
+        On CPU only (the comparison is a host sync on other devices), and part of client
+        batching: with `batch_clients` off (the reference compute pattern, bench.py) every
+        client computes its own forward."""
+        if not self.compute.batch_clients:
+            return encode_once(encode, step, math_attention=self.private)
         last = self._last_forward
         device = next(iter(step.values())).device if step else torch.device("cpu")
         if (

@@ -70,6 +70,22 @@ def test_exact_gelu_has_gelu_values_and_derivative():
     torch.testing.assert_close(x.grad, y.grad)
 
 
+def _trained(tower, fed, name: str, compute: Compute, *, private: bool) -> FederatedRun:
+    """A 2-round run of preset `name` (DP with sigma = 1, C = 1 when `private`)."""
+    run = FederatedRun(
+        method_from_name(name, _options(name)),
+        tower,
+        fed,
+        schedule=Schedule(rounds=2, batch_size=8, lr=0.1),
+        seed=0,
+        compute=compute,
+    )
+    if private:
+        run.enable_privacy(NoisePlan(noise_multiplier=1.0, clip_norm=1.0))
+    run.run()
+    return run
+
+
 @pytest.mark.parametrize("name", PRESETS)
 @pytest.mark.parametrize("private", [False, True])
 def test_batched_clients_equal_clients_one_by_one(tiny_tower, name, private):
@@ -80,18 +96,7 @@ def test_batched_clients_equal_clients_one_by_one(tiny_tower, name, private):
         Compute(batch_clients=True, group_elements=2**40),
         Compute(batch_clients=False),
     ):
-        run = FederatedRun(
-            method_from_name(name, _options(name)),
-            tiny_tower,
-            fed,
-            schedule=Schedule(rounds=2, batch_size=8, lr=0.1),
-            seed=0,
-            compute=compute,
-        )
-        if private:
-            run.enable_privacy(NoisePlan(noise_multiplier=1.0, clip_norm=1.0))
-        run.run()
-        runs.append(run)
+        runs.append(_trained(tiny_tower, fed, name, compute, private=private))
     batched, sequential = runs
     for c in range(len(batched.clients)):
         a, b = batched.view(c, evaluation=True), sequential.view(c, evaluation=True)
@@ -121,16 +126,7 @@ def test_clients_with_equal_step_params_share_one_forward(tiny_tower, monkeypatc
             return encode_once(*args, **kwargs)
 
         monkeypatch.setattr(driver, "encode_once", once)
-        run = FederatedRun(
-            method_from_name(name, _options(name)),
-            tiny_tower,
-            fed,
-            schedule=Schedule(rounds=2, batch_size=8, lr=0.1),
-            seed=0,
-            compute=compute,
-        )
-        run.enable_privacy(NoisePlan(noise_multiplier=1.0, clip_norm=1.0))
-        run.run()
+        run = _trained(tiny_tower, fed, name, compute, private=True)
         finals.append([run.view(c, evaluation=True) for c in range(len(run.clients))])
         forwards.append(len(count))
     for a, b in zip(*finals, strict=True):

@@ -88,23 +88,30 @@ def test_per_sample_cotangents_equal_autograd(towers):
     assert _rel(got, want) < 1e-12
 
 
+def _record_calls(monkeypatch) -> list[tuple[int, int]]:
+    """(prompts, rows) of every call of the hand-written backward from now on."""
+    from fpl_bench import tower_vjp
+
+    shapes: list[tuple[int, int]] = []
+    backward = tower_vjp._backward
+
+    def counting(spec, saved, dz):
+        shapes.append((dz.shape[0], dz.shape[2]))
+        return backward(spec, saved, dz)
+
+    monkeypatch.setattr(tower_vjp, "_backward", counting)
+    return shapes
+
+
 def test_zero_cotangent_rows_are_skipped_and_get_zero(towers, monkeypatch):
     """FedPGP's pattern: the second prompt's features feed only a prior, so its per-sample
     cotangents are zero (the backward runs for the other prompts only) except in the row that
     carries the prior's cotangent (privacy/per_sample.py), which runs alone for that prompt.
     Same values as autograd."""
-    from fpl_bench import tower_vjp
 
     hand, auto = towers
     ctx, cot = 0.1 * _data(3, 4, hand.width), _data(6, 3, len(NAMES), 64)
-    shapes = []
-    backward = tower_vjp._backward
-
-    def counting(spec, saved, dz):
-        shapes.append((dz.shape[0], dz.shape[2]))  # (prompts, rows)
-        return backward(spec, saved, dz)
-
-    monkeypatch.setattr(tower_vjp, "_backward", counting)
+    shapes = _record_calls(monkeypatch)
 
     def per_sample(tower):
         _, fn = vjp(tower.encode, ctx)
@@ -219,14 +226,7 @@ def test_prompts_run_in_calls_of_bounded_rows_with_the_same_values(towers, monke
 
     hand, _ = towers
     ctx, cot = 0.1 * _data(5, 4, hand.width), _data(3, 5, len(NAMES), 64)
-    shapes = []
-    backward = tower_vjp._backward
-
-    def counting(spec, saved, dz):
-        shapes.append((dz.shape[0], dz.shape[2]))  # (prompts, rows)
-        return backward(spec, saved, dz)
-
-    monkeypatch.setattr(tower_vjp, "_backward", counting)
+    shapes = _record_calls(monkeypatch)
 
     def per_sample():
         _, fn = vjp(hand.encode, ctx)

@@ -356,10 +356,11 @@ def run(
     elif os.environ.get("FPL_BENCH_CACHE"):
         fields["cache_dir"] = Path(os.environ["FPL_BENCH_CACHE"])
     spec = build_spec_from_flags(fields)
-    if spec.workers != 1 and spec.device != "cuda" and _n_runs(spec) > 1:
-        from fpl_bench.parallel import warm_workers
+    from fpl_bench.parallel import warm_workers_if_needed
 
-        warm_workers()  # its imports overlap with this process's (fpl_bench/parallel.py)
+    # the fork server's imports overlap with this process's own (fpl_bench/parallel.py)
+    runs = len(spec.methods) * len(spec.eps) * len(spec.seeds)
+    warm_workers_if_needed(workers=spec.workers, device=spec.device, runs=runs)
     specs = [spec]
     if tuned:
         from fpl_bench.tune import tuned_specs
@@ -451,11 +452,6 @@ def _run_suite(
         progress=TqdmProgress,
     )
     typer.echo(f"wrote {out / 'results.csv'}; `fpl-bench leaderboard --runs {out}` for the tables")
-
-
-def _n_runs(spec: Any) -> int:
-    """Runs a job of `spec` has (methods x eps x seeds)."""
-    return len(spec.methods) * len(spec.eps) * len(spec.seeds)
 
 
 def _out_folder(text: str) -> Path:

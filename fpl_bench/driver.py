@@ -514,10 +514,10 @@ class FederatedRun:
         On CPU only (the comparison is a host sync on other devices), and part of client
         batching: with `batch_clients` off (the reference compute pattern, bench.py) every
         client computes its own forward."""
-        if not self.compute.batch_clients:
+        on_cpu = all(v.device.type == "cpu" for v in step.values())
+        if not (self.compute.batch_clients and on_cpu):
             return encode_once(encode, step, math_attention=self.private)
         last = self._last_forward
-        device = next(iter(step.values())).device if step else torch.device("cpu")
         if (
             last is not None
             and last[0] == (rnd, step_no)
@@ -526,12 +526,8 @@ class FederatedRun:
         ):
             return last[3]
         forward = encode_once(encode, step, math_attention=self.private)
-        if device.type == "cpu":
-            copies = (
-                {k: v.clone() for k, v in step.items()},
-                {k: v.clone() for k, v in aux.items()},
-            )
-            self._last_forward = ((rnd, step_no), *copies, forward)
+        copies = ({k: v.clone() for k, v in step.items()}, {k: v.clone() for k, v in aux.items()})
+        self._last_forward = ((rnd, step_no), *copies, forward)
         return forward
 
     def _loss_fns(self) -> tuple[Callable[..., Tensor], Callable[..., Tensor | None]]:

@@ -52,7 +52,12 @@ from fpl_bench.evaluate import final_metrics
 from fpl_bench.features import image_features
 from fpl_bench.learners import LEARNERS
 from fpl_bench.method import Method, build_method
-from fpl_bench.parallel import job_workers, run_parallel, threads_per_worker, warm_workers
+from fpl_bench.parallel import (
+    job_workers,
+    run_parallel,
+    threads_per_worker,
+    warm_workers_if_needed,
+)
 from fpl_bench.privacy.accountant import PrivacyLedger, use_calibration_cache
 from fpl_bench.privacy.planning import check_delta, plan_for_clients, steps_per_round
 from fpl_bench.prompt import TextTower
@@ -655,8 +660,10 @@ def _run_cells(
     cells = [
         (seed, eps, choice) for seed in spec.seeds for eps in spec.eps for choice in spec.methods
     ]
-    if spec.workers != 1 and len(cells) > 1 and resolve_device(spec.device).type == "cpu":
-        warm_workers()  # workers may be needed: their imports run while this process prepares
+    # workers may be needed: their imports run while this process prepares
+    warm_workers_if_needed(
+        workers=spec.workers, device=resolve_device(spec.device).type, runs=len(cells)
+    )
     prep = prepare(spec, log)
     for seed in spec.seeds:
         save_partition(federation(prep, seed), out, spec.dataset, seed)

@@ -45,7 +45,14 @@ import traceback
 from collections.abc import Callable, Sequence
 from typing import Any
 
-__all__ = ["PARALLEL_JOB_FLOPS", "available_memory", "job_workers", "run_parallel", "warm_workers"]
+__all__ = [
+    "PARALLEL_JOB_FLOPS",
+    "available_memory",
+    "job_workers",
+    "run_parallel",
+    "warm_workers",
+    "warm_workers_if_needed",
+]
 
 # Below this many FLOPs of training for the whole job, workers are not started (spawning one
 # and preparing its data costs a few seconds; 2e12 FLOPs is a minute or more of runs).
@@ -83,6 +90,14 @@ def warm_workers() -> bool:
     ctx.set_forkserver_preload(list(WORKER_MODULES))  # no effect once the server runs
     forkserver.ensure_running()
     return True
+
+
+def warm_workers_if_needed(*, workers: int | None, device: str, runs: int) -> bool:
+    """`warm_workers` for a job that may use workers: not on CUDA (one process), more than
+    one run, --workers not 1. Returns whether a fork server is running."""
+    if workers == 1 or runs < 2 or device == "cuda":
+        return False
+    return warm_workers()
 
 
 def job_workers(

@@ -362,8 +362,7 @@ def tower_backward(spec: _Spec, saved: list[Tensor], dz: Tensor) -> Tensor:
             if out is None:
                 out = part.new_zeros(dz.shape[1], part.shape[1], dz.shape[0], part.shape[3])
             out[prompts.unsqueeze(-1), :, rows] = part.permute(0, 2, 1, 3)
-        if out is None:  # no live row at all
-            out = _backward(spec, saved, dz.permute(1, 2, 0, 3))
+        assert out is not None
     return out.permute(2, 0, 1, 3).reshape(out.shape[2], *lead, *out.shape[1:2], out.shape[3])
 
 
@@ -371,13 +370,14 @@ def _calls(dz: Tensor, *, rows: int) -> list[tuple[Tensor, Tensor]] | None:
     """The backward calls for dz [E, L, n, D] on a tower of `rows` rows: (prompt indices, row
     indices) each. Prompts whose cotangents are nonzero in exactly the same rows go together,
     at most CPU_ROWS_PER_CALL // (live rows x rows) prompts per call. None (one call for
-    everything) when that would be a single call of every row, and on devices where the
-    zero check is a host sync."""
+    everything) when every row is live and fits in one call, when no row is (no shortcut),
+    and on devices where the zero check is a host sync."""
     if dz.device.type != "cpu":
         return None
     live = dz.ne(0).flatten(2).any(-1)  # [E, L]
     n_rows, n_prompts = live.shape
-    if n_rows * n_prompts * rows <= CPU_ROWS_PER_CALL and bool(live.all()):
+    fits = n_rows * n_prompts * rows <= CPU_ROWS_PER_CALL
+    if (fits and bool(live.all())) or not bool(live.any()):
         return None
     by_pattern: dict[tuple[bool, ...], list[int]] = {}
     for prompt, pattern in enumerate(live.t().tolist()):
@@ -394,8 +394,6 @@ def _calls(dz: Tensor, *, rows: int) -> list[tuple[Tensor, Tensor]] | None:
                     torch.tensor(picked, device=dz.device),
                 )
             )
-    if len(calls) == 1 and len(calls[0][0]) == n_prompts and len(calls[0][1]) == n_rows:
-        return None
     return calls
 
 

@@ -285,6 +285,7 @@ def step_gradients(
     batch = with_constants(constants, z, tuple(t.detach() for t in batch))
     in_dims = (None, *(0 for _ in batch))
     if per_sample:
+        folded = False  # the prior's cotangent went through the backward as row n
         if n and per_sample_loop:
             data, losses = loop_per_sample_grads(encode, sample_loss, params, batch)
         elif n:
@@ -295,6 +296,7 @@ def step_gradients(
                 # the prior's cotangent rides as row n of the per-sample backward: one batched
                 # backward of n + 1 rows instead of n rows and a separate pass for one
                 cot = tree_map(_append_row, cot, prior_cot[0])
+                folded = True
             (data,) = vmap(vjp_fn, chunk_size=chunk_size)(cot)
             data = dict(data)
         else:
@@ -302,7 +304,7 @@ def step_gradients(
             losses = next(iter(params.values())).new_zeros(0)
         prior_grads = None
         if prior_cot is not None:
-            if n and not per_sample_loop and chunk_size is None:
+            if folded:
                 through_z = {k: g[n] for k, g in data.items()}
                 data = {k: g[:n] for k, g in data.items()}
             else:

@@ -137,6 +137,38 @@ def test_clients_with_equal_step_params_share_one_forward(tiny_tower, monkeypatc
     assert forwards[0] == (steps if shared else client_steps)
 
 
+@pytest.mark.parametrize(
+    ("name", "private", "shared"),
+    [
+        ("promptfl", False, True),
+        ("fedkgcoop", False, True),
+        ("dpfpl", False, False),
+        ("promptfl", True, False),
+    ],
+)
+def test_batched_steps_share_the_forward_of_equal_clients(
+    tiny_tower, monkeypatch, name, private, shared
+):
+    """A non-private batched step encodes once when every client's step parameters and aux
+    are equal: the first step of a round, where every client starts from the global prompt
+    (later steps differ: these methods average once per round without DP). DP-FPL's step
+    parameters hold per-client factors; a private step keeps one forward per client (sharing
+    measured slower there). Numbers: test_batched_clients_equal_clients_one_by_one."""
+    import fpl_bench.driver as driver
+
+    calls: list[bool] = []
+
+    def spy(*args, **kwargs):
+        calls.append(kwargs["shared"])
+        return client_step_gradients(*args, **kwargs)
+
+    monkeypatch.setattr(driver, "client_step_gradients", spy)
+    run = _trained(tiny_tower, make_federation(tiny_tower), name, Compute(), private=private)
+    steps = max(run.steps)
+    assert len(calls) == steps * len(run.rounds_schedule) and steps > 1
+    assert calls == [shared and s == 0 for _ in run.rounds_schedule for s in range(steps)]
+
+
 def test_private_steps_on_cpu_batch_the_clients(tiny_tower):
     """On CPU a private step's clients go through one forward (their per-sample backward runs
     in chunks inside tower_vjp), as non-private ones do; without client batching, one by one."""
@@ -190,14 +222,19 @@ def _toy_case(n_cls: int = 5, width: int = 8):
     return encode, sample_loss, prior, g
 
 
+@pytest.mark.parametrize("shared", [False, True])
 @pytest.mark.parametrize("per_sample", [True, False])
-def test_client_step_gradients_equal_step_gradients_per_client(per_sample):
-    """Unequal batches (one of them empty) padded and batched = each client on its own."""
+def test_client_step_gradients_equal_step_gradients_per_client(per_sample, shared):
+    """Unequal batches (one of them empty) padded and batched = each client on its own; with
+    `shared` (equal params and extra, one forward for all clients) as well."""
     encode, sample_loss, prior, g = _toy_case()
     sizes = [3, 0, 5]
     width = max(sizes)
     params = {"ctx": torch.randn(3, 2, 8, generator=g, dtype=torch.float64)}
     extra = {"shift": torch.randn(3, 8, generator=g, dtype=torch.float64)}
+    if shared:
+        params = {"ctx": params["ctx"][:1].repeat(3, 1, 1)}
+        extra = {"shift": extra["shift"][:1].repeat(3, 1)}
     images = torch.randn(3, width, 8, generator=g, dtype=torch.float64)
     labels = torch.randint(0, 5, (3, width), generator=g)
     out = client_step_gradients(
@@ -209,6 +246,7 @@ def test_client_step_gradients_equal_step_gradients_per_client(per_sample):
         sizes,
         per_sample=per_sample,
         prior=prior,
+        shared=shared,
     )
     for k, n in enumerate(sizes):
         e = {"shift": extra["shift"][k]}

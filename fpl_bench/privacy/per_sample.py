@@ -384,6 +384,7 @@ def client_step_gradients(
     prior: ClientPrior | None = None,
     chunk_size: int | None = None,
     constants: Constants | None = None,
+    shared: bool = False,
 ) -> StepGrads:
     """`step_gradients` of K clients at once, with one encoder forward for all of them.
 
@@ -397,6 +398,12 @@ def client_step_gradients(
     prior: (Z of one client, params of one client, extra of one client) -> scalar or None.
     constants: (Z of all clients [K, ...], *batch [K, B, ...]) -> [K, B, ...] or None, as in
            `step_gradients` (padded rows included; their losses are masked anyway).
+    shared: every client's params and extra are equal (the caller checked, bit for bit: at
+           the first step of a round every client starts from the global prompt): the
+           encoder runs once, on client 0's, its Z stands for every client's, and each
+           client's cotangent goes back through that one forward (`vmap` of its vjp over the
+           clients). Equal to the stacked computation up to float rounding (a matmul of one
+           prompt's rows rounds differently from the same rows stacked with other clients').
 
     Returns StepGrads with data {name: [K, B, *shape]} (per_sample; padded rows zero) or
     {name: [K, *shape]} (the gradient of each client's mean loss + prior), losses [K, B]
@@ -408,7 +415,13 @@ def client_step_gradients(
     extra = _detach_tree(extra)
     batched = per_sample_backward() if per_sample else contextlib.nullcontext()
     with sdpa_kernel([SDPBackend.MATH]), batched:
-        z, vjp_fn = vjp(lambda p: vmap(encode)(p, extra), primals)
+        if shared:
+            first = _pick(extra, 0)
+            z, one_vjp = vjp(lambda p: encode(p, first), _pick(primals, 0))
+            z = tree_map(lambda t: t.expand(n_clients, *t.shape), z)
+            vjp_fn = vmap(one_vjp)  # client k's cotangent through the one forward
+        else:
+            z, vjp_fn = vjp(lambda p: vmap(encode)(p, extra), primals)
     z = _detach_tree(z)
     rows = torch.arange(width, device=batch[0].device)
     valid = torch.stack([rows < int(n) for n in sizes])  # [K, B]

@@ -47,11 +47,13 @@ from typing import Any
 
 __all__ = [
     "PARALLEL_JOB_FLOPS",
+    "adopt_parent",
     "available_memory",
     "job_workers",
     "run_parallel",
     "warm_workers",
     "warm_workers_if_needed",
+    "worker_context",
 ]
 
 # Below this many FLOPs of training for the whole job, workers are not started (spawning one
@@ -70,24 +72,27 @@ WORKER_MODULES = (
     "fpl_bench.tracking",
 )
 
+TUNE_WORKER_MODULES = (*WORKER_MODULES, "optuna")  # and a tune worker's (fpl_bench/tune.py)
 
-def _context() -> Any:
+
+def worker_context() -> Any:
     """The multiprocessing context workers start from: forkserver where the platform has it
     (Linux, macOS), else spawn. Neither gives a worker any of the parent's state."""
     method = "forkserver" if "forkserver" in mp.get_all_start_methods() else "spawn"
     return mp.get_context(method)
 
 
-def warm_workers() -> bool:
-    """Start the fork server now, importing `WORKER_MODULES` in its own process, so that it is
-    ready (or nearly) when `run_parallel` asks it for workers. Returns whether one is running.
-    Idempotent: the server lives as long as this process and serves every later job."""
-    ctx = _context()
+def warm_workers(modules: Sequence[str] = WORKER_MODULES) -> bool:
+    """Start the fork server now, importing `modules` in its own process, so that it is
+    ready (or nearly) when `run_parallel` (or `tune.tune`) asks it for workers. Returns whether
+    one is running. Idempotent: the server lives as long as this process and serves every
+    later job (the modules of the first call are the ones imported)."""
+    ctx = worker_context()
     if ctx.get_start_method() != "forkserver":
         return False
     from multiprocessing import forkserver
 
-    ctx.set_forkserver_preload(list(WORKER_MODULES))  # no effect once the server runs
+    ctx.set_forkserver_preload(list(modules))  # no effect once the server runs
     forkserver.ensure_running()
     return True
 
@@ -181,14 +186,20 @@ def _watch_parent(interval: float = 1.0) -> None:
     os.kill(os.getpid(), signal.SIGTERM)
 
 
+def adopt_parent(env: dict[str, str], cwd: str) -> None:
+    """A worker takes the parent's environment and working directory as they are when the job
+    starts workers (a fork server's copies date from the server's start)."""
+    os.environ.clear()
+    os.environ.update(env)
+    os.chdir(cwd)
+
+
 def _worker_main(
     spec: Any, cells: Sequence[Cell], tasks: Any, results: Any, env: dict[str, str], cwd: str
 ) -> None:
     """A worker: prepare the spec, then run the cells whose indices arrive on `tasks`.
-    `env` and `cwd` are the parent's now (a fork server's copies date from its start)."""
-    os.environ.clear()
-    os.environ.update(env)
-    os.chdir(cwd)
+    `env` and `cwd` are the parent's now (`adopt_parent`)."""
+    adopt_parent(env, cwd)
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_run)
     sys.unraisablehook = _quiet_stop
@@ -248,7 +259,7 @@ def run_parallel(
     """Run cells[i] for i in `pending` on `workers` processes (`_context`); `on_row(i, row)`
     in the parent as each finishes (in completion order), `on_round(i, rounds done)` after
     each of its rounds."""
-    ctx = _context()
+    ctx = worker_context()
     tasks, results = ctx.Queue(), ctx.Queue()
     for index in pending:
         tasks.put(index)

@@ -41,7 +41,6 @@ import fcntl
 import hashlib
 import json
 import math
-import multiprocessing
 import os
 import sys
 import time
@@ -65,6 +64,7 @@ from fpl_bench.catalog import (
     scheme_cards,
 )
 from fpl_bench.errors import UsageError
+from fpl_bench.parallel import TUNE_WORKER_MODULES, adopt_parent, warm_workers, worker_context
 from fpl_bench.report.records import normalize_eps
 from fpl_bench.spec import ExperimentSpec, build_spec
 
@@ -199,6 +199,11 @@ def open_storage(
         )
 
 
+def lock_path(storage_file: Path) -> str:
+    """The file StudyLock flocks beside a sqlite or journal storage file."""
+    return f"{storage_file}.fpl-lock"
+
+
 class StudyLock:
     """A lock every worker of a storage shares: held while a worker counts a study and Optuna
     creates its next trial (and while storage tables, studies and MLflow runs are created).
@@ -223,7 +228,9 @@ class StudyLock:
         else:
             path = target.file
             assert path is not None
-            self._fd = os.open(f"{path}.lock", os.O_RDWR | os.O_CREAT, 0o644)
+            # not PATH.lock: Optuna's journal backend takes that name for its own lock file,
+            # waits 30 s while it exists, then deletes it (and with it this flock's file)
+            self._fd = os.open(lock_path(path), os.O_RDWR | os.O_CREAT, 0o644)
 
     def acquire(self) -> None:
         if self.held:
@@ -902,8 +909,9 @@ def summary_line(study: optuna.Study, metric: str) -> str:
     return f"{study.study_name}: {states or 'no trials'}; {found}"
 
 
-def _worker_main(job: TuneJob, slot: int) -> None:
+def _worker_main(job: TuneJob, slot: int, env: dict[str, str], cwd: str) -> None:
     """Entry of a worker process: its lines prefixed with [wN]; a UsageError is one line."""
+    adopt_parent(env, cwd)
 
     def log(text: str) -> None:
         print(f"[w{slot}] {text}", flush=True)
@@ -917,13 +925,15 @@ def _worker_main(job: TuneJob, slot: int) -> None:
 
 
 def tune(job: TuneJob, log: Log = print) -> tuple[list[str], list[int]]:
-    """Run the job: in this process for one worker, else in `job.workers` processes (spawned,
-    after this process has filled the feature cache and created the storage and MLflow tables,
-    so that workers do not race to make them). Returns (summary lines, exit codes of workers
-    that failed)."""
+    """Run the job: in this process for one worker, else in `job.workers` processes (forked
+    from a fork server that imports torch, MLflow and Optuna while this process prepares,
+    fpl_bench/parallel.py; started after this process has filled the feature cache and
+    created the storage and MLflow tables, so that workers do not race to make them).
+    Returns (summary lines, exit codes of workers that failed)."""
     check_storage(job.storage)
     if job.workers == 1:
         return run_worker(job, 0, log), []
+    warm_workers(TUNE_WORKER_MODULES)
     from fpl_bench.experiment import prepare
     from fpl_bench.tracking import Tracker
 
@@ -938,8 +948,11 @@ def tune(job: TuneJob, log: Log = print) -> tuple[list[str], list[int]]:
                 direction="maximize",
                 load_if_exists=True,
             )
-    context = multiprocessing.get_context("spawn")
-    procs = [context.Process(target=_worker_main, args=(job, s)) for s in range(job.workers)]
+    context = worker_context()
+    parent = (dict(os.environ), os.getcwd())
+    procs = [
+        context.Process(target=_worker_main, args=(job, s, *parent)) for s in range(job.workers)
+    ]
     for proc in procs:
         proc.start()
     try:

@@ -59,6 +59,19 @@ def test_storage_defaults_sqlite_for_one_worker_journal_for_several(tmp_path):
     assert pg.shown == "postgresql://u:***@h:5/db"
 
 
+def test_study_lock_and_optuna_journal_lock_are_different_files(tmp_path):
+    """Optuna's journal backend locks PATH.lock with a file it creates and, after 30 s of
+    finding it there, deletes; StudyLock held over a study's creation must not be that file."""
+    target = tune.parse_storage(None, out=tmp_path, workers=2)
+    assert target.kind == "journal"
+    with tune.StudyLock(target):
+        t0 = time.monotonic()
+        optuna.create_study(storage=tune.open_storage(target), study_name="s")
+        assert time.monotonic() - t0 < 10
+    assert Path(tune.lock_path(target.file)).is_file()
+    assert not Path(f"{target.file}.lock").exists()
+
+
 @pytest.mark.parametrize(
     ("storage", "workers", "needle"),
     [

@@ -122,6 +122,10 @@ def tune_cmd(
     cache_dir: Annotated[Path | None, typer.Option(help="Feature/data cache.")] = None,
 ) -> None:
     """Tune the methods' hyperparameters on the validation split (one Optuna study each)."""
+    if workers > 1:  # the fork server's imports overlap with this process's (parallel.py)
+        from fpl_bench.parallel import TUNE_WORKER_MODULES, warm_workers
+
+        warm_workers(TUNE_WORKER_MODULES)
     from fpl_bench import tune as tuning
     from fpl_bench.catalog import parse_value, resolve_method
     from fpl_bench.spec import build_spec, parse_eps, parse_int_list

@@ -16,12 +16,13 @@ Parent and workers, as Flower splits server and client:
   writers; a checkpoint is per run).
 Start-up: a fresh interpreter spends ~10 s importing torch, open_clip and MLflow before it can
 run. `warm_workers`, called before the parent imports torch (the CLI's `run`, as soon as the
-job's flags are read) and again before it prepares the job (`run_experiment`), starts the fork server that
-multiprocessing's "forkserver" method forks workers from, and has it import those modules while
-the parent is busy with its own imports and data; each worker is then a fork of it that starts
-running within a second or two. (The fork server is a fresh interpreter: nothing of the
-parent's state, threads or open files reaches a worker; where there is no forkserver method,
-workers are spawned as before.)
+job's flags are read) and again before it prepares the job (`run_experiment`), starts the fork
+server that multiprocessing's "forkserver" method forks workers from, and has it import those
+modules while the parent is busy with its own imports and data; each worker is then a fork of
+it that starts running within a second or two (`fpl-bench tune --workers` starts its workers
+the same way). The fork server is a fresh interpreter: nothing of the parent's state, threads
+or open files reaches a worker, which takes the parent's environment and working directory at
+the job's start (`adopt_parent`); where there is no forkserver method, workers are spawned.
 Every run is seeded by its own (seed, round, client, step) streams, so the rows are the same
 whichever worker runs them, and the same as in one process (tests/test_parallel.py).
 
@@ -256,9 +257,9 @@ def run_parallel(
     log: Callable[[str], None],
     on_round: Callable[[int, int], None] | None = None,
 ) -> None:
-    """Run cells[i] for i in `pending` on `workers` processes (`_context`); `on_row(i, row)`
-    in the parent as each finishes (in completion order), `on_round(i, rounds done)` after
-    each of its rounds."""
+    """Run cells[i] for i in `pending` on `workers` processes (`worker_context`);
+    `on_row(i, row)` in the parent as each finishes (in completion order), `on_round(i, rounds
+    done)` after each of its rounds."""
     ctx = worker_context()
     tasks, results = ctx.Queue(), ctx.Queue()
     for index in pending:

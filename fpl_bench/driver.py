@@ -507,15 +507,12 @@ class FederatedRun:
         a step whose step parameters and aux equal the previous client's bit for bit.
 
         Under step synchronisation every client of a step encodes the same global prompt
-        (PromptFL, FedProx, FedKgCoOp, and any shared-only scheme), and one client at a time
-        (a private step on CPU, `_groups`) each forward was ~15% of the step. The encoder is a
-        deterministic function of (params, aux) and the scored classes, so the shared forward
-        is the one each client would compute; its vjp_fn serves every client's cotangents.
-        On CPU only (the comparison is a host sync on other devices), and part of client
-        batching: with `batch_clients` off (the reference compute pattern, bench.py) every
-        client computes its own forward."""
-        on_cpu = all(v.device.type == "cpu" for v in step.values())
-        if not (self.compute.batch_clients and on_cpu):
+        (PromptFL, FedProx, FedKgCoOp, and any shared-only scheme); where a step's clients run
+        one at a time (groups of one, `_groups`: a tower too large to batch them, or a single
+        active client) each forward was ~15% of a private step. The encoder is a deterministic
+        function of (params, aux) and the scored classes, so the shared forward is the one
+        each client would compute; its vjp_fn serves every client's cotangents."""
+        if not self._shares_forwards(step):
             return encode_once(encode, step, math_attention=self.private)
         last = self._last_forward
         if (
@@ -530,14 +527,21 @@ class FederatedRun:
         self._last_forward = ((rnd, step_no), *copies, forward)
         return forward
 
+    def _shares_forwards(self, step: Params) -> bool:
+        """Whether clients with equal step inputs may share one encoder forward: part of
+        client batching (with `batch_clients` off, the reference compute pattern of bench.py,
+        every client computes its own), and on CPU only (comparing the inputs is a host sync
+        on other devices)."""
+        return self.compute.batch_clients and all(v.device.type == "cpu" for v in step.values())
+
     def _same_inputs(self, inputs: Sequence[tuple[Params, Params, Any]]) -> bool:
         """Whether the clients of a batched non-private step encode the same (step params,
         aux), bit for bit: at a round's first step every client starts from the global prompt
         (`client_step_gradients(shared=True)` then runs one forward, 15-20% of a PromptFL
-        round of 2 steps). CPU only: the comparison is a host sync elsewhere. Not for private
-        steps, whose per-sample backward ran 1.3x slower through a shared forward."""
+        round of 2 steps; `_shares_forwards`). Not for private steps, whose per-sample
+        backward ran 1.3x slower through a shared forward."""
         step0, aux0, _ = inputs[0]
-        if self.private or any(v.device.type != "cpu" for v in step0.values()):
+        if self.private or not self._shares_forwards(step0):
             return False
         return all(_equal(step, step0) and _equal(aux, aux0) for step, aux, _ in inputs[1:])
 

@@ -332,8 +332,9 @@ def supports_fast_blocks(transformer: nn.Module) -> bool:
 
 
 def gelu_parts(x: Tensor) -> tuple[Tensor, Tensor]:
-    """(F.gelu(x) exact, its derivative Phi(x) + x phi(x)), both in x's dtype, computed in fp32."""
-    xf = x.detach().float()
+    """(F.gelu(x) exact, its derivative Phi(x) + x phi(x)), both in x's dtype, computed in x's
+    dtype widened to at least fp32 (bf16/fp16 in fp32, fp32 in fp32, fp64 in fp64)."""
+    xf = wide(x.detach())
     cdf = torch.erf(xf * math.sqrt(0.5)).add_(1.0).mul_(0.5)  # Phi(x)
     slope = torch.exp(xf.square().mul_(-0.5)).mul_(xf).mul_(1.0 / math.sqrt(2.0 * math.pi))
     return (xf * cdf).to(x.dtype), slope.add_(cdf).to(x.dtype)

@@ -3,6 +3,7 @@ CLI lists the methods and runs a tiny job from another directory."""
 
 import os
 import shutil
+import site
 import subprocess
 import sys
 import venv
@@ -37,7 +38,7 @@ def test_wheel_installs_with_its_cards_and_runs_from_another_directory(tmp_path)
     )
     (wheel,) = dist.glob("fpl_bench-*.whl")
     env_dir = tmp_path / "venv"
-    venv.EnvBuilder(system_site_packages=True, with_pip=False).create(env_dir)
+    venv.EnvBuilder(with_pip=False).create(env_dir)
     python = env_dir / "bin" / "python"
     subprocess.run(
         [
@@ -54,6 +55,7 @@ def test_wheel_installs_with_its_cards_and_runs_from_another_directory(tmp_path)
         check=True,
         capture_output=True,
     )
+    _see_running_interpreters_packages(python)  # after pip: it sees a venv with fpl_bench only
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
@@ -86,3 +88,22 @@ def test_wheel_installs_with_its_cards_and_runs_from_another_directory(tmp_path)
     )
     assert job.returncode == 0, job.stderr
     assert (elsewhere / "out" / "results.csv").is_file()
+
+
+def _see_running_interpreters_packages(python: Path) -> None:
+    """The dependencies (torch, typer, ...) for the venv at `python`: its site-packages gets a .pth
+    listing the running interpreter's site-packages (a venv's, or a system Python's user and
+    system ones), after its own. `system_site_packages=True`
+    would give the base interpreter's instead, which from inside a venv (the README's set-up)
+    lacks them. The paths are listed, not added as site dirs, so their .pth files (an editable
+    install of this checkout) stay out: fpl_bench comes from the wheel."""
+    purelib = subprocess.run(
+        [str(python), "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.strip()
+    dirs = [site.getusersitepackages()] if site.ENABLE_USER_SITE else []
+    dirs += site.getsitepackages()  # after the user's, as site.main() orders them
+    lines = [d for d in dict.fromkeys(dirs) if Path(d).is_dir()]
+    (Path(purelib) / "_running_interpreter.pth").write_text("".join(f"{d}\n" for d in lines))

@@ -30,7 +30,7 @@ seeds (the CSV's `n_seeds` says how many; the best of each column in bold)."""
 CAVEATS = """\
 Plausible reasons where an ordering does not reproduce, not tested here: the paper's baselines
 were noised differently (every method's shared prompt gets the same server-side noise here, see
-DESIGN.md), its baselines were simplified (PromptFL = global prompt only, FedOTP without OT),
+docs/design.md), its baselines were simplified (PromptFL = global prompt only, FedOTP without OT),
 clipping is per sample, and this is a 10-round CPU schedule on synthetic data."""
 
 SAME = """\

@@ -283,9 +283,14 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
+def _missing(path: Path) -> str:
+    """Why `path` is not a file, for a message."""
+    return "is a folder; give the file in it" if path.is_dir() else "does not exist"
+
+
 def _register_config_file(path: Path) -> str:
     if not path.is_file():
-        raise UsageError(f"model config {path} does not exist")
+        raise UsageError(f"model config {path} {_missing(path)}")
     try:
         cfg = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -345,7 +350,7 @@ def weights_source(
 def _file_source(path: Path) -> WeightsSource:
     path = path.expanduser()
     if not path.is_file():
-        raise UsageError(f"weights file {path} does not exist")
+        raise UsageError(f"weights file {path} {_missing(path)}")
     return WeightsSource(kind="file", tag="checkpoint", path=path)
 
 

@@ -8,7 +8,7 @@ client holds `samples_per_client` examples of `classes_per_client` of the 32 see
 compute, so eps only switches DP on (Poisson batches, per-sample clipping, noise).
 
 Compute configs. `Config()` is everything this package does to be fast; each switch turned off
-restores one piece of the reference implementations' compute pattern (DESIGN.md, "Speed"):
+restores one piece of the reference implementations' compute pattern (docs/design.md, "Speed"):
 
     feature_cache    off: images go through the frozen image encoder at every step (CoOp)
     eot_truncation   off: the text tower runs the full context length (77 on CLIP)

@@ -255,6 +255,11 @@ def method_names(text: str) -> list[str]:
         raise UsageError("the method list is empty; e.g. all, or coop,dpfpl, or kgcoop@fedavg")
     if words == ["all"]:
         return list_presets()
+    if "all" in words:
+        raise UsageError(
+            f"--methods {text}: 'all' means every preset and cannot be combined with other "
+            "names; give all alone, or list the methods"
+        )
     if len(set(words)) != len(words):
         twice = sorted({w for w in words if words.count(w) > 1})
         raise UsageError(f"method {twice[0]!r} is listed twice; list each method once")
@@ -338,10 +343,106 @@ def parse_params(items: list[str], methods: list[str]) -> dict[str, dict[str, An
         method = next(
             (m for m in sorted(methods, key=len, reverse=True) if key.startswith(m + ".")), None
         )
+        named, dot, _ = key.partition(".")
+        if sep and dot and named and method is None:
+            raise UsageError(
+                f"--param {item}: {named!r} is not among this run's methods "
+                f"({', '.join(methods)}); add it to --methods, or give METHOD.OPTION=VALUE "
+                "for one of them"
+            )
         if not sep or method is None or not key[len(method) + 1 :]:
             raise UsageError(
                 f"--param {item}: expected METHOD.OPTION=VALUE with METHOD one of the job's "
-                f"methods ({', '.join(methods)}), e.g. --param dpfpl.rank=4"
+                f"methods ({', '.join(methods)}), e.g. --param {methods[0]}.OPTION=VALUE"
             )
         out.setdefault(method, {})[key[len(method) + 1 :]] = parse_value(value.strip())
     return out
+
+
+def describe_method(name: str) -> list[str]:
+    """What `fpl-bench methods NAME` prints for a preset or a `learner@scheme` pair: its
+    learner and scheme, every option `--param NAME.OPTION=VALUE` accepts (type, default, bounds,
+    help), its search space, paper, reference code and notes. UsageError for an unknown name."""
+    name = name.strip().lower()
+    choice = resolve_method(name)  # an unknown name: one line listing the known ones
+    learner, scheme = learner_cards()[choice.learner], scheme_cards()[choice.scheme]
+    preset = preset_cards().get(choice.preset) if choice.preset else None
+    summary = preset.summary if preset else f"{learner.name} learner under the {scheme.name} scheme"
+    lines = [
+        f"{name}: {summary}",
+        f"  learner    {learner.name}: {learner.summary}",
+        f"  scheme     {scheme.name}: {scheme.summary}",
+    ]
+    if preset:
+        lines += [f"  paper      {preset.paper}", f"  reference  {preset.reference}"]
+    else:
+        for part, card in (("learner", learner), ("scheme", scheme)):
+            lines += [f"  paper      {card.paper} ({part})"]
+            lines += [f"  reference  {card.reference} ({part})"]
+    lines += ["", f"options (--param {name}.OPTION=VALUE):"]
+    options = [("learner", learner, choice.learner_options)]
+    options += [("scheme", scheme, choice.scheme_options)]
+    both = set(learner.options) & set(scheme.options)
+    rows = [
+        (f"{part}.{key}" if key in both else key, part, card, key, values[key])
+        for part, card, values in options
+        for key in card.options
+    ]
+    width = max((len(row[0]) for row in rows), default=0)
+    for shown, part, card, key, value in rows:
+        option = card.options[key]
+        facts = [option.kind.__name__, f"default {_toml_text(value)}"]
+        if value != option.default:
+            facts[-1] += f" (the {card.name} {part}'s own: {_toml_text(option.default)})"
+        facts += _bounds(option)
+        lines.append(f"  {shown:{width}s}  {', '.join(facts)} [{part} {card.name}]")
+        lines.append(f"  {'':{width}s}  {option.help}")
+    lines += [f"  ({card.name} has no options)" for _, card, _ in options if not card.options]
+    lines += ["", "search space (fpl-bench tune):"]
+    if preset is None:
+        lines.append("  none: only a preset card has a [search] table")
+    elif not preset.search:
+        lines.append(f"  none: methods/{name}.toml has no [search] table")
+    width = max((len(key) for key in preset.search), default=0) if preset else 0
+    for key, space in (preset.search if preset else {}).items():
+        lines.append(f"  {key:{width}s}  {_search_text(space)}")
+    if preset and preset.notes:
+        lines += ["", "notes (why a default differs from the paper):"]
+        width = max(map(len, preset.notes))
+        lines += [f"  {key:{width}s}  {text}" for key, text in preset.notes.items()]
+    return lines
+
+
+def _toml_text(value: Any) -> str:
+    """A value as it is written on a card or after `--param ...=`: true, 8, 0.01, "a {}."."""
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return '"' + value.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    return repr(value)
+
+
+def _bounds(option: OptionCard) -> list[str]:
+    """An option's bounds as text: ['>= 1'], ['> 0', '<= 10'], ['one of 1, 2']."""
+    out = []
+    if option.choices is not None:
+        out.append("one of " + ", ".join(_toml_text(c) for c in option.choices))
+    if option.gt is not None:
+        out.append(f"> {option.gt:g}")
+    if option.min is not None:
+        out.append(f">= {option.min:g}")
+    if option.max is not None:
+        out.append(f"<= {option.max:g}")
+    return out
+
+
+def _search_text(space: SearchRange) -> str:
+    """'one of 1, 2, 4, 8' or '0.0005 to 0.1, log scale' (and its step, if any)."""
+    if space.choices is not None:
+        return "one of " + ", ".join(_toml_text(c) for c in space.choices)
+    text = f"{space.low:g} to {space.high:g}"
+    if space.log:
+        text += ", log scale"
+    if space.step is not None:
+        text += f", step {space.step:g}"
+    return text

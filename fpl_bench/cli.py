@@ -18,6 +18,7 @@ import typer
 import typer._click.exceptions as _typer_click
 import typer.exceptions as _typer_exc
 
+from fpl_bench.cli_options import CacheDir, DataRoot, cache_dir_or_env
 from fpl_bench.errors import UsageError
 
 # typer ships its own copy of click: catch the exceptions of both.
@@ -76,12 +77,12 @@ SHORT = {
 
 def format_table(frame: Any, metrics: list[str], with_privacy: bool) -> list[Any]:
     """Rich tables that fit 80 columns: accuracy (one row per (eps, method), mean ± std over the
-    finished seeds, in %; a cell with no finished seed says why, e.g. diverged) and, under DP,
-    the privacy ledger in a table of its own."""
+    finished seeds, in %, or the value alone from one seed; a cell with no finished seed says
+    why, e.g. diverged) and, under DP, the privacy ledger in a table of its own. A method run
+    with tuned hyperparameters (`run --tuned`) reads 'NAME (tuned)'."""
     from rich import box
     from rich.table import Table
 
-    several = frame.groupby(["eps", "method"], sort=False).size().max() > 1
     accuracy = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
     accuracy.add_column("eps", justify="right")
     accuracy.add_column("method")
@@ -92,14 +93,17 @@ def format_table(frame: Any, metrics: list[str], with_privacy: bool) -> list[Any
         ledger.add_column(name, justify="left" if name == "method" else "right")
     for (eps, method), group in frame.groupby(["eps", "method"], sort=False):
         finished = group[group["status"] == "finished"]
+        if "tuned" in group and any(str(v).strip().lower() == "true" for v in group["tuned"]):
+            method = f"{method} (tuned)"
         cells = [str(eps), method]
         for m in metrics:
-            values = finished[m].astype(float) * 100
-            if values.isna().all():
+            values = finished[m].astype(float).dropna() * 100
+            if values.empty:
                 cells.append("—" if len(finished) else "/".join(sorted(set(group["status"]))))
-                continue
-            std = values.std(ddof=0) if len(values) > 1 else 0.0
-            cells.append(f"{values.mean():.1f}±{std:.1f}" if several else f"{values.mean():.1f}")
+            elif len(values) == 1:  # one seed has no spread: no '± 0.0'
+                cells.append(f"{values.mean():.1f}")
+            else:
+                cells.append(f"{values.mean():.1f}±{values.std(ddof=0):.1f}")
         accuracy.add_row(*cells)
         spent = group["eps_spent"].astype(float)
         if with_privacy and not spent.isna().all():
@@ -139,9 +143,7 @@ def run(
     dataset: Annotated[
         str, typer.Option(help="Dataset card name (see `fpl-bench datasets`).")
     ] = _default("dataset"),
-    data_root: Annotated[
-        Path | None, typer.Option(help="Folder holding the dataset files.")
-    ] = None,
+    data_root: DataRoot = None,
     dataset_option: Annotated[
         list[str] | None,
         typer.Option(help="Dataset option KEY=VALUE (repeatable), e.g. domain=noise."),
@@ -285,9 +287,7 @@ def run(
     out: Annotated[
         str, typer.Option(help="Output folder (results.csv, mlflow.db, partitions, jobs).")
     ] = str(DEFAULT_OUT),
-    cache_dir: Annotated[
-        Path | None, typer.Option(help="Feature/data cache (default ~/.cache/fpl-bench).")
-    ] = None,
+    cache_dir: CacheDir = None,
 ) -> None:
     """Run methods on a dataset at a privacy budget; print the table and write DIR/results.csv."""
     from rich.console import Console
@@ -351,10 +351,8 @@ def run(
         resume=resume,
         precision="fp32" if fp32 else "auto",
     )
-    if cache_dir is not None:
-        fields["cache_dir"] = cache_dir
-    elif os.environ.get("FPL_BENCH_CACHE"):
-        fields["cache_dir"] = Path(os.environ["FPL_BENCH_CACHE"])
+    if cache_dir_or_env(cache_dir) is not None:
+        fields["cache_dir"] = cache_dir_or_env(cache_dir)
     spec = build_spec_from_flags(fields)
     from fpl_bench.parallel import warm_workers_if_needed
 
@@ -378,24 +376,24 @@ def run(
         build_methods(each)  # a learner x scheme pair that cannot work is refused here
     console = Console(stderr=False)
     err = Console(stderr=True)
-    t0 = time.perf_counter()
     progress = TqdmProgress(specs)
+
+    def log(text: str) -> None:
+        if progress.bar:
+            progress.write(text)
+        else:  # one line per message, however wide (a log file has no width)
+            err.print(text, markup=False, highlight=False, soft_wrap=True)
+
     frames = []
     try:
         for each in specs:
-            frames.append(
-                run_experiment(
-                    each,
-                    log=lambda s: progress.write(s) if progress.bar else err.print(s, markup=False),
-                    progress=progress,
-                )
-            )
+            frames.append(run_experiment(each, log=log, progress=progress))
     finally:
         progress.close()
     frame = pd.concat(frames, ignore_index=True)
     with_privacy = any(e is not None for e in spec.eps)
-    seeds = f"{len(spec.seeds)} seed{'s' if len(spec.seeds) > 1 else ''}"
-    title = f"accuracy % on {spec.dataset}, {spec.protocol}, mean ± std over {seeds}" + (
+    spread = f"mean ± std over {len(spec.seeds)} seeds" if len(spec.seeds) > 1 else "1 seed"
+    title = f"accuracy % on {spec.dataset}, {spec.protocol}, {spread}" + (
         f"; DP with {spec.trust} trust" if with_privacy else ""
     )
     console.print(title, highlight=False, markup=False)
@@ -403,10 +401,26 @@ def run(
         console.print(table)
     console.print(
         f"wrote {Path(spec.out) / 'results.csv'} and MLflow runs "
-        f"({math.ceil(time.perf_counter() - t0)} s)",
+        f"({math.ceil(process_seconds())} s since the command started)",
         highlight=False,
         markup=False,
     )
+
+
+_IMPORTED = time.time()  # the fallback start where /proc is not there
+
+
+def process_seconds() -> float:
+    """Wall seconds since this process started, start-up and imports included (Linux: the
+    start time in /proc/self/stat, in clock ticks since boot, against /proc/uptime); elsewhere
+    since this module was imported."""
+    try:
+        with open("/proc/self/stat") as stat, open("/proc/uptime") as uptime:
+            # field 22 is starttime; the command name (field 2) may hold spaces: split after ')'
+            ticks = int(stat.read().rsplit(")", 1)[1].split()[19])
+            return max(float(uptime.read().split()[0]) - ticks / os.sysconf("SC_CLK_TCK"), 0.0)
+    except (OSError, ValueError, IndexError):
+        return time.time() - _IMPORTED
 
 
 def _run_suite(
@@ -428,9 +442,7 @@ def _run_suite(
     overrides: dict[str, Any] = {"device": device}
     if data_root is not None:
         overrides["data_root"] = data_root
-    cache = cache_dir or (
-        Path(os.environ["FPL_BENCH_CACHE"]) if os.environ.get("FPL_BENCH_CACHE") else None
-    )
+    cache = cache_dir_or_env(cache_dir)
     if cache is not None:
         overrides["cache_dir"] = cache
     if threads is not None:
@@ -474,10 +486,16 @@ def build_spec_from_flags(fields: dict[str, Any]) -> Any:
 
 
 class TqdmProgress:
-    """One progress bar for the whole job on stderr: total = every run's rounds, so its ETA is
-    the job's; the description says run k of N and round r of R."""
+    """Progress of the whole job on stderr: total = every run's rounds, so its ETA is the
+    job's. On a terminal, one tqdm bar whose description says run k of N and round r of R.
+    Where stderr is not a terminal (a pipe, a log file) a bar would be invisible, so plain lines
+    instead: one when the first run starts, one when each run but the last is done (the job's
+    elapsed time and about how long is left; the last run's own log line closes the job), and
+    one every `PLAIN_EVERY_S` seconds inside a long run."""
 
-    def __init__(self, specs: Any) -> None:
+    PLAIN_EVERY_S = 30.0
+
+    def __init__(self, specs: Any, *, plain: bool | None = None) -> None:
         from fpl_bench.learners import LEARNERS
 
         self.total = sum(
@@ -486,22 +504,38 @@ class TqdmProgress:
             * len(s.seeds)
             for s in (specs if isinstance(specs, list) else [specs])
         )
+        self.plain = not sys.stderr.isatty() if plain is None else plain
         self.bar: Any = None
         self.label, self.rounds, self.done_before, self.index, self.runs = "", 0, 0, 0, 0
+        self.started: float | None = None  # plain mode: when the first run started
+        self.shown = 0.0  # plain mode: when the last line was printed
 
     def start_run(self, index: int, total: int, label: str, rounds: int) -> None:
         from tqdm import tqdm
 
-        if self.bar is None:
+        if self.plain:
+            if self.started is not None:
+                self._plain_done()
+                self.done_before += max(self.rounds, 1)
+        elif self.bar is None:
             self.bar = tqdm(
                 total=self.total, unit="round", file=sys.stderr, leave=False, disable=None
             )
         else:  # close out the previous run (a zero-shot run has no rounds: count it as one)
             self.bar.n = self.done_before = self.done_before + max(self.rounds, 1)
         self.index, self.runs, self.label, self.rounds = index, total, label, rounds
+        if self.plain and self.started is None:
+            self.started = time.perf_counter()
+            self._line(f"started; {total} runs, {self.total} rounds in the job")
         self.advance(0)
 
     def advance(self, rounds_done: int) -> None:
+        if self.plain:
+            now = time.perf_counter()
+            if rounds_done and now - self.shown >= self.PLAIN_EVERY_S:
+                done = self.done_before + rounds_done
+                self._line(f"round {rounds_done}/{self.rounds}; {self._times(done)}")
+            return
         if self.bar is None:
             return
         self.bar.set_description_str(
@@ -511,26 +545,72 @@ class TqdmProgress:
         self.bar.n = self.done_before + rounds_done
         self.bar.refresh()
 
+    def _plain_done(self) -> None:
+        done = self.done_before + max(self.rounds, 1)
+        self._line(f"done; {self._times(done)}")
+
+    def _times(self, done: int) -> str:
+        """'41 s into the job, about 2 min left', from the rounds done out of the job's."""
+        from fpl_bench.suite import format_seconds
+
+        elapsed = time.perf_counter() - (self.started or time.perf_counter())
+        text = f"{format_seconds(elapsed)} into the job"
+        if 0 < done < self.total:
+            text += f", about {format_seconds(elapsed / done * (self.total - done))} left"
+        return text
+
+    def _line(self, text: str) -> None:
+        self.shown = time.perf_counter()
+        print(f"run {self.index}/{self.runs} {self.label}: {text}", file=sys.stderr, flush=True)
+
     def write(self, text: str) -> None:
         from tqdm import tqdm
 
         tqdm.write(text, file=sys.stderr)
 
     def close(self) -> None:
+        # plain mode: the last run's own log line (its metrics) is its done line
         if self.bar is not None:
             self.bar.close()
 
 
 @app.command("methods")
 def methods_cmd(
+    name: Annotated[
+        str | None,
+        typer.Argument(
+            metavar="NAME",
+            help="A method (preset) or LEARNER@SCHEME pair: print its options, search space "
+            "and paper.",
+        ),
+    ] = None,
     show_all: Annotated[
         bool,
         typer.Option("--all", help="Also list the learners, the schemes and the valid pairs."),
     ] = False,
 ) -> None:
-    """List the named methods (presets); with --all, the learners, schemes and valid pairs."""
+    """List the named methods (presets); with --all, the learners, schemes and valid pairs;
+    with NAME, that method's learner, scheme, options, search space, paper and notes."""
     from fpl_bench.catalog import learner_cards, list_presets, preset_cards, scheme_cards
 
+    if name is not None:
+        if show_all:
+            raise UsageError("--all lists every method; drop it to describe one method")
+        from fpl_bench.catalog import describe_method
+
+        lines = describe_method(name)  # an unknown name: UsageError listing the known ones
+        if "@" in name:
+            from fpl_bench.learners import LEARNERS
+            from fpl_bench.method import pair_problem
+            from fpl_bench.schemes import SCHEMES
+
+            learner, _, scheme = name.strip().lower().partition("@")
+            problem = pair_problem(LEARNERS.get(learner), SCHEMES.get(scheme))
+            lines.insert(
+                1, "  pair       " + ("valid" if problem is None else f"refused: {problem}")
+            )
+        typer.echo("\n".join(lines))
+        return
     presets = preset_cards()
     for name in list_presets():
         card = presets[name]
@@ -576,10 +656,23 @@ def pretrain_tiny_cmd(
     ] = None,
 ) -> None:
     """Reproduce the embedded tiny CLIP: contrastive pretraining on the synthetic source."""
-    from fpl_bench.pretrain import pretrain_tiny
+    from fpl_bench.jobs import check_writable_folder
+    from fpl_bench.pretrain import BATCH_SIZE, pretrain_tiny
 
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file path such as {out / 'tiny.pt'}")
+    if n_images < BATCH_SIZE:
+        raise UsageError(
+            f"--n-images {n_images}: training needs at least one batch of {BATCH_SIZE} images; "
+            f"give --n-images {BATCH_SIZE} or more (default 40000)"
+        )
+    if minutes is not None and not (minutes > 0 and math.isfinite(minutes)):
+        raise UsageError(f"--minutes {minutes}: give a number of minutes > 0, e.g. --minutes 30")
+    if threads is not None and threads < 1:
+        raise UsageError(f"--threads {threads}: give 1 or more")
+    if seed < 0:
+        raise UsageError(f"--seed {seed}: give an integer >= 0")
+    check_writable_folder(out.parent, "--out's folder")  # before minutes of training
     result = pretrain_tiny(out=out, seed=seed, n_images=n_images, minutes=minutes, threads=threads)
     typer.echo(f"wrote {out}: {result}")
 

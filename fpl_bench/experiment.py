@@ -46,6 +46,7 @@ from fpl_bench.driver import (
     NoisePlan,
     RunOutput,
     Schedule,
+    client_schedule,
 )
 from fpl_bench.errors import UsageError
 from fpl_bench.evaluate import final_metrics
@@ -59,7 +60,13 @@ from fpl_bench.parallel import (
     warm_workers_if_needed,
 )
 from fpl_bench.privacy.accountant import PrivacyLedger, use_calibration_cache
-from fpl_bench.privacy.planning import check_delta, plan_for_clients, steps_per_round
+from fpl_bench.privacy.planning import (
+    check_delta,
+    check_epsilons,
+    client_budgets,
+    plan_for_clients,
+    steps_per_round,
+)
 from fpl_bench.prompt import TextTower
 from fpl_bench.protocols import Protocol, domain_protocol, make_protocol
 from fpl_bench.report.records import (
@@ -153,6 +160,8 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
         retain_freed_memory()
     with_tokens = any(LEARNERS.get(m.learner).needs_tokens for m in spec.methods)
     card = dataset_card(spec.dataset)
+    for name in spec.transfer_datasets:  # an unknown name is refused before any encoding
+        dataset_card(name)
     backbone = load_backbone(
         spec.backbone, pretrained=spec.pretrained, checkpoint=spec.checkpoint, device=str(device)
     )
@@ -164,6 +173,15 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
     if any(e is not None for e in spec.eps):
         for _, split in partitions.values():
             check_delta(spec.delta, [len(idx) for idx in split.train])
+        if any(LEARNERS.get(m.learner).trains for m in spec.methods):
+            for seed, (_, split) in partitions.items():
+                budgets = _budgets(spec, split, seed)
+                check_epsilons(spec.eps, budgets, delta=spec.delta, calibration=spec.accountant)
+    # the input is accepted: from here a log shows the job's progress (bad input stays one line)
+    log(
+        f"{spec.dataset}: {len(splits.train.labels)} training images of "
+        f"{len(splits.classnames)} classes, {spec.clients} clients; preparing image features..."
+    )
     sets = {
         split: _features(spec, backbone, splits, split, with_tokens, device, log)
         for split in ("train", spec.eval_split)
@@ -182,6 +200,17 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
         device,
         partitions,
         transfers,
+    )
+
+
+def _budgets(spec: ExperimentSpec, split: ClientSplit, seed: int) -> list[tuple[float, int]]:
+    """(q, noisy steps) per client of a run of `spec` on `split`: FederatedRun.budget()."""
+    n_train = [len(idx) for idx in split.train]
+    schedule = client_schedule(
+        len(n_train), rounds=spec.rounds, fraction=spec.client_fraction, seed=seed
+    )
+    return client_budgets(
+        n_train, batch_size=spec.batch_size, local_epochs=spec.local_epochs, schedule=schedule
     )
 
 
@@ -338,11 +367,30 @@ def run_config(spec: ExperimentSpec, choice: MethodChoice) -> dict[str, Any]:
             "device",
             "precision",
             "resume",
+            "tuned_from",
         },
     )
     cfg.update({"method": choice.label, "learner": choice.learner, "scheme": choice.scheme})
     cfg.update(choice.options())
     return cfg
+
+
+# What a method's own config adds to the job's setup: excluded from the setup hash.
+_METHOD_FIELDS = ("method", "learner", "scheme", "tuned")
+
+
+def setup_hash(spec: ExperimentSpec) -> str:
+    """The hash of the job's setup: the resolved configuration without the method (its name,
+    learner, scheme and options) and without whether it was tuned. Rows with one setup hash
+    ran on the same data, protocol, partition, schedule, backbone and privacy settings, so a
+    leaderboard table holds one setup only. A tuned spec keeps the setup of the spec it was
+    tuned from (`tuned_from`): its tuned values are part of its method's configuration."""
+    if spec.tuned_from is not None:
+        return spec.tuned_from
+    cfg = run_config(spec, spec.methods[0])
+    for name in (*_METHOD_FIELDS, *spec.methods[0].options()):
+        cfg.pop(name, None)
+    return config_hash(cfg)
 
 
 def run_key(spec: ExperimentSpec, choice: MethodChoice, eps: float | None, seed: int) -> dict:
@@ -531,10 +579,14 @@ def run_one(
             )
         metrics.update({m: final.get(m, math.nan) for m in fed.protocol.metrics})
     privacy = _privacy_columns(spec, eps, ledger)
-    artifacts = {"partition.json": fed.split.to_json()}
+    artifacts: dict[str, Any] = {"partition.json": fed.split.to_json()}
+    prompts_file = ""
     if status == "finished":
         artifacts["schedule.json"] = {"sampled_clients": out.schedule}
         artifacts["history.json"] = out.history
+        saved = save_run_prompts(Path(spec.out), run, config, key, method.trains)
+        artifacts["prompts.safetensors"] = saved
+        prompts_file = str(saved.relative_to(spec.out))
     tracker.finish(
         run_id,
         {
@@ -544,7 +596,12 @@ def run_one(
         },
         artifacts,
         status="FINISHED" if status == "finished" else "FAILED",
-        tags={"status": status},
+        tags={
+            "status": status,
+            "backbone": backbone_label(spec),
+            "setup_hash": setup_hash(spec),
+            "prompts": prompts_file,
+        },
     )
     row = {
         **key,
@@ -552,8 +609,14 @@ def run_one(
         **metrics,
         **privacy,
         "rounds": spec.rounds,
+        "local_epochs": spec.local_epochs,
+        "batch_size": spec.batch_size,
+        "lr": spec.lr,
         "clients": spec.clients,
         "shots": spec.shots,
+        "backbone": backbone_label(spec),
+        "setup_hash": setup_hash(spec),
+        "prompts": prompts_file,
         "tuned": spec.tuned,
         "wall_s": round(wall, 2),
         **provenance(),
@@ -563,6 +626,31 @@ def run_one(
     spent = f", eps_spent={privacy['eps_spent']:.3f}" if eps is not None else ""
     log(f"{run_name}: {status}, {shown}{spent} ({wall:.1f}s)")
     return row
+
+
+def save_run_prompts(
+    out: Path, run: FederatedRun, config: dict[str, Any], key: dict[str, Any], trains: bool
+) -> Path:
+    """OUT/prompts/<run>.safetensors: the run's final parameters, server's and every client's,
+    with its configuration (fpl_bench/saved_prompts.py); `fpl-bench eval` reads it back."""
+    from fpl_bench.saved_prompts import prompts_name, save_prompts
+
+    return save_prompts(
+        out / "prompts" / prompts_name(key),
+        server=run.server,
+        clients=[state.params for state in run.clients],
+        config={**config, "eps": key["eps"], "seed": key["seed"]},
+        key=key,
+        eval_round=run.sched.rounds - 1 if trains else 0,
+        version=provenance()["version"],
+    )
+
+
+def backbone_label(spec: ExperimentSpec) -> str:
+    """The backbone as results.csv shows it: the model name, with its pretrained tag or the
+    checkpoint's file name when one is given ('ViT-B-16:openai')."""
+    weights = spec.pretrained or spec.checkpoint
+    return spec.backbone if weights is None else f"{spec.backbone}:{Path(weights).name}"
 
 
 def checkpoint_path(out: Path, key: dict[str, Any]) -> Path:
@@ -637,8 +725,8 @@ def run_experiment(
         except KeyboardInterrupt:
             job.end("interrupted")
             raise
-        except BaseException:
-            job.end("failed")
+        except BaseException as err:
+            job.fail(err)  # its reason; no record when input was refused before any run
             raise
         job.end("finished")
     return pd.DataFrame(rows, columns=list(RESULT_COLUMNS))
@@ -795,20 +883,41 @@ def prepared_bytes(prep: Prepared) -> float:
 
 
 def cell_training_flops(prep: Prepared, cell: tuple[int, float | None, MethodChoice]) -> float:
-    """FLOPs of one run's training: client steps x tower passes per step x the FLOPs of one.
-    A step's forward is one pass per prompt component (FedOTP's global and local prompt,
-    FedPGP's full and sigma prompt: 2); its backward one more without DP, and under DP one per
-    sample for each component the loss reads (FedPGP's sigma feeds only its prior, whose
-    per-sample cotangents are zero and skipped: tower_vjp.tower_backward), plus one per
-    component for a prior (KgCoOp, FedProx, FedPGP: its own backward, outside clipping)."""
-    spec = prep.spec
+    """FLOPs of one run's training (`training_flops`) on its seed's partition and tower."""
     seed, eps, choice = cell
     if not LEARNERS.get(choice.learner).trains:
         return 0.0
     protocol, split = prep.partitions[seed]
+    return training_flops(
+        spec=prep.spec,
+        choice=choice,
+        eps=eps,
+        client_sizes=[len(idx) for idx in split.train],
+        pass_flops=prep.tower.pass_flops(len(protocol.seen_classes)),
+    )
+
+
+def training_flops(
+    *,
+    spec: ExperimentSpec,
+    choice: MethodChoice,
+    eps: float | None,
+    client_sizes: Sequence[int],
+    pass_flops: float,
+) -> float:
+    """FLOPs of one run's training: client steps x tower passes per step x `pass_flops`, the
+    FLOPs of one tower pass over the seen classes (`TextTower.pass_flops`). A step's forward is
+    one pass per prompt component (FedOTP's global and local prompt, FedPGP's full and sigma
+    prompt: 2); its backward one more without DP, and under DP one per sample for each
+    component the loss reads (FedPGP's sigma feeds only its prior, whose per-sample cotangents
+    are zero and skipped: tower_vjp.tower_backward), plus one per component for a prior
+    (KgCoOp, FedProx, FedPGP: its own backward, outside clipping). `client_sizes` are the
+    clients' training examples; a suite's dry run estimates them from the dataset card."""
+    if not LEARNERS.get(choice.learner).trains:
+        return 0.0
     client_steps = sum(
-        steps_per_round(len(idx), batch_size=spec.batch_size, local_epochs=spec.local_epochs)
-        for idx in split.train
+        steps_per_round(n, batch_size=spec.batch_size, local_epochs=spec.local_epochs)
+        for n in client_sizes
     )
     scheme = SCHEMES.get(choice.scheme)
     components = scheme.n_prompts + scheme.n_extra_prompts
@@ -817,8 +926,7 @@ def cell_training_flops(prep: Prepared, cell: tuple[int, float | None, MethodCho
     else:
         prior = components if build_method(choice).has_prior else 0
         passes = components + scheme.n_prompts * spec.batch_size + prior
-    per_step = prep.tower.pass_flops(len(protocol.seen_classes)) * passes
-    return spec.rounds * spec.client_fraction * client_steps * per_step
+    return spec.rounds * spec.client_fraction * client_steps * pass_flops * passes
 
 
 def job_training_flops(

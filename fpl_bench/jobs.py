@@ -4,7 +4,10 @@ Before any data is loaded the job checks what it will write to (the output and c
 the tracking store) and fails fast with one line when something is unusable; then it takes the
 folder's lock (two jobs writing one `--out` would interleave results.csv and MLflow runs) and
 writes its own record `OUT/jobs/<job id>.json` (command line, start, end, status), so a folder
-that holds several jobs stays readable.
+that holds several jobs stays readable. Times are ISO 8601 with the UTC offset; a job that
+stops on an error records the error's line as its `reason`, and a job refused before any of its
+runs finished (bad input found while preparing: a `UsageError`) leaves no record at all, as
+input refused before the job started leaves none: the error line on stderr says why.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 import uuid
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field
+from datetime import datetime
 from pathlib import Path
 from typing import IO, Any
 from urllib.parse import urlparse
@@ -66,6 +70,7 @@ def check_tracking_uri(uri: str, *, timeout: float = 3.0) -> None:
         if db is None or not str(db):
             raise UsageError(f"MLFLOW_TRACKING_URI={uri!r}: use sqlite:////absolute/path.db")
         check_writable_folder(db.parent, "the tracking database's folder")
+        _check_sqlite_file(db, uri)
         return
     if scheme in ("postgresql", "mysql", "mssql", "databricks"):
         return  # MLflow reports these itself, fast
@@ -75,14 +80,59 @@ def check_tracking_uri(uri: str, *, timeout: float = 3.0) -> None:
     )
 
 
+def sqlite_problem(db: Path) -> str | None:
+    """Why an existing `db` cannot be an SQLite database ("is not an SQLite database", "cannot
+    be read (...)"), or None: a missing or empty file is a new database, and a file that starts
+    with SQLite's 16-byte header is one."""
+    if not db.exists():
+        return None
+    if db.is_dir():
+        return "is a folder, not an SQLite database"
+    try:
+        with open(db, "rb") as f:
+            header = f.read(16)
+    except OSError as err:
+        return f"cannot be read ({err.strerror or err})"
+    return None if header in (b"", b"SQLite format 3\0") else "is not an SQLite database"
+
+
+def _check_sqlite_file(db: Path, uri: str) -> None:
+    """Refuse an existing `db` that is not an SQLite database (a folder, a text file): MLflow
+    would fail on it with a long traceback."""
+    problem = sqlite_problem(db)
+    if problem is None:
+        return
+    if os.environ.get("MLFLOW_TRACKING_URI") == uri:
+        raise UsageError(
+            f"MLFLOW_TRACKING_URI={uri}: {db} {problem}; point the variable at an SQLite file "
+            "or a new path, or unset it to track in the output folder"
+        )
+    raise UsageError(f"tracking database {db} {problem}; move it away or use another --out")
+
+
+def now_iso() -> str:
+    """The local time as ISO 8601 with its UTC offset, to the second: 2026-12-06T14:03:12+01:00."""
+    return datetime.now().astimezone().isoformat(timespec="seconds")
+
+
+def error_line(err: BaseException) -> str:
+    """An error as one line: a UsageError's message as printed; otherwise 'Type: first line'."""
+    lines = str(err).strip().splitlines()
+    text = " ".join(lines[0].split()) if lines else ""
+    if isinstance(err, UsageError):
+        return text
+    return f"{type(err).__name__}: {text}" if text else type(err).__name__
+
+
 @dataclass
 class JobRecord:
     job_id: str
     command: list[str]
     pid: int
-    started: float
-    ended: float | None = None
+    started: str  # ISO 8601 (`now_iso`)
+    ended: str | None = None
     status: str = "running"  # running | finished | failed | interrupted
+    reason: str | None = None  # why a failed job stopped: the error's line
     runs: list[str] = field(default_factory=list)  # the MLflow run ids this job wrote
 
 
@@ -121,7 +171,7 @@ class Job:
             job_id=f"{stamp}-{uuid.uuid4().hex[:6]}",
             command=list(sys.argv if argv is None else argv),
             pid=os.getpid(),
-            started=time.time(),
+            started=now_iso(),
         )
         self.path = out / "jobs" / f"{self.record.job_id}.json"
         self.save()
@@ -134,6 +184,15 @@ class Job:
         self.record.runs.append(run_id)
         self.save()
 
-    def end(self, status: str) -> None:
-        self.record.status, self.record.ended = status, time.time()
+    def end(self, status: str, *, reason: str | None = None) -> None:
+        self.record.status, self.record.ended, self.record.reason = status, now_iso(), reason
         self.save()
+
+    def fail(self, err: BaseException) -> None:
+        """Record why the job stopped on `err`. Input refused before any run finished (a
+        UsageError: the job did not really start) removes the record instead; anything else
+        ends it as failed, with the error's line as its reason."""
+        if isinstance(err, UsageError) and not self.record.runs:
+            self.path.unlink(missing_ok=True)
+            return
+        self.end("failed", reason=error_line(err))

@@ -1,4 +1,4 @@
-"""A method = a prompt learner x a federation scheme (DESIGN.md, "Two axes").
+"""A method = a prompt learner x a federation scheme (docs/design.md, "Two axes").
 
 `build_method(choice)` turns a resolved card (`fpl_bench.catalog.MethodChoice`) into a `Method`
 holding a learner and a scheme instance, after checking that the pair can work. The `Method`

@@ -103,6 +103,7 @@ TEMPLATES: tuple[str, ...] = (
 )
 SEED_OFFSET = 10_000  # pretraining data seeds start here: disjoint from load_synthetic's
 WARMUP_STEPS = 50
+BATCH_SIZE = 128  # images per step (`pretrain_tiny`'s default): also the fewest n_images it takes
 PHASE_PRETRAIN, PHASE_PATCHES = 1, 2  # key of each phase's data and shuffling streams
 LogFn = Callable[[str], None]
 
@@ -433,7 +434,7 @@ def pretrain_tiny(
     n_images: int = 40000,
     minutes: float | None = None,
     epochs: int = 6,
-    batch_size: int = 128,
+    batch_size: int = BATCH_SIZE,
     lr: float = 2e-3,
     weight_decay: float = 0.1,
     patch_steps: int = 300,

@@ -15,6 +15,10 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from fpl_bench.catalog import MethodChoice
 from fpl_bench.errors import UsageError
 
+# The largest target epsilon a spec takes; the accountant refuses, per (q, steps, delta), any
+# smaller one whose noise would fall below its floor (privacy/accountant.py SIGMA_FLOOR).
+MAX_EPS = 1000.0
+
 
 class ExperimentSpec(BaseModel):
     """A whole benchmark job: every method x eps x seed is one federated run."""
@@ -31,14 +35,14 @@ class ExperimentSpec(BaseModel):
     transfer_datasets: tuple[str, ...] = ()  # cross-dataset: where the prompts are scored
     target_domain: str | None = None  # cross-domain: the held-out domain (default: the last)
     partition: Literal["pathological", "dirichlet", "iid", "by_domain"] = "pathological"
-    alpha: float = Field(0.5, gt=0)
+    alpha: float = Field(0.5, gt=0, allow_inf_nan=False)
     clients: int = Field(10, ge=1)
-    client_fraction: float = Field(1.0, gt=0, le=1)
+    client_fraction: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     shots: int = Field(16, ge=0)
     rounds: int = Field(20, ge=1)
     local_epochs: int = Field(2, ge=1)
     batch_size: int = Field(32, ge=1)
-    lr: float = Field(0.005, gt=0)
+    lr: float = Field(0.005, gt=0, allow_inf_nan=False)
     momentum: float = Field(0.9, ge=0, lt=1)
     n_ctx: int = Field(16, ge=1)
     ctx_init: str | None = None
@@ -54,8 +58,8 @@ class ExperimentSpec(BaseModel):
     # natively (CUDA, CPU with AMX), fp32 elsewhere (fpl_bench/compute.py)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
     eps: tuple[float | None, ...] = (None,)
-    delta: float = Field(1e-5, gt=0, lt=1)
-    clip_norm: float = Field(1.0, gt=0)
+    delta: float = Field(1e-5, gt=0, lt=1, allow_inf_nan=False)
+    clip_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
     accountant: Literal["rdp", "prv", "paper"] = "rdp"
     trust: Literal["server", "client"] = "server"
     # "val": evaluate on the dataset's validation split (carved from training data), never
@@ -64,6 +68,9 @@ class ExperimentSpec(BaseModel):
     secure_noise: bool = False
     resume: bool = False  # continue checkpointed runs, skip finished ones
     tuned: bool = False  # hyperparameters from `fpl-bench tune` studies (recorded per row)
+    # a tuned spec: the setup hash of the spec it was tuned from, so that its rows share a
+    # leaderboard table with that spec's untuned rows (fpl_bench/experiment.py setup_hash)
+    tuned_from: str | None = None
     seeds: tuple[int, ...] = (0,)
     out: Path = Path("runs/default")
     cache_dir: Path = Path.home() / ".cache" / "fpl-bench"
@@ -74,6 +81,11 @@ class ExperimentSpec(BaseModel):
         for eps in value:
             if eps is not None and not (eps > 0 and math.isfinite(eps)):
                 raise ValueError(f"epsilon must be > 0 and finite (got {eps}); e.g. 0.5, or none")
+            if eps is not None and eps > MAX_EPS:
+                raise ValueError(
+                    f"epsilon must be <= {MAX_EPS:g} (a larger one calls for noise too small "
+                    "to protect anything); e.g. 8, or none for no privacy"
+                )
         if len(set(value)) != len(value):
             raise ValueError("an epsilon is listed twice; list each once")
         return value

@@ -36,7 +36,12 @@ Time estimates (`estimate_cell`), best source first:
    "round_s": 2.5, "dataset": "caltech101"}]}` (`dataset` optional: an entry without it applies
    to every dataset; one with it wins), estimate = round_s x rounds (x 1 for a method that
    trains nothing);
-3. otherwise "unknown".
+3. "model", shown with a leading '~': a cost model, the cell's training FLOPs
+   (`experiment.training_flops`, from the dataset card's `train_images`, the backbone's text
+   tower and the schedule; no data is read) over a FLOP rate, calibrated on the suite's cells
+   with a measured time when there are any, else `ASSUMED_FLOPS_PER_S` for the device;
+4. otherwise (the card does not say how many training images a cell with `shots = 0` uses)
+   "unknown".
 """
 
 from __future__ import annotations
@@ -46,6 +51,7 @@ import math
 import statistics
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Any
 
@@ -474,15 +480,86 @@ def estimate_cell(
     return None, "unknown"
 
 
+# Training FLOP/s (as `cell_flops` counts them) a model estimate assumes until a cell of the
+# suite has a measured time. cpu: one core on a private CoOp step of the embedded default
+# (3.5 GFLOP by this count, 55 ms measured: README "Speed"); cuda: an assumption for small
+# bf16 tower passes, not measured by this project yet.
+ASSUMED_FLOPS_PER_S = {"cpu": 6e10, "cuda": 2.5e13}
+# Token rows per class after the shared prefix: the class name, '.' and EOT (the longest name
+# sets the truncated length for all); assumed, since a dry run reads no class names.
+SUFFIX_TOKENS = 8
+
+
+def cell_flops(cell: Cell) -> float | None:
+    """Training FLOPs of one cell from the cost model (`experiment.training_flops`), without its
+    data: the clients share the seen classes' training images equally (the dataset card's
+    `train_images`, or `shots` per class and client when that is fewer), and one tower pass
+    costs 24 W^2 per token row and layer as `TextTower.pass_flops` counts it, with W and the
+    depth from the backbone's model config. None when the card gives no `train_images` and the
+    cell trains on all of them (`shots = 0`)."""
+    from fpl_bench.cards import dataset_card
+    from fpl_bench.experiment import training_flops
+
+    spec = cell.spec
+    card = dataset_card(cell.dataset)
+    seen = math.ceil(card.classes / 2) if spec.protocol == "base2novel" else card.classes
+    pool = None if card.train_images is None else card.train_images * seen / card.classes
+    if spec.shots > 0:
+        holders = 1 if spec.partition == "pathological" else spec.clients  # clients per class
+        wanted = spec.shots * seen * holders
+        pool = wanted if pool is None else min(pool, wanted)
+    if pool is None:
+        return None
+    width, layers = _text_tower_shape(spec.backbone)
+    rows = 1 + spec.n_ctx + seen * SUFFIX_TOKENS
+    return training_flops(
+        spec=spec,
+        choice=cell.method,
+        eps=cell.eps,
+        client_sizes=[max(1, round(pool / spec.clients))] * spec.clients,
+        pass_flops=24.0 * width**2 * layers * rows,
+    )
+
+
+@cache
+def _text_tower_shape(backbone: str) -> tuple[int, int]:
+    """(width, layers) of the backbone's text tower, from its open_clip model config."""
+    import open_clip
+
+    from fpl_bench.backbone import register_model_configs, resolve_model_name
+
+    register_model_configs()
+    text = open_clip.get_model_config(resolve_model_name(backbone))["text_cfg"]
+    return int(text.get("width", 512)), int(text.get("layers", 12))
+
+
+def assumed_rate(device: str) -> tuple[float, str]:
+    """(FLOP/s, device kind) a model estimate assumes for a spec's `device` (auto: CUDA when
+    this machine sees one)."""
+    if device == "auto":
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    kind = "cuda" if device.startswith("cuda") else "cpu"
+    return ASSUMED_FLOPS_PER_S[kind], kind
+
+
+def _rate_text(rate: float) -> str:
+    """'25 TFLOP/s', '60 GFLOP/s'."""
+    return f"{rate / 1e12:g} TFLOP/s" if rate >= 1e12 else f"{rate / 1e9:g} GFLOP/s"
+
+
 def format_seconds(seconds: float | None) -> str:
-    """'unknown', '45 s', '12 min' or '3.2 h'."""
+    """'unknown', '45 s', '12 min', '3.2 h' or '23 days'."""
     if seconds is None:
         return "unknown"
     if seconds < 90:
         return f"{seconds:.0f} s"
     if seconds < 5400:
         return f"{seconds / 60:.0f} min"
-    return f"{seconds / 3600:.1f} h"
+    if seconds < 3 * 86400:
+        return f"{seconds / 3600:.1f} h"
+    return f"{seconds / 86400:.0f} days"
 
 
 # ----------------------------------------------------------------------------- dry run
@@ -502,9 +579,31 @@ def dry_run_rows(
     cells = suite_cells(suite, overrides=overrides, out=out)
     records = read_records(out)
     entries = load_bench(bench if bench is not None else out / BENCH_FILE)
+    estimates = [estimate_cell(cell, records, entries) for cell in cells]
+    flops = [cell_flops(cell) for cell in cells]
+    # the model's rate: FLOPs per second of the suite's finished runs, if any
+    walls: dict[tuple[str, ...], float] = {}
+    if records is not None:
+        finished = records[records["status"] == "finished"]
+        for row in finished[[*KEY_COLUMNS, "wall_s"]].to_dict("records"):
+            walls[key_id(row)] = float(row["wall_s"])
+    measured = [
+        f / walls[key_id(cell.key)]
+        for cell, f in zip(cells, flops, strict=True)
+        if f and walls.get(key_id(cell.key), 0) > 0 and math.isfinite(walls[key_id(cell.key)])
+    ]
     rows = []
-    for cell, status in zip(cells, cell_statuses(cells, records), strict=True):
-        seconds, source = estimate_cell(cell, records, entries)
+    for cell, status, (seconds, source), f in zip(
+        cells, cell_statuses(cells, records), estimates, flops, strict=True
+    ):
+        if seconds is None and f is not None:
+            if measured:
+                rate = statistics.median(measured)
+                source = f"model (calibrated on {len(measured)} runs)"
+            else:
+                rate, kind = assumed_rate(cell.spec.device)
+                source = f"model (assumed {_rate_text(rate)} on {kind})"
+            seconds = f / rate
         rows.append(
             {
                 "suite": suite.name,
@@ -513,7 +612,7 @@ def dry_run_rows(
                 "status": status,
                 **{f"paper_{m}": v for m, v in cell.paper.items()},
                 "estimate_s": seconds,
-                "estimate": format_seconds(seconds),
+                "estimate": ("~" if source.startswith("model") else "") + format_seconds(seconds),
                 "estimate_source": source,
                 "config": cell.config,
             }
@@ -526,12 +625,22 @@ def format_dry_run(suite: Suite, rows: Sequence[Mapping[str, Any]]) -> str:
     todo = [r for r in rows if r["status"] not in DONE_STATUSES]
     known = [r["estimate_s"] for r in todo if r["estimate_s"] is not None]
     unknown = len(todo) - len(known)
+    sources: dict[str, int] = {}
+    for row in todo:
+        sources[row["estimate_source"]] = sources.get(row["estimate_source"], 0) + 1
     lines = [
         f"suite {suite.name}: {len(rows)} cells, {len(rows) - len(todo)} done, {len(todo)} to "
         f"run; estimated {format_seconds(sum(known)) if known else 'unknown'}"
         + (f" (+{unknown} cells of unknown time)" if known and unknown else ""),
         suite.summary,
     ]
+    if sources:
+        modelled = any(source.startswith("model") for source in sources)
+        lines.append(
+            "estimates: "
+            + "; ".join(f"{source}: {n} cells" for source, n in sources.items())
+            + (MODEL_NOTE if modelled else "")
+        )
     configs: dict[str, dict[str, Any]] = {}
     for row in rows:
         configs.setdefault(row["config_hash"], row["config"])
@@ -559,6 +668,12 @@ def format_dry_run(suite: Suite, rows: Sequence[Mapping[str, Any]]) -> str:
             )
         )
     return "\n".join(lines)
+
+
+MODEL_NOTE = (
+    " ('~': training FLOPs over a FLOP rate, evaluation and feature encoding left out; once"
+    " cells finish in OUT the rate is calibrated on them)"
+)
 
 
 def _show(value: Any) -> str:

@@ -19,8 +19,6 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-from fpl_bench.io import write_atomic
-
 EXPERIMENT = "fpl-bench"
 
 
@@ -48,9 +46,9 @@ class Tracker:
         self.uri = tracking_uri(out_dir)
         self.out_dir = Path(out_dir)
         # Tracking in the output folder keeps the artifacts there too, as plain files under
-        # OUT/artifacts/<run id>/ (a run tag names the relative folder): the folder can be moved
-        # or copied and still read, and a copy never writes into the original. A tracking
-        # server keeps them in its own artifact store.
+        # OUT/mlartifacts/<run id>/artifacts/ (the experiment's artifact location; a run tag
+        # names the folder relative to OUT, so a moved or copied folder can still be read). A
+        # tracking server keeps them in its own artifact store.
         self.local = "MLFLOW_TRACKING_URI" not in os.environ
         self.client = MlflowClient(tracking_uri=self.uri)
         found = self.client.get_experiment_by_name(experiment)
@@ -116,18 +114,29 @@ class Tracker:
             self.client.log_batch(run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
         if values:
             self.client.log_batch(run_id, metrics=values)
-        if self.local and artifacts:
-            folder = Path("artifacts") / run_id
-            for name, obj in artifacts.items():
-                blob = json.dumps(obj)
-                write_atomic(
-                    self.out_dir / folder / name, lambda tmp, b=blob: Path(tmp).write_text(b)
-                )
-            self.client.set_tag(run_id, "fpl_bench.artifacts", str(folder))
-        elif artifacts:
-            with tempfile.TemporaryDirectory() as tmp:
-                for name, obj in artifacts.items():
-                    path = Path(tmp) / name
-                    path.write_text(json.dumps(obj))
-                    self.client.log_artifact(run_id, str(path))
+        if artifacts:
+            self.log_artifacts(run_id, artifacts)
         self.client.set_terminated(run_id, status=status)
+
+    def log_artifacts(self, run_id: str, artifacts: Mapping[str, Any]) -> None:
+        """Each artifact (a file to copy, or an object written as JSON) into the run's artifact
+        folder, where the MLflow UI shows it. With tracking in the output folder that folder is
+        OUT/mlartifacts/<run id>/artifacts, named relative to OUT by the run's tag
+        `fpl_bench.artifacts`."""
+        import shutil
+        from urllib.parse import unquote, urlparse
+
+        with tempfile.TemporaryDirectory() as tmp:
+            for name, obj in artifacts.items():
+                path = Path(tmp) / name
+                if isinstance(obj, Path):
+                    shutil.copyfile(obj, path)
+                else:
+                    path.write_text(json.dumps(obj))
+            self.client.log_artifacts(run_id, tmp)
+        if self.local:
+            uri = self.client.get_run(run_id).info.artifact_uri
+            folder = Path(unquote(urlparse(uri).path))
+            with contextlib.suppress(ValueError):  # an experiment made elsewhere: no tag
+                relative = folder.relative_to(self.out_dir.resolve())
+                self.client.set_tag(run_id, "fpl_bench.artifacts", str(relative))

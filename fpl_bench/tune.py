@@ -1008,7 +1008,10 @@ def tuned_specs(
     """One spec per (method, eps) of `spec`, with that study's best parameters over the run's
     own settings, marked tuned=True. A method without a [search] table runs as it is (nothing
     to tune) and is marked tuned too."""
+    from fpl_bench.experiment import setup_hash
+
     targets = reading_targets(storage, Path(spec.out))
+    setup = setup_hash(spec)
     specs = []
     for choice in spec.methods:
         for eps in spec.eps:
@@ -1025,7 +1028,7 @@ def tuned_specs(
                 values = _best_anywhere(targets, name, storage, Path(spec.out))
             run, overrides = split_values(values)
             tuned = resolve_method(choice.label, {**choice.options(), **overrides})
-            specs.append(_spec_with(spec, run, tuned, eps=(eps,), tuned=True))
+            specs.append(_spec_with(spec, run, tuned, eps=(eps,), tuned=True, tuned_from=setup))
     return specs
 
 

@@ -90,7 +90,8 @@ def read_weights(path: Path) -> tuple[dict[str, Tensor], WeightsInfo]:
     """
     path = Path(path).expanduser()
     if not path.is_file():
-        raise UsageError(f"weights file {path} does not exist")
+        why = "is a folder; give the file in it" if path.is_dir() else "does not exist"
+        raise UsageError(f"weights file {path} {why}")
     if path.suffix == ".safetensors":
         state, kind, quick_gelu = _read_safetensors(path), "safetensors", False
     elif is_torchscript(path):

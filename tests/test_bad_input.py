@@ -41,6 +41,16 @@ CASES = [
     (["run", "--seeds", "a,b"], "--seeds a,b"),
     (["run", "--eps", "1", "--delta", "1.5"], "--delta 1.5"),
     (["run", "--eps", "1", "--clip-norm", "0"], "--clip-norm 0"),
+    (["run", "--eps", "1e308"], "epsilon must be <= 1000"),
+    (["run", "--eps", "1e50"], "epsilon must be <= 1000"),
+    (["run", "--eps", "1", "--clip-norm", "inf"], "--clip-norm inf: Input should be a finite"),
+    (["run", "--eps", "1", "--clip-norm", "nan"], "--clip-norm nan: Input should be a finite"),
+    (["run", "--lr", "nan"], "--lr nan: Input should be a finite number"),
+    (["run", "--lr", "inf"], "--lr inf: Input should be a finite number"),
+    (["run", "--eps", "1", "--delta", "1"], "--delta 1.0: Input should be less than 1"),
+    (["run", "--eps", "1", "--delta", "nan"], "--delta nan: Input should be a finite number"),
+    (["run", "--client-fraction", "nan"], "--client-fraction nan: Input should be a finite"),
+    (["run", "--partition", "dirichlet", "--alpha", "inf"], "--alpha inf: Input should be a fin"),
     (["run", "--accountant", "moments"], "--accountant moments"),
     (["run", "--trust", "nobody"], "--trust nobody"),
     (["run", "--protocol", "cross-nothing"], "--protocol cross-nothing"),
@@ -61,16 +71,22 @@ CASES = [
     (["run", "--methods", "fedotp", "--param", "fedotp.max_iter=2.5"], "expected int"),
     (["run", "--param", "dpfpl.rank=0"], "must be >= 1"),
     (["run", "--param", "rank=4"], "METHOD.OPTION=VALUE"),
-    (["run", "--methods", "coop", "--param", "dpfpl.rank=4"], "METHOD.OPTION=VALUE"),
+    (["run", "--methods", "coop", "--param", "dpfpl.rank=4"], "is not among this run's methods"),
+    (["run", "--methods", "all,promptfl"], "'all' means every preset and cannot be combined"),
     # data, backbone and privacy settings found while preparing
     (["run", "--dataset", "imagenet-xl"], "unknown dataset 'imagenet-xl'"),
     (["run", "--dataset-option", "nokey"], "KEY=VALUE"),
     (["run", "--dataset-option", "colour=red"], "colour"),
+    (["run", "--dataset-option", "n_train_per_class=abc"], "'abc' must be an integer"),
+    (["run", "--dataset-option", "n_train_per_class=1e400"], "inf must be an integer"),
+    (["run", "--protocol", "cross-dataset", "--transfer-datasets", "nosuch"], "'nosuch'"),
     (["run", "--dataset", "caltech101"], "caltech101"),
     (["run", "--target-domain", "noise"], "cross-domain protocol only"),
     (["run", "--protocol", "cross-domain", *TINY], "at least 2 domains"),
     (["run", "--shots", "500"], "--shots 500"),
     (["run", "--methods", "coop", "--eps", "1", "--delta", "0.6", *TINY], "1/n"),
+    # a budget whose noise would fall below the floor, for this run's (q, steps): before training
+    (["run", "--methods", "coop", "--eps", "800", *TINY], "largest supported epsilon"),
     (["run", "--device", "cuda"], "CUDA"),
 ]
 
@@ -119,6 +135,9 @@ def _bad_environment_cases(tmp_path):
         ({"MLFLOW_TRACKING_URI": "http://127.0.0.1:9"}, [], "cannot reach"),
         ({}, ["--checkpoint", str(tmp_path / "missing.pt")], "missing.pt"),
         ({}, ["--out", str(readonly / "sub")], "not writable"),
+        ({"MLFLOW_TRACKING_URI": f"sqlite:///{afile}"}, [], "is not an SQLite database"),
+        ({"MLFLOW_TRACKING_URI": f"sqlite:///{readonly}"}, [], "is a folder, not an SQLite"),
+        ({}, ["--checkpoint", str(readonly)], "is a folder; give the file in it"),
     ]
 
 
@@ -135,6 +154,7 @@ def test_bad_files_and_environment(tmp_path, cache, capsys, monkeypatch):
             code, err = _run(args, capsys, monkeypatch)
         assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, (extra, err)
         assert "Traceback" not in err
+        assert "MLFLOW_TRACKING_URI=" in err or not env  # the line names the variable
         assert (out / "results.csv").read_text() == before
 
 
@@ -178,3 +198,202 @@ def test_cross_dataset_without_transfer_datasets_is_refused(tmp_path, cache, cap
         monkeypatch,
     )
     assert code == 2 and "needs transfer datasets" in err and len(err.strip().splitlines()) == 1
+
+
+# -- files and folders the report, pretrain and bench commands read or write ---------------------
+
+CORRUPT_RESULTS = {
+    "unbalanced quotes": ",".join(RESULT_COLUMNS).encode() + b'\n"coop,"none\n0,"x\n',
+    "random bytes": bytes(range(128, 256)) * 8,
+}
+
+
+def _one_line(code, err, needle):
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and needle in lines[0], err
+    assert "Traceback" not in err
+
+
+def _runs_folder(folder):
+    """A run folder with the hand-built records of tests/report (12 rows)."""
+    from fpl_bench.report.records import write_results
+    from tests.report.conftest import make_records
+
+    write_results(make_records(), folder / "results.csv")
+    return folder
+
+
+@pytest.mark.parametrize("kind", list(CORRUPT_RESULTS))
+def test_corrupt_results_file_is_refused_by_run(kind, tmp_path, cache, capsys, monkeypatch):
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "results.csv").write_bytes(CORRUPT_RESULTS[kind])
+    code, err = _run(["run", "--out", str(out), "--cache-dir", str(cache)], capsys, monkeypatch)
+    _one_line(code, err, f"{out / 'results.csv'} is not a readable results CSV")
+    assert "move it away" in err
+    assert (out / "results.csv").read_bytes() == CORRUPT_RESULTS[kind]
+
+
+@pytest.mark.parametrize("kind", list(CORRUPT_RESULTS))
+def test_corrupt_results_file_is_refused_by_leaderboard(kind, tmp_path, capsys, monkeypatch):
+    (tmp_path / "results.csv").write_bytes(CORRUPT_RESULTS[kind])
+    code, _, err = run_cli(["leaderboard", "--runs", str(tmp_path)], capsys, monkeypatch)
+    _one_line(code, err, "is not a readable results CSV")
+
+
+def test_results_row_with_a_seed_that_is_not_an_integer_is_refused(tmp_path, capsys, monkeypatch):
+    import pandas as pd
+
+    runs = _runs_folder(tmp_path)
+    frame = pd.read_csv(runs / "results.csv", dtype=str)
+    frame.loc[0, "seed"] = "abc"
+    frame.to_csv(runs / "results.csv", index=False)
+    code, _, err = run_cli(["leaderboard", "--runs", str(runs)], capsys, monkeypatch)
+    _one_line(code, err, "seed 'abc' is not an integer")
+
+
+def test_leaderboard_out_that_cannot_be_written_is_refused(tmp_path, capsys, monkeypatch):
+    runs = _runs_folder(tmp_path / "runs")
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    cases = [(afile, "is a file, not a folder"), (afile / "sub", "is not writable")]
+    if os.geteuid() != 0:  # root ignores permission bits
+        cases.append((readonly, "is not writable"))
+    for out, needle in cases:
+        args = ["leaderboard", "--runs", str(runs), "--out", str(out), "--no-png"]
+        code, _, err = run_cli(args, capsys, monkeypatch)
+        _one_line(code, err, f"--out {out} {needle}")
+
+
+def test_leaderboard_runs_that_is_not_a_run_folder_says_what_it_is(tmp_path, capsys, monkeypatch):
+    notes = tmp_path / "NOTES.md"
+    notes.write_text("# notes\n")
+    board = tmp_path / "board.csv"
+    board.write_text("method,eps,metric,mean,std\ncoop,none,local_acc,0.5,0.0\n")
+    for runs, needle in (
+        (notes, f"--runs {notes} is a file, not a run folder"),
+        (board, f"--runs {board} is a CSV file but not a results file"),
+    ):
+        code, _, err = run_cli(["leaderboard", "--runs", str(runs)], capsys, monkeypatch)
+        _one_line(code, err, needle)
+        assert "results.csv not found" not in err
+
+
+def test_leaderboard_tracking_uri_that_is_not_sqlite_is_refused(tmp_path, capsys, monkeypatch):
+    text = tmp_path / "notes.db"
+    text.write_text("not a database\n")
+    uri = f"sqlite:///{text}"
+    code, _, err = run_cli(["leaderboard", "--tracking-uri", uri], capsys, monkeypatch)
+    _one_line(code, err, f"--tracking-uri {uri}: {text} is not an SQLite database")
+
+
+def test_tracking_database_in_out_that_is_not_sqlite_is_refused(
+    tmp_path, cache, capsys, monkeypatch
+):
+    out = tmp_path / "out"
+    before = _existing_results(out)
+    (out / "mlflow.db").write_text("hello\n")
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    code, err = _run(["run", "--out", str(out), "--cache-dir", str(cache)], capsys, monkeypatch)
+    _one_line(code, err, f"tracking database {out / 'mlflow.db'} is not an SQLite database")
+    assert (out / "results.csv").read_text() == before
+
+
+def test_regress_bad_baseline_and_options_are_refused(tmp_path, capsys, monkeypatch):
+    runs = _runs_folder(tmp_path / "runs")
+    readme = tmp_path / "README.md"
+    readme.write_text("# fpl-bench\n\nA benchmark.\nIt runs CoOp, PromptFL and DP-FPL.\n")
+    binary = tmp_path / "board.csv"
+    binary.write_bytes(bytes(range(128, 256)))
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    cases = [
+        (["--baseline", str(readme)], f"baseline {readme} is not a leaderboard CSV"),
+        (["--baseline", str(binary)], f"baseline {binary} is not a leaderboard CSV"),
+        (["--baseline", str(tmp_path)], f"baseline {tmp_path} is a folder"),
+        (["--baseline", str(readme), "--tolerance", "nan"], "both must be finite"),
+        (["--baseline", str(readme), "--k", "inf"], "both must be finite"),
+        (["--baseline", str(readme), "--out", str(afile)], f"--out {afile} is a file"),
+    ]
+    for extra, needle in cases:
+        code, _, err = run_cli(["regress", "--runs", str(runs), *extra], capsys, monkeypatch)
+        _one_line(code, err, needle)
+
+
+def test_pretrain_tiny_refuses_bad_options_before_training(tmp_path, capsys, monkeypatch):
+    import fpl_bench.pretrain as pretrain
+
+    def no_training(**_):
+        raise AssertionError("pretrain_tiny ran on bad input")
+
+    monkeypatch.setattr(pretrain, "pretrain_tiny", no_training)
+    afile = tmp_path / "afile"
+    afile.write_text("x")
+    readonly = tmp_path / "readonly"
+    readonly.mkdir()
+    readonly.chmod(0o500)
+    out = str(tmp_path / "tiny.pt")
+    cases = [
+        (["--out", out, "--n-images", "0"], "at least one batch of 128 images"),
+        (["--out", out, "--n-images", "64"], "give --n-images 128 or more"),
+        (["--out", out, "--n-images", "127"], "give --n-images 128 or more"),
+        (["--out", str(afile / "tiny.pt")], "is a file, not a folder"),
+        (["--out", str(afile / "sub" / "tiny.pt")], "is not writable"),
+        (["--out", out, "--minutes", "0"], "--minutes 0.0"),
+        (["--out", out, "--minutes", "nan"], "--minutes nan"),
+        (["--out", out, "--threads", "0"], "--threads 0"),
+        (["--out", out, "--seed", "-1"], "--seed -1"),
+    ]
+    if os.geteuid() != 0:  # root ignores permission bits
+        cases.append((["--out", str(readonly / "tiny.pt")], "is not writable"))
+    for extra, needle in cases:
+        code, _, err = run_cli(["pretrain-tiny", *extra], capsys, monkeypatch)
+        _one_line(code, err, needle)
+
+
+def test_pretrain_tiny_minimum_is_one_batch():
+    """The --n-images floor the CLI names is pretrain_tiny's batch: below it phase 1 has no step."""
+    import inspect
+
+    from fpl_bench.pretrain import BATCH_SIZE, pretrain_tiny
+
+    assert inspect.signature(pretrain_tiny).parameters["batch_size"].default == BATCH_SIZE == 128
+
+
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--rounds", "0"], "'--rounds'"),
+        (["--threads", "0"], "'--threads'"),
+        (["--batch-size", "0"], "'--batch-size'"),
+        (["--samples-per-client", "0"], "'--samples-per-client'"),
+        (["--local-epochs", "0"], "'--local-epochs'"),
+        (["--total-clients", "0"], "'--total-clients'"),
+        (["--clients", "0"], "--clients: give positive counts"),
+        (["--eps", "-1"], "--eps -1: each epsilon must be > 0 and finite"),
+        (["--eps", "nan"], "--eps nan: each epsilon must be > 0 and finite"),
+        (["--json", "."], "--json . is a folder"),
+    ],
+)
+def test_bench_refuses_bad_numbers_before_timing(extra, needle, capsys, monkeypatch):
+    import fpl_bench.bench as bench
+
+    def no_timing(*_, **__):
+        raise AssertionError("bench ran on bad input")
+
+    monkeypatch.setattr(bench, "run_bench", no_timing)
+    code, out, err = run_cli(["bench", *extra], capsys, monkeypatch)
+    _one_line(code, err, needle)
+    assert "s/round" not in out
+
+
+def test_param_for_a_method_outside_the_run_names_the_runs_methods(
+    tmp_path, cache, capsys, monkeypatch
+):
+    args = ["run", "--out", str(tmp_path), "--cache-dir", str(cache), "--methods", "promptfl"]
+    code, err = _run([*args, "--param", "dpfpl.rank=4"], capsys, monkeypatch)
+    _one_line(code, err, "'dpfpl' is not among this run's methods (promptfl)")
+    assert err.count("dpfpl.rank=4") == 1  # the refused input is not offered as the example

@@ -153,3 +153,133 @@ def test_cross_dataset_scores_the_trained_prompts_on_the_transfer_dataset(tmp_pa
     # zero-shot on the plain-background test set: the tiny CLIP is far above chance (1/64)
     assert frame.loc["zeroshot", "target_acc"] > 0.3
     assert frame.loc["coop", "target_acc"] > 1 / 64 and frame.loc["coop", "source_acc"] > 1 / 64
+
+
+def test_results_record_the_configuration(small_job):
+    frame = pd.read_csv(small_job / "results.csv", dtype={"setup_hash": str, "config_hash": str})
+    assert (frame.rounds == 3).all() and (frame.local_epochs == 2).all()
+    assert (frame.batch_size == 32).all() and (frame.lr == 0.005).all()
+    assert (frame.shots == 4).all() and (frame.clients == 4).all()
+    assert (frame.backbone == "fpl-tiny-vit").all()
+    # one setup for the whole job; one configuration per method
+    assert frame.setup_hash.nunique() == 1
+    assert frame.groupby("method").config_hash.nunique().eq(1).all()
+    assert frame.config_hash.nunique() == 3
+
+
+def eval_prompts(small_job, prompts, monkeypatch, capsys, *extra):
+    from tests.cli import run_cli
+
+    args = ["eval", "--prompts", str(prompts), "--cache-dir", str(small_job.parent / "cache")]
+    return run_cli([*args, *extra], capsys, monkeypatch)
+
+
+def test_saved_prompts_reproduce_the_last_evaluation(small_job, monkeypatch, capsys):
+    import json
+
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{small_job / 'mlflow.db'}")
+    frame = pd.read_csv(small_job / "results.csv")
+    assert len(frame) == 6
+    for row in frame.itertuples():
+        prompts = small_job / row.prompts
+        assert prompts.is_file() and prompts.parent.name == "prompts"
+        code, out, err = eval_prompts(small_job, prompts, monkeypatch, capsys, "--json")
+        assert code == 0, err
+        metrics = json.loads(out)
+        assert set(metrics) == {"local_acc", "neighbor_acc", "base_acc", "novel_acc", "hm"}
+        for metric, value in metrics.items():  # the run's last evaluation, exactly
+            last = client.get_metric_history(row.mlflow_run_id, f"round/{metric}")[-1]
+            assert value == pytest.approx(last.value, abs=1e-12), (row.method, metric)
+
+
+def test_saved_prompts_are_mlflow_artifacts(small_job):
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(tracking_uri=f"sqlite:///{small_job / 'mlflow.db'}")
+    frame = pd.read_csv(small_job / "results.csv")
+    for row in frame.itertuples():
+        listed = {a.path for a in client.list_artifacts(row.mlflow_run_id)}
+        assert {"prompts.safetensors", "partition.json", "history.json"} <= listed
+        uri = client.get_run(row.mlflow_run_id).info.artifact_uri
+        assert uri.startswith(f"file://{small_job.resolve()}/mlartifacts/")
+        folder = small_job / client.get_run(row.mlflow_run_id).data.tags["fpl_bench.artifacts"]
+        saved = (folder / "prompts.safetensors").read_bytes()
+        assert saved == (small_job / row.prompts).read_bytes()
+
+
+def test_saved_prompts_hold_every_client_and_the_server(small_job):
+    from fpl_bench.saved_prompts import load_prompts
+
+    frame = pd.read_csv(small_job / "results.csv")
+    promptfl = frame[(frame.method == "promptfl") & (frame.eps == "none")].iloc[0]
+    saved = load_prompts(small_job / promptfl.prompts)
+    assert len(saved.clients) == 4 and set(saved.server) == {"prompt"}
+    assert saved.config["rounds"] == 3 and saved.config["method"] == "promptfl"
+    assert saved.key["config_hash"] == promptfl.config_hash and saved.eval_round == 2
+    coop = frame[(frame.method == "coop") & (frame.eps == "none")].iloc[0]
+    personal = load_prompts(small_job / coop.prompts)
+    assert personal.server == {} and len(personal.clients) == 4
+    first, second = (personal.clients[i]["prompt"] for i in (0, 1))
+    assert first.shape[0] == 16  # n_ctx context vectors
+    assert not bool((first == second).all())  # each client trained its own prompt
+
+
+def test_saved_prompts_evaluate_under_another_protocol(small_job, monkeypatch, capsys):
+    import json
+
+    frame = pd.read_csv(small_job / "results.csv")
+    coop = frame[(frame.method == "coop") & (frame.eps == "none")].iloc[0]
+    code, out, err = eval_prompts(
+        small_job,
+        small_job / coop.prompts,
+        monkeypatch,
+        capsys,
+        "--json",
+        "--protocol",
+        "personalized",
+    )
+    assert code == 0, err
+    metrics = json.loads(out)
+    assert set(metrics) == {"local_acc", "neighbor_acc"}
+    assert all(0.03 < v <= 1 for v in metrics.values())  # 64 classes: chance 1.6%
+
+
+@pytest.mark.parametrize(
+    ("damage", "needle"),
+    [
+        (lambda p: p.write_bytes(b"\x00" * 64), "not a prompts file"),
+        (lambda p: p.unlink(), "no such file"),
+    ],
+)
+def test_eval_bad_prompts_file_one_line_exit_2(
+    small_job, tmp_path, monkeypatch, capsys, damage, needle
+):
+    import shutil
+
+    frame = pd.read_csv(small_job / "results.csv")
+    copy = tmp_path / "p.safetensors"
+    shutil.copy(small_job / frame.prompts.iloc[1], copy)
+    damage(copy)
+    code, _, err = eval_prompts(small_job, copy, monkeypatch, capsys)
+    assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
+
+
+def test_eval_refuses_prompts_of_another_shape(small_job, tmp_path, monkeypatch, capsys):
+    from fpl_bench.saved_prompts import load_prompts, save_prompts
+
+    frame = pd.read_csv(small_job / "results.csv")
+    promptfl = frame[(frame.method == "promptfl") & (frame.eps == "none")].iloc[0]
+    saved = load_prompts(small_job / promptfl.prompts)
+    path = save_prompts(
+        tmp_path / "cut.safetensors",
+        server={"prompt": saved.server["prompt"][:4]},
+        clients=saved.clients,
+        config=saved.config,
+        key=saved.key,
+        eval_round=saved.eval_round,
+        version=saved.version,
+    )
+    code, _, err = eval_prompts(small_job, path, monkeypatch, capsys)
+    assert code == 2 and "server/prompt" in err and len(err.strip().splitlines()) == 1, err

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -13,6 +14,7 @@ import pytest
 from fpl_bench.errors import UsageError
 from fpl_bench.report.records import RESULT_COLUMNS, write_results
 from fpl_bench.suite import (
+    cell_flops,
     dry_run_rows,
     format_dry_run,
     list_suites,
@@ -61,7 +63,8 @@ def test_dpfpl_table2_is_96_cells_by_5_seeds_with_paper_numbers(table2_rows):
     assert {r["eps"] for r in table2_rows} == {"none", "0.4", "0.2", "0.1", "0.05", "0.01"}
     for row in table2_rows:
         assert row["paper_local_acc"] is not None and row["paper_neighbor_acc"] is not None
-        assert row["status"] == "pending" and row["estimate"] == "unknown"
+        assert row["status"] == "pending" and row["estimate"].startswith("~")
+        assert row["estimate_source"].startswith("model (assumed")
         config = row["config"]
         assert (config["backbone"], config["pretrained"], config["clients"]) == (
             "ViT-B-16",
@@ -111,7 +114,10 @@ def test_dpfpl_table4_numbers_follow_the_client_count(tmp_path):
 def test_dry_run_text_lists_every_cell_once(table2, table2_rows):
     text = format_dry_run(table2, table2_rows)
     assert text.splitlines()[0].startswith("suite dpfpl-table2: 480 cells, 0 done, 480 to run")
-    assert "caltech101  dpfpl  none  0  pending  96.06  91.54  unknown" in text
+    assert re.search(r"^caltech101  dpfpl  none  0  pending  96\.06  91\.54  ~\S+ ", text, re.M)
+    assert re.search(
+        r"^estimates: model \(assumed [\d.]+ [GT]FLOP/s on (cpu|cuda)\): 480 cells", text, re.M
+    )
     assert len([line for line in text.splitlines() if "  pending  " in line]) == 480
 
 
@@ -175,7 +181,7 @@ def test_bench_file_gives_round_time_estimates(tmp_path, table2):
     private_dpfpl = [r for r in rows if r["method"] == "dpfpl" and r["eps"] != "none"]
     assert {(r["estimate_s"], r["estimate_source"]) for r in private_dpfpl} == {(300.0, "bench")}
     others = [r for r in rows if r["method"] != "dpfpl" or r["eps"] == "none"]
-    assert {r["estimate"] for r in others} == {"unknown"}
+    assert all(r["estimate_source"].startswith("model") for r in others)
 
 
 def test_bad_bench_file_is_a_usage_error(tmp_path, table2):
@@ -298,3 +304,55 @@ def test_run_suite_runs_the_cells_then_resumes_with_nothing_left(tmp_path):
     assert [r["status"] for r in rows] == ["finished", "finished"]
     assert all(r["estimate_source"] == "measured (1 runs)" for r in rows)
     assert Path(out / "results.csv").is_file()
+
+
+# ----------------------------------------------------------------------------- cost model
+
+
+def test_model_estimate_without_bench_file_scales_with_the_work(table2_rows):
+    def seconds(dataset, method, eps):
+        (row,) = [
+            r
+            for r in table2_rows
+            if (r["dataset"], r["method"], r["eps"], r["seed"]) == (dataset, method, eps, 0)
+        ]
+        return row["estimate_s"]
+
+    none, private = seconds("caltech101", "dpfpl", "none"), seconds("caltech101", "dpfpl", "0.1")
+    assert 0 < none < private  # DP: a backward per sample
+    assert private == seconds("caltech101", "dpfpl", "0.01")  # eps changes sigma, not the work
+    assert seconds("food101", "dpfpl", "0.1") > 10 * private  # 50500 training images vs 4128
+    assert seconds("caltech101", "fedotp", "none") > none  # two prompt components
+
+
+def test_model_is_calibrated_on_finished_cells(tmp_path):
+    suite = load_suite("embedded")
+    cells = suite_cells(suite, out=tmp_path)
+    done = next(c for c in cells if c.method.label == "coop" and c.eps is None)
+    assumed = {r["estimate_source"] for r in dry_run_rows(suite, tmp_path)}
+    assert all(source.startswith("model (assumed") for source in assumed)
+    write_results(
+        pd.DataFrame([_record(done, "finished", 12.0)], columns=list(RESULT_COLUMNS)),
+        tmp_path / "results.csv",
+    )
+    rows = dry_run_rows(suite, tmp_path)
+    other, promptfl = next(
+        (r, c) for r, c in zip(rows, cells, strict=True) if c.method.label == "promptfl"
+    )
+    assert other["estimate_source"] == "model (calibrated on 1 runs)"
+    assert other["estimate"].startswith("~")
+    assert other["estimate_s"] == pytest.approx(12.0 * cell_flops(promptfl) / cell_flops(done))
+
+
+def test_no_model_estimate_without_the_training_set_size(tmp_path):
+    path = tmp_path / "mine.toml"
+    path.write_text(
+        GOOD.format(name="mine")
+        .replace('["synthetic"]', '["pacs"]')
+        .replace(
+            "rounds = 1",
+            "rounds = 1\nshots = 0\nprotocol = 'multi-domain'\npartition = 'by_domain'",
+        )
+    )
+    (row,) = dry_run_rows(load_suite(path), tmp_path)
+    assert (row["estimate"], row["estimate_source"]) == ("unknown", "unknown")

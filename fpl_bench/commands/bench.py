@@ -12,6 +12,7 @@ bytes held per client) and with --compare-reference a table of each switch's own
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -43,7 +44,8 @@ def bench_cmd(
         int | None,
         typer.Option(
             help="Clients in the federation (default: --clients); a round samples "
-            "--clients of them."
+            "--clients of them.",
+            min=1,
         ),
     ] = None,
     backbones: Annotated[
@@ -54,18 +56,21 @@ def bench_cmd(
         ),
     ] = None,
     device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
-    threads: Annotated[int, typer.Option(help="CPU threads (per-core numbers by default).")] = 1,
-    rounds: Annotated[int, typer.Option(help="Rounds timed per measurement.")] = 1,
+    threads: Annotated[
+        int, typer.Option(help="CPU threads (per-core numbers by default).", min=1)
+    ] = 1,
+    rounds: Annotated[int, typer.Option(help="Rounds timed per measurement.", min=1)] = 1,
     samples_per_client: Annotated[
         int | None,
         typer.Option(
-            help="Training examples per client (default 64; 32 with --compare-reference)."
+            help="Training examples per client (default 64; 32 with --compare-reference).",
+            min=1,
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Local batch size.")] = 32,
+    batch_size: Annotated[int, typer.Option(help="Local batch size.", min=1)] = 32,
     local_epochs: Annotated[
         int | None,
-        typer.Option(help="Local epochs per round (default 2; 1 with --compare-reference)."),
+        typer.Option(help="Local epochs per round (default 2; 1 with --compare-reference).", min=1),
     ] = None,
     no_feature_cache: Annotated[
         bool, typer.Option("--no-feature-cache", help="Encode images at every step.")
@@ -119,6 +124,7 @@ def bench_cmd(
     from fpl_bench.catalog import method_names, resolve_method
     from fpl_bench.compute import fast_precision
     from fpl_bench.experiment import resolve_device
+    from fpl_bench.jobs import check_writable_folder
     from fpl_bench.method import build_method
     from fpl_bench.spec import parse_eps, parse_int_list
 
@@ -133,6 +139,14 @@ def bench_cmd(
     )
     if compare_reference and any(ablations):
         raise UsageError("--compare-reference measures every switch itself; drop the --no-* flags")
+    eps_list = parse_eps(eps)
+    for value in eps_list:
+        if value is not None and not (value > 0 and math.isfinite(value)):
+            raise UsageError(f"--eps {eps}: each epsilon must be > 0 and finite, or none")
+    if json_path is not None:
+        if json_path.is_dir():
+            raise UsageError(f"--json {json_path} is a folder; give a file such as bench.json")
+        check_writable_folder(json_path.parent, "--json's folder")  # before minutes of timing
     torch_device = resolve_device(device)
     torch.set_num_threads(threads)
     names = method_names(methods or (COMPARE_METHODS if compare_reference else "all"))
@@ -177,7 +191,7 @@ def bench_cmd(
     records = run_bench(
         built,
         backbones=chosen,
-        eps_list=parse_eps(eps),
+        eps_list=eps_list,
         client_counts=counts,
         configs=configs,
         sizes=sizes,

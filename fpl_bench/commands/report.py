@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Annotated
 
@@ -42,6 +43,7 @@ def leaderboard(
     title: Annotated[str | None, typer.Option(help="Page and document title.")] = None,
 ) -> None:
     """Tables (Markdown, CSV), figures (PNG) and one HTML page from finished runs."""
+    from fpl_bench.jobs import check_writable_folder
     from fpl_bench.report.build import check_name, write_leaderboard
     from fpl_bench.report.sources import load_records
 
@@ -49,6 +51,7 @@ def leaderboard(
     records, source = load_records(runs, tracking_uri)
     if out is None:
         out = (runs or DEFAULT_RUNS) if tracking_uri is None else DEFAULT_LEADERBOARD_OUT
+    check_writable_folder(out, "--out")
     written = write_leaderboard(records, out=out, name=name, source=source, png=png, title=title)
     typer.echo(f"read {len(records)} run(s) from {source}")
     if written.superseded:
@@ -78,6 +81,12 @@ def regress(
     ] = None,
 ) -> None:
     """Compare fresh runs with a committed leaderboard; exit 1 when a cell dropped."""
+    if not (math.isfinite(tolerance) and math.isfinite(k)):
+        raise UsageError(f"--tolerance {tolerance} --k {k}: both must be finite numbers >= 0")
+    if out is not None:
+        from fpl_bench.jobs import check_writable_folder
+
+        check_writable_folder(out, "--out")
     from fpl_bench.report.build import write_text
     from fpl_bench.report.leaderboard import summarize
     from fpl_bench.report.regression import (
@@ -86,6 +95,7 @@ def regress(
         deltas_markdown,
         read_leaderboard,
         regression_lines,
+        summary_line,
     )
     from fpl_bench.report.sources import load_results_dir
 
@@ -104,6 +114,7 @@ def regress(
     write_text(path, text)
     typer.echo(text)
     typer.echo(f"wrote {path}")
+    typer.echo(summary_line(deltas), err=True)
     bad = regression_lines(deltas)
     if bad:
         typer.echo(f"{len(bad)} regression(s):", err=True)

@@ -12,12 +12,12 @@ study fits in minutes on a laptop; `fpl-bench run --tuned` then trains with the 
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Annotated, Any
 
 import typer
 
+from fpl_bench.cli_options import CacheDir, DataRoot, cache_dir_or_env
 from fpl_bench.errors import UsageError
 
 # The tuning schedule: a trial trains the first 4 rounds of the run it tunes for (whose --rounds
@@ -50,7 +50,7 @@ def tune_cmd(
         str, typer.Option(help="Target epsilon(s), comma list; one study each; 'none' = no DP.")
     ] = "none",
     dataset: Annotated[str, typer.Option(help="Dataset card name.")] = _default("dataset"),
-    data_root: Annotated[Path | None, typer.Option(help="Folder holding the dataset.")] = None,
+    data_root: DataRoot = None,
     dataset_option: Annotated[
         list[str] | None, typer.Option(help="Dataset option KEY=VALUE (repeatable).")
     ] = None,
@@ -119,7 +119,7 @@ def tune_cmd(
     out: Annotated[Path, typer.Option(help="Output folder (optuna.db, mlflow.db).")] = Path(
         "runs/default"
     ),
-    cache_dir: Annotated[Path | None, typer.Option(help="Feature/data cache.")] = None,
+    cache_dir: CacheDir = None,
 ) -> None:
     """Tune the methods' hyperparameters on the validation split (one Optuna study each)."""
     if workers > 1:  # the fork server's imports overlap with this process's (parallel.py)
@@ -158,9 +158,7 @@ def tune_cmd(
         out=out,
         eval_split="val",
     )
-    cache = cache_dir or (
-        Path(os.environ["FPL_BENCH_CACHE"]) if "FPL_BENCH_CACHE" in os.environ else None
-    )
+    cache = cache_dir_or_env(cache_dir)
     if cache is not None:
         fields["cache_dir"] = cache
     spec = build_spec(**fields)

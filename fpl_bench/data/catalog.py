@@ -161,6 +161,8 @@ class DatasetCard(_Strict):
         name: the file stem, the ``--dataset`` value.
         summary: one line for ``fpl-bench datasets``.
         classes: number of classes the source must yield.
+        train_images: training images of the standard split with the default options, where
+            known (published split sizes); only time estimates read it (a suite's dry run).
         layout: the expected folder layout under ``--data-root``, as text.
         url: where to obtain the data (text; never fetched by fpl-bench).
         obtain: the steps to get and arrange it, one paragraph.
@@ -173,6 +175,7 @@ class DatasetCard(_Strict):
     name: str
     summary: str
     classes: int = Field(ge=1)
+    train_images: int | None = Field(default=None, ge=1)
     layout: str
     url: str
     obtain: str

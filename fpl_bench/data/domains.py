@@ -62,7 +62,7 @@ class DomainScan:
 
 
 def selected_domains(card: DatasetCard, choice: Any) -> tuple[str, ...]:
-    """The domains a run uses (option ``domain``, as for ``--domain``): all of the card's
+    """The domains a run uses (``--dataset-option domain=...``): all of the card's
     ("all" or None), or a subset (a list, or names joined by commas: "clipart,real")."""
     src = card.source
     assert isinstance(src, DomainSource)
@@ -70,7 +70,9 @@ def selected_domains(card: DatasetCard, choice: Any) -> tuple[str, ...]:
         return src.domains
     names = choice.split(",") if isinstance(choice, str) else choice
     if not isinstance(names, list | tuple) or not names:
-        raise UsageError(f"dataset {card.name}: domain={choice!r}; use e.g. --domain real,sketch")
+        raise UsageError(
+            f"dataset {card.name}: domain={choice!r}; use e.g. --dataset-option domain=real,sketch"
+        )
     unknown = [n for n in names if n not in src.domains]
     if unknown:
         raise UsageError(

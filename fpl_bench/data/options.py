@@ -6,6 +6,7 @@
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from typing import Any
 
@@ -19,7 +20,8 @@ def check_options(
 ) -> dict[str, Any]:
     """``known`` (name -> default) updated by ``options``; an unknown name lists the known ones.
 
-    A ``seed`` must be a non-negative integer.
+    A number option takes a number of its default's kind (an integer for an integer default);
+    a ``seed`` must be a non-negative integer.
     """
     unknown = sorted(set(options) - set(known))
     if unknown:
@@ -27,6 +29,16 @@ def check_options(
             f"dataset {dataset} has no option {unknown[0]!r}; "
             f"options: {', '.join(sorted(known)) or 'none'}"
         )
+    for name, value in options.items():  # a number option takes a number (TOML-typed)
+        default = known[name]
+        if isinstance(default, bool) or not isinstance(default, int | float):
+            continue
+        wanted = "an integer" if isinstance(default, int) else "a finite number"
+        numeric = (int,) if isinstance(default, int) else (int, float)
+        if isinstance(value, bool) or not isinstance(value, numeric) or not math.isfinite(value):
+            raise UsageError(
+                f"dataset {dataset}: {name}={value!r} must be {wanted}, e.g. {name}={default!r}"
+            )
     merged = {**known, **options}
     seed = merged.get("seed", 0)
     if isinstance(seed, bool) or not isinstance(seed, int) or seed < 0:

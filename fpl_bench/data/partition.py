@@ -13,7 +13,7 @@ scheme::
 
 ``classes`` are the class ids that are dealt (only the base classes in base2novel); samples of
 any other class are never assigned. A ``ClientSplit`` holds, per client, sorted int64 indices
-into the train pool, indices into the test pool (the client's *local* test set, see DESIGN.md
+into the train pool, indices into the test pool (the client's *local* test set, see docs/design.md
 "Evaluation protocols": personalized accuracy) and the class ids present in its train indices.
 
 ``ByDomain`` (feature shift, one or more clients per domain) also takes the per-image domain

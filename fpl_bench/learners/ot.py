@@ -28,8 +28,9 @@ Departures from the reference:
 - Patch tokens are the frozen, cached, projected and L2-normalised tokens after `ln_post`
   (as the reference's `ModifiedVisionTransformer` returns them), so there is no per-step image
   augmentation; the pooled image feature is not used, as in the reference.
-- Defaults: top_percent 0.8 and eps 0.1 (DESIGN.md). The reference's command-line defaults are
-  top_percent 1, eps 0.1; its few-shot script uses top_percent 0.8, eps 0.01.
+- Defaults: top_percent 0.8 and eps 0.1 (docs/design.md, "Methods"). The reference's
+  command-line defaults are top_percent 1, eps 0.1; its few-shot script uses top_percent 0.8,
+  eps 0.01.
 - With `ctx_init` both prompts start from the phrase (the reference's N-prompt learner cannot
   take ctx_init); otherwise both are drawn N(0, 0.02^2), one after the other.
 """

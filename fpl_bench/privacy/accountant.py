@@ -58,10 +58,14 @@ __all__ = [
     "ACCOUNTANTS",
     "CALIBRATIONS",
     "EXTRA_RDP_ORDERS",
+    "PRV_MAX_EPSILON",
     "RDP_ORDERS",
+    "SIGMA_FLOOR",
     "PrivacyLedger",
     "calibrate_noise",
+    "check_supported_epsilon",
     "epsilon_spent",
+    "max_supported_epsilon",
     "paper_noise",
     "plan_privacy",
     "use_calibration_cache",
@@ -77,6 +81,16 @@ RDP_ORDERS: tuple[float, ...] = (*RDPAccountant.DEFAULT_ALPHAS, *EXTRA_RDP_ORDER
 # (the PRV estimate is numerical; its reported upper bound can land a hair above the target).
 _BUMP = 1.001
 _MAX_BUMPS = 200
+
+# The smallest noise multiplier a calibration may return: sigma = 0.05 adds noise of 5% of the
+# clipping norm, which protects nothing (it spends eps >= 130 in one step at any q >= 1e-6 and
+# delta <= 1e-3), and below it Opacus' bisection can neither reach its absolute tolerance at a
+# huge target (eps = 1e50 is spent by sigma ~ 1e-25) nor end. A target above what
+# `SIGMA_FLOOR` spends is refused, naming that epsilon (`max_supported_epsilon`).
+SIGMA_FLOOR = 0.05
+# Opacus' PRV accountant evaluates exp(privacy loss) in float64, which overflows near eps = 709;
+# above it PRV reports inf and the bisection does not end. Targets above this are refused.
+PRV_MAX_EPSILON = 500.0
 
 
 def _accountant_kwargs(accountant: str) -> dict[str, Any]:
@@ -196,6 +210,43 @@ def _store_sigma(key: dict[str, Any], sigma: float) -> None:
         pass  # a read-only cache only costs the search next time
 
 
+def max_supported_epsilon(
+    *, sample_rate: float, steps: int, delta: float, accountant: str = "rdp"
+) -> float:
+    """The largest target epsilon `calibrate_noise` accepts for (q, steps, delta): what sigma =
+    `SIGMA_FLOOR` spends under the RDP accountant (fast and exact at any sigma), and at most
+    `PRV_MAX_EPSILON` for "prv"."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # at so little noise the best RDP order is the smallest
+        spent = epsilon_spent(
+            noise_multiplier=SIGMA_FLOOR, sample_rate=sample_rate, steps=steps, delta=delta
+        )
+    return min(spent, PRV_MAX_EPSILON) if accountant == "prv" else spent
+
+
+def check_supported_epsilon(
+    *, eps: float, delta: float, sample_rate: float, steps: int, accountant: str
+) -> None:
+    """UsageError, naming the largest supported epsilon (`max_supported_epsilon`), if `eps`
+    is above it: what `calibrate_noise` and `plan_privacy` refuse, checkable before a job."""
+    largest = max_supported_epsilon(
+        sample_rate=sample_rate, steps=steps, delta=delta, accountant=accountant
+    )
+    if eps <= largest:
+        return
+    why = (
+        f"is above {PRV_MAX_EPSILON:g}, where the prv accountant overflows"
+        if largest == PRV_MAX_EPSILON
+        else f"needs a noise multiplier below {SIGMA_FLOOR} (no meaningful privacy)"
+    )
+    shown = f"{math.floor(largest * 100) / 100:g}"  # rounded down: itself accepted
+    raise UsageError(
+        f"--eps {eps:g} {why}; the largest supported epsilon at sample rate {sample_rate:.4g}, "
+        f"{steps} noisy steps, delta {delta:g} and accountant {accountant} is {shown}: "
+        f"use --eps {shown} or less, or --eps none to train without DP"
+    )
+
+
 @functools.lru_cache(maxsize=1024)
 def calibrate_noise(
     *,
@@ -222,6 +273,13 @@ def calibrate_noise(
     """
     _check_accountant(accountant)
     _check_common(eps=target_epsilon, delta=target_delta, sample_rate=sample_rate, steps=steps)
+    check_supported_epsilon(
+        eps=target_epsilon,
+        delta=target_delta,
+        sample_rate=sample_rate,
+        steps=steps,
+        accountant=accountant,
+    )
     if not epsilon_tolerance > 0:
         raise ValueError(f"epsilon_tolerance must be > 0, got {epsilon_tolerance}")
     key = _cache_key(
@@ -382,6 +440,9 @@ def plan_privacy(
         raise UsageError(f"--clip-norm must be > 0, got {clip_norm}")
     if calibration == "paper":
         accountant = "rdp"
+        check_supported_epsilon(
+            eps=eps, delta=delta, sample_rate=sample_rate, steps=steps, accountant=accountant
+        )
         sigma = paper_noise(target_epsilon=eps, target_delta=delta, rounds=rounds)
     else:
         accountant = calibration

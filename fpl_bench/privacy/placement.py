@@ -1,5 +1,5 @@
 """Where each privatized parameter gets its noise, and when shared parameters synchronise:
-one rule for every scheme, set by the run's trust model (DESIGN.md, "Privacy").
+one rule for every scheme, set by the run's trust model (docs/design.md, "Privacy").
 
     trust "server" (trusted aggregator; the DP-FPL paper's setting): every scheme's shared
         parameters synchronise every local step. Each client sends the clipped per-sample SUM

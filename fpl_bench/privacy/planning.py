@@ -15,7 +15,12 @@ from collections.abc import Sequence
 from dataclasses import replace
 
 from fpl_bench.errors import UsageError
-from fpl_bench.privacy.accountant import PrivacyLedger, epsilon_spent, plan_privacy
+from fpl_bench.privacy.accountant import (
+    PrivacyLedger,
+    check_supported_epsilon,
+    epsilon_spent,
+    plan_privacy,
+)
 
 
 def sample_rate(n_train: int, batch_size: int) -> float:
@@ -56,6 +61,25 @@ def check_delta(delta: float, n_train: Sequence[int]) -> None:
             f"({n_min} training examples), which makes the guarantee meaningless; "
             f"use delta well below {1.0 / n_min:.3g}, e.g. {min(1e-5, 0.1 / n_min):.1g}"
         )
+
+
+def check_epsilons(
+    eps_values: Sequence[float | None],
+    budgets: Sequence[tuple[float, int]],
+    *,
+    delta: float,
+    calibration: str,
+) -> None:
+    """Refuse, before any run, a target eps that `plan_for_clients` would refuse for some
+    client's (q, steps) because its noise would fall below the floor (privacy/accountant.py
+    `max_supported_epsilon`); fast: no calibration."""
+    accountant = "rdp" if calibration == "paper" else calibration
+    for eps in eps_values:
+        for q, steps in sorted({(q, steps) for q, steps in budgets if steps > 0}):
+            if eps is not None:
+                check_supported_epsilon(
+                    eps=eps, delta=delta, sample_rate=q, steps=steps, accountant=accountant
+                )
 
 
 def plan_for_clients(

@@ -23,6 +23,7 @@ from fpl_bench.report.plots import figures
 from fpl_bench.report.records import normalize_records
 
 CSV_DECIMALS = 6  # of a fraction: 1e-4 percentage points, far below any seed std
+DEFAULT_NAME = "leaderboard"  # the file stem when `fpl-bench leaderboard` gets no --name
 NAME_PATTERN = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
@@ -44,13 +45,21 @@ def check_name(name: str) -> str:
     return name
 
 
-def file_stem(dataset: str, protocol: str, trust: str) -> str:
-    """File-name part of one (dataset, protocol, trust), e.g. 'synthetic-base2novel-server'."""
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", f"{dataset}-{protocol}-{trust}")
+def page_title(name: str) -> str:
+    """The default title: 'fpl-bench leaderboard', with the NAME when one was given
+    ('fpl-bench leaderboard: embedded'), never the default stem repeated."""
+    return "fpl-bench leaderboard" if name == DEFAULT_NAME else f"fpl-bench leaderboard: {name}"
 
 
-def render_plots(leaderboard: pd.DataFrame) -> dict[tuple[str, str, str], dict[str, bytes]]:
-    """PNG bytes per (dataset, protocol, trust), keyed by file name."""
+def file_stem(dataset: str, protocol: str, trust: str, setup: str = "") -> str:
+    """File-name part of one (dataset, protocol, trust[, setup]), e.g.
+    'synthetic-base2novel-server' or 'synthetic-base2novel-server-rounds_1'."""
+    text = f"{dataset}-{protocol}-{trust}" + (f"-{setup}" if setup else "")
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", text)
+
+
+def render_plots(leaderboard: pd.DataFrame) -> dict[tuple[str, ...], dict[str, bytes]]:
+    """PNG bytes per (dataset, protocol, trust, setup), keyed by file name."""
     return {
         key: figures(part, section_title(*key), file_stem(*key))
         for key, part in table_groups(leaderboard)
@@ -71,7 +80,7 @@ def write_leaderboard(
     records: pd.DataFrame,
     *,
     out: Path,
-    name: str = "leaderboard",
+    name: str = DEFAULT_NAME,
     source: str = "",
     png: bool = True,
     title: str | None = None,
@@ -86,7 +95,7 @@ def write_leaderboard(
     leaderboard = summarize(records)
     tables = cell_tables(leaderboard)
     plots = render_plots(leaderboard)
-    heading = title or f"fpl-bench leaderboard: {name}"
+    heading = title or page_title(name)
     written = Written(
         markdown=out / f"{name}.md",
         csv=out / f"{name}.csv",

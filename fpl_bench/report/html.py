@@ -92,12 +92,13 @@ def leaderboard_html(
     ]
     section = None
     for table in tables:
-        key = (table.dataset, table.protocol, table.trust)
+        key = (table.dataset, table.protocol, table.trust, table.setup)
         if key != section:
             if section is not None:
                 parts += [figure_html(n, p) for n, p in plots.get(section, {}).items()]
             section = key
             parts.append(f"<h2>{escape(section_title(*key))}</h2>")
+            parts.append(f"<p>Setup: {escape(table.config)}.</p>")
         parts.append(table_html(table))
     if section is not None:
         parts += [figure_html(n, p) for n, p in plots.get(section, {}).items()]

@@ -2,15 +2,19 @@
 
 A cell is (method, learner, scheme, dataset, protocol, trust, eps). Rules:
 
-- One configuration per cell: when a store holds several `config_hash` values for a cell (a rerun
-  with other rounds, a tuned config), the cell uses the configuration of its latest row (file
-  order) and the others are reported by `superseded_configs`.
+- One setup per table: rows with another `setup_hash` (the configuration without the method:
+  data, protocol, partition, schedule, backbone, privacy settings) go to a table of their own,
+  whose heading names what differs (`setup_labels`: 'rounds 1, local_epochs 1'). A method's own
+  options and tuned values are its row's configuration (`config_hash`), not the table's.
+- One configuration per cell: when a store holds several `config_hash` values for a cell of one
+  setup (a rerun with other method options, a tuned config), the cell uses the configuration of
+  its latest row (file order) and the others are reported by `superseded_configs`.
 - Only `finished` seeds enter the mean. `std` is the sample std over seeds (n - 1; 0 for one
   seed). A cell's `status` is `finished` when every seed finished, else `failed` if any seed
   failed, else `diverged`; `n_seeds` counts the seeds in the mean, `n_runs` all seeds.
 - `paper`: the DP-FPL paper's number for the cell (`paper.paper_number`) where the cell is in
   the paper's setting (`paper.applies`) and the run used one client count; else NaN.
-- A table is one (dataset, protocol, trust); its columns are eps ('none' first, then from the
+- A table is one (dataset, protocol, trust, setup); its columns are eps ('none' first, then from the
   largest budget down), its rows methods in the order they first appear in the records. The
   best mean of a column is bold, among cells whose seeds all finished, compared at the shown
   precision (so a tie is bold twice).
@@ -26,6 +30,7 @@ import pandas as pd
 
 from fpl_bench.report.paper import applies, paper_number
 from fpl_bench.report.records import (
+    CONFIG_COLUMNS,
     STATUS_COLUMN,
     normalize_records,
     protocol_metrics,
@@ -41,7 +46,9 @@ CELL_COLUMNS: tuple[str, ...] = (
     "trust",
     "eps",
 )
-TABLE_COLUMNS: tuple[str, ...] = ("dataset", "protocol", "trust")
+TABLE_COLUMNS: tuple[str, ...] = ("dataset", "protocol", "trust", "setup_hash")
+# What a leaderboard row records of its configuration: the run's config_hash and key fields.
+CELL_CONFIG_COLUMNS: tuple[str, ...] = ("config_hash", *CONFIG_COLUMNS)
 LEADERBOARD_COLUMNS: tuple[str, ...] = (
     *CELL_COLUMNS,
     "metric",
@@ -52,6 +59,7 @@ LEADERBOARD_COLUMNS: tuple[str, ...] = (
     "status",
     "tuned",
     "paper",
+    *CELL_CONFIG_COLUMNS,
 )
 METRIC_LABELS = {
     "local_acc": "local accuracy",
@@ -64,8 +72,10 @@ DIGITS = 1  # shown precision of a percentage
 
 
 def latest_config(records: pd.DataFrame) -> pd.DataFrame:
-    """Rows of each cell's latest configuration (the `config_hash` of its last row)."""
-    latest = records.groupby(list(CELL_COLUMNS), sort=False)["config_hash"].transform("last")
+    """Rows of each cell's latest configuration in each setup (the `config_hash` of its last
+    row)."""
+    cell = [*CELL_COLUMNS, "setup_hash"]
+    latest = records.groupby(cell, sort=False)["config_hash"].transform("last")
     return records[records["config_hash"] == latest]
 
 
@@ -118,6 +128,7 @@ def cell_rows(cell: tuple, group: pd.DataFrame) -> Iterator[dict]:
             "status": cell_status(group[STATUS_COLUMN]),
             "tuned": bool(group["tuned"].any()),
             "paper": math.nan if paper is None else paper,
+            **{c: group[c].iloc[-1] for c in CELL_CONFIG_COLUMNS},
         }
 
 
@@ -126,8 +137,8 @@ def summarize(records: pd.DataFrame) -> pd.DataFrame:
     chosen = latest_config(normalize_records(records))
     rows = [
         row
-        for cell, group in chosen.groupby(list(CELL_COLUMNS), sort=False)
-        for row in cell_rows(cell, group)
+        for cell, group in chosen.groupby([*CELL_COLUMNS, "setup_hash"], sort=False)
+        for row in cell_rows(cell[: len(CELL_COLUMNS)], group)
     ]
     frame = pd.DataFrame(rows, columns=list(LEADERBOARD_COLUMNS))
     return sort_leaderboard(frame)
@@ -155,8 +166,8 @@ def sort_leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
 
 @dataclass(frozen=True)
 class Cell:
-    """One shown cell: `value` ('71.2 ± 1.0', 'diverged', '—'), `note` ('1/3 diverged' when
-    some seeds did not finish), `paper` ('94.5' or ''), `best` (bold)."""
+    """One shown cell: `value` ('71.2 ± 1.0'; '71.2' from one seed; 'diverged', '—'), `note`
+    ('1/3 diverged' when some seeds did not finish), `paper` ('94.5' or ''), `best` (bold)."""
 
     value: str
     note: str
@@ -166,7 +177,9 @@ class Cell:
 
 @dataclass(frozen=True)
 class CellTable:
-    """One metric of one (dataset, protocol, trust): rows of (method, cells by eps)."""
+    """One metric of one (dataset, protocol, trust, setup): rows of (method, cells by eps).
+    `setup` is '' when the store holds one setup of the (dataset, protocol, trust), else what
+    tells it apart ('rounds 1, local_epochs 1')."""
 
     dataset: str
     protocol: str
@@ -174,6 +187,8 @@ class CellTable:
     metric: str
     eps: list[str]
     rows: list[tuple[str, list[Cell]]]
+    setup: str = ""
+    config: str = ""  # the setup's key fields ('rounds 10, local_epochs 1, ...'): `setup_text`
 
     @property
     def has_paper(self) -> bool:
@@ -193,7 +208,9 @@ def make_cell(row: pd.Series | None, best_shown: str | None) -> Cell:
     if row["n_seeds"] == 0 or pd.isna(row["mean"]):
         value = row["status"] if row["status"] != "finished" else "n/a"
         return Cell(value, "", paper, False)
-    value = f"{percent(row['mean'])} ± {percent(row['std'])}"
+    value = percent(row["mean"])
+    if int(row["n_seeds"]) > 1:  # one seed has no spread: its value alone, never '± 0.0'
+        value += f" ± {percent(row['std'])}"
     note = ""
     if row["status"] != "finished":
         bad = int(row["n_runs"]) - int(row["n_seeds"])
@@ -210,9 +227,36 @@ def best_shown(column: pd.DataFrame) -> str | None:
     return percent(eligible["mean"].max())
 
 
-def cell_table(part: pd.DataFrame, metric: str) -> CellTable:
+# The configuration fields a table heading names when one (dataset, protocol, trust) holds
+# several setups (records.CONFIG_COLUMNS without the hash).
+SETUP_FIELDS: tuple[str, ...] = tuple(c for c in CONFIG_COLUMNS if c != "setup_hash")
+
+
+def setup_text(part: pd.DataFrame) -> str:
+    """The key fields of one table's setup, from its untuned rows ('rounds 10, local_epochs 1,
+    batch_size 32, lr 0.005, clients 10, shots 16, backbone fpl-tiny-vit'); tuned rows are
+    said to use their studies' values."""
+    untuned = part[~part["tuned"].astype(bool)]
+    first = (untuned if len(untuned) else part).iloc[0]
+    text = ", ".join(f"{f} {shown(first[f])}" for f in SETUP_FIELDS)
+    if part["tuned"].astype(bool).any():
+        text += "; tuned rows: their studies' values"
+    return text
+
+
+def shown(value: object) -> str:
+    """A configuration value as text, the same whether read from a CSV or computed: '—' when
+    missing, whole numbers without '.0' ('20', '0.005', 'fpl-tiny-vit')."""
+    if value is None or value == "" or (not isinstance(value, str) and pd.isna(value)):
+        return "—"
+    if isinstance(value, float | int) and not isinstance(value, bool):
+        return str(int(value)) if float(value) == int(value) else f"{value:g}"
+    return str(value)
+
+
+def cell_table(part: pd.DataFrame, metric: str, setup: str = "") -> CellTable:
     """The method x eps table of `metric` from the leaderboard rows of one (dataset, protocol,
-    trust)."""
+    trust, setup)."""
     rows = part[part["metric"] == metric]
     eps_values = sorted_eps(part["eps"])
     methods = list(dict.fromkeys(part["method"]))
@@ -232,21 +276,51 @@ def cell_table(part: pd.DataFrame, metric: str) -> CellTable:
         metric=metric,
         eps=eps_values,
         rows=table_rows,
+        setup=setup,
+        config=setup_text(part),
     )
 
 
-def table_groups(leaderboard: pd.DataFrame) -> list[tuple[tuple[str, str, str], pd.DataFrame]]:
-    """(dataset, protocol, trust) and its rows, in order of first appearance."""
+def setup_labels(leaderboard: pd.DataFrame) -> dict[tuple[str, ...], str]:
+    """{(dataset, protocol, trust, setup_hash): label}: '' where the (dataset, protocol,
+    trust) has one setup, else the key fields whose values differ between its setups
+    ('rounds 1, local_epochs 1'; untuned rows speak for a setup), or 'setup <hash>' when they
+    differ elsewhere (partition, alpha, ...: the runs' MLflow params hold the whole)."""
+    labels: dict[tuple[str, ...], str] = {}
+    for triple, part in leaderboard.groupby(list(TABLE_COLUMNS[:3]), sort=False):
+        setups = list(dict.fromkeys(part["setup_hash"]))
+        values = {}
+        for setup in setups:
+            rows = part[part["setup_hash"] == setup]
+            untuned = rows[~rows["tuned"].astype(bool)]
+            first = (untuned if len(untuned) else rows).iloc[0]
+            values[setup] = {f: str(first[f]) for f in SETUP_FIELDS}
+        differ = [f for f in SETUP_FIELDS if len({v[f] for v in values.values()}) > 1]
+        for setup in setups:
+            if len(setups) == 1:
+                label = ""
+            elif differ:
+                label = ", ".join(f"{f} {values[setup][f]}" for f in differ)
+            else:
+                label = f"setup {setup}"
+            labels[(*map(str, triple), str(setup))] = label
+    return labels
+
+
+def table_groups(leaderboard: pd.DataFrame) -> list[tuple[tuple[str, str, str, str], pd.DataFrame]]:
+    """(dataset, protocol, trust, setup label) and its rows, in order of first appearance
+    (`setup_labels`: '' unless the (dataset, protocol, trust) holds several setups)."""
+    labels = setup_labels(leaderboard)
     return [
-        (tuple(key), part)  # type: ignore[misc]
+        ((*map(str, key[:3]), labels[tuple(map(str, key))]), part)  # type: ignore[misc]
         for key, part in leaderboard.groupby(list(TABLE_COLUMNS), sort=False)
     ]
 
 
 def cell_tables(leaderboard: pd.DataFrame) -> list[CellTable]:
-    """Every table: per (dataset, protocol, trust), one per metric of the protocol."""
+    """Every table: per (dataset, protocol, trust, setup), one per metric of the protocol."""
     return [
-        cell_table(part, metric)
-        for (_, protocol, _), part in table_groups(leaderboard)
+        cell_table(part, metric, setup)
+        for (_, protocol, _, setup), part in table_groups(leaderboard)
         for metric in protocol_metrics(protocol)
     ]

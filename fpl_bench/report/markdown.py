@@ -6,7 +6,8 @@ from __future__ import annotations
 from fpl_bench.report.leaderboard import METRIC_LABELS, Cell, CellTable
 
 LEGEND = (
-    "Accuracy in %, mean ± std over seeds (sample std). **Bold**: best of its column among "
+    "Accuracy in %, mean ± std over seeds (sample std; a cell of one seed shows its value "
+    "alone). **Bold**: best of its column among "
     "cells whose seeds all finished. `[k/n diverged]`: k of n seeds diverged or failed, the "
     "mean is over the others. `—`: not run. A number in parentheses is the DP-FPL paper's "
     "(Tran et al., ICLR 2025, Tables 2-4; its setting and accounting differ: compare the "
@@ -35,9 +36,9 @@ def table_title(table: CellTable) -> str:
     return f"{label} (`{table.metric}`)" + (" — ours (paper)" if table.has_paper else "")
 
 
-def section_title(dataset: str, protocol: str, trust: str) -> str:
-    """Heading of one (dataset, protocol, trust)."""
-    return f"{dataset} · {protocol} · {trust} trust"
+def section_title(dataset: str, protocol: str, trust: str, setup: str = "") -> str:
+    """Heading of one (dataset, protocol, trust[, setup])."""
+    return f"{dataset} · {protocol} · {trust} trust" + (f" · {setup}" if setup else "")
 
 
 def table_markdown(table: CellTable) -> str:
@@ -57,9 +58,9 @@ def leaderboard_markdown(tables: list[CellTable], title: str, source: str) -> st
     parts = [f"# {title}", "", *([f"Runs: `{source}`.", ""] if source else []), LEGEND, ""]
     section = None
     for table in tables:
-        key = (table.dataset, table.protocol, table.trust)
+        key = (table.dataset, table.protocol, table.trust, table.setup)
         if key != section:
             section = key
-            parts += [f"## {section_title(*key)}", ""]
+            parts += [f"## {section_title(*key)}", "", f"Setup: {table.config}.", ""]
         parts += [f"### {table_title(table)}", "", table_markdown(table), ""]
     return "\n".join(parts)

@@ -2,7 +2,12 @@
 global backend, safe in threads and tests).
 
 - accuracy vs eps: one panel per metric of the protocol, one line per method, eps as ordered
-  categories ('no DP', then from the largest budget down), error bars = std over seeds.
+  categories ('no DP', then from the largest budget down), error bars = std over seeds (none
+  for a single seed).
+
+Every method has its own colour and marker (`method_styles`, distinct up to 20 methods), lines
+are slightly transparent and nudged apart along x (`dodge`), so methods with equal numbers do
+not hide each other; the legend sits under the panels.
 - base vs novel (base2novel only): one point per (method, eps), dotted curves of equal HM.
 """
 
@@ -20,6 +25,40 @@ from fpl_bench.report.records import protocol_metrics, sorted_eps
 DPI = 100
 PANELS_PER_ROW = 3
 MIN_SPAN = 10.0  # percentage points: a flat line is not blown up to fill the panel
+MARKERS = ("o", "s", "^", "D", "v", "P", "X", "<", ">", "*", "h", "p", "d", "8", "H")
+DODGE = 0.05  # x offset between neighbouring methods, in eps steps: equal values stay visible
+LINE_ALPHA = 0.8  # lines drawn over each other stay visible through the top one
+
+
+def method_styles(methods: list[str]) -> dict[str, dict[str, object]]:
+    """A colour and a marker per method, all distinct up to 20 methods (tab20, its ten darker
+    shades first so that up to ten methods get ten different hues), in `methods` order, so the
+    same job's figures colour a method alike."""
+    from matplotlib import colormaps
+
+    palette = colormaps["tab20"].colors
+    colors = [*palette[0::2], *palette[1::2]]
+    return {
+        method: {
+            "color": colors[i % len(colors)],
+            "marker": MARKERS[i % len(MARKERS)],
+            "alpha": LINE_ALPHA,
+            "markeredgecolor": "white",
+            "markeredgewidth": 0.6,
+        }
+        for i, method in enumerate(methods)
+    }
+
+
+def dodge(index: int, count: int) -> float:
+    """The x offset of method `index` of `count`, centred on the tick."""
+    return (index - (count - 1) / 2) * DODGE
+
+
+def legend_below(figure, ax, columns: int) -> None:
+    """One legend for the figure, under the panels (inside, 11 methods hide the lines)."""
+    handles, labels = ax.get_legend_handles_labels()
+    figure.legend(handles, labels, loc="outside lower center", ncol=columns, fontsize=8)
 
 
 def widen(ax, span: float) -> None:
@@ -45,9 +84,15 @@ def accuracy_vs_eps(part: pd.DataFrame, title: str) -> bytes:
     metrics = protocol_metrics(str(part["protocol"].iloc[0]))
     eps_values = sorted_eps(part["eps"])
     methods = list(dict.fromkeys(part["method"]))
+    styles = method_styles(methods)
     columns = min(len(metrics), PANELS_PER_ROW)
     n_rows = -(-len(metrics) // columns)
-    figure = Figure(figsize=(3.4 * columns + 0.6, 3.0 * n_rows + 0.4), layout="constrained")
+    legend_columns = min(len(methods), 3 * columns)
+    legend_rows = -(-len(methods) // legend_columns)
+    figure = Figure(
+        figsize=(3.4 * columns + 0.6, 3.0 * n_rows + 0.4 + 0.25 * legend_rows),
+        layout="constrained",
+    )
     grid = figure.subplots(n_rows, columns, squeeze=False).ravel()
     for unused in grid[len(metrics) :]:
         unused.set_visible(False)
@@ -55,18 +100,33 @@ def accuracy_vs_eps(part: pd.DataFrame, title: str) -> bytes:
     positions = np.arange(len(eps_values))
     for ax, metric in zip(axes, metrics, strict=True):
         rows = part[part["metric"] == metric].set_index(["method", "eps"])
-        for method in methods:
+        for index, method in enumerate(methods):
             means = [
                 100 * rows["mean"].get((method, e), np.nan) for e in eps_values
             ]  # NaN: not run or diverged, a gap in the line
-            stds = [100 * rows["std"].get((method, e), np.nan) for e in eps_values]
-            ax.errorbar(positions, means, yerr=stds, marker="o", capsize=3, label=method)
+            stds = [  # one seed has no spread: no bar
+                100 * rows["std"].get((method, e), np.nan)
+                if rows["n_seeds"].get((method, e), 0) > 1
+                else np.nan
+                for e in eps_values
+            ]
+            ax.errorbar(
+                positions + dodge(index, len(methods)),
+                means,
+                yerr=stds,
+                capsize=2,
+                elinewidth=0.8,
+                markersize=6,
+                linewidth=1.2,
+                label=method,
+                **styles[method],
+            )
         ax.set_xticks(positions, [eps_header(e) for e in eps_values])
         ax.set_title(METRIC_LABELS.get(metric, metric), fontsize=9)
         ax.set_ylabel("%")
         ax.grid(alpha=0.3)
         widen(ax, MIN_SPAN)
-    axes[0].legend(fontsize=8, loc="best")
+    legend_below(figure, axes[0], legend_columns)
     figure.suptitle(title, fontsize=10)
     return _png(figure)
 
@@ -78,7 +138,11 @@ def base_vs_novel(part: pd.DataFrame, title: str) -> bytes:
     wide = part[part["metric"].isin(["base_acc", "novel_acc"])].pivot_table(
         index=["method", "eps"], columns="metric", values="mean", sort=False
     )
-    figure = Figure(figsize=(5.0, 4.4), layout="constrained")
+    methods = list(dict.fromkeys(part["method"]))
+    styles = method_styles(methods)
+    legend_columns = min(len(methods), 4)
+    legend_rows = -(-len(methods) // legend_columns)
+    figure = Figure(figsize=(5.0, 4.4 + 0.25 * legend_rows), layout="constrained")
     ax = figure.subplots()
     grid = np.linspace(1, 100, 200)
     for hm in (20, 40, 60, 80):
@@ -86,14 +150,22 @@ def base_vs_novel(part: pd.DataFrame, title: str) -> bytes:
         keep = (2 * grid > hm) & (novel > 0) & (novel <= 100)
         ax.plot(grid[keep], novel[keep], ":", color="0.7", linewidth=0.8)
         ax.annotate(f"HM {hm}", (100, hm * 100 / (200 - hm)), fontsize=7, color="0.5")
-    for method in dict.fromkeys(part["method"]):
+    for method in methods:
         if method not in wide.index.get_level_values(0):
             continue
         points = wide.loc[method].reindex(sorted_eps(wide.loc[method].index))
         points = points.dropna(how="any") if {"base_acc", "novel_acc"} <= set(points) else None
         if points is None or points.empty:
             continue
-        ax.plot(100 * points["base_acc"], 100 * points["novel_acc"], "o-", label=method)
+        ax.plot(
+            100 * points["base_acc"],
+            100 * points["novel_acc"],
+            "-",
+            markersize=6,
+            linewidth=1.2,
+            label=method,
+            **styles[method],
+        )
         for eps, row in points.iterrows():
             ax.annotate(
                 eps_header(str(eps)),
@@ -107,7 +179,7 @@ def base_vs_novel(part: pd.DataFrame, title: str) -> bytes:
     ax.set_xlim(0, 105)
     ax.set_ylim(0, 105)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, loc="lower left")
+    legend_below(figure, ax, legend_columns)
     ax.set_title(title, fontsize=10)
     return _png(figure)
 

@@ -58,10 +58,22 @@ PRIVACY_COLUMNS: tuple[str, ...] = (
     "calibration",
     "accountant",
 )
-OTHER_COLUMNS: tuple[str, ...] = (
+# The configuration's key fields (the whole of it is in the run's MLflow params and its prompts
+# file), `setup_hash` (the configuration without the method: what a leaderboard table shares),
+# the saved prompts (relative to the output folder), schedule, provenance and cost.
+CONFIG_COLUMNS: tuple[str, ...] = (
     "rounds",
+    "local_epochs",
+    "batch_size",
+    "lr",
     "clients",
     "shots",
+    "backbone",
+    "setup_hash",
+)
+OTHER_COLUMNS: tuple[str, ...] = (
+    *CONFIG_COLUMNS,
+    "prompts",
     "tuned",
     "wall_s",
     "version",
@@ -75,7 +87,14 @@ RESULT_COLUMNS: tuple[str, ...] = (
     *PRIVACY_COLUMNS,
     *OTHER_COLUMNS,
 )
-INTEGER_COLUMNS: tuple[str, ...] = ("steps", "rounds", "clients", "shots")
+INTEGER_COLUMNS: tuple[str, ...] = (
+    "steps",
+    "rounds",
+    "local_epochs",
+    "batch_size",
+    "clients",
+    "shots",
+)
 NUMERIC_COLUMNS: tuple[str, ...] = (
     *METRIC_COLUMNS,
     "eps_target",
@@ -84,7 +103,19 @@ NUMERIC_COLUMNS: tuple[str, ...] = (
     "noise_multiplier",
     "clip_norm",
     "sample_rate",
+    "lr",
     "wall_s",
+)
+TEXT_COLUMNS: tuple[str, ...] = (
+    "method",
+    "learner",
+    "scheme",
+    "dataset",
+    "protocol",
+    "config_hash",
+    "backbone",
+    "setup_hash",
+    "prompts",
 )
 NO_DP = "none"
 
@@ -152,10 +183,14 @@ def normalize_records(frame: pd.DataFrame) -> pd.DataFrame:
     """A copy with canonical types: eps string, seed int, status/trust lower-case, tuned bool,
     counts nullable int, metrics and other numbers float. Assumes the columns are present (see
     `missing_columns`)."""
+    seeds = pd.to_numeric(frame["seed"], errors="coerce")
+    bad = frame["seed"][seeds.isna() | (seeds % 1 != 0)]
+    if len(bad):
+        raise UsageError(f"seed {bad.iloc[0]!r} is not an integer; fix the record or move it away")
     out = frame.copy()
     out["eps"] = out["eps"].map(normalize_eps).astype(object)
     out["seed"] = pd.to_numeric(out["seed"], errors="raise").astype(int)
-    for column in ("method", "learner", "scheme", "dataset", "protocol", "config_hash"):
+    for column in TEXT_COLUMNS:
         out[column] = out[column].fillna("").astype(str)
     for column in ("status", "trust"):
         out[column] = out[column].fillna("").astype(str).str.strip().str.lower()
@@ -200,9 +235,16 @@ def read_results(path: Path | str) -> pd.DataFrame:
     if not path.is_file():
         raise UsageError(f"results file {path} not found; run `fpl-bench run --out {path.parent}`")
     try:
-        frame = pd.read_csv(path, dtype={"eps": str, "config_hash": str}, keep_default_na=True)
+        frame = pd.read_csv(
+            path, dtype={c: str for c in ("eps", "config_hash", "setup_hash")}, keep_default_na=True
+        )
     except pd.errors.EmptyDataError:
         raise UsageError(f"{path} is empty: no header, no rows") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        reason = " ".join(str(err).split())[:120]
+        raise UsageError(
+            f"{path} is not a readable results CSV ({reason}); move it away or use another folder"
+        ) from None
     missing = missing_columns(frame.columns)
     if missing:
         raise UsageError(

@@ -1,7 +1,9 @@
 """Regression check: a committed leaderboard CSV (the baseline) against fresh runs.
 
-A comparison cell is (method, dataset, protocol, trust, eps, metric). For each baseline cell with
-a number, delta = ours - baseline (fractions), and
+A comparison cell is (method, dataset, protocol, trust, eps, metric, config_hash): a baseline
+cell is compared only with runs of the same configuration (the leaderboard records each cell's
+`config_hash` and key fields). For each matched baseline cell with a number, delta = ours -
+baseline (fractions), and
 
     allowed drop = max(tolerance, k * baseline std over seeds)
 
@@ -11,9 +13,13 @@ finished and ours did not (a diverged or failed seed; no number at all counts as
 `baseline_run_plan` + `run_baseline` are the path that reruns a baseline's cells (not wired to
 the CLI yet: the spec of each run needs what the baseline CSV does not carry).
 
-Bad input (UsageError, exit 2): a baseline that is not a leaderboard CSV, methods present on one
-side only, baseline cells the runs do not have. Cells the baseline does not have are listed as
-`new` and never fail the check.
+A baseline cell with no run of its configuration is `unmatched` (said plainly, with the key
+fields in which the runs' cell differs, e.g. rounds 20 against 10): it is not checked and never
+a regression. Cells the baseline does not have are `new` and never fail the check either.
+
+Bad input (UsageError, exit 2): a baseline that is not a leaderboard CSV (or one written before
+leaderboards recorded configurations), and runs that match no baseline cell at all (nothing
+would be checked).
 """
 
 from __future__ import annotations
@@ -27,10 +33,11 @@ from typing import Any
 import pandas as pd
 
 from fpl_bench.errors import UsageError
-from fpl_bench.report.leaderboard import LEADERBOARD_COLUMNS
+from fpl_bench.report.leaderboard import LEADERBOARD_COLUMNS, SETUP_FIELDS, shown
 from fpl_bench.report.records import normalize_eps, sorted_eps
 
-COMPARE_KEY: tuple[str, ...] = ("method", "dataset", "protocol", "trust", "eps", "metric")
+CELL_KEY: tuple[str, ...] = ("method", "dataset", "protocol", "trust", "eps", "metric")
+COMPARE_KEY: tuple[str, ...] = (*CELL_KEY, "config_hash")
 DELTA_COLUMNS: tuple[str, ...] = (
     *COMPARE_KEY,
     "baseline",
@@ -42,6 +49,7 @@ DELTA_COLUMNS: tuple[str, ...] = (
     "baseline_status",
     "current_status",
     "verdict",
+    "note",
 )
 DEFAULT_TOLERANCE = 0.02  # 2 percentage points
 DEFAULT_K = 2.0
@@ -52,6 +60,10 @@ def read_leaderboard(path: Path | str) -> pd.DataFrame:
     """A leaderboard CSV written by `fpl-bench leaderboard`; UsageError, one line naming the
     file, when it is missing, empty, lacks columns or holds no rows."""
     path = Path(path)
+    if path.is_dir():
+        raise UsageError(
+            f"baseline {path} is a folder; give its leaderboard CSV, e.g. {path}/NAME.csv"
+        )
     if not path.is_file():
         raise UsageError(
             f"baseline {path} not found; write one with `fpl-bench leaderboard --out DIR --name NAME`"
@@ -60,7 +72,17 @@ def read_leaderboard(path: Path | str) -> pd.DataFrame:
         frame = pd.read_csv(path, dtype={"eps": str})
     except pd.errors.EmptyDataError:
         raise UsageError(f"baseline {path} is empty") from None
+    except (pd.errors.ParserError, UnicodeDecodeError) as err:
+        reason = " ".join(str(err).split())[:120]
+        raise UsageError(f"baseline {path} is not a leaderboard CSV ({reason})") from None
     missing = [c for c in LEADERBOARD_COLUMNS if c not in frame.columns]
+    if missing == ["config_hash", *SETUP_FIELDS, "setup_hash"] or (
+        "mean" in frame.columns and "config_hash" in missing
+    ):
+        raise UsageError(
+            f"baseline {path} records no configuration per cell (written by an older "
+            "fpl-bench): regenerate it with `fpl-bench leaderboard --runs DIR` from its runs"
+        )
     if missing:
         raise UsageError(
             f"baseline {path} is not a leaderboard CSV: missing columns {', '.join(missing)}"
@@ -70,28 +92,36 @@ def read_leaderboard(path: Path | str) -> pd.DataFrame:
     frame["eps"] = frame["eps"].map(normalize_eps)
     for column in ("mean", "std"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    frame["config_hash"] = frame["config_hash"].astype(str)
     return frame
-
-
-def check_methods(baseline: pd.DataFrame, current: pd.DataFrame, baseline_name: str) -> None:
-    """UsageError when a method appears in only one of baseline and runs."""
-    ours, theirs = set(current["method"]), set(baseline["method"])
-    only_baseline, only_runs = sorted(theirs - ours), sorted(ours - theirs)
-    if only_baseline:
-        raise UsageError(
-            f"baseline {baseline_name} has methods the runs lack: {', '.join(only_baseline)} "
-            f"(runs have: {', '.join(sorted(ours))})"
-        )
-    if only_runs:
-        raise UsageError(
-            f"runs have methods the baseline {baseline_name} lacks: {', '.join(only_runs)} "
-            "(regenerate the baseline with `fpl-bench leaderboard`)"
-        )
 
 
 def cell_label(row: pd.Series) -> str:
     """'dpfpl synthetic base2novel server eps=0.5 local_acc'."""
-    return " ".join(str(row[c]) if c != "eps" else f"eps={row[c]}" for c in COMPARE_KEY)
+    return " ".join(str(row[c]) if c != "eps" else f"eps={row[c]}" for c in CELL_KEY)
+
+
+def config_text(row: pd.Series, fields: tuple[str, ...] = SETUP_FIELDS) -> str:
+    """'rounds 10, local_epochs 1, ...': the key fields of one leaderboard row."""
+    return ", ".join(f"{f} {shown(row[f])}" for f in fields)
+
+
+def difference(baseline_row: pd.Series, current: pd.DataFrame) -> str:
+    """Why a baseline cell has no run of its configuration: the key fields in which the runs'
+    rows of the same cell differ ('runs: rounds 20 (baseline 10)'), or that the runs lack the
+    cell."""
+    same = current
+    for c in CELL_KEY:
+        same = same[same[c].astype(str) == str(baseline_row[c])]
+    if same.empty:
+        return "no run of this cell"
+    other = same.iloc[-1]
+    differ = [f for f in SETUP_FIELDS if shown(other[f]) != shown(baseline_row[f])]
+    if not differ:
+        return f"runs have config {other['config_hash']} (method options differ)"
+    return "runs: " + ", ".join(
+        f"{f} {shown(other[f])} (baseline {shown(baseline_row[f])})" for f in differ
+    )
 
 
 def verdict(
@@ -129,8 +159,8 @@ def compare(
 
     `baseline` and `current` are leaderboards (`leaderboard.summarize` / `read_leaderboard`).
     """
-    check_methods(baseline, current, baseline_name)
     key = list(COMPARE_KEY)
+    current = current.assign(config_hash=current["config_hash"].astype(str))
     joined = baseline.assign(_order=range(len(baseline))).merge(
         current.assign(_order_c=range(len(current))),
         on=key,
@@ -142,20 +172,39 @@ def compare(
     joined = joined.assign(
         _order=joined["_order"].fillna(len(baseline) + joined["_order_c"])
     ).sort_values("_order", kind="stable")
-    missing = joined[joined["_merge"] == "left_only"]
-    if not missing.empty:
-        named = "; ".join(cell_label(r) for _, r in missing.head(SHOW_MISSING).iterrows())
+    if not (joined["_merge"] == "both").any():
+        first_base, first_run = baseline.iloc[0], current.iloc[0]
         raise UsageError(
-            f"runs lack {len(missing)} cell(s) of baseline {baseline_name}: {named}"
-            + (" ..." if len(missing) > SHOW_MISSING else "")
+            f"no run has the configuration of any cell of baseline {baseline_name} "
+            f"(baseline: {config_text(first_base)}; runs: {config_text(first_run)}): "
+            "run the baseline's configuration, e.g. the suite that made it"
         )
     rows = []
     for _, row in joined.iterrows():
         new = row["_merge"] == "right_only"
+        unmatched = row["_merge"] == "left_only"
         base = math.nan if new else float(row["mean_b"])
         base_std = math.nan if new else float(row["std_b"])
-        ours = float(row["mean_c"])
+        ours = math.nan if unmatched else float(row["mean_c"])
         allowed = thresholds.allowed(base_std)
+        if unmatched:
+            base_row = baseline.iloc[int(row["_order"])]
+            rows.append(
+                {
+                    **{c: row[c] for c in key},
+                    "baseline": base,
+                    "baseline_std": base_std,
+                    "current": math.nan,
+                    "current_std": math.nan,
+                    "delta": math.nan,
+                    "allowed": allowed,
+                    "baseline_status": row["status_b"],
+                    "current_status": "",
+                    "verdict": "unmatched",
+                    "note": difference(base_row, current),
+                }
+            )
+            continue
         rows.append(
             {
                 **{c: row[c] for c in key},
@@ -176,6 +225,7 @@ def compare(
                     baseline_ok=row["status_b"] == "finished",
                     current_ok=row["status_c"] == "finished",
                 ),
+                "note": "",
             }
         )
     return pd.DataFrame(rows, columns=list(DELTA_COLUMNS))
@@ -202,12 +252,14 @@ def deltas_markdown(deltas: pd.DataFrame, thresholds: Thresholds, title: str) ->
         f"Allowed drop per cell: max({_pp(thresholds.tolerance)} pp, "
         f"{thresholds.k:g} x the baseline's seed std). Values in %; delta = ours - baseline.",
         "",
-        "| method | dataset | protocol | trust | eps | metric | baseline | ours | delta "
+        "| method | dataset | protocol | trust | eps | metric | config | baseline | ours | delta "
         "| allowed | status | verdict |",
-        "|---|---|---|---|---|---|---:|---:|---:|---:|---|---|",
+        "|---|---|---|---|---|---|---|---:|---:|---:|---:|---|---|",
     ]
     for _, row in deltas.iterrows():
         mark = "**regression**" if row["verdict"] == "regression" else row["verdict"]
+        if row["note"]:
+            mark += f" ({row['note']})"
         status = row["current_status"]
         if row["baseline_status"] and row["baseline_status"] != status:
             status = f"{row['baseline_status']} → {status}"
@@ -226,9 +278,24 @@ def deltas_markdown(deltas: pd.DataFrame, thresholds: Thresholds, title: str) ->
             )
             + " |"
         )
-    bad = regressions(deltas)
-    lines += ["", f"{len(bad)} regression(s) in {len(deltas)} cell(s)."]
+    lines += ["", summary_line(deltas)]
     return "\n".join(lines) + "\n"
+
+
+def summary_line(deltas: pd.DataFrame) -> str:
+    """'0 regression(s) in 45 compared cell(s); 3 baseline cell(s) with no run of their
+    configuration (not checked); 2 new.'"""
+    counts = deltas["verdict"].value_counts()
+    compared = int(counts.get("ok", 0) + counts.get("regression", 0) + counts.get("n/a", 0))
+    text = f"{int(counts.get('regression', 0))} regression(s) in {compared} compared cell(s)"
+    if counts.get("unmatched", 0):
+        text += (
+            f"; {int(counts['unmatched'])} baseline cell(s) with no run of their configuration "
+            "(not checked)"
+        )
+    if counts.get("new", 0):
+        text += f"; {int(counts['new'])} new"
+    return text + "."
 
 
 def regression_lines(deltas: pd.DataFrame) -> list[str]:

@@ -16,6 +16,7 @@ redirect later runs of the same process.
 
 from __future__ import annotations
 
+import csv
 import logging
 from pathlib import Path
 from typing import Any
@@ -24,6 +25,7 @@ from urllib.parse import urlparse
 import pandas as pd
 
 from fpl_bench.errors import UsageError
+from fpl_bench.jobs import sqlite_problem
 from fpl_bench.report.records import (
     METRIC_COLUMNS,
     RESULT_COLUMNS,
@@ -50,12 +52,32 @@ MLFLOW_STATUS = {"FINISHED": "finished", "FAILED": "failed", "KILLED": "failed"}
 def results_path(runs: Path) -> Path:
     """`runs/results.csv` for a folder; `runs` itself when it names a .csv file."""
     runs = Path(runs)
-    return runs if runs.suffix == ".csv" else runs / RESULTS_FILE
+    return runs if runs.suffix == ".csv" and not runs.is_dir() else runs / RESULTS_FILE
+
+
+def _csv_header(path: Path) -> list[str] | None:
+    """The first row of a CSV file; None when it cannot be read as text (read_results says why)."""
+    try:
+        with open(path, newline="", encoding="utf-8") as f:
+            return next(csv.reader(f), [])
+    except (OSError, UnicodeDecodeError, csv.Error):
+        return None
 
 
 def load_results_dir(runs: Path) -> pd.DataFrame:
     """The records in `runs/results.csv`; UsageError when missing, malformed or empty."""
     path = results_path(runs)
+    if Path(runs).is_file() and path != Path(runs):
+        raise UsageError(
+            f"--runs {runs} is a file, not a run folder; give the folder `fpl-bench run --out` "
+            f"wrote (it holds {RESULTS_FILE}) or that {RESULTS_FILE} itself"
+        )
+    header = _csv_header(path) if path == Path(runs) and path.is_file() else None
+    if header is not None and not {"seed", "status"} <= set(header):
+        raise UsageError(
+            f"--runs {runs} is a CSV file but not a results file (no seed and status columns; "
+            f"a leaderboard CSV?); give a run folder or its {RESULTS_FILE}"
+        )
     if not path.is_file():
         where = f"{runs} has no {RESULTS_FILE}" if Path(runs).is_dir() else f"{path} not found"
         raise UsageError(f"{where}; run `fpl-bench run --out {runs}` first or pass --runs DIR")
@@ -83,6 +105,9 @@ def check_tracking_uri(uri: str) -> None:
         db = uri.split(":///", 1)[1] if ":///" in uri else ""
         if not db or not Path(db).is_file():
             raise UsageError(f"--tracking-uri {uri}: database file {db or '(none)'} not found")
+        problem = sqlite_problem(Path(db))
+        if problem is not None:
+            raise UsageError(f"--tracking-uri {uri}: {db} {problem}")
 
 
 def _first(*values: Any) -> Any:

@@ -225,3 +225,53 @@ def test_calibration_disk_cache_reuses_checked_sigmas(
     finally:
         acc.use_calibration_cache(None)
         calibrate_noise.cache_clear()
+
+
+@pytest.mark.parametrize("calibration", ["rdp", "prv", "paper"])
+@pytest.mark.parametrize("eps", [1e308, 1e50, 2e4])
+def test_huge_target_is_refused_at_once_naming_the_largest_supported(
+    calibration: str, eps: float
+) -> None:
+    """Opacus' bisection cannot end for such targets (an absolute tolerance of 0.01 at 1e50, or
+    PRV's exp overflow): they are refused before it, with the epsilon that SIGMA_FLOOR spends."""
+    import time
+
+    from fpl_bench.privacy.accountant import PRV_MAX_EPSILON, SIGMA_FLOOR, max_supported_epsilon
+
+    accountant = "rdp" if calibration == "paper" else calibration
+    largest = max_supported_epsilon(sample_rate=0.25, steps=40, delta=DELTA, accountant=accountant)
+    rdp_floor = epsilon_spent(noise_multiplier=SIGMA_FLOOR, sample_rate=0.25, steps=40, delta=DELTA)
+    assert largest == (min(rdp_floor, PRV_MAX_EPSILON) if accountant == "prv" else rdp_floor)
+    t0 = time.perf_counter()
+    with pytest.raises(UsageError, match="largest supported epsilon") as err:
+        plan_privacy(
+            eps=eps,
+            delta=DELTA,
+            clip_norm=1.0,
+            sample_rate=0.25,
+            steps=40,
+            rounds=4,
+            calibration=calibration,
+        )
+    assert time.perf_counter() - t0 < 5
+    assert f"is {math.floor(largest * 100) / 100:g}:" in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_largest_supported_target_is_accepted_with_sigma_at_the_floor() -> None:
+    from fpl_bench.privacy.accountant import SIGMA_FLOOR, max_supported_epsilon
+
+    largest = max_supported_epsilon(sample_rate=1.0, steps=2, delta=DELTA)
+    sigma = calibrate_noise(
+        target_epsilon=math.floor(largest * 100) / 100, target_delta=DELTA, sample_rate=1.0, steps=2
+    )
+    assert SIGMA_FLOOR <= sigma < 1.01 * SIGMA_FLOOR
+
+
+def test_eps_up_to_100_is_supported_at_any_realistic_setting() -> None:
+    """The floor leaves every budget up to 100 alone (one step, q down to 1e-4, delta to 1e-3)."""
+    from fpl_bench.privacy.accountant import max_supported_epsilon
+
+    for q in (1.0, 0.01, 1e-4):
+        for delta in (1e-8, 1e-5, 1e-3):
+            assert max_supported_epsilon(sample_rate=q, steps=1, delta=delta) > 100

@@ -67,3 +67,17 @@ def test_delta_at_or_above_one_over_n_is_refused_naming_the_largest_sensible_val
         check_delta(1 / 64, [64, 200])
     with pytest.raises(UsageError, match=r"1/n = 0\.0156"):
         check_delta(0.05, [200, 64])
+
+
+def test_check_epsilons_refuses_a_budget_above_any_clients_largest_supported():
+    from fpl_bench.errors import UsageError
+    from fpl_bench.privacy.accountant import max_supported_epsilon
+    from fpl_bench.privacy.planning import check_epsilons
+
+    budgets = [(1.0, 2), (0.25, 40), (0.5, 0)]  # the last never trains
+    smallest = min(
+        max_supported_epsilon(sample_rate=q, steps=s, delta=1e-5) for q, s in budgets[:2]
+    )
+    check_epsilons([None, 1.0, smallest], budgets, delta=1e-5, calibration="rdp")
+    with pytest.raises(UsageError, match="sample rate 1, 2 noisy steps"):
+        check_epsilons([1.0, smallest * 1.01], budgets, delta=1e-5, calibration="paper")

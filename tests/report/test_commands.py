@@ -79,7 +79,7 @@ def regress(baseline, runs_dir, capsys, monkeypatch, *extra):
 def test_regress_same_runs_exit_0(baseline, runs_dir, capsys, monkeypatch):
     code, out, err = regress(baseline, runs_dir, capsys, monkeypatch)
     assert code == 0, err
-    assert "0 regression(s) in 8 cell(s)" in out
+    assert "0 regression(s) in 8 compared cell(s)." in out
     assert (runs_dir / "regression.md").read_text().count("| ok |") == 8
 
 
@@ -143,7 +143,8 @@ def drop_rows(baseline, **match):
         (lambda b, r: b.unlink(), "not found"),
         (lambda b, r: b.write_text("method,eps\ncoop,none\n"), "missing columns"),
         (lambda b, r: b.write_text(""), "is empty"),
-        (lambda b, r: rename_method(b, "dpfpl", "fedpgp"), "methods the runs lack: fedpgp"),
+        (lambda b, r: drop_columns(b, "config_hash", "rounds"), "records no configuration"),
+        (lambda b, r: set_config(r, rounds=10, config_hash="other"), "no run has the config"),
         (lambda b, r: write_header_only(r), "holds no runs"),
         (lambda b, r: (r / "results.csv").unlink(), "has no results.csv"),
         (lambda b, r: (r / "results.csv").write_text("method,seed\ncoop,0\n"), "missing"),
@@ -156,13 +157,62 @@ def test_regress_bad_input_exit_2(baseline, runs_dir, change, needle, capsys, mo
     assert code == 2 and len(lines) == 1 and needle in lines[0], err
 
 
-def test_regress_runs_missing_a_baseline_cell_exit_2(baseline, runs_dir, capsys, monkeypatch):
+def drop_columns(baseline, *columns):
+    frame = pd.read_csv(baseline, dtype={"eps": str})
+    frame.drop(columns=list(columns)).to_csv(baseline, index=False)
+
+
+def set_config(runs_dir, method=None, **values):
+    """Give the runs (of `method`, or all) another configuration."""
+    frame = pd.read_csv(runs_dir / "results.csv", dtype={"eps": str})
+    hit = frame["method"] == method if method else slice(None)
+    for column, value in values.items():
+        frame.loc[hit, column] = value
+    frame.to_csv(runs_dir / "results.csv", index=False)
+
+
+def test_regress_runs_missing_a_baseline_cell_say_so_and_pass(
+    baseline, runs_dir, capsys, monkeypatch
+):
     frame = pd.read_csv(runs_dir / "results.csv", dtype={"eps": str})
     frame[~((frame["method"] == "dpfpl") & (frame["eps"] == "0.4"))].to_csv(
         runs_dir / "results.csv", index=False
     )
+    code, out, err = regress(baseline, runs_dir, capsys, monkeypatch)
+    assert code == 0, err
+    assert "0 regression(s) in 6 compared cell(s); 2 baseline cell(s) with no run of their " in err
+    assert out.count("| unmatched (no run of this cell) |") == 2
+
+
+def test_regress_compares_only_runs_of_the_same_configuration(
+    baseline, runs_dir, capsys, monkeypatch
+):
+    # dpfpl rerun with 1 round and much lower numbers: another configuration, not a regression
+    set_config(runs_dir, "dpfpl", rounds=1, config_hash="d1ffe7", local_acc=0.05)
+    code, out, err = regress(baseline, runs_dir, capsys, monkeypatch)
+    assert code == 0, err
+    assert out.count("| unmatched (runs: rounds 1 (baseline 20)) |") == 4
+    assert out.count("| new |") == 4 and out.count("| ok |") == 4
+    assert "0 regression(s) in 4 compared cell(s); 4 baseline cell(s)" in err
+
+
+def test_regress_on_another_configuration_names_the_difference(
+    baseline, runs_dir, capsys, monkeypatch
+):
+    set_config(runs_dir, rounds=10, shots=4, config_hash="other")
     code, _, err = regress(baseline, runs_dir, capsys, monkeypatch)
-    assert code == 2 and "runs lack 2 cell(s)" in err and "dpfpl caltech101" in err
+    assert code == 2 and len(err.strip().splitlines()) == 1
+    assert "baseline: rounds 20" in err and "runs: rounds 10" in err and "shots 4" in err
+
+
+def test_regress_baseline_methods_the_runs_lack_are_unmatched(
+    baseline, runs_dir, capsys, monkeypatch
+):
+    rename_method(baseline, "dpfpl", "fedpgp")
+    code, out, err = regress(baseline, runs_dir, capsys, monkeypatch)
+    assert code == 0, err
+    assert out.count("fedpgp") == 4 and out.count("| new |") == 4
+    assert "regenerate" not in out + err
 
 
 def test_regress_new_cells_do_not_fail(baseline, runs_dir, capsys, monkeypatch):

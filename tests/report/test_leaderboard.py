@@ -123,3 +123,65 @@ def test_base2novel_writes_the_scatter_too(tmp_path):
 def test_leaderboard_reads_back_what_run_writes(runs_dir):
     board = summarize(read_results(runs_dir / "results.csv"))
     assert cell(board, "dpfpl", "none", "local_acc")["mean"] == pytest.approx(0.72)
+
+
+def test_one_seed_shows_its_value_alone_and_the_csv_keeps_std(tmp_path):
+    rows = make_records()
+    rows = rows[rows["seed"] == 0]
+    local, _ = cell_tables(summarize(rows))
+    lines = table_markdown(local).splitlines()
+    assert lines[2:4] == [
+        "| promptfl | 60.0 (94.5) | 50.0 (82.5) |",
+        "| dpfpl | **70.0** (96.1) | **55.0** (95.7) |",
+    ]
+    assert "±" not in table_markdown(local)
+    written = write_leaderboard(rows, out=tmp_path, name="one", png=False)
+    assert "±</" not in written.html.read_text() and "60.0 ±" not in written.html.read_text()
+    csv = pd.read_csv(written.csv, dtype={"eps": str})
+    assert (csv["n_seeds"] == 1).all() and (csv["std"] == 0).all()
+
+
+def test_default_name_titles_the_page_once(tmp_path, records):
+    written = write_leaderboard(records, out=tmp_path, png=False)
+    assert written.html.name == "leaderboard.html"
+    assert "<title>fpl-bench leaderboard</title>" in written.html.read_text()
+    assert written.markdown.read_text().startswith("# fpl-bench leaderboard\n")
+    named = write_leaderboard(records, out=tmp_path, name="embedded", png=False)
+    assert "<title>fpl-bench leaderboard: embedded</title>" in named.html.read_text()
+
+
+def test_rows_of_another_setup_get_a_table_of_their_own(records, tmp_path):
+    # a 1-round dpfpl rerun in the same store: its own setup, never beside the 20-round rows
+    rerun = pd.DataFrame(
+        [
+            record("dpfpl", "none", seed, rounds=1, setup_hash="0ne", config_hash="d1", local_acc=a)
+            for seed, a in enumerate((0.9, 0.9, 0.9))
+        ]
+    )
+    board = summarize(pd.concat([records, rerun], ignore_index=True))
+    tables = cell_tables(board)
+    assert [(t.setup, t.metric) for t in tables] == [
+        ("rounds 20", "local_acc"),
+        ("rounds 20", "neighbor_acc"),
+        ("rounds 1", "local_acc"),
+        ("rounds 1", "neighbor_acc"),
+    ]
+    twenty, one = tables[0], tables[2]
+    assert [m for m, _ in twenty.rows] == ["promptfl", "dpfpl"]
+    assert twenty.rows[1][1][0].value == "72.0 ± 2.6"  # the 20-round runs only
+    assert [m for m, _ in one.rows] == ["dpfpl"] and one.rows[0][1][0].value == "90.0 ± 0.0"
+    written = write_leaderboard(
+        pd.concat([records, rerun], ignore_index=True), out=tmp_path, name="x", png=False
+    )
+    text = written.markdown.read_text()
+    assert "## caltech101 · personalized · server trust · rounds 20" in text
+    assert "## caltech101 · personalized · server trust · rounds 1" in text
+    setup = "rounds 1, local_epochs 2, batch_size 32, lr 0.005, clients 10, shots 16"
+    assert f"Setup: {setup}, backbone ViT-B-16:openai." in text
+    csv = pd.read_csv(written.csv, dtype={"eps": str, "setup_hash": str})
+    assert set(csv[csv["method"] == "dpfpl"]["rounds"]) == {1, 20}
+    assert csv["config_hash"].notna().all() and "lr" in csv.columns
+
+
+def test_one_setup_has_no_setup_label(records):
+    assert {t.setup for t in cell_tables(summarize(records))} == {""}

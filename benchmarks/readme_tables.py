@@ -24,8 +24,13 @@ nothing, so eps none is in the server tables only); seeds 0-2; a CPU-sized sched
 10 rounds x 1 local epoch, evaluated every 5, the final figure the mean of the last 2
 evaluations; delta 1e-5, C = 1, RDP) and writes `leaderboards/embedded.{md,csv,html}` and
 `embedded-client.*`. Rerunning resumes finished cells; the same command and seed give the same
-numbers (tests/test_reproducibility.py). Accuracy in %, mean ± standard deviation over the
-seeds (the CSV's `n_seeds` says how many; the best of each column in bold)."""
+numbers on the same kind of CPU (tests/test_reproducibility.py). The tables below come from a
+2-core AMD EPYC (Zen 4, AVX-512) VM (both suites 23 min 33 s, beside other work); the
+previous tables, from an AVX2-only machine, differed from them by at most 0.07 points in any
+cell (float rounding of the vector units: no-DP CoOp and FedOTP cells; 0.1 in four printed
+cells). Each leaderboard row records its configuration (`config_hash`, rounds, local epochs,
+lr, ...), which `fpl-bench regress` matches. Accuracy in %, mean ± standard deviation over
+the seeds (the CSV's `n_seeds` says how many; the best of each column in bold)."""
 
 CAVEATS = """\
 Plausible reasons where an ordering does not reproduce, not tested here: the paper's baselines

@@ -108,7 +108,13 @@ def regress(
     base = read_leaderboard(baseline)
     current = summarize(load_results_dir(runs))
     thresholds = Thresholds(tolerance=tolerance, k=k)
-    deltas = compare(base, current, thresholds, baseline_name=str(baseline))
+    deltas = compare(
+        base,
+        current,
+        thresholds,
+        baseline_name=str(baseline),
+        how_to_run=suite_hint(baseline),
+    )
     text = deltas_markdown(deltas, thresholds, f"Regression check against {baseline}")
     path = Path(out or runs) / "regression.md"
     write_text(path, text)
@@ -121,6 +127,16 @@ def regress(
         for line in bad:
             typer.echo(f"  {line}", err=True)
         raise typer.Exit(code=1)
+
+
+def suite_hint(baseline: Path) -> str:
+    """How to produce runs of a baseline's configuration: its suite when a suite has the
+    baseline's name (leaderboards/embedded.csv <- the suite embedded)."""
+    from fpl_bench.suite import list_suites
+
+    if baseline.stem in list_suites():
+        return f"`fpl-bench run --suite {baseline.stem} --out DIR`, then --runs DIR"
+    return "the suite that made it"
 
 
 def register(app: typer.Typer) -> None:

@@ -8,7 +8,8 @@ global backend, safe in threads and tests).
 Every method has its own colour and marker (`method_styles`, distinct up to 20 methods), lines
 are slightly transparent and nudged apart along x (`dodge`), so methods with equal numbers do
 not hide each other; the legend sits under the panels.
-- base vs novel (base2novel only): one point per (method, eps), dotted curves of equal HM.
+- base vs novel (base2novel only): one point per (method, eps), a colour per method and a
+  marker per eps, zoomed to the data, dotted curves of equal HM.
 """
 
 from __future__ import annotations
@@ -131,25 +132,29 @@ def accuracy_vs_eps(part: pd.DataFrame, title: str) -> bytes:
     return _png(figure)
 
 
+EPS_MARKERS = ("o", "s", "^", "D", "v", "P", "X")  # no DP, then from the largest budget down
+ZOOM_MARGIN = 3.0  # percentage points around the data in the base-vs-novel panel
+
+
 def base_vs_novel(part: pd.DataFrame, title: str) -> bytes:
-    """Novel against base accuracy (%), one marker per method, labelled with eps."""
+    """Novel against base accuracy (%): one colour per method, epsilon by marker (a second
+    legend), a method's points joined in eps order; zoomed to the data, with dotted curves of
+    equal HM every 5 points across the visible range; no text on the points."""
     from matplotlib.figure import Figure
+    from matplotlib.lines import Line2D
 
     wide = part[part["metric"].isin(["base_acc", "novel_acc"])].pivot_table(
         index=["method", "eps"], columns="metric", values="mean", sort=False
     )
     methods = list(dict.fromkeys(part["method"]))
     styles = method_styles(methods)
+    eps_values = sorted_eps(part["eps"])
+    eps_marker = {e: EPS_MARKERS[i % len(EPS_MARKERS)] for i, e in enumerate(eps_values)}
     legend_columns = min(len(methods), 4)
-    legend_rows = -(-len(methods) // legend_columns)
-    figure = Figure(figsize=(5.0, 4.4 + 0.25 * legend_rows), layout="constrained")
+    legend_rows = -(-len(methods) // legend_columns) + 1
+    figure = Figure(figsize=(5.4, 4.6 + 0.25 * legend_rows), layout="constrained")
     ax = figure.subplots()
-    grid = np.linspace(1, 100, 200)
-    for hm in (20, 40, 60, 80):
-        novel = hm * grid / (2 * grid - hm)  # HM = 2 B N / (B + N), solved for N
-        keep = (2 * grid > hm) & (novel > 0) & (novel <= 100)
-        ax.plot(grid[keep], novel[keep], ":", color="0.7", linewidth=0.8)
-        ax.annotate(f"HM {hm}", (100, hm * 100 / (200 - hm)), fontsize=7, color="0.5")
+    shown_points = []
     for method in methods:
         if method not in wide.index.get_level_values(0):
             continue
@@ -157,29 +162,55 @@ def base_vs_novel(part: pd.DataFrame, title: str) -> bytes:
         points = points.dropna(how="any") if {"base_acc", "novel_acc"} <= set(points) else None
         if points is None or points.empty:
             continue
-        ax.plot(
-            100 * points["base_acc"],
-            100 * points["novel_acc"],
-            "-",
-            markersize=6,
-            linewidth=1.2,
-            label=method,
-            **styles[method],
-        )
-        for eps, row in points.iterrows():
+        style = {k: v for k, v in styles[method].items() if k != "marker"}
+        x, y = 100 * points["base_acc"], 100 * points["novel_acc"]
+        ax.plot(x, y, "-", linewidth=1.0, label=method, color=style["color"], alpha=0.6)
+        for eps, bx, ny in zip(points.index, x, y, strict=True):
+            ax.plot([bx], [ny], linestyle="none", markersize=6, marker=eps_marker[eps], **style)
+        shown_points += list(zip(x, y, strict=True))
+    if shown_points:
+        xs, ys = np.array(shown_points).T
+        low = min(xs.min(), ys.min()) - ZOOM_MARGIN
+        high = max(xs.max(), ys.max()) + ZOOM_MARGIN
+        low, high = max(low, 0.0), min(high, 100.0)
+        if high - low < MIN_SPAN:
+            centre = (low + high) / 2
+            low, high = centre - MIN_SPAN / 2, centre + MIN_SPAN / 2
+        ax.set_xlim(low, high)
+        ax.set_ylim(low, high)
+        grid = np.linspace(max(low, 1e-3), high, 200)
+        for hm in range(5 * int(low // 5), int(high) + 5, 5):
+            if hm <= 0:
+                continue
+            novel = hm * grid / (2 * grid - hm)  # HM = 2 B N / (B + N), solved for N
+            keep = (2 * grid > hm) & (novel >= low) & (novel <= high)
+            if keep.sum() < 2:
+                continue
+            ax.plot(grid[keep], novel[keep], ":", color="0.75", linewidth=0.8)
             ax.annotate(
-                eps_header(str(eps)),
-                (100 * row["base_acc"], 100 * row["novel_acc"]),
+                f"HM {hm}",
+                (grid[keep][-1], novel[keep][-1]),
                 fontsize=6,
-                xytext=(3, 3),
+                color="0.5",
+                xytext=(-2, 2),
                 textcoords="offset points",
+                ha="right",
             )
     ax.set_xlabel("base accuracy %")
     ax.set_ylabel("novel accuracy %")
-    ax.set_xlim(0, 105)
-    ax.set_ylim(0, 105)
+    ax.set_aspect("equal", adjustable="box")
     ax.grid(alpha=0.3)
     legend_below(figure, ax, legend_columns)
+    ax.legend(
+        handles=[
+            Line2D([], [], linestyle="none", marker=eps_marker[e], color="0.3", label=eps_header(e))
+            for e in eps_values
+        ],
+        loc="lower right",
+        fontsize=7,
+        title="ε",
+        title_fontsize=7,
+    )
     ax.set_title(title, fontsize=10)
     return _png(figure)
 

@@ -154,10 +154,12 @@ def compare(
     current: pd.DataFrame,
     thresholds: Thresholds,
     baseline_name: str = "baseline",
+    how_to_run: str = "the suite that made it",
 ) -> pd.DataFrame:
     """Deltas per cell (`DELTA_COLUMNS`) in baseline order, then the cells new in `current`.
 
-    `baseline` and `current` are leaderboards (`leaderboard.summarize` / `read_leaderboard`).
+    `baseline` and `current` are leaderboards (`leaderboard.summarize` / `read_leaderboard`);
+    `how_to_run` completes the refusal when no run matches ('e.g. ...').
     """
     key = list(COMPARE_KEY)
     current = current.assign(config_hash=current["config_hash"].astype(str))
@@ -177,7 +179,7 @@ def compare(
         raise UsageError(
             f"no run has the configuration of any cell of baseline {baseline_name} "
             f"(baseline: {config_text(first_base)}; runs: {config_text(first_run)}): "
-            "run the baseline's configuration, e.g. the suite that made it"
+            f"run the baseline's configuration, e.g. {how_to_run}"
         )
     rows = []
     for _, row in joined.iterrows():

@@ -203,6 +203,7 @@ def test_regress_on_another_configuration_names_the_difference(
     code, _, err = regress(baseline, runs_dir, capsys, monkeypatch)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "baseline: rounds 20" in err and "runs: rounds 10" in err and "shots 4" in err
+    assert "`fpl-bench run --suite embedded --out DIR`" in err  # the baseline's own suite
 
 
 def test_regress_baseline_methods_the_runs_lack_are_unmatched(

@@ -124,15 +124,19 @@ def format_table(frame: Any, metrics: list[str], with_privacy: bool) -> list[Any
 @app.command()
 def run(
     methods: Annotated[
-        str,
+        str | None,
         typer.Option(
-            help="Comma list of methods (presets, or LEARNER@SCHEME pairs), or 'all'; "
-            "see `fpl-bench methods --all`."
+            help="Comma list of methods (presets, or LEARNER@SCHEME pairs), or 'all' (the "
+            "default); see `fpl-bench methods --all`. With --suite: only these of its cells."
         ),
-    ] = "all",
+    ] = None,
     eps: Annotated[
-        str, typer.Option(help="Target epsilon(s) per client, comma list; 'none' = no DP.")
-    ] = "none",
+        str | None,
+        typer.Option(
+            help="Target epsilon(s) per client, comma list; 'none' = no DP (the default). "
+            "With --suite: only these of its cells."
+        ),
+    ] = None,
     delta: Annotated[float, typer.Option(help="Target delta.")] = _default("delta"),
     clip_norm: Annotated[float, typer.Option(help="Per-sample clipping norm C.")] = _default(
         "clip_norm"
@@ -191,7 +195,12 @@ def run(
     last_k: Annotated[
         int, typer.Option(help="Final figure: mean over the last k evaluations.")
     ] = _default("last_k"),
-    seeds: Annotated[str, typer.Option(help="Comma list of seeds.")] = "0",
+    seeds: Annotated[
+        str | None,
+        typer.Option(
+            help="Comma list of seeds (default 0). With --suite: only these of its cells."
+        ),
+    ] = None,
     backbone: Annotated[
         str,
         typer.Option(
@@ -298,10 +307,16 @@ def run(
     if dry_run and suite is None:
         raise UsageError("--dry-run applies to --suite only")
     if suite is not None:
-        if methods != "all" or eps != "none" or seeds != "0" or dataset != _default("dataset"):
-            raise UsageError("--methods/--eps/--seeds/--dataset: the suite sets them; drop them")
-        _run_suite(suite, out, dry_run, data_root, cache_dir, device, threads, workers, pretrained)
+        if dataset != _default("dataset"):
+            raise UsageError("--dataset: the suite sets the datasets; drop it")
+        only = suite_filter(methods, eps, seeds)
+        _run_suite(
+            suite, out, dry_run, data_root, cache_dir, device, threads, workers, pretrained, only
+        )
         return
+    methods = "all" if methods is None else methods
+    eps = "none" if eps is None else eps
+    seeds = "0" if seeds is None else seeds
     if alpha is not None and partition != "dirichlet":
         raise UsageError(f"--alpha applies to --partition dirichlet only (got {partition})")
     names = method_names(methods)
@@ -433,8 +448,10 @@ def _run_suite(
     threads: int | None,
     workers: int | None,
     pretrained: str | None,
+    only: Any = None,
 ) -> None:
-    """`run --suite NAME [--dry-run]`: a grid from leaderboards/NAME.toml (fpl_bench/suite.py)."""
+    """`run --suite NAME [--dry-run]`: a grid from leaderboards/NAME.toml (fpl_bench/suite.py),
+    the cells `only` keeps (--methods/--eps/--seeds)."""
     from fpl_bench.suite import dry_run_rows, format_dry_run, load_suite, run_suite
 
     chosen = load_suite(name)
@@ -452,7 +469,9 @@ def _run_suite(
     if pretrained is not None:
         overrides["pretrained"] = str(pretrained)
     if dry_run:
-        typer.echo(format_dry_run(chosen, dry_run_rows(chosen, out, overrides=overrides)))
+        typer.echo(
+            format_dry_run(chosen, dry_run_rows(chosen, out, overrides=overrides, only=only))
+        )
         return
     from tqdm import tqdm
 
@@ -462,8 +481,29 @@ def _run_suite(
         log=lambda t: tqdm.write(t, file=sys.stderr),
         overrides=overrides,
         progress=TqdmProgress,
+        only=only,
     )
     typer.echo(f"wrote {out / 'results.csv'}; `fpl-bench leaderboard --runs {out}` for the tables")
+
+
+def suite_filter(methods: str | None, eps: str | None, seeds: str | None) -> Any:
+    """The suite cells that --methods/--eps/--seeds keep (None: every cell)."""
+    from fpl_bench.report.records import normalize_eps
+    from fpl_bench.spec import parse_eps, parse_int_list
+    from fpl_bench.suite import CellFilter
+
+    if methods is None and eps is None and seeds is None:
+        return None
+    words = None if methods is None else [w.strip() for w in methods.split(",") if w.strip()]
+    if words and "all" in words:
+        words = None if words == ["all"] else words
+        if words:
+            raise UsageError(f"--methods {methods}: 'all' cannot be combined with other names")
+    return CellFilter(
+        methods=None if words is None else tuple(words),
+        eps=None if eps is None else tuple(normalize_eps(e) for e in parse_eps(eps)),
+        seeds=None if seeds is None else parse_int_list(seeds, "--seeds"),
+    )
 
 
 def _out_folder(text: str) -> Path:

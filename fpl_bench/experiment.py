@@ -628,6 +628,23 @@ def run_one(
     return row
 
 
+CONFIGS_FOLDER = "configs"
+
+
+def save_configs(spec: ExperimentSpec, out: Path) -> None:
+    """OUT/configs/<config hash>.json: the resolved configuration of each method's runs (what
+    the hash covers), so that a leaderboard can record it and `fpl-bench regress` can run the
+    same configuration again (fpl_bench/report/sources.py load_configs)."""
+    from fpl_bench.io import write_atomic
+
+    for choice in spec.methods:
+        config = run_config(spec, choice)
+        blob = json.dumps(config, sort_keys=True, default=str)
+        path = out / CONFIGS_FOLDER / f"{config_hash(config)}.json"
+        if not path.is_file():
+            write_atomic(path, lambda tmp, b=blob: Path(tmp).write_text(b))
+
+
 def save_run_prompts(
     out: Path, run: FederatedRun, config: dict[str, Any], key: dict[str, Any], trains: bool
 ) -> Path:
@@ -719,6 +736,7 @@ def run_experiment(
         raise UsageError(f"{csv_path} is not a file; move it away or use another --out")
     previous = read_results(csv_path) if csv_path.is_file() else None
     with output_lock(out):
+        save_configs(spec, out)
         job = Job(out)
         try:
             rows = _run_cells(spec, out, csv_path, previous, job, log, progress)

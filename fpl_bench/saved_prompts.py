@@ -143,33 +143,20 @@ def load_prompts(path: Path) -> SavedPrompts:
         ) from None
 
 
-def spec_fields(config: dict[str, Any]) -> dict[str, Any]:
-    """The ExperimentSpec fields a saved configuration sets (what `run_config` kept)."""
-    from fpl_bench.spec import ExperimentSpec
-
-    return {k: v for k, v in config.items() if k in ExperimentSpec.model_fields}
-
-
 def saved_spec(saved: SavedPrompts, **overrides: Any) -> Any:
     """The one-run spec that trained `saved` (method with its options, eps, seed), with
     `overrides` (protocol, data_root, cache_dir, device, out) on top."""
-    from fpl_bench.catalog import resolve_method
     from fpl_bench.report.records import normalize_eps
-    from fpl_bench.spec import build_spec
+    from fpl_bench.spec import spec_from_config
 
-    config = saved.config
-    options = {k: v for k, v in config.items() if k.startswith(("learner.", "scheme."))}
-    choice = resolve_method(str(config["method"]), options)
-    eps = normalize_eps(config["eps"])
-    fields = {
-        **spec_fields(config),
-        "methods": (choice,),
-        "eps": (None if eps == "none" else float(eps),),
-        "seeds": (int(config["seed"]),),
-        "tuned_from": None,
-        **{k: v for k, v in overrides.items() if v is not None},
-    }
-    return build_spec(**fields)
+    config = {k: v for k, v in saved.config.items() if k not in ("eps", "seed")}
+    eps = normalize_eps(saved.config["eps"])
+    return spec_from_config(
+        config,
+        eps=(None if eps == "none" else float(eps),),
+        seeds=(int(saved.config["seed"]),),
+        **overrides,
+    )
 
 
 def evaluate_saved(

@@ -143,6 +143,30 @@ def build_spec(**fields: Any) -> ExperimentSpec:
         raise FieldError(field, value, message) from None
 
 
+def spec_from_config(
+    config: dict[str, Any],
+    *,
+    eps: tuple[float | None, ...],
+    seeds: tuple[int, ...],
+    **overrides: Any,
+) -> ExperimentSpec:
+    """The spec of one method's resolved configuration (`experiment.run_config`: the spec's
+    fields, method, learner options `learner.X` and scheme options `scheme.Y`) at `eps` and
+    `seeds`, with `overrides` (out, cache_dir, data_root, device, ...; None values ignored)
+    on top. Its runs have the configuration's config hash again."""
+    from fpl_bench.catalog import resolve_method
+
+    options = {k: v for k, v in config.items() if k.startswith(("learner.", "scheme."))}
+    fields = {k: v for k, v in config.items() if k in ExperimentSpec.model_fields}
+    fields.update(
+        methods=(resolve_method(str(config["method"]), options),),
+        eps=eps,
+        seeds=seeds,
+        **{k: v for k, v in overrides.items() if v is not None},
+    )
+    return build_spec(**fields)
+
+
 def parse_eps(text: str) -> tuple[float | None, ...]:
     """'0.1,0.5,none' -> (0.1, 0.5, None); a bad word is a UsageError."""
     out: list[float | None] = []

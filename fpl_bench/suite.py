@@ -258,10 +258,47 @@ def key_id(key: Mapping[str, Any]) -> tuple[str, ...]:
     )
 
 
+@dataclass(frozen=True)
+class CellFilter:
+    """A subset of a suite's cells: the methods, eps values ('none', '0.5') and seeds to keep
+    (None keeps all), e.g. `fpl-bench run --suite embedded --methods promptfl --eps none`."""
+
+    methods: tuple[str, ...] | None = None
+    eps: tuple[str, ...] | None = None
+    seeds: tuple[int, ...] | None = None
+
+    def keeps(self, cell: Cell) -> bool:
+        return (
+            (self.methods is None or cell.method.label in self.methods)
+            and (self.eps is None or normalize_eps(cell.eps) in self.eps)
+            and (self.seeds is None or cell.seed in self.seeds)
+        )
+
+    def check(self, suite: Suite, cells: Sequence[Cell]) -> None:
+        """UsageError naming a value of the filter that no cell of the suite has."""
+        for flag, wanted, present in (
+            ("--methods", self.methods, [c.method.label for c in cells]),
+            ("--eps", self.eps, [normalize_eps(c.eps) for c in cells]),
+            ("--seeds", self.seeds, [c.seed for c in cells]),
+        ):
+            missing = [w for w in wanted or () if w not in present]
+            if missing:
+                has = ", ".join(map(str, dict.fromkeys(present)))
+                raise UsageError(
+                    f"{flag} {','.join(map(str, missing))}: suite {suite.name} has no such "
+                    f"cell; it has {has}"
+                )
+
+
 def suite_cells(
-    suite: Suite, *, overrides: Mapping[str, Any] | None = None, out: Path | None = None
+    suite: Suite,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    out: Path | None = None,
+    only: CellFilter | None = None,
 ) -> list[Cell]:
-    """Every cell of the suite, in table order: grid, dataset, method, eps, seed."""
+    """Every cell of the suite (those `only` keeps), in table order: grid, dataset, method,
+    eps, seed."""
     from fpl_bench.experiment import config_hash, run_config
 
     overrides = dict(overrides or {})
@@ -280,7 +317,10 @@ def suite_cells(
                         Cell(index, choice, dataset, eps, seed, spec, config, digest, paper)
                         for seed in grid.seeds
                     )
-    return cells
+    if only is None:
+        return cells
+    only.check(suite, cells)
+    return [cell for cell in cells if only.keeps(cell)]
 
 
 def _grid_spec(
@@ -368,16 +408,24 @@ def cell_statuses(cells: Iterable[Cell], records: pd.DataFrame | None) -> list[s
 
 
 def pending_cells(
-    suite: Suite, out: Path, *, overrides: Mapping[str, Any] | None = None
+    suite: Suite,
+    out: Path,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    only: CellFilter | None = None,
 ) -> list[Cell]:
-    """The cells without a done record (`DONE_STATUSES`) in OUT/results.csv."""
-    cells = suite_cells(suite, overrides=overrides, out=out)
+    """The cells (kept by `only`) without a done record (`DONE_STATUSES`) in OUT/results.csv."""
+    cells = suite_cells(suite, overrides=overrides, out=out, only=only)
     statuses = cell_statuses(cells, read_records(out))
     return [c for c, s in zip(cells, statuses, strict=True) if s not in DONE_STATUSES]
 
 
 def pending_specs(
-    suite: Suite, out: Path, *, overrides: Mapping[str, Any] | None = None
+    suite: Suite,
+    out: Path,
+    *,
+    overrides: Mapping[str, Any] | None = None,
+    only: CellFilter | None = None,
 ) -> list[ExperimentSpec]:
     """ExperimentSpecs that run exactly the pending cells.
 
@@ -386,7 +434,7 @@ def pending_specs(
     into such blocks); the on-disk feature cache is shared by all of them.
     """
     groups: dict[tuple[int, str], list[Cell]] = {}
-    for cell in pending_cells(suite, out, overrides=overrides):
+    for cell in pending_cells(suite, out, overrides=overrides, only=only):
         groups.setdefault((cell.grid, cell.dataset), []).append(cell)
     return [spec for cells in groups.values() for spec in _block_specs(cells)]
 
@@ -571,12 +619,13 @@ def dry_run_rows(
     *,
     overrides: Mapping[str, Any] | None = None,
     bench: Path | None = None,
+    only: CellFilter | None = None,
 ) -> list[dict[str, Any]]:
     """One row per cell: key, status in OUT/results.csv, resolved config, the paper's numbers
     (`paper_<metric>`), and an estimate of its wall time (`estimate_s`, `estimate`,
     `estimate_source`). `bench` defaults to OUT/bench.json."""
     out = Path(out)
-    cells = suite_cells(suite, overrides=overrides, out=out)
+    cells = suite_cells(suite, overrides=overrides, out=out, only=only)
     records = read_records(out)
     entries = load_bench(bench if bench is not None else out / BENCH_FILE)
     estimates = [estimate_cell(cell, records, entries) for cell in cells]
@@ -692,6 +741,7 @@ def run_suite(
     log: Callable[[str], None] = print,
     overrides: Mapping[str, Any] | None = None,
     progress: Callable[[ExperimentSpec], Any] | None = None,
+    only: CellFilter | None = None,
 ) -> pd.DataFrame:
     """Run every pending cell (`pending_specs`) into OUT; returns the rows of this call.
 
@@ -702,7 +752,7 @@ def run_suite(
     from fpl_bench.experiment import run_experiment
     from fpl_bench.report.records import RESULT_COLUMNS
 
-    specs = pending_specs(suite, Path(out), overrides=overrides)
+    specs = pending_specs(suite, Path(out), overrides=overrides, only=only)
     total = sum(len(s.methods) * len(s.eps) * len(s.seeds) for s in specs)
     log(f"suite {suite.name}: {total} cells to run in {len(specs)} jobs, into {out}")
     frames = []

@@ -356,3 +356,53 @@ def test_no_model_estimate_without_the_training_set_size(tmp_path):
     )
     (row,) = dry_run_rows(load_suite(path), tmp_path)
     assert (row["estimate"], row["estimate_source"]) == ("unknown", "unknown")
+
+
+# ----------------------------------------------------------------------------- filters
+
+
+def test_a_filter_keeps_only_the_chosen_cells():
+    from fpl_bench.suite import CellFilter
+
+    suite = load_suite("embedded")
+    assert len(suite_cells(suite)) == 81  # 9 presets x 3 eps x 3 seeds
+    only = CellFilter(methods=("promptfl", "dpfpl"), eps=("none", "0.1"), seeds=(1,))
+    cells = suite_cells(suite, only=only)
+    assert [(c.method.label, c.eps, c.seed) for c in cells] == [
+        ("promptfl", None, 1),
+        ("promptfl", 0.1, 1),
+        ("dpfpl", None, 1),
+        ("dpfpl", 0.1, 1),
+    ]
+    # the same configuration as the whole suite's cells: a filtered run resumes into its folder
+    whole = {c.key["config_hash"] for c in suite_cells(suite) if c.method.label == "promptfl"}
+    assert {c.key["config_hash"] for c in cells if c.method.label == "promptfl"} == whole
+
+
+@pytest.mark.parametrize(
+    ("only", "needle"),
+    [
+        ({"methods": ("nosuch",)}, "--methods nosuch: suite embedded has no such cell"),
+        ({"eps": ("0.3",)}, "--eps 0.3: suite embedded has no such cell; it has none, 0.5, 0.1"),
+        ({"seeds": (7,)}, "--seeds 7: suite embedded has no such cell"),
+    ],
+)
+def test_a_filter_value_the_suite_lacks_is_refused(only, needle):
+    from fpl_bench.suite import CellFilter
+
+    with pytest.raises(UsageError, match=re.escape(needle)):
+        suite_cells(load_suite("embedded"), only=CellFilter(**only))
+
+
+def test_run_suite_with_filters_dry_run(tmp_path, capsys, monkeypatch):
+    from tests.cli import run_cli
+
+    args = ["run", "--suite", "embedded", "--methods", "promptfl", "--eps", "none,0.5"]
+    code, out, err = run_cli([*args, "--out", str(tmp_path), "--dry-run"], capsys, monkeypatch)
+    assert code == 0, err
+    lines = [line for line in out.splitlines() if line.startswith("synthetic  promptfl")]
+    assert len(lines) == 6 and not any("  0.1  " in line for line in lines)
+    code, _, err = run_cli(
+        ["run", "--suite", "embedded", "--dataset", "cifar10", "--dry-run"], capsys, monkeypatch
+    )
+    assert code == 2 and "--dataset: the suite sets the datasets" in err

@@ -2,7 +2,8 @@
 
     fpl-bench leaderboard --runs runs/default --out leaderboards --name embedded
     fpl-bench leaderboard --tracking-uri sqlite:///runs/default/mlflow.db --out /tmp/lb
-    fpl-bench regress --baseline leaderboards/embedded.csv --runs runs/default
+    fpl-bench regress --baseline leaderboards/embedded.csv --runs runs/embedded
+    fpl-bench regress --baseline leaderboards/embedded.csv --methods promptfl   # runs its cells
 
 `regress` exits 0 when no cell dropped, 1 on a regression (naming the cells), 2 on bad input.
 """
@@ -15,6 +16,7 @@ from typing import Annotated
 
 import typer
 
+from fpl_bench.cli_options import CacheDir, DataRoot, cache_dir_or_env
 from fpl_bench.errors import UsageError
 
 DEFAULT_RUNS = Path("runs/default")
@@ -45,14 +47,17 @@ def leaderboard(
     """Tables (Markdown, CSV), figures (PNG) and one HTML page from finished runs."""
     from fpl_bench.jobs import check_writable_folder
     from fpl_bench.report.build import check_name, write_leaderboard
-    from fpl_bench.report.sources import load_records
+    from fpl_bench.report.sources import load_configs, load_records
 
     check_name(name)
     records, source = load_records(runs, tracking_uri)
+    configs = load_configs(runs or DEFAULT_RUNS) if tracking_uri is None else {}
     if out is None:
         out = (runs or DEFAULT_RUNS) if tracking_uri is None else DEFAULT_LEADERBOARD_OUT
     check_writable_folder(out, "--out")
-    written = write_leaderboard(records, out=out, name=name, source=source, png=png, title=title)
+    written = write_leaderboard(
+        records, out=out, name=name, source=source, png=png, title=title, configs=configs
+    )
     typer.echo(f"read {len(records)} run(s) from {source}")
     if written.superseded:
         typer.echo(
@@ -68,8 +73,31 @@ def regress(
         Path, typer.Option(help="Leaderboard CSV to compare with, e.g. leaderboards/embedded.csv.")
     ],
     runs: Annotated[
-        Path | None, typer.Option(help="Run folder holding results.csv of fresh runs.")
+        Path | None,
+        typer.Option(
+            help="Compare the finished runs in DIR (default: run the baseline's cells first)."
+        ),
     ] = None,
+    methods: Annotated[
+        str | None, typer.Option(help="Only these methods of the baseline (comma list).")
+    ] = None,
+    eps: Annotated[
+        str | None, typer.Option(help="Only these eps values of the baseline (comma list).")
+    ] = None,
+    seeds: Annotated[
+        str | None,
+        typer.Option(help="Run only these of the baseline's seeds (comma list; default all)."),
+    ] = None,
+    work: Annotated[
+        Path | None,
+        typer.Option(
+            help="Without --runs: where the baseline's cells run and resume (default "
+            "runs/regress-NAME for leaderboards/NAME.csv)."
+        ),
+    ] = None,
+    data_root: DataRoot = None,
+    cache_dir: CacheDir = None,
+    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
     tolerance: Annotated[
         float, typer.Option(help="Smallest drop that counts, as a fraction (0.02 = 2 points).")
     ] = 0.02,
@@ -77,10 +105,14 @@ def regress(
         float, typer.Option("--k", help="A drop must also exceed k x the baseline's seed std.")
     ] = 2.0,
     out: Annotated[
-        Path | None, typer.Option(help="Folder for regression.md (default: the --runs folder).")
+        Path | None,
+        typer.Option(help="Folder for regression.md (default: the folder of the runs)."),
     ] = None,
 ) -> None:
-    """Compare fresh runs with a committed leaderboard; exit 1 when a cell dropped."""
+    """Compare runs with a committed leaderboard; exit 1 when a cell dropped.
+
+    Without --runs, runs (or resumes) exactly the baseline cells it compares, with the
+    configuration and seeds the leaderboard records, then compares."""
     if not (math.isfinite(tolerance) and math.isfinite(k)):
         raise UsageError(f"--tolerance {tolerance} --k {k}: both must be finite numbers >= 0")
     if out is not None:
@@ -95,17 +127,20 @@ def regress(
         deltas_markdown,
         read_leaderboard,
         regression_lines,
+        select_cells,
         summary_line,
     )
     from fpl_bench.report.sources import load_results_dir
 
     if tolerance < 0 or k < 0:
         raise UsageError(f"--tolerance {tolerance} --k {k}: both must be >= 0")
-    if runs is None:
-        raise UsageError(
-            "give --runs DIR (a folder with results.csv of fresh runs of the baseline's cells)"
-        )
+    if runs is not None and (work is not None or seeds is not None):
+        raise UsageError("--work and --seeds choose what regress runs: not with --runs")
     base = read_leaderboard(baseline)
+    base = select_cells(base, methods=_words(methods), eps=_words(eps))
+    if runs is None:
+        runs = work or Path("runs") / f"regress-{baseline.stem}"
+        _run_cells(base, runs, seeds, data_root, cache_dir, device)
     current = summarize(load_results_dir(runs))
     thresholds = Thresholds(tolerance=tolerance, k=k)
     deltas = compare(
@@ -127,6 +162,48 @@ def regress(
         for line in bad:
             typer.echo(f"  {line}", err=True)
         raise typer.Exit(code=1)
+
+
+def _words(text: str | None) -> list[str] | None:
+    """'a, b' -> ['a', 'b']; None stays None."""
+    return None if text is None else [w.strip() for w in text.split(",") if w.strip()]
+
+
+def _run_cells(
+    cells: object,
+    work: Path,
+    seeds: str | None,
+    data_root: Path | None,
+    cache_dir: Path | None,
+    device: str,
+) -> None:
+    """Run (or resume) in `work` every configuration the chosen baseline cells need."""
+    import sys
+
+    from fpl_bench.experiment import run_experiment
+    from fpl_bench.report.records import normalize_eps
+    from fpl_bench.report.regression import rerun_plan
+    from fpl_bench.spec import parse_int_list, spec_from_config
+
+    chosen = None if seeds is None else list(parse_int_list(seeds, "--seeds"))
+    plan = rerun_plan(cells, chosen)
+    for index, rerun in enumerate(plan, 1):
+        spec = spec_from_config(
+            rerun.config,
+            eps=tuple(None if e == "none" else float(normalize_eps(e)) for e in rerun.eps),
+            seeds=rerun.seeds,
+            out=work,
+            resume=True,
+            data_root=data_root,
+            cache_dir=cache_dir_or_env(cache_dir),
+            device=device,
+        )
+        print(
+            f"regress: configuration {index}/{len(plan)} ({rerun.config['method']}, eps "
+            f"{','.join(rerun.eps)}, seeds {','.join(map(str, rerun.seeds))}) into {work}",
+            file=sys.stderr,
+        )
+        run_experiment(spec, log=lambda text: print(text, file=sys.stderr))
 
 
 def suite_hint(baseline: Path) -> str:

@@ -84,6 +84,7 @@ def write_leaderboard(
     source: str = "",
     png: bool = True,
     title: str | None = None,
+    configs: dict[str, dict] | None = None,
 ) -> Written:
     """Summarize `records` and write NAME.md, NAME.csv, NAME.html (figures embedded) and, when
     `png`, the figures as NAME-plots/<dataset>-<protocol>-<trust>-*.png."""
@@ -92,7 +93,7 @@ def write_leaderboard(
     name = check_name(name)
     out = Path(out)
     records = normalize_records(records)
-    leaderboard = summarize(records)
+    leaderboard = summarize(records, configs)
     tables = cell_tables(leaderboard)
     plots = render_plots(leaderboard)
     heading = title or page_title(name)

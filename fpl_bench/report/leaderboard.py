@@ -23,7 +23,7 @@ A cell is (method, learner, scheme, dataset, protocol, trust, eps). Rules:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
+from collections.abc import Iterator, Mapping
 from dataclasses import dataclass
 
 import pandas as pd
@@ -47,8 +47,10 @@ CELL_COLUMNS: tuple[str, ...] = (
     "eps",
 )
 TABLE_COLUMNS: tuple[str, ...] = ("dataset", "protocol", "trust", "setup_hash")
-# What a leaderboard row records of its configuration: the run's config_hash and key fields.
-CELL_CONFIG_COLUMNS: tuple[str, ...] = ("config_hash", *CONFIG_COLUMNS)
+# What a leaderboard row records of its configuration: the run's config_hash and key fields,
+# the seeds of its runs ('0,1,2') and the whole resolved configuration as JSON ('' when the
+# store did not keep it), from which `fpl-bench regress` runs the cell again.
+CELL_CONFIG_COLUMNS: tuple[str, ...] = ("config_hash", *CONFIG_COLUMNS, "seeds", "config")
 LEADERBOARD_COLUMNS: tuple[str, ...] = (
     *CELL_COLUMNS,
     "metric",
@@ -105,8 +107,11 @@ def single_clients(group: pd.DataFrame) -> int | None:
     return int(values[0]) if len(values) == 1 else None
 
 
-def cell_rows(cell: tuple, group: pd.DataFrame) -> Iterator[dict]:
-    """The leaderboard rows of one cell: one per metric of its protocol."""
+def cell_rows(
+    cell: tuple, group: pd.DataFrame, configs: Mapping[str, dict] | None = None
+) -> Iterator[dict]:
+    """The leaderboard rows of one cell: one per metric of its protocol; `configs` maps a
+    config hash to its resolved configuration (OUT/configs/)."""
     keys = dict(zip(CELL_COLUMNS, cell, strict=True))
     finished = group[group[STATUS_COLUMN] == "finished"]
     in_paper = applies(keys["protocol"], keys["trust"], keys["eps"])
@@ -128,17 +133,29 @@ def cell_rows(cell: tuple, group: pd.DataFrame) -> Iterator[dict]:
             "status": cell_status(group[STATUS_COLUMN]),
             "tuned": bool(group["tuned"].any()),
             "paper": math.nan if paper is None else paper,
-            **{c: group[c].iloc[-1] for c in CELL_CONFIG_COLUMNS},
+            **{c: group[c].iloc[-1] for c in CELL_CONFIG_COLUMNS[:-2]},
+            "seeds": ",".join(str(s) for s in sorted(set(group["seed"].astype(int)))),
+            "config": config_json(group["config_hash"].iloc[-1], configs),
         }
 
 
-def summarize(records: pd.DataFrame) -> pd.DataFrame:
-    """The leaderboard in long format (`LEADERBOARD_COLUMNS`), eps in table order."""
+def config_json(config_hash: str, configs: Mapping[str, dict] | None) -> str:
+    """The configuration of `config_hash` as one line of JSON ('' when unknown)."""
+    import json
+
+    if not configs or config_hash not in configs:
+        return ""
+    return json.dumps(configs[config_hash], sort_keys=True, default=str)
+
+
+def summarize(records: pd.DataFrame, configs: Mapping[str, dict] | None = None) -> pd.DataFrame:
+    """The leaderboard in long format (`LEADERBOARD_COLUMNS`), eps in table order; `configs`
+    (config hash -> resolved configuration) fills the `config` column."""
     chosen = latest_config(normalize_records(records))
     rows = [
         row
         for cell, group in chosen.groupby([*CELL_COLUMNS, "setup_hash"], sort=False)
-        for row in cell_rows(cell[: len(CELL_COLUMNS)], group)
+        for row in cell_rows(cell[: len(CELL_COLUMNS)], group, configs)
     ]
     frame = pd.DataFrame(rows, columns=list(LEADERBOARD_COLUMNS))
     return sort_leaderboard(frame)

@@ -10,8 +10,9 @@ baseline (fractions), and
 A cell regresses when its drop exceeds the allowed one, or when the baseline's seeds all
 finished and ours did not (a diverged or failed seed; no number at all counts as such).
 
-`baseline_run_plan` + `run_baseline` are the path that reruns a baseline's cells (not wired to
-the CLI yet: the spec of each run needs what the baseline CSV does not carry).
+`rerun_plan` turns the chosen baseline cells into the configurations to run again (the
+leaderboard records each cell's resolved configuration and seeds): `fpl-bench regress` without
+`--runs` runs (or resumes) exactly those cells in a cache folder, then compares.
 
 A baseline cell with no run of its configuration is `unmatched` (said plainly, with the key
 fields in which the runs' cell differs, e.g. rounds 20 against 10): it is not checked and never
@@ -25,7 +26,6 @@ would be checked).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -314,53 +314,67 @@ def regression_lines(deltas: pd.DataFrame) -> list[str]:
 
 
 @dataclass(frozen=True)
-class RunRequest:
-    """One `fpl-bench run` the baseline needs: a (dataset, protocol, trust) with its methods,
-    eps values and number of seeds (seeds 0..n-1)."""
+class Rerun:
+    """One configuration of a baseline to run again: its resolved configuration (as the
+    leaderboard recorded it), the eps values and the seeds of the chosen cells."""
 
-    dataset: str
-    protocol: str
-    trust: str
-    methods: tuple[str, ...]
+    config: dict[str, Any]
     eps: tuple[str, ...]
-    n_seeds: int
+    seeds: tuple[int, ...]
 
 
-def baseline_run_plan(baseline: pd.DataFrame) -> list[RunRequest]:
-    """What to run to reproduce the baseline's cells, one request per (dataset, protocol,
-    trust). The lead wires this to `run_experiment`: build an ExperimentSpec per request (the
-    baseline CSV does not carry rounds, shots, ... : take them from the spec that made it)."""
+def select_cells(
+    baseline: pd.DataFrame,
+    *,
+    methods: list[str] | None = None,
+    eps: list[str] | None = None,
+) -> pd.DataFrame:
+    """The baseline rows of the chosen methods and eps values (all when None); UsageError when
+    a name or value is not in the baseline."""
+    chosen = baseline
+    for column, flag, wanted in (("method", "--methods", methods), ("eps", "--eps", eps)):
+        if wanted is None:
+            continue
+        wanted = [normalize_eps(w) if column == "eps" else w for w in wanted]
+        known = list(dict.fromkeys(baseline[column]))
+        unknown = [w for w in wanted if w not in known]
+        if unknown:
+            raise UsageError(
+                f"{flag} {','.join(unknown)}: not in the baseline; it has {', '.join(known)}"
+            )
+        chosen = chosen[chosen[column].isin(wanted)]
+    return chosen
+
+
+def rerun_plan(cells: pd.DataFrame, seeds: list[int] | None = None) -> list[Rerun]:
+    """What to run so that every chosen baseline cell has runs of its own configuration: one
+    `Rerun` per config_hash, with the cells' eps values and the seeds the baseline ran (or
+    `seeds`, a subset). UsageError when the baseline did not record a cell's configuration."""
+    import json
+
     plans = []
-    for (dataset, protocol, trust), part in baseline.groupby(
-        ["dataset", "protocol", "trust"], sort=False
-    ):
+    for config_hash, part in cells.groupby("config_hash", sort=False):
+        text = part["config"].iloc[0]
+        if not isinstance(text, str) or not text:
+            raise UsageError(
+                f"the baseline does not record the configuration of {cell_label(part.iloc[0])} "
+                f"(config {config_hash}): regenerate it with `fpl-bench leaderboard --runs DIR`, "
+                "or give --runs DIR of finished runs"
+            )
+        ran = sorted({int(x) for text in part["seeds"] for x in str(text).split(",") if x})
+        if seeds is not None:
+            missing = sorted(set(seeds) - set(ran))
+            if missing:
+                raise UsageError(
+                    f"--seeds {','.join(map(str, missing))}: the baseline ran seeds "
+                    f"{','.join(map(str, ran))}"
+                )
+            ran = sorted(seeds)
         plans.append(
-            RunRequest(
-                dataset=str(dataset),
-                protocol=str(protocol),
-                trust=str(trust),
-                methods=tuple(dict.fromkeys(part["method"])),
+            Rerun(
+                config=json.loads(text),
                 eps=tuple(sorted_eps(part["eps"])),
-                n_seeds=int(pd.to_numeric(part["n_runs"], errors="coerce").max()),
+                seeds=tuple(ran),
             )
         )
     return plans
-
-
-def run_baseline(
-    plan: list[RunRequest],
-    out: Path,
-    make_spec: Callable[[RunRequest, Path], Any],
-    run: Callable[[Any], Any] | None = None,
-) -> Path:
-    """Run every request of `plan` into the folder `out`; returns the folder, whose
-    results.csv `regress` then reads.
-
-    make_spec(request, out) -> ExperimentSpec: the caller fills what the baseline does not
-    record (backbone, rounds, shots, ...). run defaults to `fpl_bench.experiment.run_experiment`.
-    """
-    if run is None:
-        from fpl_bench.experiment import run_experiment as run
-    for request in plan:
-        run(make_spec(request, Path(out)))
-    return Path(out)

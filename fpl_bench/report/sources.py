@@ -87,6 +87,24 @@ def load_results_dir(runs: Path) -> pd.DataFrame:
     return frame
 
 
+def load_configs(runs: Path | None) -> dict[str, dict[str, Any]]:
+    """{config hash: resolved configuration} from a run folder's configs/ (written by
+    `fpl-bench run`); empty for a store without them (a tracking URI, an older folder)."""
+    import json
+
+    if runs is None:
+        return {}
+    folder = Path(runs)
+    folder = folder.parent if folder.suffix == ".csv" else folder
+    configs = {}
+    for path in sorted((folder / "configs").glob("*.json")):
+        try:
+            configs[path.stem] = json.loads(path.read_text())
+        except (OSError, ValueError):
+            continue  # a damaged file only loses the rerun of its cells
+    return configs
+
+
 def check_tracking_uri(uri: str) -> None:
     """UsageError for a URI MLflow cannot read here: unknown scheme, the file store, or an
     `sqlite:///` database file that does not exist (MLflow would create an empty one)."""

@@ -222,24 +222,58 @@ def test_regress_new_cells_do_not_fail(baseline, runs_dir, capsys, monkeypatch):
     assert code == 0 and out.count("| new |") == 4
 
 
-def test_regress_needs_runs(baseline, capsys, monkeypatch):
+def test_regress_without_runs_needs_recorded_configurations(baseline, capsys, monkeypatch):
+    # the hand-built records have no OUT/configs: the leaderboard cannot say how to rerun them
     code, _, err = run_cli(["regress", "--baseline", str(baseline)], capsys, monkeypatch)
-    assert code == 2 and "--runs DIR" in err
+    assert code == 2 and "does not record the configuration" in err and "--runs DIR" in err
 
 
-def test_baseline_run_plan_covers_every_cell(baseline, tmp_path):
-    from fpl_bench.report.regression import baseline_run_plan, read_leaderboard, run_baseline
+@pytest.mark.parametrize(
+    ("extra", "needle"),
+    [
+        (["--methods", "fedpgp"], "--methods fedpgp: not in the baseline; it has promptfl, dpfpl"),
+        (["--eps", "0.3"], "--eps 0.3: not in the baseline"),
+        (["--seeds", "1"], "--work and --seeds choose what regress runs: not with --runs"),
+    ],
+)
+def test_regress_filters_bad_input_exit_2(baseline, runs_dir, capsys, monkeypatch, extra, needle):
+    code, _, err = regress(baseline, runs_dir, capsys, monkeypatch, *extra)
+    assert code == 2 and needle in err and len(err.strip().splitlines()) == 1, err
 
-    plan = baseline_run_plan(read_leaderboard(baseline))
-    assert len(plan) == 1
-    request = plan[0]
-    assert (request.dataset, request.protocol, request.trust) == (
-        "caltech101",
-        "personalized",
-        "server",
+
+def test_regress_filters_compare_only_the_chosen_cells(baseline, runs_dir, capsys, monkeypatch):
+    code, out, err = regress(baseline, runs_dir, capsys, monkeypatch, "--methods", "dpfpl")
+    assert code == 0, err
+    assert "0 regression(s) in 4 compared cell(s); 4 new." in err  # promptfl's runs: new
+    assert out.count("| ok |") == 4
+
+
+def test_regress_runs_the_baseline_cells_itself(tmp_path, capsys, monkeypatch):
+    """A real tiny job -> its leaderboard as baseline -> `regress` with no --runs runs exactly
+    the chosen cells (same configuration and seeds) in a work folder and finds the same numbers;
+    a second call resumes them instead of running again."""
+    job = tmp_path / "job"
+    args = ["run", "--methods", "coop,promptfl", "--rounds", "1", "--clients", "2"]
+    args += ["--shots", "2", "--seeds", "0,1", "--out", str(job), "--cache-dir", str(tmp_path)]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    lb = tmp_path / "lb"
+    code, _, err = run_cli(
+        ["leaderboard", "--runs", str(job), "--out", str(lb), "--name", "base", "--no-png"],
+        capsys,
+        monkeypatch,
     )
-    assert request.methods == ("promptfl", "dpfpl") and request.eps == ("none", "0.4")
-    assert request.n_seeds == 3
-    ran = []
-    folder = run_baseline(plan, tmp_path / "rerun", lambda r, out: (r, out), run=ran.append)
-    assert ran == [(request, tmp_path / "rerun")] and folder == tmp_path / "rerun"
+    assert code == 0, err
+    board = pd.read_csv(lb / "base.csv", dtype={"eps": str})
+    assert (board["seeds"] == "0,1").all() and board["config"].str.startswith("{").all()
+    work = tmp_path / "work"
+    regress_args = ["regress", "--baseline", str(lb / "base.csv"), "--methods", "coop"]
+    regress_args += ["--work", str(work), "--cache-dir", str(tmp_path)]
+    code, out, err = run_cli(regress_args, capsys, monkeypatch)
+    assert code == 0, err
+    assert "0 regression(s) in 5 compared cell(s)." in err
+    assert out.count("+0.00 |") == 5  # the same configuration and seeds: the same numbers
+    rows = pd.read_csv(work / "results.csv")
+    assert sorted(rows["method"]) == ["coop", "coop"] and sorted(rows["seed"]) == [0, 1]
+    code, _, err = run_cli(regress_args, capsys, monkeypatch)
+    assert code == 0 and "skipped (--resume)" in err

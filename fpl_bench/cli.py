@@ -189,6 +189,13 @@ def run(
     n_ctx: Annotated[int, typer.Option(help="Number of learnable context vectors.")] = _default(
         "n_ctx"
     ),
+    ctx_init: Annotated[
+        str | None,
+        typer.Option(
+            help="Start the context from this phrase's embedding (CoCoOp's and KgCoOp's "
+            "'a photo of a'); --n-ctx must equal its token count. Default: random N(0, 0.02^2)."
+        ),
+    ] = None,
     eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds.")] = _default(
         "eval_every"
     ),
@@ -346,6 +353,7 @@ def run(
         batch_size=batch_size,
         lr=lr,
         n_ctx=n_ctx,
+        ctx_init=ctx_init,
         eval_every=eval_every,
         last_k=last_k,
         backbone=backbone,

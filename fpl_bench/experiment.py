@@ -177,6 +177,7 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
             for seed, (_, split) in partitions.items():
                 budgets = _budgets(spec, split, seed)
                 check_epsilons(spec.eps, budgets, delta=spec.delta, calibration=spec.accountant)
+    tower = _text_tower(spec, backbone, splits.classnames, device)  # checks ctx_init
     # the input is accepted: from here a log shows the job's progress (bad input stays one line)
     log(
         f"{spec.dataset}: {len(splits.train.labels)} training images of "
@@ -186,7 +187,6 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
         split: _features(spec, backbone, splits, split, with_tokens, device, log)
         for split in ("train", spec.eval_split)
     }
-    tower = _text_tower(spec, backbone, splits.classnames, device)
     transfers = [
         _transfer(spec, name, backbone, with_tokens, device, log) for name in spec.transfer_datasets
     ]
@@ -239,14 +239,23 @@ def _features(spec, backbone, splits, split, with_tokens, device, log) -> Featur
 def _text_tower(
     spec: ExperimentSpec, backbone: Backbone, classnames: Sequence[str], device: torch.device
 ) -> TextTower:
-    """The frozen text tower over `classnames` at the spec's context length and precision."""
-    return TextTower.build(
+    """The frozen text tower over `classnames` at the spec's context length and precision;
+    UsageError when `ctx_init` is not `n_ctx` tokens (the context would start at random)."""
+    tower = TextTower.build(
         backbone.model,
         backbone.tokenizer,
         classnames,
         n_ctx=spec.n_ctx,
         precision=resolve_precision(spec.precision, device),
     )
+    if spec.ctx_init:
+        tokens = tower.embed_phrase(spec.ctx_init).shape[0]
+        if tokens != spec.n_ctx:
+            raise UsageError(
+                f"--ctx-init {spec.ctx_init!r} is {tokens} tokens but --n-ctx is {spec.n_ctx}: "
+                f"give --n-ctx {tokens}, or another phrase"
+            )
+    return tower
 
 
 def _transfer(spec, name, backbone, with_tokens, device, log) -> Transfer:

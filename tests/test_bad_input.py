@@ -62,6 +62,10 @@ CASES = [
     # methods and their options
     (["run", "--methods", "fedpgb"], "unknown method 'fedpgb'"),
     (["run", "--methods", ""], "method list is empty"),
+    (
+        ["run", "--methods", "promptfl", "--ctx-init", "a photo of a"],
+        "--ctx-init 'a photo of a' is 4 tokens but --n-ctx is 16: give --n-ctx 4",
+    ),
     (["run", "--methods", "coop,coop"], "listed twice"),
     (["run", "--methods", "coop@nosuch"], "unknown scheme 'nosuch'"),
     (["run", "--methods", "zeroshot@fedavg"], "nothing to train"),

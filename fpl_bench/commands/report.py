@@ -64,7 +64,8 @@ def leaderboard(
             f"left out {written.superseded} run(s) of older configurations "
             "(each cell shows its latest config_hash)"
         )
-    for path in (written.markdown, written.csv, written.html, *written.pngs):
+    files = [written.markdown, written.csv, written.facts, written.html, *written.pngs]
+    for path in (p for p in files if p is not None):
         typer.echo(f"wrote {path}")
 
 
@@ -125,6 +126,7 @@ def regress(
         Thresholds,
         compare,
         deltas_markdown,
+        fact_lines,
         read_leaderboard,
         regression_lines,
         select_cells,
@@ -150,13 +152,17 @@ def regress(
         baseline_name=str(baseline),
         how_to_run=suite_hint(baseline),
     )
+    lost = fact_lines(base, current)
     text = deltas_markdown(deltas, thresholds, f"Regression check against {baseline}")
+    if lost:
+        text += "\nFacts that held in the baseline and no longer hold:\n\n"
+        text += "".join(f"- {line}\n" for line in lost)
     path = Path(out or runs) / "regression.md"
     write_text(path, text)
     typer.echo(text)
     typer.echo(f"wrote {path}")
     typer.echo(summary_line(deltas), err=True)
-    bad = regression_lines(deltas)
+    bad = regression_lines(deltas) + lost
     if bad:
         typer.echo(f"{len(bad)} regression(s):", err=True)
         for line in bad:

@@ -16,6 +16,7 @@ import pandas as pd
 
 from fpl_bench.errors import UsageError
 from fpl_bench.io import write_atomic
+from fpl_bench.report.facts import facts, facts_html, facts_markdown
 from fpl_bench.report.html import leaderboard_html
 from fpl_bench.report.leaderboard import cell_tables, summarize, table_groups
 from fpl_bench.report.markdown import leaderboard_markdown, section_title
@@ -34,6 +35,7 @@ class Written:
     markdown: Path
     csv: Path
     html: Path
+    facts: Path | None = None
     pngs: list[Path] = field(default_factory=list)
     superseded: int = 0
 
@@ -103,10 +105,16 @@ def write_leaderboard(
         html=out / f"{name}.html",
         superseded=len(superseded_configs(records)),
     )
-    write_text(written.markdown, leaderboard_markdown(tables, heading, source))
+    found = facts(leaderboard)
+    write_text(
+        written.markdown, leaderboard_markdown(tables, heading, source, facts_markdown(found))
+    )
+    if not found.empty:
+        written.facts = out / f"{name}-facts.csv"
+        write_atomic(written.facts, lambda tmp: found.to_csv(tmp, index=False))
     rounded = leaderboard.round({"mean": CSV_DECIMALS, "std": CSV_DECIMALS, "paper": CSV_DECIMALS})
     write_atomic(written.csv, lambda tmp: rounded.to_csv(tmp, index=False))
-    write_text(written.html, leaderboard_html(tables, plots, heading, source))
+    write_text(written.html, leaderboard_html(tables, plots, heading, source, facts_html(found)))
     if png:
         for files in plots.values():
             for file_name, data in files.items():

@@ -79,6 +79,7 @@ def leaderboard_html(
     plots: dict[tuple[str, str, str], dict[str, bytes]],
     title: str,
     source: str,
+    closing: str = "",
 ) -> str:
     """The page: title, source, legend, then per (dataset, protocol, trust) its tables and
     figures (`plots` keyed by that triple, file name -> PNG bytes)."""
@@ -102,5 +103,7 @@ def leaderboard_html(
         parts.append(table_html(table))
     if section is not None:
         parts += [figure_html(n, p) for n, p in plots.get(section, {}).items()]
+    if closing:
+        parts.append(closing)
     parts.append("</body></html>")
     return "\n".join(parts) + "\n"

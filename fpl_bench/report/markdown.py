@@ -53,8 +53,11 @@ def table_markdown(table: CellTable) -> str:
     return "\n".join(lines)
 
 
-def leaderboard_markdown(tables: list[CellTable], title: str, source: str) -> str:
-    """The whole document: title, source, legend, then sections of tables."""
+def leaderboard_markdown(
+    tables: list[CellTable], title: str, source: str, closing: str = ""
+) -> str:
+    """The whole document: title, source, legend, sections of tables, then `closing` (the
+    facts section)."""
     parts = [f"# {title}", "", *([f"Runs: `{source}`.", ""] if source else []), LEGEND, ""]
     section = None
     for table in tables:
@@ -63,4 +66,6 @@ def leaderboard_markdown(tables: list[CellTable], title: str, source: str) -> st
             section = key
             parts += [f"## {section_title(*key)}", "", f"Setup: {table.config}.", ""]
         parts += [f"### {table_title(table)}", "", table_markdown(table), ""]
+    if closing:
+        parts += [closing]
     return "\n".join(parts)

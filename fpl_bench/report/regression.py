@@ -92,7 +92,8 @@ def read_leaderboard(path: Path | str) -> pd.DataFrame:
     frame["eps"] = frame["eps"].map(normalize_eps)
     for column in ("mean", "std"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
-    frame["config_hash"] = frame["config_hash"].astype(str)
+    for column in ("config_hash", "setup_hash"):
+        frame[column] = frame[column].astype(str)
     return frame
 
 
@@ -231,6 +232,27 @@ def compare(
             }
         )
     return pd.DataFrame(rows, columns=list(DELTA_COLUMNS))
+
+
+def matched_runs(baseline: pd.DataFrame, current: pd.DataFrame) -> pd.DataFrame:
+    """The rows of `current` (a leaderboard) that are cells of the baseline in the baseline's
+    configuration: what the baseline's facts are checked against."""
+    keys = baseline[list(COMPARE_KEY)].astype(str).drop_duplicates()
+    current = current.assign(config_hash=current["config_hash"].astype(str))
+    return current.merge(keys, on=list(COMPARE_KEY), how="inner")
+
+
+def fact_lines(baseline: pd.DataFrame, current: pd.DataFrame) -> list[str]:
+    """One line per fact (report/facts.py) that holds in the baseline and no longer holds in
+    the runs of its configurations."""
+    from fpl_bench.report.facts import facts, lost_facts, table_name
+
+    lost = lost_facts(facts(baseline), facts(matched_runs(baseline, current)))
+    return [
+        f"fact {row['fact']} ({table_name(row)}) held in the baseline and no longer holds: "
+        f"{row['numbers_c']}"
+        for _, row in lost.iterrows()
+    ]
 
 
 def regressions(deltas: pd.DataFrame) -> pd.DataFrame:

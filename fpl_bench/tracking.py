@@ -29,6 +29,20 @@ def tracking_uri(out_dir: Path) -> str:
     )
 
 
+def sqlite_file(uri: str) -> Path | None:
+    """The database file of a `sqlite:///PATH` URI (absolute), None for any other store.
+
+    >>> str(sqlite_file("sqlite:////tmp/runs/mlflow.db"))
+    '/tmp/runs/mlflow.db'
+    >>> sqlite_file("http://localhost:5000") is None
+    True
+    """
+    prefix = "sqlite:///"
+    if not uri.startswith(prefix):
+        return None
+    return Path(uri[len(prefix) :]).expanduser().resolve()
+
+
 def _finite(metrics: Mapping[str, float]) -> dict[str, float]:
     return {k: float(v) for k, v in metrics.items() if v is not None and not math.isnan(float(v))}
 
@@ -45,22 +59,22 @@ class Tracker:
 
         self.uri = tracking_uri(out_dir)
         self.out_dir = Path(out_dir)
-        # Tracking in the output folder keeps the artifacts there too, as plain files under
-        # OUT/mlartifacts/<run id>/artifacts/ (the experiment's artifact location; a run tag
-        # names the folder relative to OUT, so a moved or copied folder can still be read). A
-        # tracking server keeps them in its own artifact store.
-        self.local = "MLFLOW_TRACKING_URI" not in os.environ
+        # A SQLite store keeps the artifacts beside its database, as plain files under
+        # <db folder>/mlartifacts/<run id>/artifacts/ (the experiment's artifact location): for
+        # the default OUT/mlflow.db that is OUT/mlartifacts, and a run tag names the folder
+        # relative to OUT, so a moved or copied folder can still be read. A tracking server
+        # keeps them in its own artifact store.
+        database = sqlite_file(self.uri)
+        self.local = database is not None
         self.client = MlflowClient(tracking_uri=self.uri)
         found = self.client.get_experiment_by_name(experiment)
         if found:
             self.experiment_id = found.experiment_id
         else:
-            local = (
-                None
-                if "MLFLOW_TRACKING_URI" in os.environ
-                else ((Path(out_dir).resolve() / "mlartifacts").as_uri())
+            location = None if database is None else (database.parent / "mlartifacts").as_uri()
+            self.experiment_id = self.client.create_experiment(
+                experiment, artifact_location=location
             )
-            self.experiment_id = self.client.create_experiment(experiment, artifact_location=local)
 
     def start(self, name: str, params: Mapping[str, Any], tags: Mapping[str, str]) -> str:
         from mlflow.entities import Param

@@ -283,3 +283,26 @@ def test_eval_refuses_prompts_of_another_shape(small_job, tmp_path, monkeypatch,
     )
     code, _, err = eval_prompts(small_job, path, monkeypatch, capsys)
     assert code == 2 and "server/prompt" in err and len(err.strip().splitlines()) == 1, err
+
+
+def test_a_sqlite_tracking_uri_keeps_artifacts_beside_its_database(tmp_path, monkeypatch):
+    """MLFLOW_TRACKING_URI=sqlite:///DB: artifacts under DB's folder, none in the working
+    directory (MLflow's default ./mlruns)."""
+    from mlflow.tracking import MlflowClient
+
+    store = tmp_path / "store"
+    store.mkdir()
+    uri = f"sqlite:///{store / 'tracking.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    workdir = tmp_path / "cwd"
+    workdir.mkdir()
+    monkeypatch.chdir(workdir)
+    args = ["run", "--methods", "zeroshot", "--clients", "2", "--shots", "2"]
+    args += ["--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path / "cache")]
+    assert run_main(args, monkeypatch) == 0
+    run_id = pd.read_csv(tmp_path / "out" / "results.csv").mlflow_run_id.iloc[0]
+    client = MlflowClient(tracking_uri=uri)
+    assert client.get_run(run_id).info.artifact_uri.startswith(f"file://{store}/mlartifacts/")
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"prompts.safetensors"}
+    assert (store / "mlartifacts" / run_id / "artifacts" / "partition.json").is_file()
+    assert list(workdir.iterdir()) == []

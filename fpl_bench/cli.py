@@ -420,6 +420,14 @@ def run(
         f"; DP with {spec.trust} trust" if with_privacy else ""
     )
     console.print(title, highlight=False, markup=False)
+    console.print(
+        f"{spec.rounds} rounds x {spec.local_epochs} local epochs, batch {spec.batch_size}, "
+        f"lr {spec.lr:g}{' (tuned rows: their studies)' if tuned else ''}, {spec.clients} "
+        f"clients, {spec.shots} shots, backbone {spec.backbone}",
+        highlight=False,
+        markup=False,
+        soft_wrap=True,
+    )
     for table in format_table(frame, list(PROTOCOL_METRICS[spec.protocol]), with_privacy):
         console.print(table)
     console.print(

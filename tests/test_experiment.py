@@ -306,3 +306,12 @@ def test_a_sqlite_tracking_uri_keeps_artifacts_beside_its_database(tmp_path, mon
     assert {a.path for a in client.list_artifacts(run_id)} >= {"prompts.safetensors"}
     assert (store / "mlartifacts" / run_id / "artifacts" / "partition.json").is_file()
     assert list(workdir.iterdir()) == []
+
+
+def test_the_printed_table_says_the_configuration(tmp_path, capsys, monkeypatch):
+    args = ["run", "--methods", "zeroshot", "--clients", "2", "--shots", "2", "--rounds", "3"]
+    args += ["--lr", "0.01", "--out", str(tmp_path / "out"), "--cache-dir", str(tmp_path)]
+    assert run_main(args, monkeypatch) == 0
+    out = capsys.readouterr().out
+    line = "3 rounds x 2 local epochs, batch 32, lr 0.01, 2 clients, 2 shots, backbone fpl-tiny-vit"
+    assert line in out.splitlines()

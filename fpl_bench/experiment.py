@@ -627,6 +627,7 @@ def run_one(
         "setup_hash": setup_hash(spec),
         "prompts": prompts_file,
         "tuned": spec.tuned,
+        "secure_noise": spec.secure_noise,
         "wall_s": round(wall, 2),
         **provenance(),
         "mlflow_run_id": run_id,

@@ -161,6 +161,7 @@ def test_results_record_the_configuration(small_job):
     assert (frame.batch_size == 32).all() and (frame.lr == 0.005).all()
     assert (frame.shots == 4).all() and (frame.clients == 4).all()
     assert (frame.backbone == "fpl-tiny-vit").all()
+    assert not frame.secure_noise.any()  # seeded noise: regenerable from the recorded seed
     # one setup for the whole job; one configuration per method
     assert frame.setup_hash.nunique() == 1
     assert frame.groupby("method").config_hash.nunique().eq(1).all()

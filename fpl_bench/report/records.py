@@ -75,6 +75,7 @@ OTHER_COLUMNS: tuple[str, ...] = (
     *CONFIG_COLUMNS,
     "prompts",
     "tuned",
+    "secure_noise",
     "wall_s",
     "version",
     "commit",
@@ -194,7 +195,8 @@ def normalize_records(frame: pd.DataFrame) -> pd.DataFrame:
         out[column] = out[column].fillna("").astype(str)
     for column in ("status", "trust"):
         out[column] = out[column].fillna("").astype(str).str.strip().str.lower()
-    out["tuned"] = out["tuned"].map(_to_bool).astype(bool)
+    for column in ("tuned", "secure_noise"):
+        out[column] = out[column].map(_to_bool).astype(bool)
     for column in NUMERIC_COLUMNS:
         out[column] = pd.to_numeric(out[column], errors="coerce").astype(float)
     for column in INTEGER_COLUMNS:
@@ -202,10 +204,30 @@ def normalize_records(frame: pd.DataFrame) -> pd.DataFrame:
     return out
 
 
+# Columns added after records were first written, with the value an older record has: a
+# results.csv or tracking store from before them still reads (its rows form a setup of their
+# own, with unknown key fields), instead of being refused.
+LATER_COLUMNS: dict[str, Any] = {
+    "local_epochs": math.nan,
+    "batch_size": math.nan,
+    "lr": math.nan,
+    "backbone": "",
+    "setup_hash": "",
+    "prompts": "",
+    "secure_noise": False,
+}
+
+
 def missing_columns(columns: Any) -> list[str]:
-    """The `RESULT_COLUMNS` not in `columns`, in schema order."""
+    """The `RESULT_COLUMNS` not in `columns` (and not `LATER_COLUMNS`), in schema order."""
     present = set(columns)
-    return [c for c in RESULT_COLUMNS if c not in present]
+    return [c for c in RESULT_COLUMNS if c not in present and c not in LATER_COLUMNS]
+
+
+def with_later_columns(frame: pd.DataFrame) -> pd.DataFrame:
+    """`frame` with each missing `LATER_COLUMNS` column at its older records' value."""
+    missing = {c: v for c, v in LATER_COLUMNS.items() if c not in frame.columns}
+    return frame.assign(**missing) if missing else frame
 
 
 def check_values(frame: pd.DataFrame, source: str) -> None:
@@ -251,7 +273,7 @@ def read_results(path: Path | str) -> pd.DataFrame:
             f"{path} does not have the results columns: missing {', '.join(missing)} "
             "(written by an older fpl-bench? rerun `fpl-bench run`)"
         )
-    frame = normalize_records(frame)
+    frame = normalize_records(with_later_columns(frame))
     check_values(frame, str(path))
     return order_columns(frame)
 

@@ -34,6 +34,7 @@ from fpl_bench.report.records import (
     normalize_records,
     order_columns,
     read_results,
+    with_later_columns,
 )
 
 RESULTS_FILE = "results.csv"
@@ -212,7 +213,7 @@ def load_tracking(uri: str, experiment: str | None = None) -> pd.DataFrame:
             f"--tracking-uri {uri}: runs lack the results columns {', '.join(missing)} "
             "(logged by an older fpl-bench?)"
         )
-    frame = normalize_records(frame)
+    frame = normalize_records(with_later_columns(frame))
     check_values(frame, uri)
     return order_columns(frame)
 

@@ -130,3 +130,14 @@ def test_module_examples_hold():
 
     for module in (records, paper):
         assert doctest.testmod(module).failed == 0
+
+
+def test_records_written_before_the_later_columns_still_read(tmp_path):
+    from fpl_bench.report.records import LATER_COLUMNS
+    from tests.report.conftest import make_records
+
+    old = make_records().drop(columns=list(LATER_COLUMNS))
+    old.to_csv(tmp_path / "results.csv", index=False)
+    frame = read_results(tmp_path / "results.csv")
+    assert len(frame) == 12 and not frame["secure_noise"].any()
+    assert (frame["backbone"] == "").all() and frame["lr"].isna().all()

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 from fpl_bench.bench import Config, Sizes, bench_backbone, build_run
 from fpl_bench.method import method_from_name
-from fpl_bench.privacy.per_sample import per_sample_grads
+from fpl_bench.privacy.per_sample import step_gradients
 from fpl_bench.prompt import TextTower
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
@@ -75,12 +75,13 @@ def check_tower_and_gradients() -> None:
             logits = scale * F.normalize(x, dim=-1) @ z.T
             return F.cross_entropy(logits.unsqueeze(0), y.unsqueeze(0))
 
-        grads[k], _ = per_sample_grads(
+        grads[k] = step_gradients(
             lambda p, tw=tw: tw.encode(p["ctx"]),
             loss,
             {"ctx": ctx.to(dev)},
             (images.to(dev), labels.to(dev)),
-        )
+            per_sample=True,
+        ).data
     check(
         "per-sample grads cuda fp32 vs cpu fp32",
         rel(grads["cuda32"]["ctx"], grads["cpu32"]["ctx"]),

@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fpl_bench.backbone import EMBEDDED, Backbone, load_backbone
-from fpl_bench.compute import busy_cores_elsewhere, fast_precision, retain_freed_memory
+from fpl_bench.compute import busy_cores_elsewhere, fast_precision
 from fpl_bench.data.partition import ClientSplit
 from fpl_bench.data.synthetic import CLASSNAMES
 from fpl_bench.driver import Compute, FeatureSet, FederatedRun, Federation, NoisePlan, Schedule
@@ -447,8 +447,6 @@ def run_bench(
 ) -> list[Record]:
     """Every backbone x method x eps x clients x config (a list, or a function of eps); logs
     each record as it is measured."""
-    if device.type == "cpu":
-        retain_freed_memory()
     records: list[Record] = []
     for name in backbones:
         backbone = bench_backbone(name, device)

@@ -15,12 +15,24 @@ type: bool, int, float or str) and optional bounds (`min`, `max` inclusive; `gt`
 pair (`kgcoop@fedavg`), plus `--param` overrides into a `MethodChoice` of plain checked values.
 This module imports no torch: a bad option is refused in well under a second, before any data
 or model is loaded.
+
+Beyond the shipped cards:
+- a preset card file (`--methods path/to/mine.toml`, alone or in a list with names, or in a
+  suite's grid) is validated like a shipped preset and joins this process's presets under its
+  name (`add_preset_card`), which labels its rows; it may not take a shipped preset's name.
+- learners and schemes of other installed packages (entry points, `fpl_bench/registry.py`)
+  bring their cards with them: the class's `card` attribute, a TOML file beside its module or
+  a `ComponentCard`; they join `learner_cards()` / `scheme_cards()` and so `fpl-bench methods
+  --all` and `--methods NAME@SCHEME`. (Torch is imported then: the plugin's module needs it.)
 """
 
 from __future__ import annotations
 
+import dataclasses
+import inspect
 import math
 import tomllib
+from collections.abc import Iterable
 from functools import cache
 from pathlib import Path
 from typing import Any
@@ -28,6 +40,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
 
 from fpl_bench.cards import cards_root
+from fpl_bench.data.catalog import card_path, check_card_name
 from fpl_bench.errors import UsageError
 
 # Run settings a method's search space may tune besides its learner/scheme options.
@@ -169,30 +182,120 @@ def _folder(*parts: str) -> Path:
 
 
 @cache
+def _shipped(folder: str) -> dict[str, ComponentCard]:
+    return {p.stem: _read(p, ComponentCard) for p in sorted(_folder(folder).glob("*.toml"))}
+
+
 def learner_cards() -> dict[str, ComponentCard]:
-    return {p.stem: _read(p, ComponentCard) for p in sorted(_folder("learners").glob("*.toml"))}
+    """The shipped learner cards, then those of plugin learners."""
+    return {**_shipped("learners"), **_plugin_cards("learners")}
 
 
-@cache
 def scheme_cards() -> dict[str, ComponentCard]:
-    return {p.stem: _read(p, ComponentCard) for p in sorted(_folder("schemes").glob("*.toml"))}
+    """The shipped scheme cards, then those of plugin schemes."""
+    return {**_shipped("schemes"), **_plugin_cards("schemes")}
+
+
+def _plugin_cards(folder: str) -> dict[str, ComponentCard]:
+    if folder == "learners":
+        from fpl_bench.learners import LEARNERS as registry
+    else:
+        from fpl_bench.schemes import SCHEMES as registry
+    return {name: _plugin_card(registry.kind, cls) for name, cls in registry.plugins().items()}
 
 
 @cache
-def preset_cards() -> dict[str, PresetCard]:
-    cards = {p.stem: _read(p, PresetCard) for p in sorted(_folder().glob("*.toml"))}
+def _plugin_card(kind: str, cls: type) -> ComponentCard:
+    """The card a plugin class gives in its `card` attribute: a TOML file (a relative path is
+    beside the class's module) or a `ComponentCard`, validated like a shipped card; its name
+    must be the plugin's and its options the class's dataclass fields."""
+    name = getattr(cls, "name", "?")
+    where = f"plugin {kind} {name!r} ({cls.__module__}.{cls.__qualname__})"
+    given = getattr(cls, "card", None)
+    if isinstance(given, ComponentCard):
+        card = given
+    elif isinstance(given, str | Path):
+        path = Path(given)
+        if not path.is_absolute():
+            path = Path(inspect.getfile(cls)).parent / path
+        card = read_toml_model(path, ComponentCard, what=f"card of {where}")
+    else:
+        raise UsageError(
+            f"{where} has no card: give its class a `card` attribute, the path of a TOML card "
+            "beside its module or a fpl_bench.catalog.ComponentCard"
+        )
+    if card.name != name:
+        raise UsageError(f"{where}: its card is named {card.name!r}; name it {name!r}")
+    if dataclasses.is_dataclass(cls):
+        fields = {f.name for f in dataclasses.fields(cls)}
+        if fields != set(card.options):
+            raise UsageError(
+                f"{where}: its card's options ({', '.join(card.options) or 'none'}) are not its "
+                f"dataclass fields ({', '.join(sorted(fields)) or 'none'})"
+            )
+    return card
+
+
+def _check_preset(card: PresetCard, where: Path) -> None:
+    """A preset's learner, scheme, option values and search keys exist (UsageError if not)."""
     learners, schemes = learner_cards(), scheme_cards()
-    for card in cards.values():
-        where = cards_root() / "methods" / f"{card.name}.toml"
-        if card.learner not in learners:
-            raise UsageError(f"bad card {where}: unknown learner {card.learner!r}")
-        if card.scheme not in schemes:
-            raise UsageError(f"bad card {where}: unknown scheme {card.scheme!r}")
+    if card.learner not in learners:
+        known = ", ".join(learners)
+        raise UsageError(f"bad card {where}: unknown learner {card.learner!r}; known: {known}")
+    if card.scheme not in schemes:
+        known = ", ".join(schemes)
+        raise UsageError(f"bad card {where}: unknown scheme {card.scheme!r}; known: {known}")
+    try:
         _check_options(learners[card.learner], card.learner_options, f"{card.name}.learner")
         _check_options(schemes[card.scheme], card.scheme_options, f"{card.name}.scheme")
-        for key in card.search:
-            _search_target(card, key)
+    except UsageError as err:
+        raise UsageError(f"bad card {where}: {err}") from None
+    for key in card.search:
+        _search_target(card, key, where)
+
+
+@cache
+def _shipped_presets() -> dict[str, PresetCard]:
+    cards = {p.stem: _read(p, PresetCard) for p in sorted(_folder().glob("*.toml"))}
+    for card in cards.values():
+        _check_preset(card, cards_root() / "methods" / f"{card.name}.toml")
     return cards
+
+
+# Preset cards read from a path in this process: name -> (resolved file, card).
+_ADDED: dict[str, tuple[Path, PresetCard]] = {}
+
+
+def preset_cards() -> dict[str, PresetCard]:
+    """The shipped presets, then the preset card files read in this process."""
+    return {**_shipped_presets(), **{name: card for name, (_, card) in _ADDED.items()}}
+
+
+def add_preset_card(path: str | Path) -> str:
+    """Read the preset card file `path` (validated like a shipped preset: fields, learner,
+    scheme, option values, search keys) into this process's presets; returns its name, the
+    label of its rows. A name of a shipped preset, or of another file's card, is refused."""
+    path = Path(path).expanduser().resolve()
+    for name, (file, _) in _ADDED.items():
+        if file == path:  # read once per process, as the shipped cards are
+            return name
+    if not path.is_file():
+        why = "a folder, not a card file" if path.is_dir() else "no such file"
+        raise UsageError(f"method card {path}: {why}")
+    card = read_toml_model(path, PresetCard, what="card")
+    shipped = [*_shipped_presets(), "all"]  # `--methods all` means every shipped preset
+    check_card_name(card.name, path, shipped=shipped, added=_ADDED, what="method")
+    _check_preset(card, path)
+    _ADDED[card.name] = (path, card)
+    return card.name
+
+
+def remember_cards(choices: Iterable[MethodChoice]) -> None:
+    """Read again the card files of resolved methods (a worker process gets the job's
+    choices, not its command line), so their names resolve here too."""
+    for choice in choices:
+        if choice.card is not None:
+            add_preset_card(choice.card)
 
 
 # The order the benchmark reports presets in (others follow alphabetically).
@@ -201,8 +304,9 @@ PRESET_ORDER += ("fedpgp", "dpfpl")
 
 
 def list_presets() -> list[str]:
+    """The shipped presets, in report order (`--methods all`)."""
     order = {name: i for i, name in enumerate(PRESET_ORDER)}
-    return sorted(preset_cards(), key=lambda n: (order.get(n, len(order)), n))
+    return sorted(_shipped_presets(), key=lambda n: (order.get(n, len(order)), n))
 
 
 def _check_options(card: ComponentCard, values: dict[str, Any], where: str) -> dict[str, Any]:
@@ -215,7 +319,7 @@ def _check_options(card: ComponentCard, values: dict[str, Any], where: str) -> d
     return out
 
 
-def _search_target(card: PresetCard, key: str) -> tuple[str, str]:
+def _search_target(card: PresetCard, key: str, where: Path) -> tuple[str, str]:
     """('run'|'learner'|'scheme', option) a search-space key tunes; UsageError if unknown."""
     if key in RUN_SEARCH_KEYS:
         return "run", key
@@ -224,7 +328,7 @@ def _search_target(card: PresetCard, key: str) -> tuple[str, str]:
     if part in components and option in components[part].options:
         return part, option
     raise UsageError(
-        f"bad card methods/{card.name}.toml: search key {key!r} is neither a run setting "
+        f"bad card {where}: search key {key!r} is neither a run setting "
         f"({', '.join(RUN_SEARCH_KEYS)}) nor learner.OPTION / scheme.OPTION of its components"
     )
 
@@ -233,12 +337,13 @@ class MethodChoice(BaseModel):
     """One method of a job, resolved: its label, its learner and scheme with checked options."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    label: str  # preset name, or "learner@scheme"
+    label: str  # preset name (a card file's: its name), or "learner@scheme"
     learner: str
     scheme: str
     learner_options: dict[str, Any]
     scheme_options: dict[str, Any]
     preset: str | None = None
+    card: str | None = None  # the file of a preset read from a path (not in the config hash)
 
     def options(self) -> dict[str, Any]:
         """Flat {learner.X: .., scheme.Y: ..} for records."""
@@ -249,8 +354,10 @@ class MethodChoice(BaseModel):
 
 
 def method_names(text: str) -> list[str]:
-    """'all' -> every preset; else the comma list, each a preset or a learner@scheme pair."""
-    words = [w.strip().lower() for w in text.split(",") if w.strip()]
+    """'all' -> every preset; else the comma list, each a preset, a learner@scheme pair or a
+    preset card file (PATH.toml: read here, and listed by its card's name)."""
+    words = [w.strip() for w in text.split(",") if w.strip()]
+    words = [w.lower() if card_path(w) is None else add_preset_card(w) for w in words]
     if not words:
         raise UsageError("the method list is empty; e.g. all, or coop,dpfpl, or kgcoop@fedavg")
     if words == ["all"]:
@@ -269,6 +376,8 @@ def method_names(text: str) -> list[str]:
 def resolve_method(name: str, overrides: dict[str, Any] | None = None) -> MethodChoice:
     """A preset name or a `learner@scheme` pair, with `overrides` {option or learner.option or
     scheme.option: value} over the cards' values; every value is type- and range-checked."""
+    if card_path(name) is not None:
+        name = add_preset_card(name)
     learners, schemes, presets = learner_cards(), scheme_cards(), preset_cards()
     if "@" in name:
         learner, _, scheme = name.partition("@")
@@ -321,6 +430,7 @@ def resolve_method(name: str, overrides: dict[str, Any] | None = None) -> Method
         learner_options=learner_options,
         scheme_options=scheme_options,
         preset=preset,
+        card=str(_ADDED[name][0]) if preset in _ADDED else None,
     )
 
 
@@ -363,8 +473,9 @@ def describe_method(name: str) -> list[str]:
     """What `fpl-bench methods NAME` prints for a preset or a `learner@scheme` pair: its
     learner and scheme, every option `--param NAME.OPTION=VALUE` accepts (type, default, bounds,
     help), its search space, paper, reference code and notes. UsageError for an unknown name."""
-    name = name.strip().lower()
+    name = name.strip() if card_path(name.strip()) else name.strip().lower()
     choice = resolve_method(name)  # an unknown name: one line listing the known ones
+    name = choice.label
     learner, scheme = learner_cards()[choice.learner], scheme_cards()[choice.scheme]
     preset = preset_cards().get(choice.preset) if choice.preset else None
     summary = preset.summary if preset else f"{learner.name} learner under the {scheme.name} scheme"
@@ -402,7 +513,7 @@ def describe_method(name: str) -> list[str]:
     if preset is None:
         lines.append("  none: only a preset card has a [search] table")
     elif not preset.search:
-        lines.append(f"  none: methods/{name}.toml has no [search] table")
+        lines.append(f"  none: {choice.card or f'methods/{name}.toml'} has no [search] table")
     width = max((len(key) for key in preset.search), default=0) if preset else 0
     for key, space in (preset.search if preset else {}).items():
         lines.append(f"  {key:{width}s}  {_search_text(space)}")

@@ -126,8 +126,9 @@ def run(
     methods: Annotated[
         str | None,
         typer.Option(
-            help="Comma list of methods (presets, or LEARNER@SCHEME pairs), or 'all' (the "
-            "default); see `fpl-bench methods --all`. With --suite: only these of its cells."
+            help="Comma list of methods (presets, LEARNER@SCHEME pairs, or preset card files "
+            "PATH.toml), or 'all' (the default); see `fpl-bench methods --all`. With --suite: "
+            "only these of its cells."
         ),
     ] = None,
     eps: Annotated[
@@ -145,7 +146,8 @@ def run(
         str, typer.Option(help="Noise calibration: rdp, prv, or paper (DP-FPL closed form).")
     ] = _default("accountant"),
     dataset: Annotated[
-        str, typer.Option(help="Dataset card name (see `fpl-bench datasets`).")
+        str,
+        typer.Option(help="Dataset card name (see `fpl-bench datasets`) or card file PATH.toml."),
     ] = _default("dataset"),
     data_root: DataRoot = None,
     dataset_option: Annotated[
@@ -694,8 +696,9 @@ def datasets_cmd() -> None:
 
     cards = dataset_cards()
     width = max(map(len, cards))
+    kinds = max(len(card.kind) for card in cards.values()) + 2
     for name, card in cards.items():
-        typer.echo(f"{name:{width}s} {'[' + card.kind + ']':11s} {card.summary}")
+        typer.echo(f"{name:{width}s} {'[' + card.kind + ']':{kinds}s} {card.summary}")
 
 
 @app.command("pretrain-tiny")
@@ -747,9 +750,13 @@ def _terminate(signum: int, frame: Any) -> None:
 
 
 def main() -> None:
-    """Console entry point: one-line errors with exit code 2 for bad input."""
+    """Console entry point: one-line errors with exit code 2 for bad input. The process's
+    settings (fpl_bench/process.py) are made first, before any command imports torch."""
     import signal
 
+    from fpl_bench.process import configure_process
+
+    configure_process()
     signal.signal(signal.SIGTERM, _terminate)
     try:
         result = app(standalone_mode=False)

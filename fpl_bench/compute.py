@@ -13,9 +13,10 @@ Both are choices of how to compute, never of what: bf16 changes results by round
   on two cores: a private step took 27x longer on 2 threads than on 1). So a step gets more
   than one thread only when its work is large AND cores are idle, counting the cores that other
   processes keep busy at the moment the run starts. Other jobs that start later can still
-  collide with a second thread; OMP_WAIT_POLICY=PASSIVE (set before torch is imported) turns
-  that collision from 27x slower into ~1.1x (measured: 144 vs 131 ms per private step on 2
-  threads vs 1 with both cores busy elsewhere), so the package sets it by default.
+  collide with a second thread; OMP_WAIT_POLICY=PASSIVE (idle threads sleep instead of
+  spinning) turns that collision from 27x slower into ~1.1x (measured: 144 vs 131 ms per
+  private step on 2 threads vs 1 with both cores busy elsewhere). The command line and the
+  worker processes set it (fpl_bench/process.py); importing the package does not.
 """
 
 from __future__ import annotations
@@ -54,34 +55,6 @@ def per_sample_backward() -> Iterator[None]:
 def per_sample_backward_ahead() -> bool:
     """Whether the current forward is under `per_sample_backward`."""
     return _PER_SAMPLE_BACKWARD.get()
-
-
-_M_TRIM_THRESHOLD, _M_TOP_PAD, _M_MMAP_THRESHOLD = -1, -2, -3  # glibc's mallopt parameters
-
-
-def retain_freed_memory() -> bool:
-    """On glibc, serve allocations below 1 GiB from the heap and keep what is freed (mallopt
-    M_MMAP_THRESHOLD 1 GiB, M_TRIM_THRESHOLD 2 GiB, M_TOP_PAD 64 MiB). By default every
-    tensor above a few MB is a fresh mmap whose pages fault in on first touch and go back to
-    the kernel on free: a private step's backward (coop, B = 32) took ~1600 page faults each
-    time on this machine, 10-15% of its time; with this, none after the first step. The
-    process keeps its peak heap instead of returning it. False where it does not apply."""
-    import ctypes
-    import ctypes.util
-    import platform
-
-    if platform.system() != "Linux" or platform.libc_ver()[0] != "glibc":
-        return False
-    try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        settings = (
-            (_M_MMAP_THRESHOLD, 1 << 30),
-            (_M_TRIM_THRESHOLD, 1 << 31),
-            (_M_TOP_PAD, 64 << 20),
-        )
-        return all(libc.mallopt(param, value) == 1 for param, value in settings)
-    except (OSError, AttributeError):
-        return False
 
 
 def wide(x: torch.Tensor) -> torch.Tensor:

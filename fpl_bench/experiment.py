@@ -33,7 +33,6 @@ from fpl_bench.compute import (
     busy_cores_elsewhere,
     pick_threads,
     resolve_precision,
-    retain_freed_memory,
     usable_cores,
 )
 from fpl_bench.data.partition import ClientSplit, few_shot, make_partitioner
@@ -156,10 +155,8 @@ def build_methods(spec: ExperimentSpec) -> list[Method]:
 def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepared:
     device = resolve_device(spec.device)
     use_calibration_cache(Path(spec.cache_dir) / "noise")
-    if device.type == "cpu":
-        retain_freed_memory()
     with_tokens = any(LEARNERS.get(m.learner).needs_tokens for m in spec.methods)
-    card = dataset_card(spec.dataset)
+    card = dataset_card(spec.dataset_source())
     for name in spec.transfer_datasets:  # an unknown name is refused before any encoding
         dataset_card(name)
     backbone = load_backbone(
@@ -377,8 +374,14 @@ def run_config(spec: ExperimentSpec, choice: MethodChoice) -> dict[str, Any]:
             "precision",
             "resume",
             "tuned_from",
+            "dataset_card",
         },
     )
+    if spec.dataset_card is not None:  # a card of one's own: its content, and where it lies
+        card = dataset_card(spec.dataset_source())
+        blob = card.model_dump_json().encode()
+        cfg["dataset_card_sha256"] = hashlib.sha256(blob).hexdigest()[:16]
+        cfg["dataset_card"] = str(spec.dataset_card)
     cfg.update({"method": choice.label, "learner": choice.learner, "scheme": choice.scheme})
     cfg.update(choice.options())
     return cfg
@@ -431,8 +434,14 @@ def _finished_row(previous: pd.DataFrame | None, key: dict[str, Any]) -> dict | 
     return None if rows.empty else rows.iloc[-1].to_dict()
 
 
+# Where a configuration's files lie, recorded so it can be run again but not hashed: the same
+# card moved elsewhere is the same configuration (its content is hashed).
+UNHASHED_KEYS: tuple[str, ...] = ("dataset_card",)
+
+
 def config_hash(config: dict[str, Any]) -> str:
-    blob = json.dumps(config, sort_keys=True, default=str)
+    hashed = {k: v for k, v in config.items() if k not in UNHASHED_KEYS}
+    blob = json.dumps(hashed, sort_keys=True, default=str)
     return hashlib.sha256(blob.encode()).hexdigest()[:12]
 
 

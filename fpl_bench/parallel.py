@@ -23,6 +23,10 @@ it that starts running within a second or two (`fpl-bench tune --workers` starts
 the same way). The fork server is a fresh interpreter: nothing of the parent's state, threads
 or open files reaches a worker, which takes the parent's environment and working directory at
 the job's start (`adopt_parent`); where there is no forkserver method, workers are spawned.
+Process settings (fpl_bench/process.py) are the workers' own: the fork server inherits
+`process.ENVIRONMENT` (OpenMP reads it when the server imports torch), which the parent's
+os.environ holds, where unset, only while the server starts; each worker calls
+`configure_process` at its start.
 Every run is seeded by its own (seed, round, client, step) streams, so the rows are the same
 whichever worker runs them, and the same as in one process (tests/test_parallel.py).
 
@@ -43,8 +47,11 @@ import sys
 import threading
 import time
 import traceback
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from contextlib import contextmanager
 from typing import Any
+
+from fpl_bench.process import ENVIRONMENT, configure_process
 
 __all__ = [
     "PARALLEL_JOB_FLOPS",
@@ -94,8 +101,23 @@ def warm_workers(modules: Sequence[str] = WORKER_MODULES) -> bool:
     from multiprocessing import forkserver
 
     ctx.set_forkserver_preload(list(modules))  # no effect once the server runs
-    forkserver.ensure_running()
+    with _environment(ENVIRONMENT):  # read by OpenMP when the server imports torch
+        forkserver.ensure_running()
     return True
+
+
+@contextmanager
+def _environment(defaults: Mapping[str, str]) -> Iterator[None]:
+    """`defaults` in os.environ where unset while the block runs, so that a process started
+    in it inherits them; os.environ holds what it held before once the block ends."""
+    added = [name for name in defaults if name not in os.environ]
+    for name in added:
+        os.environ[name] = defaults[name]
+    try:
+        yield
+    finally:
+        for name in added:
+            os.environ.pop(name, None)
 
 
 def warm_workers_if_needed(*, workers: int | None, device: str, runs: int) -> bool:
@@ -199,8 +221,10 @@ def _worker_main(
     spec: Any, cells: Sequence[Cell], tasks: Any, results: Any, env: dict[str, str], cwd: str
 ) -> None:
     """A worker: prepare the spec, then run the cells whose indices arrive on `tasks`.
-    `env` and `cwd` are the parent's now (`adopt_parent`)."""
+    `env` and `cwd` are the parent's now (`adopt_parent`); the process's settings are this
+    worker's own (`process.configure_process`, before it imports torch where it has not yet)."""
     adopt_parent(env, cwd)
+    configure_process()
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, _stop_run)
     sys.unraisablehook = _quiet_stop

@@ -54,7 +54,7 @@ feature cache (tokens after `ln_post`, projected by `visual.proj`, L2-normalised
     patch logits = scale * mean_m cos(token_m, f_txt)                     # [B, 64]
     loss = pooled loss + patch_weight * CE(patch logits, label)
 so the average patch token must point at its class's caption, which is FedOTP's logit with
-identical prompts and top_percent 1 (`methods/fedotp.py`).
+identical prompts and top_percent 1 (fpl_bench/learners/ot.py, the learner of FedOTP).
 AdamW (betas 0.9/0.98, weight decay 0.1 on matrices only), linear warmup then cosine decay,
 learnable logit scale clamped at 100 as in CLIP. Saved as an fp16 state dict (atomic write).
 """

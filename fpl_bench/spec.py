@@ -26,7 +26,10 @@ class ExperimentSpec(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     methods: tuple[MethodChoice, ...]
-    dataset: str = "synthetic"
+    dataset: str = "synthetic"  # a card name; given a card file (PATH.toml), its card's name
+    # the file of a dataset card given by path (fpl_bench/data/catalog.py card_path), resolved;
+    # None for fpl-bench's own cards. Workers and `spec_from_config` read the card from it.
+    dataset_card: Path | None = None
     data_root: Path | None = None
     dataset_options: dict[str, Any] = Field(default_factory=dict)
     protocol: Literal[
@@ -74,6 +77,44 @@ class ExperimentSpec(BaseModel):
     seeds: tuple[int, ...] = (0,)
     out: Path = Path("runs/default")
     cache_dir: Path = Path.home() / ".cache" / "fpl-bench"
+
+    @model_validator(mode="before")
+    @classmethod
+    def _card_files(cls, data: Any) -> Any:
+        """A dataset given as a card file: read and checked here (a bad card is one line
+        naming the file), then `dataset` is its name and `dataset_card` its file. Transfer
+        datasets given as files are checked too and keep their resolved paths."""
+        from fpl_bench.data.catalog import card_path, dataset_card
+
+        if not isinstance(data, dict):
+            return data
+        data = dict(data)
+        name, file = data.get("dataset"), data.get("dataset_card")
+        if isinstance(name, str) and card_path(name) is not None:
+            if file is not None:
+                raise ValueError("give the dataset as a card name or a card file, not both")
+            file = card_path(name)
+            data["dataset"], data["dataset_card"] = dataset_card(name).name, file
+        elif file is not None:  # a spec rebuilt from another (tuning) or from a saved config
+            data["dataset_card"] = Path(file).expanduser().resolve()
+            card = dataset_card(str(data["dataset_card"]))
+            if card.name != name:
+                raise ValueError(f"dataset {name!r} but its card file {file} is {card.name!r}")
+        transfers = data.get("transfer_datasets")
+        if isinstance(transfers, list | tuple):
+            resolved = []
+            for text in transfers:
+                path = card_path(text) if isinstance(text, str) else None
+                if path is not None:
+                    dataset_card(text)  # a bad card: one line now, before any data is read
+                resolved.append(text if path is None else str(path))
+            data["transfer_datasets"] = tuple(resolved)
+        return data
+
+    def dataset_source(self) -> str:
+        """What `dataset_card` reads this spec's dataset from: its card file, else its name
+        (a worker process has not read the file the job's process was given)."""
+        return self.dataset if self.dataset_card is None else str(self.dataset_card)
 
     @field_validator("eps")
     @classmethod
@@ -154,12 +195,18 @@ def spec_from_config(
     fields, method, learner options `learner.X` and scheme options `scheme.Y`) at `eps` and
     `seeds`, with `overrides` (out, cache_dir, data_root, device, ...; None values ignored)
     on top. Its runs have the configuration's config hash again."""
-    from fpl_bench.catalog import resolve_method
+    from fpl_bench.catalog import preset_cards, resolve_method
 
     options = {k: v for k, v in config.items() if k.startswith(("learner.", "scheme."))}
     fields = {k: v for k, v in config.items() if k in ExperimentSpec.model_fields}
+    label = str(config["method"])
+    if "@" in label or label in preset_cards():
+        choice = resolve_method(label, options)
+    else:  # a card given by path to another process: the config holds all its options
+        pair = f"{config['learner']}@{config['scheme']}"
+        choice = resolve_method(pair, options).model_copy(update={"label": label})
     fields.update(
-        methods=(resolve_method(str(config["method"]), options),),
+        methods=(choice,),
         eps=eps,
         seeds=seeds,
         **{k: v for k, v in overrides.items() if v is not None},

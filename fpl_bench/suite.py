@@ -16,6 +16,10 @@ A suite file (validated with pydantic, extra="forbid"; the name is the file stem
     [[grid]]                          methods x datasets x eps x seeds, with its own `run`
                                       overrides (e.g. `run = { clients = 25 }`)
 
+A grid's method or dataset may be a card file (`methods = ["coop", "cards/mine.toml"]`), a
+relative path starting at the suite file's folder; its rows, and `[params.<method>]`, use the
+card's name.
+
 A cell is (method, dataset, eps, seed) plus the run fields of its grid. Machine settings
 (`data_root`, `cache_dir`, `device`, `threads`) never live in the file: they come as
 `overrides` from the command line, like any other field the user wants to change for a run of
@@ -58,7 +62,14 @@ from typing import Any
 import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from fpl_bench.catalog import MethodChoice, list_presets, read_toml_model, resolve_method
+from fpl_bench.catalog import (
+    MethodChoice,
+    add_preset_card,
+    list_presets,
+    read_toml_model,
+    resolve_method,
+)
+from fpl_bench.data.catalog import card_path
 from fpl_bench.errors import UsageError
 from fpl_bench.report.records import KEY_COLUMNS, normalize_eps
 from fpl_bench.spec import ExperimentSpec, FieldError, build_spec
@@ -66,7 +77,7 @@ from fpl_bench.spec import ExperimentSpec, FieldError, build_spec
 SUITE_FOLDER = "leaderboards"
 DONE_STATUSES: tuple[str, ...] = ("finished", "diverged")
 # Fields a grid sets per cell, and machine settings given on the command line, not in a file.
-CELL_FIELDS: tuple[str, ...] = ("methods", "dataset", "eps", "seeds", "out")
+CELL_FIELDS: tuple[str, ...] = ("methods", "dataset", "dataset_card", "eps", "seeds", "out")
 MACHINE_FIELDS: tuple[str, ...] = ("data_root", "cache_dir", "device", "threads", "workers")
 BENCH_FILE = "bench.json"
 
@@ -78,8 +89,8 @@ class Grid(BaseModel):
     """methods x datasets x eps x seeds, with run-field overrides for these cells."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
-    methods: list[str] = Field(min_length=1)  # presets, LEARNER@SCHEME pairs, or ["all"]
-    datasets: list[str] = Field(min_length=1)
+    methods: list[str] = Field(min_length=1)  # presets, LEARNER@SCHEME pairs, card files, ["all"]
+    datasets: list[str] = Field(min_length=1)  # card names or card files
     eps: list[float | None] = Field(min_length=1)  # "none" in the file = no DP
     seeds: list[int] = Field(min_length=1)
     run: dict[str, Any] = Field(default_factory=dict)
@@ -109,7 +120,8 @@ class Grid(BaseModel):
     @field_validator("methods", "datasets")
     @classmethod
     def _names(cls, value: list[str]) -> list[str]:
-        return _unique([v.strip().lower() for v in value], "name")
+        words = [v.strip() for v in value]
+        return _unique([w if card_path(w) else w.lower() for w in words], "name")
 
 
 class Suite(BaseModel):
@@ -170,12 +182,27 @@ def load_suite(name_or_path: str | Path) -> Suite:
     """Read and validate a suite: schema, run fields, methods and their options, datasets,
     and every cell's ExperimentSpec. Any problem is one UsageError line naming the file."""
     path = suite_path(name_or_path)
-    suite = read_toml_model(path, Suite, what="suite")
+    suite = _anchor_card_files(read_toml_model(path, Suite, what="suite"), path.parent)
     try:
         _check(suite)
     except UsageError as err:
         raise UsageError(f"bad suite {path}: {err}") from None
     return suite
+
+
+def _anchor_card_files(suite: Suite, folder: Path) -> Suite:
+    """The suite with the card files of its grids as absolute paths (relative to `folder`)."""
+
+    def anchored(words: list[str]) -> list[str]:
+        return [str(folder / Path(w).expanduser()) if card_path(w) else w for w in words]
+
+    grids = [
+        grid.model_copy(
+            update={"methods": anchored(grid.methods), "datasets": anchored(grid.datasets)}
+        )
+        for grid in suite.grid
+    ]
+    return suite.model_copy(update={"grid": grids})
 
 
 def _check(suite: Suite) -> None:
@@ -208,7 +235,10 @@ def _check_run_fields(fields: Mapping[str, Any], where: str) -> None:
 
 
 def _method_names(methods: Sequence[str]) -> list[str]:
-    return list_presets() if list(methods) == ["all"] else list(methods)
+    """A grid's methods: every preset for ["all"], a card file by its card's name."""
+    if list(methods) == ["all"]:
+        return list_presets()
+    return [m if card_path(m) is None else add_preset_card(m) for m in methods]
 
 
 def _check_overrides(overrides: Mapping[str, Any]) -> None:
@@ -313,8 +343,8 @@ def suite_cells(
                 digest = config_hash(config)
                 for eps in grid.eps:
                     paper = _paper_numbers(suite, spec, choice.label, eps)
-                    cells.extend(
-                        Cell(index, choice, dataset, eps, seed, spec, config, digest, paper)
+                    cells.extend(  # the spec's dataset: a card file's is its card's name
+                        Cell(index, choice, spec.dataset, eps, seed, spec, config, digest, paper)
                         for seed in grid.seeds
                     )
     if only is None:
@@ -549,7 +579,9 @@ def cell_flops(cell: Cell) -> float | None:
     from fpl_bench.experiment import training_flops
 
     spec = cell.spec
-    card = dataset_card(cell.dataset)
+    card = dataset_card(spec.dataset_source())
+    if card.classes is None:  # counted from the class folders: not known before reading them
+        return None
     seen = math.ceil(card.classes / 2) if spec.protocol == "base2novel" else card.classes
     pool = None if card.train_images is None else card.train_images * seen / card.classes
     if spec.shots > 0:

@@ -60,11 +60,13 @@ from fpl_bench.catalog import (
     SearchRange,
     learner_cards,
     preset_cards,
+    remember_cards,
     resolve_method,
     scheme_cards,
 )
 from fpl_bench.errors import UsageError
 from fpl_bench.parallel import TUNE_WORKER_MODULES, adopt_parent, warm_workers, worker_context
+from fpl_bench.process import configure_process
 from fpl_bench.report.records import normalize_eps
 from fpl_bench.spec import ExperimentSpec, build_spec
 
@@ -806,6 +808,7 @@ def run_worker(job: TuneJob, slot: int = 0, log: Log = print) -> list[str]:
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
     warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+    remember_cards(job.spec.methods)  # a worker process: the job's method card files
     lock = StudyLock(job.storage)
     try:
         with lock:
@@ -910,8 +913,10 @@ def summary_line(study: optuna.Study, metric: str) -> str:
 
 
 def _worker_main(job: TuneJob, slot: int, env: dict[str, str], cwd: str) -> None:
-    """Entry of a worker process: its lines prefixed with [wN]; a UsageError is one line."""
+    """Entry of a worker process: its lines prefixed with [wN]; a UsageError is one line.
+    The process's settings are the worker's own (`process.configure_process`)."""
     adopt_parent(env, cwd)
+    configure_process()
 
     def log(text: str) -> None:
         print(f"[w{slot}] {text}", flush=True)

@@ -4,7 +4,7 @@ import os
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see fpl_bench/compute.py
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch: see fpl_bench/process.py
 os.environ.setdefault("MLFLOW_ENABLE_ASYNC_LOGGING", "false")
 
 import pytest

@@ -12,6 +12,8 @@ from fpl_bench.cli import main
 from tests.cli import run_main
 
 
+# The job below runs once per module (~15 s on two cores) for the first test that takes it:
+# every test that takes it is marked slow, so that `-m "not slow"` skips the job itself.
 @pytest.fixture(scope="module")
 def small_job(tmp_path_factory):
     out = tmp_path_factory.mktemp("job")
@@ -48,6 +50,7 @@ def small_job(tmp_path_factory):
     return out / "out"
 
 
+@pytest.mark.slow
 def test_results_csv_has_one_row_per_method_eps_seed(small_job):
     frame = pd.read_csv(small_job / "results.csv")
     assert len(frame) == 6
@@ -65,6 +68,7 @@ def test_results_csv_has_one_row_per_method_eps_seed(small_job):
     assert (small_job / "partitions" / "synthetic-4c-seed0.json").is_file()
 
 
+@pytest.mark.slow
 def test_accuracy_beats_chance(small_job):
     frame = pd.read_csv(small_job / "results.csv")
     zs = frame[(frame.method == "zeroshot") & (frame.eps == "none")].iloc[0]
@@ -73,6 +77,7 @@ def test_accuracy_beats_chance(small_job):
     assert coop.local_acc > 0.3
 
 
+@pytest.mark.slow
 def test_private_runs_spend_at_most_target(small_job):
     frame = pd.read_csv(small_job / "results.csv")
     private = frame[frame.eps != "none"]
@@ -82,6 +87,7 @@ def test_private_runs_spend_at_most_target(small_job):
     assert (trained.noise_multiplier > 0).all()
 
 
+@pytest.mark.slow
 def test_mlflow_runs_hold_the_same_numbers(small_job):
     from mlflow.tracking import MlflowClient
 
@@ -155,6 +161,7 @@ def test_cross_dataset_scores_the_trained_prompts_on_the_transfer_dataset(tmp_pa
     assert frame.loc["coop", "target_acc"] > 1 / 64 and frame.loc["coop", "source_acc"] > 1 / 64
 
 
+@pytest.mark.slow
 def test_results_record_the_configuration(small_job):
     frame = pd.read_csv(small_job / "results.csv", dtype={"setup_hash": str, "config_hash": str})
     assert (frame.rounds == 3).all() and (frame.local_epochs == 2).all()
@@ -175,6 +182,7 @@ def eval_prompts(small_job, prompts, monkeypatch, capsys, *extra):
     return run_cli([*args, *extra], capsys, monkeypatch)
 
 
+@pytest.mark.slow
 def test_saved_prompts_reproduce_the_last_evaluation(small_job, monkeypatch, capsys):
     import json
 
@@ -195,6 +203,7 @@ def test_saved_prompts_reproduce_the_last_evaluation(small_job, monkeypatch, cap
             assert value == pytest.approx(last.value, abs=1e-12), (row.method, metric)
 
 
+@pytest.mark.slow
 def test_saved_prompts_are_mlflow_artifacts(small_job):
     from mlflow.tracking import MlflowClient
 
@@ -210,6 +219,7 @@ def test_saved_prompts_are_mlflow_artifacts(small_job):
         assert saved == (small_job / row.prompts).read_bytes()
 
 
+@pytest.mark.slow
 def test_saved_prompts_hold_every_client_and_the_server(small_job):
     from fpl_bench.saved_prompts import load_prompts
 
@@ -227,6 +237,7 @@ def test_saved_prompts_hold_every_client_and_the_server(small_job):
     assert not bool((first == second).all())  # each client trained its own prompt
 
 
+@pytest.mark.slow
 def test_saved_prompts_evaluate_under_another_protocol(small_job, monkeypatch, capsys):
     import json
 
@@ -247,6 +258,7 @@ def test_saved_prompts_evaluate_under_another_protocol(small_job, monkeypatch, c
     assert all(0.03 < v <= 1 for v in metrics.values())  # 64 classes: chance 1.6%
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     ("damage", "needle"),
     [
@@ -267,6 +279,7 @@ def test_eval_bad_prompts_file_one_line_exit_2(
     assert code == 2 and len(err.strip().splitlines()) == 1 and needle in err, err
 
 
+@pytest.mark.slow
 def test_eval_refuses_prompts_of_another_shape(small_job, tmp_path, monkeypatch, capsys):
     from fpl_bench.saved_prompts import load_prompts, save_prompts
 

@@ -11,8 +11,9 @@ import fpl_bench.driver as driver_module
 from fpl_bench.catalog import resolve_method
 from fpl_bench.driver import FederatedRun, NoisePlan, Schedule
 from fpl_bench.method import all_pairs, build_method
-from fpl_bench.privacy.mechanism import clip_per_sample, per_sample_norms
+from fpl_bench.privacy.mechanism import per_sample_norms
 from fpl_bench.schemes._base import Scheme
+from tests.privacy.test_mechanism import clipped_rows
 from tests.test_driver import make_federation
 
 VALID = [f"{learner}@{scheme}" for learner, scheme, problem in all_pairs() if problem is None]
@@ -42,7 +43,7 @@ def assert_pair_runs_clipped_and_sharing_only_shared(tiny_tower, monkeypatch, pa
 
     def recording_clipped_sum(grads, *, clip_norm):
         if len(next(iter(grads.values()))):
-            norms.append(per_sample_norms(clip_per_sample(grads, clip_norm=clip_norm)))
+            norms.append(per_sample_norms(clipped_rows(grads, clip_norm=clip_norm)))
         return real_clipped_sum(grads, clip_norm=clip_norm)
 
     real_aggregate = Scheme.aggregate

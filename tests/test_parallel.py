@@ -44,6 +44,7 @@ for _opt in ("n_train_per_class=4", "n_test_per_class=2", "n_val_per_class=2"):
     ARGS += ["--dataset-option", _opt]
 
 
+@pytest.mark.slow
 def test_two_workers_write_the_same_results_as_one_process(tmp_path, monkeypatch):
     """Also: workers forked from a fork server started earlier (in another folder, with another
     environment) work in the parent's folder and environment as they are at the job's start:

@@ -20,6 +20,8 @@ from fpl_bench.experiment import run_experiment
 from fpl_bench.spec import build_spec
 from tests.data.helpers import coop_folder
 
+pytestmark = pytest.mark.slow  # each test builds a 224-px model and runs a round on it
+
 EUROSAT = ("AnnualCrop", "Forest", "HerbaceousVegetation", "Highway", "Industrial")
 EUROSAT += ("Pasture", "PermanentCrop", "Residential", "River", "SeaLake")
 

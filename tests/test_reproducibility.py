@@ -5,6 +5,7 @@ import subprocess
 import sys
 
 import pandas as pd
+import pytest
 
 ARGS = ["run", "--methods", "coop,dpfpl", "--eps", "none,1", "--rounds", "2", "--clients", "2"]
 ARGS += ["--shots", "2", "--param", "dpfpl.rank=2"]
@@ -12,6 +13,7 @@ for _opt in ("n_train_per_class=4", "n_test_per_class=2", "n_val_per_class=2"):
     ARGS += ["--dataset-option", _opt]
 
 
+@pytest.mark.slow
 def test_same_command_same_results_across_processes_and_thread_counts(tmp_path):
     frames = []
     for threads in ("1", "2"):

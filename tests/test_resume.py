@@ -11,6 +11,8 @@ import time
 import pandas as pd
 import pytest
 
+pytestmark = pytest.mark.slow  # each test runs and kills CLI jobs in child processes
+
 ARGS = ["run", "--methods", "coop,dpfpl", "--eps", "1", "--rounds", "3", "--clients", "2"]
 ARGS += ["--shots", "2", "--eval-every", "1", "--last-k", "2", "--param", "dpfpl.rank=2"]
 for _opt in ("n_train_per_class=4", "n_test_per_class=2", "n_val_per_class=2"):

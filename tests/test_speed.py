@@ -14,7 +14,6 @@ from fpl_bench.method import method_from_name
 from fpl_bench.privacy.per_sample import (
     client_step_gradients,
     encode_once,
-    per_sample_grads,
     step_gradients,
 )
 from fpl_bench.prompt import TextTower, exact_gelu
@@ -300,9 +299,13 @@ def test_bf16_per_sample_gradients_stay_close_to_fp32(tiny_model):
 
     grads = {}
     for label, tower in (("fp32", fp32), ("bf16", bf16)):
-        grads[label], _ = per_sample_grads(
-            lambda p, t=tower: t.encode(p["ctx"]), loss, {"ctx": ctx}, (images, labels)
-        )
+        grads[label] = step_gradients(
+            lambda p, t=tower: t.encode(p["ctx"]),
+            loss,
+            {"ctx": ctx},
+            (images, labels),
+            per_sample=True,
+        ).data
     a, b = grads["bf16"]["ctx"], grads["fp32"]["ctx"]
     assert a.dtype == torch.float32
     bf16_eps = torch.finfo(torch.bfloat16).eps  # 2**-7
@@ -357,6 +360,7 @@ def test_auto_precision_is_bf16_only_where_native(monkeypatch):
     assert resolve_precision("auto", cpu) == "bf16"
 
 
+@pytest.mark.slow
 def test_bench_measures_and_compares(tmp_path):
     """A tiny `fpl-bench bench --compare-reference` cell: every config measured, speedups
     relative to the fast config, JSON records with the documented fields."""
@@ -417,7 +421,7 @@ def test_freed_tensor_memory_is_reused_without_page_faults():
     pages in once, not ten times (4096 faults each without it, on glibc's default mmap)."""
     import resource
 
-    from fpl_bench.compute import retain_freed_memory
+    from fpl_bench.process import retain_freed_memory
 
     if not retain_freed_memory():
         pytest.skip("mallopt needs Linux with glibc")

@@ -200,7 +200,7 @@ def test_hand_backward_only_for_per_sample_forwards():
     """A single backward (no DP) stays with autograd (faster for one cotangent); a forward under
     per_sample_backward, which privacy/per_sample.py's per-sample vjp sets, builds the node."""
     from fpl_bench import compute
-    from fpl_bench.privacy.per_sample import per_sample_grads
+    from fpl_bench.privacy.per_sample import step_gradients
 
     tower = _tower("exact_gelu")
     leaf = (0.1 * _data(4, tower.width)).requires_grad_()
@@ -214,8 +214,12 @@ def test_hand_backward_only_for_per_sample_forwards():
             seen.append(compute.per_sample_backward_ahead())
             return tower.encode(p["ctx"])
 
-        per_sample_grads(
-            encode, lambda z, x: (z * x).sum(), {"ctx": leaf.detach()}, (_data(3, 5, 64),)
+        step_gradients(
+            encode,
+            lambda z, x: (z * x).sum(),
+            {"ctx": leaf.detach()},
+            (_data(3, 5, 64),),
+            per_sample=True,
         )
     finally:
         compute._PER_SAMPLE_BACKWARD.reset(token)

@@ -363,6 +363,7 @@ def assert_each_trial_once(study: optuna.Study, trials: int) -> None:
     assert tune.tally(study).ended == trials
 
 
+@pytest.mark.slow
 def test_two_local_workers_share_a_journal_study(tmp_path, cache):
     from optuna.storages.journal import JournalFileBackend, JournalStorage
 

@@ -14,6 +14,7 @@ import pytest
 ROOT = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(shutil.which("git") is None, reason="needs git to copy the tracked tree")
 def test_wheel_installs_with_its_cards_and_runs_from_another_directory(tmp_path):
     pytest.importorskip("build")

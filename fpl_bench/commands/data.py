@@ -25,7 +25,11 @@ data_app = typer.Typer(
 def check_cmd(
     data_root: Annotated[Path, typer.Option(help="Folder holding the datasets (CoOp layout).")],
     dataset: Annotated[
-        list[str] | None, typer.Option(help="Dataset to check (repeatable); default: all.")
+        list[str] | None,
+        typer.Option(
+            help="Dataset card name or file (repeatable); default: all but the generic "
+            "imagefolder, which reads the data root itself as its tree."
+        ),
     ] = None,
     decode: Annotated[
         bool, typer.Option(help="Fully decode every image (slow) instead of checking headers.")
@@ -44,13 +48,14 @@ def check_cmd(
 
 
 @data_app.command("info")
-def info_cmd(name: Annotated[str, typer.Argument(help="Dataset card name.")]) -> None:
+def info_cmd(name: Annotated[str, typer.Argument(help="Dataset card name or file.")]) -> None:
     """Show a dataset card: classes, layout, where to obtain it, citation, defaults."""
     from fpl_bench.data.catalog import dataset_card
 
     card = dataset_card(name)
     typer.echo(f"{card.name} [{card.kind}] {card.summary}")
-    typer.echo(f"classes: {card.classes}   default partition: {card.partition}")
+    classes = "as many as its class folders" if card.classes is None else card.classes
+    typer.echo(f"classes: {classes}   default partition: {card.partition}")
     typer.echo(f"url: {card.url}")
     typer.echo(f"obtain: {card.obtain}")
     typer.echo("layout:")

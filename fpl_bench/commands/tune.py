@@ -49,7 +49,9 @@ def tune_cmd(
     eps: Annotated[
         str, typer.Option(help="Target epsilon(s), comma list; one study each; 'none' = no DP.")
     ] = "none",
-    dataset: Annotated[str, typer.Option(help="Dataset card name.")] = _default("dataset"),
+    dataset: Annotated[
+        str, typer.Option(help="Dataset card name or card file PATH.toml.")
+    ] = _default("dataset"),
     data_root: DataRoot = None,
     dataset_option: Annotated[
         list[str] | None, typer.Option(help="Dataset option KEY=VALUE (repeatable).")
@@ -186,8 +188,9 @@ def tune_cmd(
     lines, failed = tuning.tune(job, log=lambda s: typer.echo(s, err=True))
     for line in lines:
         typer.echo(line)
+    shown = [choice.card or choice.label for choice in spec.methods]  # a card file by its path
     typer.echo(
-        f"use them: fpl-bench run --tuned --methods {','.join(names)} --eps {eps} "
+        f"use them: fpl-bench run --tuned --methods {','.join(shown)} --eps {eps} "
         f"--out {out}"
         + (f" --storage {target.shown}" if storage else "")
         + (f" --study {study}" if study != "tune" else "")

@@ -9,6 +9,7 @@ aircraft.py     FGVC-Aircraft: variants.txt + images_variant_{train,val,test}.tx
 imagenet.py     ImageNet: train/ and val/ class folders + CoOp's classnames.txt
 cifar.py        CIFAR-10/100 pickles through a restricted unpickler
 domains.py      one folder per domain (Office-Caltech10, DomainNet, PACS)
+imagefolder.py  any class-per-folder tree (ImageFolder layout), seeded split in the cache
 folders.py      safe split paths, listings, seeded splits, split files and lists, scans
 problems.py     what can be wrong on disk, as data
 check.py        ``fpl-bench data check``

@@ -20,6 +20,13 @@ Source kinds (``source.kind``):
 - ``cifar``: CIFAR-10/100 in torchvision's on-disk format (python pickles).
 - ``domains``: one folder per domain with one sub-folder per class (Office-Caltech10, DomainNet,
   PACS as FedBN, FedPGP and DP-FPL use them).
+- ``imagefolder``: any class-per-folder tree (torchvision's ``ImageFolder`` layout); the class
+  count may be left out (the folders say it), the split is seeded and kept in the cache dir.
+
+A card need not ship with fpl-bench: wherever a dataset name is taken (``--dataset``, a
+suite's grid) a path to a card file is taken too (``card_path``). The file is validated like a
+shipped card, must not reuse a shipped card's name, and joins this process's cards under its
+name (``dataset_card``), as open_clip's ``add_model_config(path)`` does.
 
 >>> card = dataset_card("synthetic")
 >>> card.kind, card.classes
@@ -28,7 +35,9 @@ Source kinds (``source.kind``):
 
 from __future__ import annotations
 
+import re
 import tomllib
+from collections.abc import Collection, Mapping
 from functools import cache
 from pathlib import Path, PurePosixPath
 from typing import Annotated, Any, Literal
@@ -43,8 +52,11 @@ __all__ = [
     "CoOpSource",
     "DatasetCard",
     "DomainSource",
+    "ImageFolderSource",
     "ImageNetSource",
     "SyntheticSource",
+    "card_path",
+    "check_card_name",
     "dataset_card",
     "dataset_cards",
     "load_card",
@@ -148,8 +160,32 @@ class DomainSource(_Strict):
     _rel = field_validator("dataset_dir")(_relative)
 
 
+class ImageFolderSource(_Strict):
+    """Any class-per-folder tree, torchvision's ``ImageFolder`` layout:
+    ``<root>/<image_dir>/<class folder>/<image>`` ("." : the data root is the tree).
+
+    Labels follow the sorted class folders (minus ``ignored``); a class is named by its folder
+    with underscores as spaces, or by the ``names_file`` option (``<folder> <class name>`` a
+    line, under the data root). Each class is split train/val/test as CoOp's class-folder
+    fallback does (options ``seed``, ``p_train``, ``p_val``), and the split is kept in the cache
+    dir, so a rerun reads the same one (``fpl_bench/data/imagefolder.py``).
+    """
+
+    kind: Literal["imagefolder"]
+    image_dir: str = "."
+    ignored: tuple[str, ...] = ()
+
+    _rel = field_validator("image_dir")(_relative)
+
+
 Source = Annotated[
-    SyntheticSource | CoOpSource | AircraftSource | ImageNetSource | CifarSource | DomainSource,
+    SyntheticSource
+    | CoOpSource
+    | AircraftSource
+    | ImageNetSource
+    | CifarSource
+    | DomainSource
+    | ImageFolderSource,
     Field(discriminator="kind"),
 ]
 
@@ -160,7 +196,8 @@ class DatasetCard(_Strict):
     Attributes:
         name: the file stem, the ``--dataset`` value.
         summary: one line for ``fpl-bench datasets``.
-        classes: number of classes the source must yield.
+        classes: number of classes the source must yield; an ``imagefolder`` card may leave it
+            out (None: as many as it has class folders).
         train_images: training images of the standard split with the default options, where
             known (published split sizes); only time estimates read it (a suite's dry run).
         layout: the expected folder layout under ``--data-root``, as text.
@@ -174,7 +211,7 @@ class DatasetCard(_Strict):
 
     name: str
     summary: str
-    classes: int = Field(ge=1)
+    classes: int | None = Field(default=None, ge=1)
     train_images: int | None = Field(default=None, ge=1)
     layout: str
     url: str
@@ -186,12 +223,17 @@ class DatasetCard(_Strict):
 
     @property
     def kind(self) -> str:
-        """The source kind: synthetic, coop, aircraft, imagenet, cifar or domains."""
+        """The source kind: synthetic, coop, aircraft, imagenet, cifar, domains or imagefolder."""
         return self.source.kind
 
     @model_validator(mode="after")
     def _consistent(self) -> DatasetCard:
         src = self.source
+        if self.classes is None and not isinstance(src, ImageFolderSource):
+            raise ValueError(
+                f"classes is required for a {src.kind} source (only an imagefolder source "
+                "may leave it out: its class folders say it)"
+            )
         if isinstance(src, DomainSource) and len(src.classnames) != self.classes:
             raise ValueError(
                 f"classes={self.classes} but source.classnames lists {len(src.classnames)}"
@@ -224,6 +266,8 @@ def load_card(path: Path) -> DatasetCard:
     """Read and validate one card file; its ``name`` must equal the file stem."""
     try:
         data = tomllib.loads(Path(path).read_text())
+    except (OSError, UnicodeDecodeError) as err:
+        raise UsageError(f"cannot read card {path}: {err}") from None
     except tomllib.TOMLDecodeError as err:
         raise UsageError(f"bad card {path}: {err}") from None
     card = parse_card(data, where=str(path))
@@ -245,9 +289,80 @@ def dataset_cards() -> dict[str, DatasetCard]:
     return {path.stem: load_card(path) for path in sorted(cards_dir().glob("*.toml"))}
 
 
+# Cards read from a path in this process: name -> (resolved file, card).
+_ADDED: dict[str, tuple[Path, DatasetCard]] = {}
+
+# A card read from a path names rows, run names and files: lowercase letters, digits, _ and -.
+CARD_NAME = re.compile(r"[a-z0-9][a-z0-9_-]*")
+
+
+def card_path(text: str) -> Path | None:
+    """The card file a name-or-path word names (it ends in ``.toml`` or holds a ``/``),
+    resolved; None for a card name.
+
+    >>> card_path("dtd") is None, card_path("cards/mine.toml").name
+    (True, 'mine.toml')
+    """
+    if text.lower().endswith(".toml") or "/" in text:
+        return Path(text).expanduser().resolve()
+    return None
+
+
+def check_card_name(
+    name: str, path: Path, *, shipped: Collection[str], added: Mapping[str, Any], what: str
+) -> None:
+    """UsageError unless a card read from ``path`` may join the ``shipped`` and ``added``
+    (name -> (file, card)) cards under ``name``: a plain name, neither one of fpl-bench's own
+    nor another file's card read in this process (rows under one name would be ambiguous)."""
+    if not CARD_NAME.fullmatch(name):
+        raise UsageError(
+            f"bad card {path}: name {name!r} must be lowercase letters, digits, '_' or '-' "
+            f"(it names the {what}'s rows and files); rename the file and its name"
+        )
+    if name in shipped:
+        raise UsageError(
+            f"bad card {path}: name {name!r} is fpl-bench's own {what}; give your card "
+            "another name (and file stem)"
+        )
+    if name in added and added[name][0] != path:
+        raise UsageError(
+            f"bad card {path}: name {name!r} is already the card {added[name][0]} in this job; "
+            "rename one of them"
+        )
+
+
+def add_card(path: Path) -> DatasetCard:
+    """Read the dataset card file ``path`` (validated like a shipped card) into this process's
+    cards under its name, and return it (open_clip's ``add_model_config``)."""
+    path = Path(path).expanduser().resolve()
+    for file, card in _ADDED.values():
+        if file == path:  # read once per process, as the shipped cards are
+            return card
+    if not path.is_file():
+        why = "a folder, not a card file" if path.is_dir() else "no such file"
+        raise UsageError(f"dataset card {path}: {why}")
+    card = load_card(path)
+    check_card_name(card.name, path, shipped=dataset_cards(), added=_ADDED, what="dataset")
+    _ADDED[card.name] = (path, card)
+    return card
+
+
+def added_card_file(name: str) -> Path | None:
+    """The file a card read from a path in this process came from, or None."""
+    return _ADDED[name][0] if name in _ADDED else None
+
+
 def dataset_card(name: str) -> DatasetCard:
-    """The card named ``name``; an unknown name lists the known ones."""
+    """The card named ``name``, or read from the file ``name`` names (``card_path``); an
+    unknown name lists the known ones."""
+    path = card_path(name)
+    if path is not None:
+        return add_card(path)
+    if name in _ADDED:
+        return _ADDED[name][1]
     cards = dataset_cards()
     if name not in cards:
-        raise UsageError(f"unknown dataset {name!r}; known: {', '.join(cards)}")
+        raise UsageError(
+            f"unknown dataset {name!r}; known: {', '.join(cards)} (or a card file, PATH.toml)"
+        )
     return cards[name]

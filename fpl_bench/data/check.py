@@ -24,11 +24,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 from fpl_bench.data.aircraft import scan_aircraft
-from fpl_bench.data.catalog import DatasetCard, DomainSource, dataset_card, dataset_cards
+from fpl_bench.data.catalog import (
+    DatasetCard,
+    DomainSource,
+    ImageFolderSource,
+    dataset_card,
+    dataset_cards,
+)
 from fpl_bench.data.cifar import scan_cifar
 from fpl_bench.data.coop_layout import scan_coop
 from fpl_bench.data.domains import scan_domains
 from fpl_bench.data.folders import ListScan, scan_problems
+from fpl_bench.data.imagefolder import scan_imagefolder
 from fpl_bench.data.imagenet import scan_imagenet
 from fpl_bench.data.imageset import SPLITS
 from fpl_bench.data.problems import ADVICE, Problem
@@ -114,6 +121,7 @@ SCANNERS: dict[str, Callable[[DatasetCard, Path, Mapping[str, Any]], ListScan]] 
     "coop": lambda card, root, options: scan_coop(card, root, options, cache_dir=None),
     "aircraft": scan_aircraft,
     "imagenet": scan_imagenet,
+    "imagefolder": lambda card, root, options: scan_imagefolder(card, root, options, None),
 }
 
 
@@ -157,14 +165,26 @@ def check_dataset(card: DatasetCard, root: Path, *, decode: bool = False) -> Dat
 def check_data_root(
     root: Path, names: Iterable[str] | None = None, *, decode: bool = False
 ) -> list[DatasetReport]:
-    """Check ``names`` (default: every card) under ``root``; a missing root is a UsageError."""
+    """Check ``names`` (default: every card but those that read the data root itself as their
+    tree, such as the generic imagefolder card) under ``root``; a missing root is a
+    UsageError. A name may be a card file (PATH.toml)."""
     root = Path(root)
     if not root.is_dir():
         raise UsageError(
             f"--data-root {root}: no such folder; give the folder holding the datasets"
         )
-    cards = [dataset_card(n) for n in names] if names else list(dataset_cards().values())
+    cards = (
+        [dataset_card(n) for n in names]
+        if names
+        else [card for card in dataset_cards().values() if not _whole_root(card)]
+    )
     return [check_dataset(card, root, decode=decode) for card in cards]
+
+
+def _whole_root(card: DatasetCard) -> bool:
+    """True for a card whose tree is the data root itself: checking it against a folder of
+    datasets would read each dataset as a class, so it is checked only when named."""
+    return isinstance(card.source, ImageFolderSource) and card.source.image_dir == "."
 
 
 def exit_code(reports: Sequence[DatasetReport], *, named: bool) -> int:

@@ -25,17 +25,14 @@ from typing import Any
 from fpl_bench.data.catalog import CoOpSource, DatasetCard
 from fpl_bench.data.folders import (
     Entry,
-    Group,
     ListScan,
-    cached_split,
     class_names,
     list_class_folders,
-    list_images,
     load_scan,
     parse_entries,
     read_split_json,
+    split_class_folders,
     split_fractions,
-    split_groups,
 )
 from fpl_bench.data.imageset import SPLITS, Splits
 from fpl_bench.data.options import check_options
@@ -109,33 +106,19 @@ def _folder_split(
     cache_dir: Path | None,
 ) -> tuple[dict[str, list[Entry]], list[Problem]]:
     """CoOp's ``read_and_split_data`` over the class folders, seeded and cached."""
-    p_train, p_val = split_fractions(opts)
+    split_fractions(opts)  # bad fractions are refused before the folders are listed
     folders = list_class_folders(image_dir, src.ignored)
     if len(folders) != card.classes:
         detail = f"{len(folders)} class folders, but the card says {card.classes} classes"
         return {s: [] for s in SPLITS}, [Problem("classname_mismatch", _display(src), detail)]
-    groups = [
-        Group(
-            label=label,
-            classname=src.renames.get(folder, folder),
-            domain=0,
-            paths=[f"{folder}/{name}" for name in list_images(image_dir / folder)],
-            where=_display(src, folder),
-        )
-        for label, folder in enumerate(folders)
-    ]
-    key = {
-        "dataset": card.name,
-        "seed": opts["seed"],
-        "p_train": p_train,
-        "p_val": p_val,
-        "groups": [[g.label, g.classname, g.paths] for g in groups],
-    }
-    return cached_split(
-        cache_dir,
+    return split_class_folders(
+        image_dir,
+        folders,
+        [src.renames.get(folder, folder) for folder in folders],
         name=card.name,
-        key=key,
-        build=lambda: split_groups(groups, seed=opts["seed"], p_train=p_train, p_val=p_val),
+        options=opts,
+        cache_dir=cache_dir,
+        where=lambda folder: _display(src, folder),
     )
 
 

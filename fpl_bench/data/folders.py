@@ -63,6 +63,7 @@ __all__ = [
     "read_pairs",
     "read_split_json",
     "scan_problems",
+    "split_class_folders",
     "split_fractions",
     "split_groups",
     "val_fraction",
@@ -336,6 +337,47 @@ def split_groups(
         for split, idx in cuts.items():
             out[split].extend(Entry(g.paths[i], g.label, g.classname, g.domain) for i in idx)
     return out, problems
+
+
+def split_class_folders(
+    image_dir: Path,
+    folders: Sequence[str],
+    classnames: Sequence[str],
+    *,
+    name: str,
+    options: Mapping[str, Any],
+    cache_dir: Path | None,
+    where: Callable[[str], str],
+) -> tuple[dict[str, list[Entry]], list[Problem]]:
+    """The seeded class-folder split of ``image_dir``: ``folders[i]`` is class i, named
+    ``classnames[i]``; its images are split by ``split_groups`` (options ``seed``, ``p_train``,
+    ``p_val``) and the split kept by ``cached_split`` under ``name``. ``where`` formats a class
+    folder for messages. (CoOp's ``DTD.read_and_split_data``; the CoOp-layout fallback and the
+    imagefolder source.)"""
+    p_train, p_val = split_fractions(options)
+    groups = [
+        Group(
+            label=label,
+            classname=classname,
+            domain=0,
+            paths=[f"{folder}/{image}" for image in list_images(Path(image_dir) / folder)],
+            where=where(folder),
+        )
+        for label, (folder, classname) in enumerate(zip(folders, classnames, strict=True))
+    ]
+    key = {
+        "dataset": name,
+        "seed": options["seed"],
+        "p_train": p_train,
+        "p_val": p_val,
+        "groups": [[g.label, g.classname, g.paths] for g in groups],
+    }
+    return cached_split(
+        cache_dir,
+        name=name,
+        key=key,
+        build=lambda: split_groups(groups, seed=options["seed"], p_train=p_train, p_val=p_val),
+    )
 
 
 def val_fraction(dataset: str, value: Any) -> float:

@@ -9,6 +9,7 @@ Kinds (``card.source.kind``; see ``fpl_bench.data.catalog``):
     imagenet   ImageNet class folders + CoOp's classnames.txt, file-backed (``imagenet.py``)
     cifar      torchvision's CIFAR-10/100 pickles, read safely, in memory (``cifar.py``)
     domains    one folder per domain with class sub-folders, file-backed (``domains.py``)
+    imagefolder  any class-per-folder tree (ImageFolder layout), file-backed (``imagefolder.py``)
 
 Every kind returns ``Splits`` (``imageset.py``): class names, train/val/test ``ImageSet``s
 (in memory or file-backed, each image with a domain id), the domain names and a fingerprint.
@@ -26,6 +27,7 @@ from fpl_bench.data.catalog import DatasetCard
 from fpl_bench.data.cifar import load_cifar
 from fpl_bench.data.coop_layout import load_coop
 from fpl_bench.data.domains import concat_domains, load_domains
+from fpl_bench.data.imagefolder import load_imagefolder
 from fpl_bench.data.imagenet import load_imagenet
 from fpl_bench.data.imageset import ImageSet, Splits
 from fpl_bench.data.options import check_options
@@ -94,6 +96,7 @@ LOADERS: dict[str, Callable[[DatasetCard, Path | None, Mapping[str, Any], Path],
     "imagenet": _needs_root(_cacheless(load_imagenet)),
     "cifar": _needs_root(_cacheless(load_cifar)),
     "domains": _needs_root(load_domains),
+    "imagefolder": _needs_root(load_imagefolder),
 }
 
 

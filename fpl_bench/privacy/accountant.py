@@ -44,7 +44,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 from importlib.metadata import version
 from pathlib import Path
 from typing import Any
@@ -386,8 +386,9 @@ def paper_noise(*, target_epsilon: float, target_delta: float, rounds: int) -> f
 
 @dataclass(frozen=True)
 class PrivacyLedger:
-    """What a DP run records (with the run and every checkpoint): the target, how sigma was
-    chosen, the mechanism's parameters per client (C, q, noisy steps) and the epsilon spent."""
+    """What a DP run records (its MLflow params `privacy.*` and its results row): the target,
+    how sigma was chosen, the mechanism's parameters per client (C, q, noisy steps) and the
+    epsilon spent."""
 
     eps_target: float
     delta: float
@@ -398,21 +399,6 @@ class PrivacyLedger:
     sample_rate: float  # q (Poisson)
     steps: int  # noisy steps that touch one client's data over the run
     eps_spent: float
-
-    def to_dict(self) -> dict[str, Any]:
-        """Flat dict of plain values (MLflow params, checkpoint metadata)."""
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> PrivacyLedger:
-        """Inverse of `to_dict`; refuses unknown or missing keys."""
-        names = {f.name for f in fields(cls)}
-        if set(data) != names:
-            raise ValueError(
-                f"privacy ledger keys differ: missing {sorted(names - set(data))}, "
-                f"unknown {sorted(set(data) - names)}"
-            )
-        return cls(**data)
 
 
 def plan_privacy(

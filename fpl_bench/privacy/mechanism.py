@@ -19,7 +19,8 @@ noise is drawn over the names in sorted order so that it does not depend on inse
     >>> g = {"a": torch.tensor([[3.0, 4.0]]), "b": torch.tensor([[0.0, 0.0, 12.0]])}
     >>> float(per_sample_norms(g)[0])
     13.0
-    >>> round(float(per_sample_norms(clip_per_sample(g, clip_norm=1.0))[0]), 6)
+    >>> total = clipped_sum(g, clip_norm=1.0)  # one row, scaled by min(1, C / 13)
+    >>> round(float(per_sample_norms({k: t[None] for k, t in total.items()})[0]), 6)
     1.0
 """
 
@@ -32,12 +33,9 @@ from torch import Tensor
 
 __all__ = [
     "add_gaussian_noise",
-    "clip_per_sample",
     "clipped_sum",
-    "noise_std",
     "noisy_mean",
     "per_sample_norms",
-    "privatize",
     "secure_standard_normal",
 ]
 
@@ -78,18 +76,6 @@ def _clip_factors(grads: dict[str, Tensor], clip_norm: float) -> Tensor:
     norms = per_sample_norms(grads)
     tiny = torch.finfo(norms.dtype).tiny
     return (clip_norm / norms.clamp(min=tiny)).clamp(max=1.0)
-
-
-def clip_per_sample(grads: dict[str, Tensor], *, clip_norm: float) -> dict[str, Tensor]:
-    """g~_i = g_i * min(1, C / ||g_i||_2) with the norm over all parameters jointly (Abadi et
-    al. 2016, Alg. 1, "clip gradient"). Every row then has joint norm <= C (up to rounding);
-    rows already within C are unchanged. Shapes are kept: {name: [B, *param.shape]}."""
-    factors = _clip_factors(grads, clip_norm)
-    out: dict[str, Tensor] = {}
-    for name, g in grads.items():
-        f = factors.to(g.dtype).reshape(-1, *([1] * (g.dim() - 1)))
-        out[name] = g * f
-    return out
 
 
 def clipped_sum(grads: dict[str, Tensor], *, clip_norm: float) -> dict[str, Tensor]:
@@ -149,12 +135,6 @@ def add_gaussian_noise(
     return {name: noisy[name] for name in total}
 
 
-def noise_std(*, noise_multiplier: float, clip_norm: float, expected_batch: float) -> float:
-    """Noise std on the mean clipped gradient: sigma * C / E[B] (Abadi et al. 2016, Alg. 1)."""
-    _check_positive("expected_batch", expected_batch)
-    return noise_multiplier * clip_norm / expected_batch
-
-
 def noisy_mean(
     total: dict[str, Tensor],
     *,
@@ -165,34 +145,10 @@ def noisy_mean(
 ) -> dict[str, Tensor]:
     """(total + N(0, sigma^2 C^2 I)) / E[B] for a clipped sum `total` of sensitivity C: the
     noisy step gradient, whether the sum is one client's (client noise) or the sum over the
-    clients of a step (server noise, E[B] then the expected total batch). Abadi et al. 2016,
-    Alg. 1."""
+    clients of a step (server noise, E[B] then the expected total batch). The noise on each
+    coordinate of the mean has std sigma * C / E[B]. Abadi et al. 2016, Alg. 1."""
     _check_positive("expected_batch", expected_batch)
     noisy = add_gaussian_noise(
         total, noise_multiplier=noise_multiplier, clip_norm=clip_norm, generator=generator
     )
     return {name: t / expected_batch for name, t in noisy.items()}
-
-
-def privatize(
-    grads: dict[str, Tensor],
-    *,
-    clip_norm: float,
-    noise_multiplier: float,
-    expected_batch: float,
-    generator: torch.Generator,
-) -> dict[str, Tensor]:
-    """One DP-SGD gradient from per-sample gradients {name: [B, *shape]}:
-
-        (sum_i g_i min(1, C/||g_i||) + N(0, sigma^2 C^2 I)) / E[B]
-
-    with E[B] = q * n the expected Poisson batch size (not the realised B, which may be 0).
-    Returns {name: [*shape]}. Abadi et al. 2016, Alg. 1."""
-    total = clipped_sum(grads, clip_norm=clip_norm)
-    return noisy_mean(
-        total,
-        noise_multiplier=noise_multiplier,
-        clip_norm=clip_norm,
-        expected_batch=expected_batch,
-        generator=generator,
-    )

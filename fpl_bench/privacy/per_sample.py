@@ -54,8 +54,6 @@ __all__ = [
     "client_step_gradients",
     "encode_once",
     "loop_per_sample_grads",
-    "mean_grads",
-    "per_sample_grads",
     "step_gradients",
     "with_constants",
 ]
@@ -100,72 +98,6 @@ def encode_once(
     else:
         z, vjp_fn = vjp(encode, primals)
     return _detach_tree(z), vjp_fn
-
-
-def per_sample_grads(
-    encode: Encode,
-    sample_loss: SampleLoss,
-    params: dict[str, Tensor],
-    batch: tuple[Tensor, ...],
-    *,
-    chunk_size: int | None = None,
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Per-sample gradients {name: [B, *param.shape]} and per-sample losses [B].
-
-    encode: params -> Z (a tensor or a pytree of tensors), run once.
-    sample_loss: (Z, *batch_i) -> scalar loss of one sample; must be vmappable.
-    batch: tensors with leading dim B; sample i gets (t[i] for t in batch).
-    chunk_size: optional `vmap` chunk size to bound the memory of the vmapped backward.
-
-    grads[name][i] = J_name(Z)^T dl_i/dZ = d l_i / d params[name], exactly (see module doc).
-    Attention inside `encode` runs on the MATH backend of scaled_dot_product_attention so that
-    the vmapped backward stays batched (the fused kernels' backward has no batching rule).
-    The result carries no autograd history. An empty batch (B = 0, possible under Poisson
-    sampling) gives zero-length gradients and losses without running the encoder.
-    """
-    n = _batch_size(batch)
-    if n == 0:
-        grads = {k: v.detach().new_zeros((0, *v.shape)) for k, v in params.items()}
-        ref = next(iter(params.values()), batch[0])
-        return grads, ref.new_zeros(0)
-    z, vjp_fn = encode_once(encode, params, math_attention=True)
-    in_dims = (None, *(0 for _ in batch))
-    batch = tuple(t.detach() for t in batch)
-    cot, losses = vmap(grad_and_value(sample_loss), in_dims=in_dims, chunk_size=chunk_size)(
-        z, *batch
-    )
-    (grads,) = vmap(vjp_fn, chunk_size=chunk_size)(cot)
-    return dict(grads), losses
-
-
-def mean_grads(
-    encode: Encode,
-    sample_loss: SampleLoss,
-    params: dict[str, Tensor],
-    batch: tuple[Tensor, ...],
-) -> tuple[dict[str, Tensor], Tensor]:
-    """Gradient of the mean loss (1/B) sum_i l_i w.r.t. params, and the per-sample losses [B].
-
-    The non-private path: d mean_i l_i / dp = J_p(Z)^T (1/B) sum_i dl_i/dZ, so one vjp with the
-    mean cotangent, never materialising per-sample gradients. An empty batch gives zero
-    gradients and an empty loss vector.
-    """
-    n = _batch_size(batch)
-    if n == 0:
-        grads = {k: torch.zeros_like(v.detach()) for k, v in params.items()}
-        ref = next(iter(params.values()), batch[0])
-        return grads, ref.new_zeros(0)
-    z, vjp_fn = encode_once(encode, params)
-    in_dims = (None, *(0 for _ in batch))
-    batch = tuple(t.detach() for t in batch)
-
-    def mean_loss(zz: Any) -> tuple[Tensor, Tensor]:
-        losses = vmap(sample_loss, in_dims=in_dims)(zz, *batch)
-        return losses.mean(), losses
-
-    cot, losses = grad(mean_loss, has_aux=True)(z)
-    (grads,) = vjp_fn(cot)
-    return dict(grads), losses.detach()
 
 
 Prior = Callable[[Any, dict[str, Tensor]], Tensor | None]
@@ -232,7 +164,7 @@ def loop_per_sample_grads(
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Per-sample gradients {name: [B, *shape]} and losses [B] by B separate forward and
     backward passes through the encoder: the reference compute pattern (ablation only; the
-    same values as `per_sample_grads` to float rounding)."""
+    same values as the vmapped per-sample gradients of `step_gradients` to float rounding)."""
     n = _batch_size(batch)
     primals = {k: v.detach() for k, v in params.items()}
     rows: list[dict[str, Tensor]] = []

@@ -5,7 +5,7 @@ of Models", IEEE TMC 2023, arXiv:2208.11625) with the CoOp learner.
 Each round the sampled clients start from the server's prompt, train it locally, and the server
 takes the average weighted by client sample count. Unlike PromptFL's official repository, which
 averaged aliased state dicts (the "average" equalled the last client), `weighted_mean` builds
-new tensors (tests/schemes/test_aggregate.py).
+new tensors (tests/methods/test_aggregate.py).
 """
 
 from __future__ import annotations

@@ -11,8 +11,6 @@ from fpl_bench.learners.ot import OTPatch
 from fpl_bench.method import method_from_name
 from fpl_bench.privacy.per_sample import (
     client_step_gradients,
-    mean_grads,
-    per_sample_grads,
     step_gradients,
 )
 from fpl_bench.schemes.global_local import GlobalLocal
@@ -195,18 +193,15 @@ def test_vmap_grad_per_sample_equals_a_loop_of_autograd(tiny_tower):
         mapped = torch.func.vmap(torch.func.grad(loss), in_dims=(None, 0, 0, 0))(
             params, pooled, tokens, labels
         )
-    driver, losses = per_sample_grads(
+    step = [
         lambda p: method.encode(p, {}, ctx),
         lambda z, x, t, y: method.sample_loss(z, x, t, y, ctx),
         params,
         (pooled, tokens, labels),
-    )
-    mean, _ = mean_grads(
-        lambda p: method.encode(p, {}, ctx),
-        lambda z, x, t, y: method.sample_loss(z, x, t, y, ctx),
-        params,
-        (pooled, tokens, labels),
-    )
+    ]
+    private = step_gradients(*step, per_sample=True)
+    driver, losses = private.data, private.losses
+    mean = step_gradients(*step, per_sample=False).data
     for i in range(3):
         p = {k: v.clone().requires_grad_(True) for k, v in params.items()}
         li = loss(p, pooled[i], tokens[i], labels[i])

@@ -1,4 +1,5 @@
-"""per_sample_grads / mean_grads against a loop of ordinary backward passes."""
+"""step_gradients, per sample (private steps) and of the mean loss, against a loop of ordinary
+backward passes."""
 
 from __future__ import annotations
 
@@ -7,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fpl_bench.privacy.per_sample import mean_grads, per_sample_grads
+from fpl_bench.privacy.per_sample import step_gradients
 
 
 class ToyTower:
@@ -56,6 +57,20 @@ def make_case(n_cls: int, batch: int, dtype: torch.dtype, seed: int = 0):
     return encode, sample_loss, params, (images, labels)
 
 
+def per_sample_step(encode, sample_loss, params, batch, **kw):
+    """A private step's per-sample gradients {name: [B, *shape]} and losses [B] (no prior)."""
+    out = step_gradients(encode, sample_loss, params, batch, per_sample=True, **kw)
+    assert out.prior is None
+    return out.data, out.losses
+
+
+def mean_step(encode, sample_loss, params, batch):
+    """A non-private step's gradient of the mean loss {name: [*shape]} and losses [B]."""
+    out = step_gradients(encode, sample_loss, params, batch, per_sample=False)
+    assert out.prior is None
+    return out.data, out.losses
+
+
 def loop_grads(encode, sample_loss, params, batch):
     """Reference: B separate forward/backward passes through the whole model."""
     out: dict[str, list[Tensor]] = {k: [] for k in params}
@@ -77,7 +92,7 @@ def rel_err(a: Tensor, b: Tensor) -> float:
 @pytest.mark.parametrize(("dtype", "tol"), [(torch.float64, 1e-5), (torch.float32, 1e-4)])
 def test_matches_loop(dtype: torch.dtype, tol: float) -> None:
     encode, sample_loss, params, batch = make_case(n_cls=5, batch=7, dtype=dtype)
-    grads, losses = per_sample_grads(encode, sample_loss, params, batch)
+    grads, losses = per_sample_step(encode, sample_loss, params, batch)
     ref, ref_losses = loop_grads(encode, sample_loss, params, batch)
     assert grads["ctx"].shape == (7, 4, 16)
     assert grads["ctx"].dtype == dtype
@@ -90,7 +105,7 @@ def test_matches_loop(dtype: torch.dtype, tol: float) -> None:
 
 def test_batch_size_equals_class_count() -> None:
     encode, sample_loss, params, batch = make_case(n_cls=6, batch=6, dtype=torch.float64, seed=3)
-    grads, _ = per_sample_grads(encode, sample_loss, params, batch)
+    grads, _ = per_sample_step(encode, sample_loss, params, batch)
     ref, _ = loop_grads(encode, sample_loss, params, batch)
     assert rel_err(grads["ctx"], ref["ctx"]) < 1e-5
 
@@ -98,8 +113,8 @@ def test_batch_size_equals_class_count() -> None:
 def test_params_without_requires_grad() -> None:
     encode, sample_loss, params, batch = make_case(n_cls=3, batch=4, dtype=torch.float64)
     frozen = {k: v.detach() for k, v in params.items()}
-    a, _ = per_sample_grads(encode, sample_loss, frozen, batch)
-    b, _ = per_sample_grads(encode, sample_loss, params, batch)
+    a, _ = per_sample_step(encode, sample_loss, frozen, batch)
+    b, _ = per_sample_step(encode, sample_loss, params, batch)
     torch.testing.assert_close(a["ctx"], b["ctx"])
     assert params["ctx"].grad is None
 
@@ -128,7 +143,7 @@ def dict_case(batch: int = 5, n_cls: int = 4):
 
 def test_dict_valued_z_and_two_params() -> None:
     encode, sample_loss, params, batch = dict_case()
-    grads, losses = per_sample_grads(encode, sample_loss, params, batch)
+    grads, losses = per_sample_step(encode, sample_loss, params, batch)
     ref, ref_losses = loop_grads(encode, sample_loss, params, batch)
     assert set(grads) == {"p_global", "p_local"}
     for k in params:
@@ -137,10 +152,10 @@ def test_dict_valued_z_and_two_params() -> None:
     assert rel_err(losses, ref_losses) < 1e-10
 
 
-def test_mean_grads_is_mean_of_per_sample_and_autograd() -> None:
+def test_mean_step_is_mean_of_per_sample_and_autograd() -> None:
     encode, sample_loss, params, batch = dict_case()
-    mean, losses = mean_grads(encode, sample_loss, params, batch)
-    per, per_losses = per_sample_grads(encode, sample_loss, params, batch)
+    mean, losses = mean_step(encode, sample_loss, params, batch)
+    per, per_losses = per_sample_step(encode, sample_loss, params, batch)
     torch.testing.assert_close(losses, per_losses)
     leaves = {k: v.detach().clone().requires_grad_() for k, v in params.items()}
     z = encode(leaves)
@@ -156,16 +171,16 @@ def test_mean_grads_is_mean_of_per_sample_and_autograd() -> None:
 
 def test_chunked_equals_unchunked() -> None:
     encode, sample_loss, params, batch = make_case(n_cls=4, batch=9, dtype=torch.float64)
-    a, _ = per_sample_grads(encode, sample_loss, params, batch)
-    b, _ = per_sample_grads(encode, sample_loss, params, batch, chunk_size=4)
+    a, _ = per_sample_step(encode, sample_loss, params, batch)
+    b, _ = per_sample_step(encode, sample_loss, params, batch, chunk_size=4)
     torch.testing.assert_close(a["ctx"], b["ctx"])
 
 
 def test_empty_batch() -> None:
     encode, sample_loss, params, batch = make_case(n_cls=3, batch=0, dtype=torch.float32)
-    grads, losses = per_sample_grads(encode, sample_loss, params, batch)
+    grads, losses = per_sample_step(encode, sample_loss, params, batch)
     assert grads["ctx"].shape == (0, 4, 16) and losses.shape == (0,)
-    mean, losses = mean_grads(encode, sample_loss, params, batch)
+    mean, losses = mean_step(encode, sample_loss, params, batch)
     assert torch.equal(mean["ctx"], torch.zeros(4, 16)) and losses.shape == (0,)
 
 
@@ -182,7 +197,7 @@ def test_real_text_tower(tiny_tower) -> None:
     def encode(p: dict[str, Tensor]) -> Tensor:
         return tower.encode(p["ctx"])
 
-    grads, _ = per_sample_grads(encode, cosine_ce, params, (images, labels))
+    grads, _ = per_sample_step(encode, cosine_ce, params, (images, labels))
     ref, _ = loop_grads(encode, cosine_ce, params, (images, labels))
     assert rel_err(grads["ctx"], ref["ctx"]) < 1e-4
 
@@ -192,8 +207,6 @@ def test_step_gradients_prior_rides_with_the_per_sample_backward(n: int) -> None
     """With a prior (reads Z and params, no record), step_gradients gives the per-sample data
     gradients and the prior's gradient J^T dprior/dZ + dprior/dparams apart; the prior's
     cotangent goes through the per-sample backward as one more row. Both against autograd."""
-    from fpl_bench.privacy.per_sample import step_gradients
-
     encode, sample_loss, params, batch = dict_case()
     batch = tuple(t[:n] for t in batch)
     anchor = {k: 0.3 * torch.ones_like(v) for k, v in params.items()}

@@ -248,6 +248,7 @@ def test_regress_filters_compare_only_the_chosen_cells(baseline, runs_dir, capsy
     assert out.count("| ok |") == 4
 
 
+@pytest.mark.slow
 def test_regress_runs_the_baseline_cells_itself(tmp_path, capsys, monkeypatch):
     """A real tiny job -> its leaderboard as baseline -> `regress` with no --runs runs exactly
     the chosen cells (same configuration and seeds) in a work folder and finds the same numbers;

@@ -18,7 +18,7 @@ import typer
 import typer._click.exceptions as _typer_click
 import typer.exceptions as _typer_exc
 
-from fpl_bench.cli_options import CacheDir, DataRoot, cache_dir_or_env
+from fpl_bench.cli_options import CacheDir, DataRoot, Device, cache_dir_or_env
 from fpl_bench.errors import UsageError
 
 # typer ships its own copy of click: catch the exceptions of both.
@@ -226,7 +226,7 @@ def run(
     checkpoint: Annotated[
         Path | None, typer.Option(help="Local checkpoint (state dict) for --backbone.")
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = _default("device"),
+    device: Device = "auto",
     threads: Annotated[
         int | None,
         typer.Option(help="CPU threads for training (default: 1 for the embedded model)."),

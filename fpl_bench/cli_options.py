@@ -15,6 +15,7 @@ import typer
 CACHE_ENV = "FPL_BENCH_CACHE"
 
 DataRoot = Annotated[Path | None, typer.Option(help="Folder holding the dataset files.")]
+Device = Annotated[str, typer.Option(help="auto, cpu or cuda.")]
 CacheDir = Annotated[
     Path | None,
     typer.Option(help=f"Feature/data cache (default ${CACHE_ENV}, else ~/.cache/fpl-bench)."),

@@ -18,6 +18,7 @@ from typing import Annotated
 
 import typer
 
+from fpl_bench.cli_options import Device
 from fpl_bench.errors import UsageError
 
 # --compare-reference runs 8 configs per cell, the reference one very slow: small defaults.
@@ -55,7 +56,7 @@ def bench_cmd(
             "CPU, both on CUDA."
         ),
     ] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Device = "auto",
     threads: Annotated[
         int, typer.Option(help="CPU threads (per-core numbers by default).", min=1)
     ] = 1,

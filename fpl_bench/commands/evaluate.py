@@ -17,7 +17,7 @@ from typing import Annotated
 
 import typer
 
-from fpl_bench.cli_options import CacheDir, DataRoot, cache_dir_or_env
+from fpl_bench.cli_options import CacheDir, DataRoot, Device, cache_dir_or_env
 
 
 def evaluate(
@@ -33,7 +33,7 @@ def evaluate(
     ] = None,
     data_root: DataRoot = None,
     cache_dir: CacheDir = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Device = "auto",
     as_json: Annotated[
         bool, typer.Option("--json", help="Print the metrics as one JSON object.")
     ] = False,

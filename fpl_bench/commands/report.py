@@ -16,7 +16,7 @@ from typing import Annotated
 
 import typer
 
-from fpl_bench.cli_options import CacheDir, DataRoot, cache_dir_or_env
+from fpl_bench.cli_options import CacheDir, DataRoot, Device, cache_dir_or_env
 from fpl_bench.errors import UsageError
 
 DEFAULT_RUNS = Path("runs/default")
@@ -98,7 +98,7 @@ def regress(
     ] = None,
     data_root: DataRoot = None,
     cache_dir: CacheDir = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = "auto",
+    device: Device = "auto",
     tolerance: Annotated[
         float, typer.Option(help="Smallest drop that counts, as a fraction (0.02 = 2 points).")
     ] = 0.02,

@@ -17,7 +17,7 @@ from typing import Annotated, Any
 
 import typer
 
-from fpl_bench.cli_options import CacheDir, DataRoot, cache_dir_or_env
+from fpl_bench.cli_options import CacheDir, DataRoot, Device, cache_dir_or_env
 from fpl_bench.errors import UsageError
 
 # The tuning schedule: a trial trains the first 4 rounds of the run it tunes for (whose --rounds
@@ -90,7 +90,7 @@ def tune_cmd(
     backbone: Annotated[str, typer.Option(help="open_clip model name.")] = _default("backbone"),
     pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag.")] = None,
     checkpoint: Annotated[Path | None, typer.Option(help="Local checkpoint.")] = None,
-    device: Annotated[str, typer.Option(help="auto, cpu or cuda.")] = _default("device"),
+    device: Device = "auto",
     threads: Annotated[
         int | None,
         typer.Option(

@@ -18,7 +18,7 @@ import typer
 import typer._click.exceptions as _typer_click
 import typer.exceptions as _typer_exc
 
-from fpl_bench.cli_options import CacheDir, DataRoot, Device, cache_dir_or_env
+from fpl_bench import cli_options as opt
 from fpl_bench.errors import UsageError
 
 # typer ships its own copy of click: catch the exceptions of both.
@@ -53,13 +53,6 @@ def _root(
     ] = None,
 ) -> None:
     """Benchmark federated prompt-learning methods on CLIP under differential privacy."""
-
-
-def _default(field: str) -> Any:
-    """The ExperimentSpec default of `field`, so the CLI and the spec cannot disagree."""
-    from fpl_bench.spec import ExperimentSpec
-
-    return ExperimentSpec.model_fields[field].default
 
 
 SHORT = {
@@ -138,25 +131,15 @@ def run(
             "With --suite: only these of its cells."
         ),
     ] = None,
-    delta: Annotated[float, typer.Option(help="Target delta.")] = _default("delta"),
-    clip_norm: Annotated[float, typer.Option(help="Per-sample clipping norm C.")] = _default(
-        "clip_norm"
-    ),
-    accountant: Annotated[
-        str, typer.Option(help="Noise calibration: rdp, prv, or paper (DP-FPL closed form).")
-    ] = _default("accountant"),
-    dataset: Annotated[
-        str,
-        typer.Option(help="Dataset card name (see `fpl-bench datasets`) or card file PATH.toml."),
-    ] = _default("dataset"),
-    data_root: DataRoot = None,
-    dataset_option: Annotated[
-        list[str] | None,
-        typer.Option(help="Dataset option KEY=VALUE (repeatable), e.g. domain=noise."),
-    ] = None,
-    protocol: Annotated[
-        str, typer.Option(help="base2novel, personalized, multi-domain or cross-domain.")
-    ] = _default("protocol"),
+    delta: opt.Delta = opt.spec_default("delta"),
+    clip_norm: Annotated[
+        float, typer.Option(help="Per-sample clipping norm C.")
+    ] = opt.spec_default("clip_norm"),
+    accountant: opt.Accountant = opt.spec_default("accountant"),
+    dataset: opt.Dataset = opt.spec_default("dataset"),
+    data_root: opt.DataRoot = None,
+    dataset_option: opt.DatasetOption = None,
+    protocol: opt.Protocol = opt.spec_default("protocol"),
     transfer_datasets: Annotated[
         str | None,
         typer.Option(help="cross-dataset: comma list of datasets the prompts are scored on."),
@@ -164,33 +147,29 @@ def run(
     target_domain: Annotated[
         str | None, typer.Option(help="cross-domain: the held-out domain (default: the last).")
     ] = None,
-    partition: Annotated[
-        str, typer.Option(help="pathological, dirichlet, iid or by_domain.")
-    ] = _default("partition"),
+    partition: opt.Partition = opt.spec_default("partition"),
     alpha: Annotated[
         float | None,
         typer.Option(
-            help=f"Dirichlet concentration (--partition dirichlet; default {_default('alpha')})."
+            help=f"Dirichlet concentration (--partition dirichlet; default {opt.spec_default('alpha')})."
         ),
     ] = None,
-    clients: Annotated[int, typer.Option(help="Number of clients.")] = _default("clients"),
+    clients: opt.Clients = opt.spec_default("clients"),
     client_fraction: Annotated[
         float, typer.Option(help="Fraction of clients sampled per round.")
-    ] = _default("client_fraction"),
-    rounds: Annotated[int, typer.Option(help="Communication rounds.")] = _default("rounds"),
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = _default(
+    ] = opt.spec_default("client_fraction"),
+    rounds: Annotated[int, typer.Option(help="Communication rounds.")] = opt.spec_default("rounds"),
+    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = opt.spec_default(
         "local_epochs"
     ),
-    shots: Annotated[
-        int, typer.Option(help="Training shots per class per client (0 = all).")
-    ] = _default("shots"),
+    shots: opt.Shots = opt.spec_default("shots"),
     batch_size: Annotated[
         int, typer.Option(help="Local batch size (expected size under DP).")
-    ] = _default("batch_size"),
-    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = _default("lr"),
-    n_ctx: Annotated[int, typer.Option(help="Number of learnable context vectors.")] = _default(
-        "n_ctx"
-    ),
+    ] = opt.spec_default("batch_size"),
+    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = opt.spec_default("lr"),
+    n_ctx: Annotated[
+        int, typer.Option(help="Number of learnable context vectors.")
+    ] = opt.spec_default("n_ctx"),
     ctx_init: Annotated[
         str | None,
         typer.Option(
@@ -198,35 +177,22 @@ def run(
             "'a photo of a'); --n-ctx must equal its token count. Default: random N(0, 0.02^2)."
         ),
     ] = None,
-    eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds.")] = _default(
+    eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds.")] = opt.spec_default(
         "eval_every"
     ),
     last_k: Annotated[
         int, typer.Option(help="Final figure: mean over the last k evaluations.")
-    ] = _default("last_k"),
+    ] = opt.spec_default("last_k"),
     seeds: Annotated[
         str | None,
         typer.Option(
             help="Comma list of seeds (default 0). With --suite: only these of its cells."
         ),
     ] = None,
-    backbone: Annotated[
-        str,
-        typer.Option(
-            help="open_clip model name or a model-config .json (default: the embedded tiny CLIP)."
-        ),
-    ] = _default("backbone"),
-    pretrained: Annotated[
-        str | None,
-        typer.Option(
-            help="open_clip tag (e.g. openai), a weights file (.pt/.safetensors, OpenAI's "
-            "TorchScript .pt), or none (random weights)."
-        ),
-    ] = None,
-    checkpoint: Annotated[
-        Path | None, typer.Option(help="Local checkpoint (state dict) for --backbone.")
-    ] = None,
-    device: Device = "auto",
+    backbone: opt.Backbone = opt.spec_default("backbone"),
+    pretrained: opt.Pretrained = None,
+    checkpoint: opt.Checkpoint = None,
+    device: opt.Device = "auto",
     threads: Annotated[
         int | None,
         typer.Option(help="CPU threads for training (default: 1 for the embedded model)."),
@@ -243,13 +209,7 @@ def run(
         list[str] | None,
         typer.Option(help="Method option METHOD.OPTION=VALUE (repeatable), e.g. dpfpl.rank=4."),
     ] = None,
-    trust: Annotated[
-        str,
-        typer.Option(
-            help="Trust model under DP: server (trusted aggregator adds the noise to shared "
-            "parameters) or client (every client noises everything it sends)."
-        ),
-    ] = _default("trust"),
+    trust: opt.Trust = opt.spec_default("trust"),
     suite: Annotated[
         str | None,
         typer.Option(
@@ -305,7 +265,7 @@ def run(
     out: Annotated[
         str, typer.Option(help="Output folder (results.csv, mlflow.db, partitions, jobs).")
     ] = str(DEFAULT_OUT),
-    cache_dir: CacheDir = None,
+    cache_dir: opt.CacheDir = None,
 ) -> None:
     """Run methods on a dataset at a privacy budget; print the table and write DIR/results.csv."""
     from rich.console import Console
@@ -316,7 +276,7 @@ def run(
     if dry_run and suite is None:
         raise UsageError("--dry-run applies to --suite only")
     if suite is not None:
-        if dataset != _default("dataset"):
+        if dataset != opt.spec_default("dataset"):
             raise UsageError("--dataset: the suite sets the datasets; drop it")
         only = suite_filter(methods, eps, seeds)
         _run_suite(
@@ -346,7 +306,7 @@ def run(
             w.strip() for w in (transfer_datasets or "").split(",") if w.strip()
         ),
         partition=partition,
-        alpha=_default("alpha") if alpha is None else alpha,
+        alpha=opt.spec_default("alpha") if alpha is None else alpha,
         clients=clients,
         client_fraction=client_fraction,
         rounds=rounds,
@@ -376,8 +336,8 @@ def run(
         resume=resume,
         precision="fp32" if fp32 else "auto",
     )
-    if cache_dir_or_env(cache_dir) is not None:
-        fields["cache_dir"] = cache_dir_or_env(cache_dir)
+    if opt.cache_dir_or_env(cache_dir) is not None:
+        fields["cache_dir"] = opt.cache_dir_or_env(cache_dir)
     spec = build_spec_from_flags(fields)
     from fpl_bench.parallel import warm_workers_if_needed
 
@@ -477,7 +437,7 @@ def _run_suite(
     overrides: dict[str, Any] = {"device": device}
     if data_root is not None:
         overrides["data_root"] = data_root
-    cache = cache_dir_or_env(cache_dir)
+    cache = opt.cache_dir_or_env(cache_dir)
     if cache is not None:
         overrides["cache_dir"] = cache
     if threads is not None:

@@ -17,20 +17,13 @@ from typing import Annotated, Any
 
 import typer
 
-from fpl_bench.cli_options import CacheDir, DataRoot, Device, cache_dir_or_env
+from fpl_bench import cli_options as opt
 from fpl_bench.errors import UsageError
 
 # The tuning schedule: a trial trains the first 4 rounds of the run it tunes for (whose --rounds
 # set the DP noise), evaluated every other round (each evaluation but the last can prune); the
 # objective is the mean of the last 2 evaluations.
 TUNE_DEFAULTS: dict[str, Any] = {"trial_rounds": 4, "eval_every": 2, "last_k": 2}
-
-
-def _default(name: str) -> Any:
-    """The ExperimentSpec default of `name` (as `fpl-bench run` uses it)."""
-    from fpl_bench.spec import ExperimentSpec
-
-    return ExperimentSpec.model_fields[name].default
 
 
 def tune_cmd(
@@ -49,30 +42,20 @@ def tune_cmd(
     eps: Annotated[
         str, typer.Option(help="Target epsilon(s), comma list; one study each; 'none' = no DP.")
     ] = "none",
-    dataset: Annotated[
-        str, typer.Option(help="Dataset card name or card file PATH.toml.")
-    ] = _default("dataset"),
-    data_root: DataRoot = None,
-    dataset_option: Annotated[
-        list[str] | None, typer.Option(help="Dataset option KEY=VALUE (repeatable).")
-    ] = None,
-    protocol: Annotated[str, typer.Option(help="base2novel or personalized.")] = _default(
-        "protocol"
+    dataset: opt.Dataset = opt.spec_default("dataset"),
+    data_root: opt.DataRoot = None,
+    dataset_option: opt.DatasetOption = None,
+    protocol: opt.Protocol = opt.spec_default("protocol"),
+    partition: opt.Partition = opt.spec_default("partition"),
+    alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = opt.spec_default(
+        "alpha"
     ),
-    partition: Annotated[str, typer.Option(help="pathological, dirichlet or iid.")] = _default(
-        "partition"
-    ),
-    alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = _default("alpha"),
-    trust: Annotated[str, typer.Option(help="Trust model under DP: server or client.")] = _default(
-        "trust"
-    ),
-    clients: Annotated[int, typer.Option(help="Number of clients.")] = _default("clients"),
-    shots: Annotated[int, typer.Option(help="Training shots per class per client.")] = _default(
-        "shots"
-    ),
+    trust: opt.Trust = opt.spec_default("trust"),
+    clients: opt.Clients = opt.spec_default("clients"),
+    shots: opt.Shots = opt.spec_default("shots"),
     rounds: Annotated[
         int, typer.Option(help="Rounds of the run being tuned for (sets the DP noise).")
-    ] = _default("rounds"),
+    ] = opt.spec_default("rounds"),
     trial_rounds: Annotated[
         int, typer.Option(min=1, help="Rounds a trial trains: the first N of --rounds.")
     ] = TUNE_DEFAULTS["trial_rounds"],
@@ -85,12 +68,12 @@ def tune_cmd(
     seeds: Annotated[str, typer.Option(help="Training seeds of each trial (value: the mean).")] = (
         "0"
     ),
-    delta: Annotated[float, typer.Option(help="Target delta.")] = _default("delta"),
-    accountant: Annotated[str, typer.Option(help="rdp, prv or paper.")] = _default("accountant"),
-    backbone: Annotated[str, typer.Option(help="open_clip model name.")] = _default("backbone"),
-    pretrained: Annotated[str | None, typer.Option(help="open_clip pretrained tag.")] = None,
-    checkpoint: Annotated[Path | None, typer.Option(help="Local checkpoint.")] = None,
-    device: Device = "auto",
+    delta: opt.Delta = opt.spec_default("delta"),
+    accountant: opt.Accountant = opt.spec_default("accountant"),
+    backbone: opt.Backbone = opt.spec_default("backbone"),
+    pretrained: opt.Pretrained = None,
+    checkpoint: opt.Checkpoint = None,
+    device: opt.Device = "auto",
     threads: Annotated[
         int | None,
         typer.Option(
@@ -121,7 +104,7 @@ def tune_cmd(
     out: Annotated[Path, typer.Option(help="Output folder (optuna.db, mlflow.db).")] = Path(
         "runs/default"
     ),
-    cache_dir: CacheDir = None,
+    cache_dir: opt.CacheDir = None,
 ) -> None:
     """Tune the methods' hyperparameters on the validation split (one Optuna study each)."""
     if workers > 1:  # the fork server's imports overlap with this process's (parallel.py)
@@ -160,7 +143,7 @@ def tune_cmd(
         out=out,
         eval_split="val",
     )
-    cache = cache_dir_or_env(cache_dir)
+    cache = opt.cache_dir_or_env(cache_dir)
     if cache is not None:
         fields["cache_dir"] = cache
     spec = build_spec(**fields)

@@ -174,6 +174,16 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
             for seed, (_, split) in partitions.items():
                 budgets = _budgets(spec, split, seed)
                 check_epsilons(spec.eps, budgets, delta=spec.delta, calibration=spec.accountant)
+                if spec.accountant == "paper":  # a closed form: its refusal costs nothing now
+                    for eps in (e for e in spec.eps if e is not None):
+                        plan_for_clients(
+                            budgets,
+                            eps=eps,
+                            delta=spec.delta,
+                            clip_norm=spec.clip_norm,
+                            rounds=spec.rounds,
+                            calibration="paper",
+                        )
     tower = _text_tower(spec, backbone, splits.classnames, device)  # checks ctx_init
     # the input is accepted: from here a log shows the job's progress (bad input stays one line)
     log(

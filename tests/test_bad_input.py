@@ -63,6 +63,10 @@ CASES = [
     (["run", "--methods", "fedpgb"], "unknown method 'fedpgb'"),
     (["run", "--methods", ""], "method list is empty"),
     (
+        ["run", "--methods", "coop", "--eps", "0.5", "--accountant", "paper", *TINY],
+        "the paper's closed form sigma=6.786 (T=1) does not meet --eps 0.5 under RDP",
+    ),
+    (
         ["run", "--methods", "promptfl", "--ctx-init", "a photo of a"],
         "--ctx-init 'a photo of a' is 4 tokens but --n-ctx is 16: give --n-ctx 4",
     ),

@@ -216,10 +216,11 @@ CORRUPT_RESULTS = {
 }
 
 
-def _one_line(code, err, needle):
+def refusal(code, err):
+    """The one stderr line of a refused command (exit code 2, no traceback)."""
     lines = err.strip().splitlines()
-    assert code == 2 and len(lines) == 1 and needle in lines[0], err
-    assert "Traceback" not in err
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    return lines[0]
 
 
 def _runs_folder(folder):
@@ -237,7 +238,7 @@ def test_corrupt_results_file_is_refused_by_run(kind, tmp_path, cache, capsys, m
     out.mkdir()
     (out / "results.csv").write_bytes(CORRUPT_RESULTS[kind])
     code, err = _run(["run", "--out", str(out), "--cache-dir", str(cache)], capsys, monkeypatch)
-    _one_line(code, err, f"{out / 'results.csv'} is not a readable results CSV")
+    assert f"{out / 'results.csv'} is not a readable results CSV" in refusal(code, err), err
     assert "move it away" in err
     assert (out / "results.csv").read_bytes() == CORRUPT_RESULTS[kind]
 
@@ -246,7 +247,7 @@ def test_corrupt_results_file_is_refused_by_run(kind, tmp_path, cache, capsys, m
 def test_corrupt_results_file_is_refused_by_leaderboard(kind, tmp_path, capsys, monkeypatch):
     (tmp_path / "results.csv").write_bytes(CORRUPT_RESULTS[kind])
     code, _, err = run_cli(["leaderboard", "--runs", str(tmp_path)], capsys, monkeypatch)
-    _one_line(code, err, "is not a readable results CSV")
+    assert "is not a readable results CSV" in refusal(code, err), err
 
 
 def test_results_row_with_a_seed_that_is_not_an_integer_is_refused(tmp_path, capsys, monkeypatch):
@@ -257,7 +258,7 @@ def test_results_row_with_a_seed_that_is_not_an_integer_is_refused(tmp_path, cap
     frame.loc[0, "seed"] = "abc"
     frame.to_csv(runs / "results.csv", index=False)
     code, _, err = run_cli(["leaderboard", "--runs", str(runs)], capsys, monkeypatch)
-    _one_line(code, err, "seed 'abc' is not an integer")
+    assert "seed 'abc' is not an integer" in refusal(code, err), err
 
 
 def test_leaderboard_out_that_cannot_be_written_is_refused(tmp_path, capsys, monkeypatch):
@@ -273,7 +274,7 @@ def test_leaderboard_out_that_cannot_be_written_is_refused(tmp_path, capsys, mon
     for out, needle in cases:
         args = ["leaderboard", "--runs", str(runs), "--out", str(out), "--no-png"]
         code, _, err = run_cli(args, capsys, monkeypatch)
-        _one_line(code, err, f"--out {out} {needle}")
+        assert f"--out {out} {needle}" in refusal(code, err), err
 
 
 def test_leaderboard_runs_that_is_not_a_run_folder_says_what_it_is(tmp_path, capsys, monkeypatch):
@@ -286,7 +287,7 @@ def test_leaderboard_runs_that_is_not_a_run_folder_says_what_it_is(tmp_path, cap
         (board, f"--runs {board} is a CSV file but not a results file"),
     ):
         code, _, err = run_cli(["leaderboard", "--runs", str(runs)], capsys, monkeypatch)
-        _one_line(code, err, needle)
+        assert needle in refusal(code, err), err
         assert "results.csv not found" not in err
 
 
@@ -295,7 +296,7 @@ def test_leaderboard_tracking_uri_that_is_not_sqlite_is_refused(tmp_path, capsys
     text.write_text("not a database\n")
     uri = f"sqlite:///{text}"
     code, _, err = run_cli(["leaderboard", "--tracking-uri", uri], capsys, monkeypatch)
-    _one_line(code, err, f"--tracking-uri {uri}: {text} is not an SQLite database")
+    assert f"--tracking-uri {uri}: {text} is not an SQLite database" in refusal(code, err), err
 
 
 def test_tracking_database_in_out_that_is_not_sqlite_is_refused(
@@ -306,7 +307,9 @@ def test_tracking_database_in_out_that_is_not_sqlite_is_refused(
     (out / "mlflow.db").write_text("hello\n")
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
     code, err = _run(["run", "--out", str(out), "--cache-dir", str(cache)], capsys, monkeypatch)
-    _one_line(code, err, f"tracking database {out / 'mlflow.db'} is not an SQLite database")
+    assert f"tracking database {out / 'mlflow.db'} is not an SQLite database" in refusal(
+        code, err
+    ), err
     assert (out / "results.csv").read_text() == before
 
 
@@ -328,7 +331,7 @@ def test_regress_bad_baseline_and_options_are_refused(tmp_path, capsys, monkeypa
     ]
     for extra, needle in cases:
         code, _, err = run_cli(["regress", "--runs", str(runs), *extra], capsys, monkeypatch)
-        _one_line(code, err, needle)
+        assert needle in refusal(code, err), err
 
 
 def test_pretrain_tiny_refuses_bad_options_before_training(tmp_path, capsys, monkeypatch):
@@ -359,7 +362,7 @@ def test_pretrain_tiny_refuses_bad_options_before_training(tmp_path, capsys, mon
         cases.append((["--out", str(readonly / "tiny.pt")], "is not writable"))
     for extra, needle in cases:
         code, _, err = run_cli(["pretrain-tiny", *extra], capsys, monkeypatch)
-        _one_line(code, err, needle)
+        assert needle in refusal(code, err), err
 
 
 def test_pretrain_tiny_minimum_is_one_batch():
@@ -394,7 +397,7 @@ def test_bench_refuses_bad_numbers_before_timing(extra, needle, capsys, monkeypa
 
     monkeypatch.setattr(bench, "run_bench", no_timing)
     code, out, err = run_cli(["bench", *extra], capsys, monkeypatch)
-    _one_line(code, err, needle)
+    assert needle in refusal(code, err), err
     assert "s/round" not in out
 
 
@@ -403,5 +406,5 @@ def test_param_for_a_method_outside_the_run_names_the_runs_methods(
 ):
     args = ["run", "--out", str(tmp_path), "--cache-dir", str(cache), "--methods", "promptfl"]
     code, err = _run([*args, "--param", "dpfpl.rank=4"], capsys, monkeypatch)
-    _one_line(code, err, "'dpfpl' is not among this run's methods (promptfl)")
+    assert "'dpfpl' is not among this run's methods (promptfl)" in refusal(code, err), err
     assert err.count("dpfpl.rank=4") == 1  # the refused input is not offered as the example

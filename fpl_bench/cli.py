@@ -472,11 +472,10 @@ def suite_filter(methods: str | None, eps: str | None, seeds: str | None) -> Any
 
     if methods is None and eps is None and seeds is None:
         return None
-    words = None if methods is None else [w.strip() for w in methods.split(",") if w.strip()]
-    if words and "all" in words:
-        words = None if words == ["all"] else words
-        if words:
-            raise UsageError(f"--methods {methods}: 'all' cannot be combined with other names")
+    from fpl_bench.catalog import method_names
+
+    every = methods is None or methods.strip().lower() == "all"
+    words = None if every else method_names(methods)  # refuses 'all' among names, repeats
     return CellFilter(
         methods=None if words is None else tuple(words),
         eps=None if eps is None else tuple(normalize_eps(e) for e in parse_eps(eps)),

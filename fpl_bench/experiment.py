@@ -615,6 +615,12 @@ def run_one(
         saved = save_run_prompts(Path(spec.out), run, config, key, method.trains)
         artifacts["prompts.safetensors"] = saved
         prompts_file = str(saved.relative_to(spec.out))
+    # columns of the row that MLflow's params do not already hold as they are: run tags too
+    recorded = {
+        "backbone": backbone_label(spec),
+        "setup_hash": setup_hash(spec),
+        "prompts": prompts_file,
+    }
     tracker.finish(
         run_id,
         {
@@ -624,12 +630,7 @@ def run_one(
         },
         artifacts,
         status="FINISHED" if status == "finished" else "FAILED",
-        tags={
-            "status": status,
-            "backbone": backbone_label(spec),
-            "setup_hash": setup_hash(spec),
-            "prompts": prompts_file,
-        },
+        tags={"status": status, **recorded},
     )
     row = {
         **key,
@@ -642,9 +643,7 @@ def run_one(
         "lr": spec.lr,
         "clients": spec.clients,
         "shots": spec.shots,
-        "backbone": backbone_label(spec),
-        "setup_hash": setup_hash(spec),
-        "prompts": prompts_file,
+        **recorded,
         "tuned": spec.tuned,
         "secure_noise": spec.secure_noise,
         "wall_s": round(wall, 2),

@@ -57,13 +57,20 @@ def prompts_name(key: dict[str, Any]) -> str:
     )
 
 
-def flatten(server: dict[str, Tensor], clients: list[dict[str, Tensor]]) -> dict[str, Tensor]:
-    """{'server/<name>': .., 'client/<i>/<name>': ..}: contiguous CPU copies, as safetensors
-    stores them."""
+def named(server: dict[str, Tensor], clients: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """{'server/<name>': .., 'client/<i>/<name>': ..}: the file's names of the tensors."""
     flat = {f"{SERVER}{name}": t for name, t in server.items()}
     for i, params in enumerate(clients):
         flat.update({f"{CLIENT}{i}/{name}": t for name, t in params.items()})
-    return {name: t.detach().to("cpu").contiguous().clone() for name, t in flat.items()}
+    return flat
+
+
+def flatten(server: dict[str, Tensor], clients: list[dict[str, Tensor]]) -> dict[str, Tensor]:
+    """`named`, as contiguous CPU copies (what safetensors stores)."""
+    return {
+        name: t.detach().to("cpu").contiguous().clone()
+        for name, t in named(server, clients).items()
+    }
 
 
 def unflatten(flat: dict[str, Tensor], n_clients: int) -> tuple[dict, list[dict]]:
@@ -197,21 +204,16 @@ def load_into(run: Any, saved: SavedPrompts) -> None:
             f"the prompts hold {len(saved.clients)} clients, the run has {len(run.clients)}: "
             "evaluate with the same --clients"
         )
-    expected = {f"{SERVER}{k}": v for k, v in run.server.items()}
-    for i, state in enumerate(run.clients):
-        expected.update({f"{CLIENT}{i}/{k}": v for k, v in state.params.items()})
-    found = flatten(saved.server, saved.clients)
-    wrong = sorted(
-        name
-        for name in set(expected) | set(found)
-        if name not in expected or name not in found or expected[name].shape != found[name].shape
-    )
+    built = named(run.server, [state.params for state in run.clients])
+    expected = {name: t.shape for name, t in built.items()}
+    found = {name: t.shape for name, t in named(saved.server, saved.clients).items()}
+    wrong = sorted(n for n in set(expected) | set(found) if expected.get(n) != found.get(n))
     if wrong:
         raise UsageError(
             f"the prompts do not fit the rebuilt run ({wrong[0]}: name or shape differs); was "
             "the file written by another fpl-bench version?"
         )
-    device = next(iter(expected.values())).device if expected else torch.device("cpu")
+    device = next(iter(built.values())).device if built else torch.device("cpu")
     run.server = {k: v.to(device) for k, v in saved.server.items()}
     for state, params in zip(run.clients, saved.clients, strict=True):
         state.params = {k: v.to(device) for k, v in params.items()}

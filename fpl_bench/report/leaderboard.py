@@ -249,12 +249,18 @@ def best_shown(column: pd.DataFrame) -> str | None:
 SETUP_FIELDS: tuple[str, ...] = tuple(c for c in CONFIG_COLUMNS if c != "setup_hash")
 
 
+def setup_row(rows: pd.DataFrame) -> pd.Series:
+    """The row that speaks for a setup's key fields: its first untuned row (a tuned row's lr
+    or epochs are its study's), else its first row."""
+    untuned = rows[~rows["tuned"].astype(bool)]
+    return (untuned if len(untuned) else rows).iloc[0]
+
+
 def setup_text(part: pd.DataFrame) -> str:
     """The key fields of one table's setup, from its untuned rows ('rounds 10, local_epochs 1,
     batch_size 32, lr 0.005, clients 10, shots 16, backbone fpl-tiny-vit'); tuned rows are
     said to use their studies' values."""
-    untuned = part[~part["tuned"].astype(bool)]
-    first = (untuned if len(untuned) else part).iloc[0]
+    first = setup_row(part)
     text = ", ".join(f"{f} {shown(first[f])}" for f in SETUP_FIELDS)
     if part["tuned"].astype(bool).any():
         text += "; tuned rows: their studies' values"
@@ -308,9 +314,7 @@ def setup_labels(leaderboard: pd.DataFrame) -> dict[tuple[str, ...], str]:
         setups = list(dict.fromkeys(part["setup_hash"]))
         values = {}
         for setup in setups:
-            rows = part[part["setup_hash"] == setup]
-            untuned = rows[~rows["tuned"].astype(bool)]
-            first = (untuned if len(untuned) else rows).iloc[0]
+            first = setup_row(part[part["setup_hash"] == setup])
             values[setup] = {f: str(first[f]) for f in SETUP_FIELDS}
         differ = [f for f in SETUP_FIELDS if len({v[f] for v in values.values()}) > 1]
         for setup in setups:

@@ -32,6 +32,22 @@ cells). Each leaderboard row records its configuration (`config_hash`, rounds, l
 lr, ...), which `fpl-bench regress` matches. Accuracy in %, mean ± standard deviation over
 the seeds (the CSV's `n_seeds` says how many; the best of each column in bold)."""
 
+WORLD = """\
+**What the embedded default measures.** Its downstream task is the synthetic source's *dusk*
+domain: 64 classes "{colour} {shape}" seen in dim violet light, which moves colours onto their
+neighbours (orange looks like daylight brown, pink like purple). The embedded tiny CLIP was
+pretrained mostly on daylight images captioned by class name alone; dusk images were 12% of its
+corpus and always captioned with their light ("a {} at dusk.", "a dim photo of a {}."; see "The
+embedded tiny CLIP"). So, as with real CLIP on EuroSAT ("a centered satellite photo") or FGVC
+Aircraft ("a type of aircraft"), the downstream images are a part of the pretraining
+distribution that the usual captions do not describe: the hand-written "a photo of a {}."
+misses it (zero-shot 42.7% on all 64 dusk classes, `fpl-bench pretrain-tiny --out
+fpl_bench/assets/fpl-tiny-vit.pt --measure`), the model itself does not (65.7% when the caption
+names the light), and a prompt learned from a few dusk images per class can find what the
+hand-written one does not say. Base and novel classes are unseen *pairs* of the same colours
+and shapes (the Latin-square class order of fpl_bench/data/synthetic.py), a stricter test than
+new words but a different one from real data's new objects: see fact b below."""
+
 CAVEATS = """\
 Plausible reasons where an ordering does not reproduce, not tested here: the paper's baselines
 were noised differently (every method's shared prompt gets the same server-side noise here, see
@@ -107,10 +123,24 @@ def facts_table(path: Path) -> str:
     """fact | holds | numbers, from a leaderboard's facts CSV."""
     facts = pd.read_csv(path)
     rows = ["| fact | statement | holds | numbers (mean ± std, %) |", "|---|---|---|---|"]
-    rows += [
-        f"| {r.fact} | {r.statement} | {r.holds} | {r.numbers} |" for r in facts.itertuples()
-    ]
+    rows += [f"| {r.fact} | {r.statement} | {r.holds} | {r.numbers} |" for r in facts.itertuples()]
     return "\n".join(rows)
+
+
+def headroom(server: pd.DataFrame) -> str:
+    """One paragraph: zero-shot and PromptFL base accuracy without DP, and the best cell."""
+    zs, n = mean_pct(server, "zeroshot", "base_acc", "none")
+    pfl, _ = mean_pct(server, "promptfl", "base_acc", "none")
+    cells = server[server.metric.isin(["local_acc", "neighbor_acc", "base_acc", "novel_acc", "hm"])]
+    best = cells.loc[cells["mean"].idxmax()]
+    scale = 100 if best["mean"] <= 1 else 1
+    return (
+        f"**Headroom** (server tables, no DP, {n} seeds): zero-shot base accuracy {zs:.1f}%, "
+        f"PromptFL (one prompt trained on every base class) {pfl:.1f}% ({pfl - zs:+.1f} points; "
+        "real CLIP, ViT-B/16, mean of 11 datasets: zero-shot 69.3, CoOp 82.7, +13.4); the best "
+        f"cell of any method is {best['mean'] * scale:.1f}% ({best.method}, "
+        f"{best.metric.replace('_acc', '')}, eps {best.eps})."
+    )
 
 
 def render() -> tuple[str, list[str]]:
@@ -128,6 +158,8 @@ def render() -> tuple[str, list[str]]:
     parts = [
         SECTION,
         HEAD + partial_note(server, client),
+        WORLD,
+        headroom(server),
         "Local accuracy (server trust):",
         table(server_md, "local accuracy"),
         "Neighbor accuracy (server trust):",

@@ -672,10 +672,23 @@ def pretrain_tiny_cmd(
         int | None,
         typer.Option(help="torch CPU threads (default: all cores; the shipped file used 1)."),
     ] = None,
+    measure: Annotated[
+        bool,
+        typer.Option(
+            "--measure",
+            help="Do not train: measure the checkpoint at --out (zero-shot top-1 per domain).",
+        ),
+    ] = False,
 ) -> None:
     """Reproduce the embedded tiny CLIP: contrastive pretraining on the synthetic source."""
     from fpl_bench.jobs import check_writable_folder
-    from fpl_bench.pretrain import BATCH_SIZE, pretrain_tiny
+    from fpl_bench.pretrain import BATCH_SIZE, evaluate_checkpoint, pretrain_tiny
+
+    if measure:
+        if not out.is_file():
+            raise UsageError(f"--out {out}: no such checkpoint to measure; omit --measure to train")
+        evaluate_checkpoint(out, log=typer.echo)
+        return
 
     if out.exists() and out.is_dir():
         raise UsageError(f"--out {out} is a folder; give a file path such as {out / 'tiny.pt'}")

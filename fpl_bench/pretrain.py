@@ -16,43 +16,53 @@ Two phases, one training loop (`_train`):
 `pretrain_tiny(out=o, seed=s)` equals phase 1 saved to p then `finetune_patches(init=p, out=o,
 seed=s)` (same weights on one machine with the same thread count; `phase1_out` keeps p).
 
-The shipped `fpl_bench/assets/fpl-tiny-vit.pt` (sha256 f99a411a5d36...) is the output of
+The shipped `fpl_bench/assets/fpl-tiny-vit.pt` (sha256 0dbe2803d556...) is the output of
 
-    pretrain_tiny(out=Path("fpl_bench/assets/fpl-tiny-vit.pt"), threads=1)
+    fpl-bench pretrain-tiny --out fpl_bench/assets/fpl-tiny-vit.pt --threads 1
 
-with every other argument at its default (seed 0; 1872 + 300 steps of 128 images; 54 min of wall
-time on one thread of a busy 2-core machine). `fpl-bench pretrain-tiny --out PATH` runs the same
-recipe on all cores; float sums then differ in the last bits (measured: 8e-7 after 3 steps), so
-it reproduces the recipe and the accuracy, not every bit. Its measured zero-shot top-1 ("a photo
-of a {}.", `evaluate_checkpoint`: 2048 test images per domain, chance 1.6%):
+i.e. `pretrain_tiny(out=..., threads=1)` with every other argument at its default (seed 0;
+1872 + 300 steps of 128 images; 17 min 48 s on one thread of a 2-core AMD EPYC Zen 3 VM, AVX2,
+with the other core busy). With the default thread count (all cores) float sums differ in the
+last bits (measured: 8e-7 after 3 steps), so it reproduces the recipe and the accuracy, not
+every bit. Its measured zero-shot top-1 ("a photo of a {}.", `evaluate_checkpoint`, also
+`fpl-bench pretrain-tiny --out FILE --measure`: 2048 test images per domain, chance 1.6%):
 
     domain    pooled   mean-patch
-    plain     76.9%    73.6%
-    noise     68.1%    63.9%
-    stripes   76.1%    73.1%
-    checker   75.1%    71.8%
+    plain     72.4%    68.8%
+    noise     63.1%    59.3%
+    stripes   71.9%    67.8%
+    checker   68.5%    67.1%
+    dusk      42.7%    34.9%      (65.7% pooled with "a photo of a {} at dusk.")
 
-(after phase 1 alone: pooled 75.6 / 65.3 / 75.0 / 73.9%, mean-patch 12.0 / 8.3 / 12.4 / 11.4%).
+Dusk, the embedded default's downstream domain, is 12% of the pretraining images and always
+captioned with its light: the model knows dusk (65.7% when the caption says so), the
+hand-written prompt does not ask for it (42.7%). That gap is the headroom a learned prompt can
+close (README, "Results on the embedded default").
 
 Data: each epoch draws `n_images` fresh images (`data/synthetic.generate`) with uniform random
-classes and domains, from seeds derived from (seed + 10_000, phase, epoch, domain): disjoint
-from the seeds `load_synthetic` uses for its splits, so the zero-shot test images are never
-trained on, and disjoint between the phases. Classes are drawn and captioned in sorted-name
-order (`_training_classnames`) and mapped to `CLASSNAMES` ids only to render the pixels, so
-training does not depend on the order of the class ids. Captions: "{template}" x classname,
-one random template per class per step (`TEMPLATES`).
+classes; each image is of the dusk domain with probability `dusk_fraction` (default
+DUSK_FRACTION = 12%), else of a daylight domain drawn uniformly. Seeds derive from (seed +
+10_000, phase, epoch, domain): disjoint from the seeds `load_synthetic` uses for its splits, so
+the zero-shot test images are never trained on, and disjoint between the phases. Classes are
+drawn and captioned in sorted-name order (`_training_classnames`) and mapped to `CLASSNAMES` ids
+only to render the pixels, so training does not depend on the order of the class ids.
+Captions: a daylight image takes "{template}" x classname with one of the 12 `TEMPLATES`, none
+of which names the light; a dusk image one of the 6 `DUSK_TEMPLATES` ("a {} at dusk.", "a dim
+photo of a {}.", ...), as web captions name what is unusual about a photo. One random template
+per class per step on each side, so a step's text side is 2 x 64 captions (daylight, dusk).
 
 Loss on the pooled feature: CLIP's symmetric contrastive loss (Radford et al., ICML 2021,
-Fig. 3), with the text side of a batch being one caption per class (64 texts) instead of one
-per image. A batch holds each class about twice, so CLIP's one-positive targets would push
-apart images and captions of the same class; here every same-class pair is a positive:
-    image -> text:  CE(scale * f_img @ f_txt.T, label)                    # [B, 64]
-    text  -> image: CE(scale * f_txt @ f_img.T, uniform over same class)  # [64, B]
+Fig. 3), with the text side of a batch being one caption per class and light (128 texts)
+instead of one per image. A batch holds each class about twice, so CLIP's one-positive targets
+would push apart images and captions of the same class; here every same-caption-id pair is a
+positive (caption id = class + 64 x is_dusk):
+    image -> text:  CE(scale * f_img @ f_txt.T, caption id)               # [B, 128]
+    text  -> image: CE(scale * f_txt @ f_img.T, uniform over same id)     # [captions present, B]
     pooled loss = (image->text + text->image) / 2
 Patch term (phase 2), on the patch tokens exactly as `Backbone.encode_images` makes them for the
 feature cache (tokens after `ln_post`, projected by `visual.proj`, L2-normalised):
-    patch logits = scale * mean_m cos(token_m, f_txt)                     # [B, 64]
-    loss = pooled loss + patch_weight * CE(patch logits, label)
+    patch logits = scale * mean_m cos(token_m, f_txt)                     # [B, 128]
+    loss = pooled loss + patch_weight * CE(patch logits, caption id)
 so the average patch token must point at its class's caption, which is FedOTP's logit with
 identical prompts and top_percent 1 (fpl_bench/learners/ot.py, the learner of FedOTP).
 AdamW (betas 0.9/0.98, weight decay 0.1 on matrices only), linear warmup then cosine decay,
@@ -84,7 +94,7 @@ from fpl_bench.backbone import (
     register_model_configs,
     visual_features,
 )
-from fpl_bench.data.synthetic import CLASSNAMES, DOMAINS, generate, load_synthetic
+from fpl_bench.data.synthetic import CLASSNAMES, DAYLIGHT, DOMAINS, generate, load_synthetic
 from fpl_bench.io import write_atomic
 
 TEMPLATES: tuple[str, ...] = (
@@ -101,6 +111,16 @@ TEMPLATES: tuple[str, ...] = (
     "{}",
     "a rendering of a {}.",
 )
+# Captions of dusk images: they name the light, as web captions of an unusual photo do.
+DUSK_TEMPLATES: tuple[str, ...] = (
+    "a photo of a {} at dusk.",
+    "a {} at dusk.",
+    "a dim photo of a {}.",
+    "a {} in the evening light.",
+    "a dark picture of a {}.",
+    "a {} in violet light.",
+)
+DUSK_FRACTION = 0.12  # share of dusk images in the pretraining corpus (the rest: daylight)
 SEED_OFFSET = 10_000  # pretraining data seeds start here: disjoint from load_synthetic's
 WARMUP_STEPS = 50
 BATCH_SIZE = 128  # images per step (`pretrain_tiny`'s default): also the fewest n_images it takes
@@ -158,12 +178,15 @@ def evaluate_checkpoint(
     checkpoint: Path, *, n_per_class: int = 32, log: LogFn = print
 ) -> dict[str, dict[str, float]]:
     """Pooled and mean-patch zero-shot top-1 ("a photo of a {}.") of a fpl-tiny-vit checkpoint on
-    `load_synthetic`'s test split of each domain (`n_per_class` x 64 images, never trained on).
+    `load_synthetic`'s test split of each domain (`n_per_class` x 64 images, never trained on),
+    and, on dusk, pooled top-1 with a caption that names the light ("a photo of a {} at dusk.",
+    one of `DUSK_TEMPLATES`): what the model knows that the hand-written prompt does not reach.
 
-    Returns {"zero_shot_accuracy": {domain: acc}, "patch_zero_shot_accuracy": {domain: acc}}.
+    Returns {"zero_shot_accuracy": {domain: acc}, "patch_zero_shot_accuracy": {domain: acc},
+    "dusk_caption_accuracy": {"dusk": acc}}.
     """
     backbone = load_backbone(EMBEDDED, checkpoint=checkpoint)
-    pooled, patches = {}, {}
+    pooled, patches, captioned = {}, {}, {}
     for domain in DOMAINS:
         test = load_synthetic(
             n_train_per_class=0, n_val_per_class=0, n_test_per_class=n_per_class, domain=domain
@@ -173,7 +196,16 @@ def evaluate_checkpoint(
         log(
             f"  zero-shot on {domain}: pooled {pooled[domain]:.3f}, mean-patch {patches[domain]:.3f}"
         )
-    return {"zero_shot_accuracy": pooled, "patch_zero_shot_accuracy": patches}
+        if domain == "dusk":
+            captioned[domain] = zero_shot_accuracy(
+                backbone, test.images, test.labels, CLASSNAMES, DUSK_TEMPLATES[0]
+            )
+            log(f"  zero-shot on dusk with {DUSK_TEMPLATES[0]!r}: pooled {captioned[domain]:.3f}")
+    return {
+        "zero_shot_accuracy": pooled,
+        "patch_zero_shot_accuracy": patches,
+        "dusk_caption_accuracy": captioned,
+    }
 
 
 # ----------------------------------------------------------------------------- pieces
@@ -186,24 +218,28 @@ def _training_classnames() -> tuple[tuple[str, ...], np.ndarray]:
 
 
 @functools.cache
-def _caption_tokens() -> Tensor:
+def _caption_tokens(templates: tuple[str, ...]) -> Tensor:
     """Token ids [n_templates, C, context] of every template x training class name."""
     names, _ = _training_classnames()
     tokenizer = open_clip.get_tokenizer(EMBEDDED)
-    return torch.stack([tokenizer([t.format(c) for c in names]) for t in TEMPLATES])
+    return torch.stack([tokenizer([t.format(c) for c in names]) for t in templates])
 
 
 def _epoch_images(
-    *, seed: int, phase: int, epoch: int, n_images: int
+    *, seed: int, phase: int, epoch: int, n_images: int, dusk_fraction: float
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Fresh images [n, 32, 32, 3] uint8 and labels [n] int64, domains mixed uniformly.
+    """Fresh images [n, 32, 32, 3] uint8 and caption ids [n] int64.
 
-    Labels index `_training_classnames()` (sorted names), not `CLASSNAMES`.
+    Each image is dusk with probability `dusk_fraction`, else of a daylight domain drawn
+    uniformly. Caption id = class + C * is_dusk, the class indexing `_training_classnames()`
+    (sorted names), not `CLASSNAMES`: ids below C take a daylight caption, the rest a dusk one.
     """
     _, to_id = _training_classnames()
     rng = np.random.default_rng([seed + SEED_OFFSET, phase, epoch])
     labels = rng.integers(0, len(to_id), size=n_images)
-    domains = rng.integers(0, len(DOMAINS), size=n_images)
+    domains = rng.integers(0, len(DAYLIGHT), size=n_images)
+    dusk = rng.random(n_images) < dusk_fraction
+    domains[dusk] = DOMAINS.index("dusk")
     images = np.empty((n_images, 32, 32, 3), dtype=np.uint8)
     for d, domain in enumerate(DOMAINS):
         idx = np.flatnonzero(domains == d)
@@ -211,7 +247,7 @@ def _epoch_images(
             np.random.SeedSequence([seed + SEED_OFFSET, phase, epoch, d]).generate_state(1)[0]
         )
         images[idx] = generate(to_id[labels[idx]], seed=image_seed, domain=domain)
-    return images, labels.astype(np.int64)
+    return images, (labels + len(to_id) * dusk).astype(np.int64)
 
 
 def _normalise(images: np.ndarray, mean: Tensor, std: Tensor) -> Tensor:
@@ -308,6 +344,7 @@ def _train(
     weight_decay: float,
     patch_weight: float,
     minutes: float | None,
+    dusk_fraction: float,
     log: LogFn,
 ) -> dict[str, Any]:
     """`steps` AdamW steps on fresh images of stream (seed, phase), `n_images` per epoch.
@@ -318,8 +355,10 @@ def _train(
     """
     started = time.perf_counter()
     model.train()
-    caption_tokens = _caption_tokens()  # [n_templates, C, context]
-    n_classes = caption_tokens.shape[1]
+    daylight_tokens = _caption_tokens(TEMPLATES)  # [n_templates, C, context]
+    dusk_tokens = _caption_tokens(DUSK_TEMPLATES)
+    n_classes = daylight_tokens.shape[1]
+    classes = torch.arange(n_classes)
     preprocess_cfg = model.visual.preprocess_cfg
     mean = torch.tensor(preprocess_cfg["mean"]).view(1, 3, 1, 1)
     std = torch.tensor(preprocess_cfg["std"]).view(1, 3, 1, 1)
@@ -338,7 +377,9 @@ def _train(
     budget = None if minutes is None else minutes * 60.0
     epoch = 0
     while step < total_steps:
-        images, labels = _epoch_images(seed=seed, phase=phase, epoch=epoch, n_images=n_images)
+        images, labels = _epoch_images(
+            seed=seed, phase=phase, epoch=epoch, n_images=n_images, dusk_fraction=dusk_fraction
+        )
         order = torch.randperm(n_images, generator=generator).numpy()
         for batch_index in range(steps_per_epoch):
             if step >= total_steps:
@@ -348,7 +389,10 @@ def _train(
             x = _normalise(images[idx], mean, std)
             y = torch.from_numpy(labels[idx])
             pick = torch.randint(len(TEMPLATES), (n_classes,), generator=generator)
-            texts = caption_tokens[pick, torch.arange(n_classes)]  # [C, context]
+            pick_dusk = torch.randint(len(DUSK_TEMPLATES), (n_classes,), generator=generator)
+            texts = torch.cat(
+                [daylight_tokens[pick, classes], dusk_tokens[pick_dusk, classes]]
+            )  # [2C, context]: one daylight and one dusk caption per class
             for group in optimizer.param_groups:
                 group["lr"] = _lr_at(step, total_steps, lr)
 
@@ -406,6 +450,7 @@ def _patch_phase(
     lr: float,
     weight_decay: float,
     patch_weight: float,
+    dusk_fraction: float,
     log: LogFn,
 ) -> dict[str, Any]:
     log(f"patch alignment {EMBEDDED}: {steps} steps of {batch_size}, peak lr {lr}")
@@ -420,6 +465,7 @@ def _patch_phase(
         weight_decay=weight_decay,
         patch_weight=patch_weight,
         minutes=None,
+        dusk_fraction=dusk_fraction,
         log=log,
     )
 
@@ -441,6 +487,7 @@ def pretrain_tiny(
     patch_n_images: int = 20000,
     patch_lr: float = 5e-4,
     patch_weight: float = 1.0,
+    dusk_fraction: float = DUSK_FRACTION,
     eval_per_class: int = 32,
     threads: int | None = None,
     phase1_out: Path | None = None,
@@ -475,6 +522,7 @@ def pretrain_tiny(
             weight_decay=weight_decay,
             patch_weight=0.0,
             minutes=minutes,
+            dusk_fraction=dusk_fraction,
             log=log,
         )
         state = _fp16_state(model)
@@ -490,6 +538,7 @@ def pretrain_tiny(
             lr=patch_lr,
             weight_decay=weight_decay,
             patch_weight=patch_weight,
+            dusk_fraction=dusk_fraction,
             log=log,
         )
         _save_fp16(model, out)
@@ -520,6 +569,7 @@ def finetune_patches(
     lr: float = 5e-4,
     weight_decay: float = 0.1,
     patch_weight: float = 1.0,
+    dusk_fraction: float = DUSK_FRACTION,
     eval_per_class: int = 32,
     threads: int | None = None,
     log: LogFn = print,
@@ -545,6 +595,7 @@ def finetune_patches(
             lr=lr,
             weight_decay=weight_decay,
             patch_weight=patch_weight,
+            dusk_fraction=dusk_fraction,
             log=log,
         )
         _save_fp16(model, out)

@@ -134,9 +134,9 @@ def test_a_diverged_run_is_recorded_as_such_and_the_job_goes_on(tmp_path, capsys
 def test_domain_protocols_run_on_synthetic_domains(tmp_path, monkeypatch, protocol, metrics):
     out = tmp_path / "out"
     args = ["fpl-bench", "run", "--methods", "zeroshot,coop", "--rounds", "1", "--shots", "2"]
-    args += ["--protocol", protocol, "--partition", "by_domain", "--clients", "4"]
-    if protocol == "cross-domain":
-        args += ["--clients", "3", "--target-domain", "checker"]
+    args += ["--protocol", protocol, "--partition", "by_domain", "--clients", "5"]
+    if protocol == "cross-domain":  # one client per source domain: all five but the target
+        args += ["--clients", "4", "--target-domain", "checker"]
     for option in ("domain=all", "n_train_per_class=4", "n_test_per_class=2", "n_val_per_class=2"):
         args += ["--dataset-option", option]
     args += ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]

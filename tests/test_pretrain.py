@@ -2,12 +2,15 @@
 patch term trains the tokens the feature cache produces; the shipped model meets its targets."""
 
 import numpy as np
-import pytest
 import torch
 
 from fpl_bench.backbone import EMBEDDED_WEIGHTS, load_backbone
 from fpl_bench.data.synthetic import CLASSNAMES, generate
 from fpl_bench.pretrain import (
+    DUSK_TEMPLATES,
+    TEMPLATES,
+    _caption_tokens,
+    _epoch_images,
     finetune_patches,
     patch_zero_shot_accuracy,
     pretrain_tiny,
@@ -80,6 +83,28 @@ def test_patch_finetune_from_the_shipped_checkpoint_writes_fp16_weights(tmp_path
     load_backbone(checkpoint=tmp_path / "a.pt")
 
 
+def test_pretraining_corpus_is_daylight_captioned_by_name_and_rarely_dusk_captioned_by_light():
+    """Caption id = class + 64 x is_dusk; dusk images take the dusk captions, the rest daylight."""
+    images, ids = _epoch_images(seed=0, phase=1, epoch=0, n_images=4000, dusk_fraction=0.05)
+    dusk = ids >= 64
+    assert 150 <= dusk.sum() <= 250  # 4000 x 0.05 = 200, sd 13.8
+    # the dusk light caps every channel of a dusk image; nearly all daylight images go above it
+    ceiling = 255.0 * 0.95 * np.array([0.62, 0.48, 0.78]) + 0.5
+    assert (images[dusk].reshape(-1, 3) <= ceiling).all()
+    brighter = (images[~dusk].reshape(int((~dusk).sum()), -1, 3) > ceiling).any(axis=(1, 2))
+    assert brighter.mean() > 0.95, brighter.mean()
+    _, none = _epoch_images(seed=0, phase=1, epoch=0, n_images=256, dusk_fraction=0.0)
+    _, all_dusk = _epoch_images(seed=0, phase=1, epoch=0, n_images=256, dusk_fraction=1.0)
+    assert none.max() < 64 and all_dusk.min() >= 64
+    daylight, dusk_tokens = _caption_tokens(TEMPLATES), _caption_tokens(DUSK_TEMPLATES)
+    assert daylight.shape[:2] == (len(TEMPLATES), 64)
+    assert dusk_tokens.shape[:2] == (len(DUSK_TEMPLATES), 64)
+    assert not any("dusk" in t or "dim" in t for t in TEMPLATES)
+    assert all(
+        any(w in t for w in ("dusk", "dim", "evening", "dark", "violet")) for t in DUSK_TEMPLATES
+    )
+
+
 def test_patch_term_trains_the_tokens_of_the_feature_cache():
     """visual_features (training) and Backbone.encode_images (feature cache) agree."""
     backbone = load_backbone()
@@ -92,17 +117,29 @@ def test_patch_term_trains_the_tokens_of_the_feature_cache():
     torch.testing.assert_close(own, tokens.float(), atol=2e-3, rtol=0)
 
 
-@pytest.fixture(scope="module")
-def plain_sample():
+def _sample(domain):
     labels = np.tile(np.arange(len(CLASSNAMES)), 8)  # 512 images, 8 per class
-    return generate(labels, seed=271828, domain="plain"), labels
+    return generate(labels, seed=271828, domain=domain), labels
 
 
-def test_shipped_model_aligns_pooled_and_patch_features_with_text(plain_sample):
-    images, labels = plain_sample
+def test_shipped_model_aligns_pooled_and_patch_features_with_text():
+    images, labels = _sample("plain")
     backbone = load_backbone()
     pooled = zero_shot_accuracy(backbone, images, labels, CLASSNAMES)
     patches = patch_zero_shot_accuracy(backbone, images, labels, CLASSNAMES)
-    # measured on this sample: pooled 0.732, mean-patch 0.711 (2048 test images: 0.769, 0.736)
-    assert pooled >= 0.65, pooled
-    assert patches >= 0.45, patches
+    # measured on this sample: pooled 0.707, mean-patch 0.689 (2048 test images: 0.724, 0.688)
+    assert pooled >= 0.62, pooled
+    assert patches >= 0.55, patches
+    assert pooled - patches < 0.10  # FedOTP scores patch tokens: they must carry the alignment
+
+
+def test_shipped_model_knows_dusk_only_when_the_caption_names_it():
+    """The embedded default's premise (fpl_bench/data/synthetic.py): on dusk images the
+    hand-written daylight prompt scores far below a caption that names the light."""
+    images, labels = _sample("dusk")
+    backbone = load_backbone()
+    hand = zero_shot_accuracy(backbone, images, labels, CLASSNAMES)
+    named = zero_shot_accuracy(backbone, images, labels, CLASSNAMES, DUSK_TEMPLATES[0])
+    # measured on this sample: hand-written 0.439, "a photo of a {} at dusk." 0.609
+    assert 0.30 <= hand <= 0.55, hand
+    assert named - hand >= 0.10, (hand, named)

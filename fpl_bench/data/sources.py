@@ -40,7 +40,7 @@ _SYNTHETIC_OPTIONS = {
     "n_train_per_class": 64,
     "n_val_per_class": 8,
     "n_test_per_class": 32,
-    "domain": "plain",
+    "domain": "dusk",
     "seed": 0,
 }
 

@@ -7,6 +7,19 @@ position, size and rotation on a background whose texture is set by the *domain*
     noise    grey-ish colour plus per-pixel colour noise
     stripes  soft stripes of two grey-ish colours at a random angle and period
     checker  a rotated checkerboard of two grey-ish colours
+    dusk     a plain background, and the whole image seen in dim violet light: every pixel times
+             DUSK_TINT and a per-image level in [0.75, 0.95]. Colours move onto their neighbours
+             (orange looks like daylight brown, pink like purple, yellow like dark orange), so
+             the class words of daylight images no longer name what the pixels show.
+
+The first four are the *daylight* domains. The pretraining corpus of the embedded CLIP
+(fpl_bench/pretrain.py) is mostly daylight, captioned by class name alone; dusk images are rare
+in it and always captioned with their light ("a red circle at dusk."). The embedded default
+downstream task is dusk: the hand-written prompt "a photo of a {}." describes daylight, so
+zero-shot CLIP confuses the colours the light moves, and a prompt learned from a few dusk images
+can recover them. That is the gap prompt learning closes on real data (EuroSAT's "a centered
+satellite photo of", FGVC's "a type of aircraft"): the downstream images are a part of the
+pretraining distribution the usual captions do not describe.
 
 Class order is a Latin square, not colour-major: class k is colour ``k % 8`` with shape
 ``(k % 8 + k // 8) % 8`` (`CLASS_COLOR`, `CLASS_SHAPE`). Every run of 8 consecutive ids holds each
@@ -43,13 +56,19 @@ from fpl_bench.io import write_atomic
 
 # Bump whenever generated pixels or the class order change: it is part of the fingerprint, so
 # cached splits and features of an older version are never reused. v2: Latin-square class order.
-VERSION = "fpl-synthetic-v2"
+# v3: the dusk domain (the embedded default downstream task) and a pretraining corpus where it is
+# rare; the daylight domains' pixels are those of v2.
+VERSION = "fpl-synthetic-v3"
 CLASS_ORDER = "latin-square"  # recorded in the fingerprint too
 IMAGE_SIZE = 32
 
 COLORS: tuple[str, ...] = ("red", "green", "blue", "yellow", "orange", "purple", "pink", "brown")
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle", "star", "cross", "heart", "ring", "moon")
-DOMAINS: tuple[str, ...] = ("plain", "noise", "stripes", "checker")
+DOMAINS: tuple[str, ...] = ("plain", "noise", "stripes", "checker", "dusk")
+DAYLIGHT: tuple[str, ...] = DOMAINS[:4]
+# Dusk light: per-channel gain (violet: red and green dimmed more than blue).  # [3]
+DUSK_TINT = np.array([0.62, 0.48, 0.78], dtype=np.float32)
+DUSK_LEVEL = (0.75, 0.95)
 
 _N = len(COLORS)  # == len(SHAPES): the Latin square needs a square
 _IDS = np.arange(_N * _N, dtype=np.int64)
@@ -226,7 +245,7 @@ def _two_tone(rng: np.random.Generator, n: int) -> tuple[np.ndarray, np.ndarray]
 def _background(rng: np.random.Generator, domain: str, n: int) -> np.ndarray:
     """Backgrounds [n, H, W, 3] float32 in [0, 1] for one domain."""
     shape = (n, IMAGE_SIZE, IMAGE_SIZE, 1)
-    if domain == "plain":
+    if domain in ("plain", "dusk"):
         base = _greyish(rng, 0.2, 0.85, n)
         return np.broadcast_to(base[:, None, None, :], (n, IMAGE_SIZE, IMAGE_SIZE, 3)).copy()
     if domain == "noise":
@@ -264,8 +283,10 @@ def _render_chunk(
     labels: np.ndarray,
     params: dict[str, np.ndarray],
     background: np.ndarray,
+    light: np.ndarray | None = None,
 ) -> np.ndarray:
-    """Draw the shapes described by `params` (arrays [n]) over `background` [n, H, W, 3]."""
+    """Draw the shapes described by `params` (arrays [n]) over `background` [n, H, W, 3], then
+    multiply every pixel by `light` [n, 3] (the dusk domain) if given."""
     n = len(labels)
     color = _COLOR_RGB[CLASS_COLOR[labels]] * params["brightness"][:, None]  # [n, 3]
     color = np.clip(color + params["jitter"], 0.0, 1.0)
@@ -286,6 +307,8 @@ def _render_chunk(
         alpha[sel] = np.clip(0.5 - dist_px, 0.0, 1.0)
     a = alpha[..., None]
     image = background * (1.0 - a) + color[:, None, None, :] * a
+    if light is not None:
+        image = image * light[:, None, None, :]
     return (image * 255.0 + 0.5).astype(np.uint8)
 
 
@@ -323,7 +346,11 @@ def generate(labels: np.ndarray, *, seed: int, domain: str = "plain") -> np.ndar
         stop = min(start + _CHUNK, n)
         chunk_params = {k: p[start:stop] for k, p in params.items()}
         background = _background(bg, domain, stop - start)
-        out[start:stop] = _render_chunk(labels[start:stop], chunk_params, background)
+        light = None
+        if domain == "dusk":
+            level = bg.uniform(*DUSK_LEVEL, size=(stop - start, 1)).astype(np.float32)
+            light = DUSK_TINT * level
+        out[start:stop] = _render_chunk(labels[start:stop], chunk_params, background, light)
     return out
 
 

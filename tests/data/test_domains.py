@@ -80,10 +80,10 @@ def test_synthetic_backgrounds_are_domains(tmp_path):
     checker = load_synthetic(**SMALL, domain="checker", cache_dir=tmp_path / "data")
     assert np.array_equal(s.test.images[64:], checker.test.images)
     every = load_source(card, root=None, options={**SMALL, "domain": "all"}, cache_dir=tmp_path)
-    assert every.domain_names == ("plain", "noise", "stripes", "checker")
+    assert every.domain_names == ("plain", "noise", "stripes", "checker", "dusk")
     assert len({s.fingerprint, every.fingerprint, checker.fingerprint}) == 3
     one = load_source(card, root=None, options=SMALL, cache_dir=tmp_path)
-    assert one.domain_names == ("plain",)
+    assert one.domain_names == ("dusk",)  # the card's default domain
     with pytest.raises(UsageError, match="unknown synthetic domain 'sketch'"):
         load_source(
             card, root=None, options={**SMALL, "domain": "plain,sketch"}, cache_dir=tmp_path

@@ -11,7 +11,10 @@ from fpl_bench.data.synthetic import (
     CLASSNAMES,
     COLOR_MAJOR,
     COLORS,
+    DAYLIGHT,
     DOMAINS,
+    DUSK_LEVEL,
+    DUSK_TINT,
     SHAPES,
     class_index,
     generate,
@@ -61,6 +64,52 @@ def test_a_class_renders_by_its_name():
         flat = image.reshape(-1, 3)
         strongest = flat[np.argmax(flat.max(axis=1) - flat.min(axis=1))]
         assert strongest.argmax() == channel
+
+
+def test_dusk_light_moves_colours_onto_their_daylight_neighbours():
+    """The world's premise, by hand: under dusk light at its middle level, the nearest daylight
+    colour (RGB distance) of dusk orange is brown, of dusk pink purple, of dusk yellow brown."""
+    rgb = synthetic._COLOR_RGB.astype(np.float64)
+    level = sum(DUSK_LEVEL) / 2
+    nearest = {}
+    for c, colour in enumerate(COLORS):
+        dusk = rgb[c] * DUSK_TINT * level
+        nearest[colour] = COLORS[int(np.argmin(((rgb - dusk) ** 2).sum(axis=1)))]
+    assert nearest["orange"] == "brown"
+    assert nearest["pink"] == "purple"
+    assert nearest["yellow"] == "brown"
+    # e.g. orange (0.98, 0.52, 0.06) * (0.62, 0.48, 0.78) * 0.85 = (0.516, 0.212, 0.040);
+    # brown is (0.47, 0.27, 0.10)
+    np.testing.assert_allclose(
+        rgb[COLORS.index("orange")] * DUSK_TINT * level, [0.51646, 0.212160, 0.039780], atol=1e-5
+    )
+
+
+def test_dusk_images_are_daylight_scenes_seen_in_dim_violet_light():
+    """Same foregrounds as daylight (one seed), every pixel at most 0.95 x tint x 255, and the
+    shape's pixels are the plain image's shape pixels times one light per image."""
+    labels = np.array([class_index(colour, "square") for colour in COLORS])  # solid centres
+    dusk = generate(labels, seed=11, domain="dusk").astype(np.float64)
+    plain = generate(labels, seed=11, domain="plain").astype(np.float64)
+    ceiling = 255.0 * DUSK_LEVEL[1] * DUSK_TINT + 0.5
+    assert (dusk.reshape(-1, 3) <= ceiling).all()
+    # the centre of each square, drawn from the foreground stream as `generate` draws it
+    fg = np.random.default_rng([11, 0])
+    scale = fg.uniform(6.5, 12.0, size=8)
+    fg.uniform(-25.0, 25.0, size=8)  # angles
+    cx = fg.uniform(0.0, 1.0, size=8) * (32 - 2 * scale) + scale
+    cy = fg.uniform(0.0, 1.0, size=8) * (32 - 2 * scale) + scale
+    for i in range(8):
+        y, x = int(cy[i]), int(cx[i])
+        bright = plain[i, y, x] > 40  # channels bright enough for rounding not to matter
+        light = dusk[i, y, x][bright] / plain[i, y, x][bright] / DUSK_TINT[bright]
+        assert np.ptp(light) < 0.06, (COLORS[i], light)
+        assert DUSK_LEVEL[0] - 0.05 <= light.mean() <= DUSK_LEVEL[1] + 0.05, (COLORS[i], light)
+
+
+def test_daylight_is_the_first_four_domains_and_dusk_is_last():
+    assert DAYLIGHT == ("plain", "noise", "stripes", "checker")
+    assert DOMAINS[-1] == "dusk" and DOMAINS[:-1] == DAYLIGHT
 
 
 @pytest.mark.parametrize("domain", DOMAINS)
@@ -132,7 +181,9 @@ def test_fingerprint_names_version_and_class_order(monkeypatch):
     now = load_synthetic(**SMALL, seed=0).fingerprint
     monkeypatch.setattr(synthetic, "VERSION", "fpl-synthetic-v1")
     assert load_synthetic(**SMALL, seed=0).fingerprint != now
-    monkeypatch.setattr(synthetic, "VERSION", "fpl-synthetic-v2")
+    monkeypatch.setattr(synthetic, "VERSION", "fpl-synthetic-v2")  # before the dusk domain
+    assert load_synthetic(**SMALL, seed=0).fingerprint != now
+    monkeypatch.setattr(synthetic, "VERSION", "fpl-synthetic-v3")
     monkeypatch.setattr(synthetic, "CLASS_ORDER", "color-major")
     assert load_synthetic(**SMALL, seed=0).fingerprint != now
 

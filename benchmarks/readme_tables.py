@@ -25,12 +25,12 @@ nothing, so eps none is in the server tables only); seeds 0-2; a CPU-sized sched
 evaluations; delta 1e-5, C = 1, RDP) and writes `leaderboards/embedded.{md,csv,html}` and
 `embedded-client.*`. Rerunning resumes finished cells; the same command and seed give the same
 numbers on the same kind of CPU (tests/test_reproducibility.py). The tables below come from a
-2-core AMD EPYC (Zen 4, AVX-512) VM (both suites 23 min 33 s, beside other work); the
-previous tables, from an AVX2-only machine, differed from them by at most 0.07 points in any
-cell (float rounding of the vector units: no-DP CoOp and FedOTP cells; 0.1 in four printed
-cells). Each leaderboard row records its configuration (`config_hash`, rounds, local epochs,
-lr, ...), which `fpl-bench regress` matches. Accuracy in %, mean ± standard deviation over
-the seeds (the CSV's `n_seeds` says how many; the best of each column in bold)."""
+2-core AMD EPYC Zen 3 VM (AVX2; both suites 24 min 4 s, beside a pretraining run on the same
+cores); other vector units round floats differently (an AVX-512 machine gave the previous
+world's tables within 0.07 points of an AVX2 one). Each leaderboard row records its
+configuration (`config_hash`, rounds, local epochs, lr, ...), which `fpl-bench regress`
+matches. Accuracy in %, mean ± standard deviation over the seeds (the CSV's `n_seeds` says how
+many; the best of each column in bold)."""
 
 WORLD = """\
 **What the embedded default measures.** Its downstream task is the synthetic source's *dusk*
@@ -106,17 +106,21 @@ def partial_note(server: pd.DataFrame, client: pd.DataFrame) -> str:
 
 
 FACTS_WHY = """\
-Why facts a, c and d do not hold here: the embedded default's downstream task is the tiny
-CLIP's pretraining task (the same class words, images and caption templates), so the
-hand-written prompt already sits near the features' ceiling and a learned prompt has nothing
-to recover (zero-shot base accuracy 84.9%). A harder downstream domain alone does not change
-that: `fpl-bench run --methods zeroshot,promptfl --dataset-option domain=noise` (the default
-job's 20 rounds x 2 epochs) gives PromptFL 78.6 base accuracy from random context against
-zero-shot's 80.2, and 80.2 when started from "a photo of a" (add `--ctx-init "a photo of a"
---n-ctx 4`): the prompt does not move from the hand-written one. Fact e fails where a method
-trains on a client's few classes without DP (CoOp) and DP's noise regularises it. A synthetic
-world with headroom (downstream domains and attributes the pretraining captions rarely show,
-a retrained tiny CLIP) is the open part of this work."""
+Facts a and d hold: a prompt trained on every base class beats the hand-written one on them by
+19 points, and every trained method beats zero-shot on a client's own classes. Why b and c do
+not, after the world was built for headroom (and was not rebuilt to force them, which would
+trade one fact for another): what a prompt learns here is mostly the light, a property of the
+domain rather than of the base classes. The novel classes are new pairs of the same colour and
+shape words in the same light, so the learned context serves them as well as the base ones
+(PromptFL novel 76.4 vs zero-shot 63.5); on real data the novel classes are new objects whose
+names the context was never fitted to, and CoOp's context overfits the base ones. KgCoOp
+anchors the learned class features to those of the hand-written prompt, which here is the
+prompt that misses the light, so knowledge guidance pulls towards the features that fail
+(fact c); in the papers the anchor is the dataset's own hand-written template (CoOp's
+per-dataset templates, e.g. "a centered satellite photo of {}."), and fpl-bench scores every
+dataset with "a photo of a {}.". Fact e fails on one step: FedKgCoOp's novel accuracy rises by
+0.8 points from eps 0.5 to 0.1 (64.4 to 65.2), near the anchor's own novel accuracy (63.5);
+plausibly the noisier updates leave its prompt closer to the anchor (not tested)."""
 
 
 def facts_table(path: Path) -> str:

@@ -16,13 +16,14 @@ Two phases, one training loop (`_train`):
 `pretrain_tiny(out=o, seed=s)` equals phase 1 saved to p then `finetune_patches(init=p, out=o,
 seed=s)` (same weights on one machine with the same thread count; `phase1_out` keeps p).
 
-The shipped `fpl_bench/assets/fpl-tiny-vit.pt` (sha256 0dbe2803d556...) is the output of
+The shipped `fpl_bench/assets/fpl-tiny-vit.pt` (sha256 89b086ad8288...) is the output of
 
     fpl-bench pretrain-tiny --out fpl_bench/assets/fpl-tiny-vit.pt --threads 1
 
 i.e. `pretrain_tiny(out=..., threads=1)` with every other argument at its default (seed 0;
 1872 + 300 steps of 128 images; 17 min 48 s on one thread of a 2-core AMD EPYC Zen 3 VM, AVX2,
-with the other core busy). With the default thread count (all cores) float sums differ in the
+with the other core busy). Rerun there, it gave every tensor bit for bit, and so the same file
+(`save_state` makes the bytes independent of the path). With the default thread count (all cores) float sums differ in the
 last bits (measured: 8e-7 after 3 steps), so it reproduces the recipe and the accuracy, not
 every bit. Its measured zero-shot top-1 ("a photo of a {}.", `evaluate_checkpoint`, also
 `fpl-bench pretrain-tiny --out FILE --measure`: 2048 test images per domain, chance 1.6%):
@@ -72,6 +73,7 @@ learnable logit scale clamped at 100 as in CLIP. Saved as an fp16 state dict (at
 from __future__ import annotations
 
 import functools
+import io
 import math
 import os
 import time
@@ -306,10 +308,21 @@ def _fp16_state(model: torch.nn.Module) -> dict[str, Tensor]:
     return {k: v.detach().to(torch.float16).clone() for k, v in model.state_dict().items()}
 
 
+def save_state(state: dict[str, Tensor], out: Path) -> None:
+    """`torch.save(state)` written atomically onto `out`, its bytes independent of the path.
+
+    torch.save names the archive's root folder after the file it writes (here a random
+    temporary name), so equal tensors would give different bytes; serialising into memory first
+    names it "archive" always, and equal weights give an equal sha256.
+    """
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    write_atomic(out, lambda tmp: Path(tmp).write_bytes(buffer.getvalue()))
+
+
 def _save_fp16(model: torch.nn.Module, out: Path) -> None:
     """fp16 state dict, written atomically onto `out`."""
-    state = _fp16_state(model)
-    write_atomic(out, lambda tmp: torch.save(state, tmp))
+    save_state(_fp16_state(model), out)
 
 
 def _new_model() -> torch.nn.Module:
@@ -527,7 +540,7 @@ def pretrain_tiny(
         )
         state = _fp16_state(model)
         if phase1_out is not None:
-            write_atomic(Path(phase1_out), lambda tmp: torch.save(state, tmp))
+            save_state(state, Path(phase1_out))
         model.load_state_dict(state)  # phase 2 starts where loading the phase-1 file would
         phase2 = _patch_phase(
             model,

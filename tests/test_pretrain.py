@@ -51,6 +51,8 @@ def test_short_pretraining_writes_a_loadable_seeded_fp16_checkpoint(tmp_path):
     pretrain_tiny(out=tmp_path / "b.pt", patch_steps=0, eval_per_class=0, **kwargs)
     b = _load(tmp_path / "b.pt")
     assert all(torch.equal(a1[k], b[k]) for k in a1)
+    # and the same bytes under another file name: a retrained model's sha256 is the shipped one's
+    assert (tmp_path / "a1.pt").read_bytes() == (tmp_path / "b.pt").read_bytes()
 
     # pretrain_tiny = phase 1 saved, then finetune_patches from that file (one code path), seeded
     again = finetune_patches(

@@ -1,5 +1,6 @@
-"""A wheel built from the repository carries the cards: installed outside the checkout, the
-CLI lists the methods and runs a tiny job from another directory."""
+"""A wheel built from the repository carries the cards inside its package: installed outside the
+checkout (a venv, or `pip install --target`), the CLI lists the methods and runs a tiny job from
+another directory."""
 
 import os
 import shutil
@@ -89,6 +90,38 @@ def test_wheel_installs_with_its_cards_and_runs_from_another_directory(tmp_path)
     )
     assert job.returncode == 0, job.stderr
     assert (elsewhere / "out" / "results.csv").is_file()
+
+    # `pip install --target DIR`: the package in a plain folder on PYTHONPATH finds its cards
+    # inside itself (fpl_bench/_cards), with no <prefix>/share to look in
+    target = tmp_path / "target"
+    pip = [sys.executable, "-m", "pip", "install", "-q", "--no-deps"]
+    subprocess.run(
+        [*pip, "--target", str(target), str(wheel)],
+        check=True,
+        capture_output=True,
+    )
+    bare = tmp_path / "bare"  # a venv with the dependencies and no fpl_bench
+    venv.EnvBuilder(with_pip=False).create(bare)
+    _see_running_interpreters_packages(bare / "bin" / "python")
+    on_path = {**env, "PYTHONPATH": str(target)}
+    root = subprocess.run(
+        [str(bare / "bin" / "python"), "-c", "import fpl_bench.cards as c; print(c.cards_root())"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env=on_path,
+        check=True,
+    ).stdout.strip()
+    assert root == str(target / "fpl_bench" / "_cards")
+    listed = subprocess.run(
+        [str(bare / "bin" / "python"), "-m", "fpl_bench.cli", "methods"],
+        cwd=elsewhere,
+        capture_output=True,
+        text=True,
+        env=on_path,
+    )
+    assert listed.returncode == 0, listed.stderr
+    assert "dpfpl" in listed.stdout and "fedkgcoop" in listed.stdout
 
 
 def _see_running_interpreters_packages(python: Path) -> None:

@@ -148,12 +148,7 @@ def run(
         str | None, typer.Option(help="cross-domain: the held-out domain (default: the last).")
     ] = None,
     partition: opt.Partition = opt.spec_default("partition"),
-    alpha: Annotated[
-        float | None,
-        typer.Option(
-            help=f"Dirichlet concentration (--partition dirichlet; default {opt.spec_default('alpha')})."
-        ),
-    ] = None,
+    alpha: opt.Alpha = None,
     clients: opt.Clients = opt.spec_default("clients"),
     client_fraction: Annotated[
         float, typer.Option(help="Fraction of clients sampled per round.")
@@ -270,7 +265,7 @@ def run(
     """Run methods on a dataset at a privacy budget; print the table and write DIR/results.csv."""
     from rich.console import Console
 
-    from fpl_bench.catalog import method_names, parse_params, parse_value, resolve_method
+    from fpl_bench.catalog import method_names, parse_params, resolve_method
     from fpl_bench.spec import parse_eps, parse_int_list
 
     if dry_run and suite is None:
@@ -286,16 +281,9 @@ def run(
     methods = "all" if methods is None else methods
     eps = "none" if eps is None else eps
     seeds = "0" if seeds is None else seeds
-    if alpha is not None and partition != "dirichlet":
-        raise UsageError(f"--alpha applies to --partition dirichlet only (got {partition})")
     names = method_names(methods)
     overrides = parse_params(param or [], names)
-    dataset_options = {}
-    for item in dataset_option or []:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--dataset-option {item}: expected KEY=VALUE, e.g. domain=noise")
-        dataset_options[key.strip()] = parse_value(value.strip())
+    dataset_options = opt.dataset_options(dataset_option)
     fields: dict[str, Any] = dict(
         methods=tuple(resolve_method(name, overrides.get(name)) for name in names),
         dataset=dataset,
@@ -306,7 +294,7 @@ def run(
             w.strip() for w in (transfer_datasets or "").split(",") if w.strip()
         ),
         partition=partition,
-        alpha=opt.spec_default("alpha") if alpha is None else alpha,
+        alpha=opt.alpha_for(partition, alpha),
         clients=clients,
         client_fraction=client_fraction,
         rounds=rounds,

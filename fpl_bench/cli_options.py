@@ -71,6 +71,39 @@ def spec_default(field: str) -> Any:
     return ExperimentSpec.model_fields[field].default
 
 
+Alpha = Annotated[
+    float | None,
+    typer.Option(
+        help=f"Dirichlet concentration (--partition dirichlet; default {spec_default('alpha')})."
+    ),
+]
+
+
+def alpha_for(partition: str, alpha: float | None) -> float:
+    """The spec's alpha from `--alpha` (None: not given): it applies to --partition dirichlet
+    only; not given, the spec's default."""
+    from fpl_bench.errors import UsageError
+
+    if alpha is not None and partition != "dirichlet":
+        raise UsageError(f"--alpha applies to --partition dirichlet only (got {partition})")
+    return spec_default("alpha") if alpha is None else alpha
+
+
+def dataset_options(items: list[str] | None) -> dict[str, Any]:
+    """`--dataset-option KEY=VALUE` items as a dict, each value parsed as the catalog parses
+    card values (numbers, booleans, lists)."""
+    from fpl_bench.catalog import parse_value
+    from fpl_bench.errors import UsageError
+
+    options = {}
+    for item in items or []:
+        key, sep, value = item.partition("=")
+        if not sep or not key.strip():
+            raise UsageError(f"--dataset-option {item}: expected KEY=VALUE, e.g. domain=noise")
+        options[key.strip()] = parse_value(value.strip())
+    return options
+
+
 CacheDir = Annotated[
     Path | None,
     typer.Option(help=f"Feature/data cache (default ${CACHE_ENV}, else ~/.cache/fpl-bench)."),

@@ -57,6 +57,8 @@ CASES = [
     (["run", "--partition", "random"], "--partition random"),
     (["run", "--device", "tpu"], "--device tpu"),
     (["run", "--alpha", "0.3"], "--alpha applies to --partition dirichlet"),
+    (["tune", "--methods", "coop", "--trials", "1", "--alpha", "0.3"], "--alpha applies to --"),
+    (["tune", "--methods", "coop", "--trials", "1", "--dataset-option", "x"], "expected KEY=VALUE"),
     (["run", "--partition", "dirichlet", "--alpha", "0"], "--alpha 0"),
     (["run", "--out", ""], "--out is empty"),
     # methods and their options

@@ -47,9 +47,7 @@ def tune_cmd(
     dataset_option: opt.DatasetOption = None,
     protocol: opt.Protocol = opt.spec_default("protocol"),
     partition: opt.Partition = opt.spec_default("partition"),
-    alpha: Annotated[float, typer.Option(help="Dirichlet concentration.")] = opt.spec_default(
-        "alpha"
-    ),
+    alpha: opt.Alpha = None,
     trust: opt.Trust = opt.spec_default("trust"),
     clients: opt.Clients = opt.spec_default("clients"),
     shots: opt.Shots = opt.spec_default("shots"),
@@ -112,7 +110,7 @@ def tune_cmd(
 
         warm_workers(TUNE_WORKER_MODULES)
     from fpl_bench import tune as tuning
-    from fpl_bench.catalog import parse_value, resolve_method
+    from fpl_bench.catalog import resolve_method
     from fpl_bench.spec import build_spec, parse_eps, parse_int_list
 
     names = _tunable(methods)
@@ -121,10 +119,10 @@ def tune_cmd(
         methods=tuple(resolve_method(name) for name in names),
         dataset=dataset,
         data_root=data_root,
-        dataset_options=_dataset_options(dataset_option or [], parse_value),
+        dataset_options=opt.dataset_options(dataset_option),
         protocol=protocol,
         partition=partition,
-        alpha=alpha,
+        alpha=opt.alpha_for(partition, alpha),
         trust=trust,
         clients=clients,
         shots=shots,
@@ -196,16 +194,6 @@ def _tunable(methods: str) -> list[str]:
     for name in names:
         search_space(name)
     return names
-
-
-def _dataset_options(items: list[str], parse_value: Any) -> dict[str, Any]:
-    options = {}
-    for item in items:
-        key, sep, value = item.partition("=")
-        if not sep or not key.strip():
-            raise UsageError(f"--dataset-option {item}: expected KEY=VALUE, e.g. domain=noise")
-        options[key.strip()] = parse_value(value.strip())
-    return options
 
 
 def register(app: typer.Typer) -> None:

@@ -61,33 +61,20 @@ def test_wheel_installs_with_its_cards_and_runs_from_another_directory(tmp_path)
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
-    where = subprocess.run(
-        [
-            str(python),
-            "-c",
-            "import fpl_bench, fpl_bench.cards as c; print(fpl_bench.__file__); "
-            "print(c.cards_root())",
-        ],
-        cwd=elsewhere,
-        capture_output=True,
-        text=True,
-        env=env,
-        check=True,
-    ).stdout.splitlines()
+    code = (
+        "import fpl_bench, fpl_bench.cards as c; print(fpl_bench.__file__); print(c.cards_root())"
+    )
+    where = _run([str(python), "-c", code], elsewhere, env, check=True).stdout.splitlines()
     assert str(env_dir) in where[0] and str(ROOT) not in where[0]
     assert str(env_dir) in where[1]
     fpl = env_dir / "bin" / "fpl-bench"
-    listed = subprocess.run(
-        [str(fpl), "methods"], cwd=elsewhere, capture_output=True, text=True, env=env
-    )
+    listed = _run([str(fpl), "methods"], elsewhere, env)
     assert listed.returncode == 0, listed.stderr
     assert "dpfpl" in listed.stdout and "fedkgcoop" in listed.stdout
     args = ["run", "--methods", "coop", "--rounds", "1", "--clients", "2", "--shots", "2"]
     args += ["--dataset-option", "n_train_per_class=4", "--dataset-option", "n_test_per_class=2"]
     args += ["--dataset-option", "n_val_per_class=2", "--cache-dir", str(tmp_path / "cache")]
-    job = subprocess.run(
-        [str(fpl), *args, "--out", "out"], cwd=elsewhere, capture_output=True, text=True, env=env
-    )
+    job = _run([str(fpl), *args, "--out", "out"], elsewhere, env)
     assert job.returncode == 0, job.stderr
     assert (elsewhere / "out" / "results.csv").is_file()
 
@@ -104,24 +91,22 @@ def test_wheel_installs_with_its_cards_and_runs_from_another_directory(tmp_path)
     venv.EnvBuilder(with_pip=False).create(bare)
     _see_running_interpreters_packages(bare / "bin" / "python")
     on_path = {**env, "PYTHONPATH": str(target)}
-    root = subprocess.run(
-        [str(bare / "bin" / "python"), "-c", "import fpl_bench.cards as c; print(c.cards_root())"],
-        cwd=elsewhere,
-        capture_output=True,
-        text=True,
-        env=on_path,
-        check=True,
-    ).stdout.strip()
+    code = "import fpl_bench.cards as c; print(c.cards_root())"
+    root = _run([str(bare / "bin" / "python"), "-c", code], elsewhere, on_path, check=True)
+    root = root.stdout.strip()
     assert root == str(target / "fpl_bench" / "_cards")
-    listed = subprocess.run(
-        [str(bare / "bin" / "python"), "-m", "fpl_bench.cli", "methods"],
-        cwd=elsewhere,
-        capture_output=True,
-        text=True,
-        env=on_path,
+    listed = _run(
+        [str(bare / "bin" / "python"), "-m", "fpl_bench.cli", "methods"], elsewhere, on_path
     )
     assert listed.returncode == 0, listed.stderr
     assert "dpfpl" in listed.stdout and "fedkgcoop" in listed.stdout
+
+
+def _run(
+    args: list[str], cwd: Path, env: dict[str, str], *, check: bool = False
+) -> subprocess.CompletedProcess[str]:
+    """A command's completed process, its output captured as text."""
+    return subprocess.run(args, cwd=cwd, capture_output=True, text=True, env=env, check=check)
 
 
 def _see_running_interpreters_packages(python: Path) -> None:

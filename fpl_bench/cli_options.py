@@ -12,6 +12,8 @@ from typing import Annotated, Any
 
 import typer
 
+from fpl_bench.errors import UsageError
+
 CACHE_ENV = "FPL_BENCH_CACHE"
 
 DataRoot = Annotated[Path | None, typer.Option(help="Folder holding the dataset files.")]
@@ -82,8 +84,6 @@ Alpha = Annotated[
 def alpha_for(partition: str, alpha: float | None) -> float:
     """The spec's alpha from `--alpha` (None: not given): it applies to --partition dirichlet
     only; not given, the spec's default."""
-    from fpl_bench.errors import UsageError
-
     if alpha is not None and partition != "dirichlet":
         raise UsageError(f"--alpha applies to --partition dirichlet only (got {partition})")
     return spec_default("alpha") if alpha is None else alpha
@@ -93,7 +93,6 @@ def dataset_options(items: list[str] | None) -> dict[str, Any]:
     """`--dataset-option KEY=VALUE` items as a dict, each value parsed as the catalog parses
     card values (numbers, booleans, lists)."""
     from fpl_bench.catalog import parse_value
-    from fpl_bench.errors import UsageError
 
     options = {}
     for item in items or []:

@@ -23,9 +23,9 @@ The shipped `fpl_bench/assets/fpl-tiny-vit.pt` (sha256 89b086ad8288...) is the o
 i.e. `pretrain_tiny(out=..., threads=1)` with every other argument at its default (seed 0;
 1872 + 300 steps of 128 images; 17 min 48 s on one thread of a 2-core AMD EPYC Zen 3 VM, AVX2,
 with the other core busy). Rerun there, it gave every tensor bit for bit, and so the same file
-(`save_state` makes the bytes independent of the path). With the default thread count (all cores) float sums differ in the
-last bits (measured: 8e-7 after 3 steps), so it reproduces the recipe and the accuracy, not
-every bit. Its measured zero-shot top-1 ("a photo of a {}.", `evaluate_checkpoint`, also
+(`save_state` makes the bytes independent of the path). With the default thread count (all
+cores) float sums differ in the last bits (measured: 8e-7 after 3 steps), so it reproduces the
+recipe and the accuracy, not every bit. Its measured zero-shot top-1 ("a photo of a {}.", `evaluate_checkpoint`, also
 `fpl-bench pretrain-tiny --out FILE --measure`: 2048 test images per domain, chance 1.6%):
 
     domain    pooled   mean-patch

@@ -5,7 +5,7 @@ import numpy as np
 import torch
 
 from fpl_bench.backbone import EMBEDDED_WEIGHTS, load_backbone
-from fpl_bench.data.synthetic import CLASSNAMES, generate
+from fpl_bench.data.synthetic import CLASSNAMES, DUSK_LEVEL, DUSK_TINT, generate
 from fpl_bench.pretrain import (
     DUSK_TEMPLATES,
     TEMPLATES,
@@ -91,7 +91,7 @@ def test_pretraining_corpus_is_daylight_captioned_by_name_and_rarely_dusk_captio
     dusk = ids >= 64
     assert 150 <= dusk.sum() <= 250  # 4000 x 0.05 = 200, sd 13.8
     # the dusk light caps every channel of a dusk image; nearly all daylight images go above it
-    ceiling = 255.0 * 0.95 * np.array([0.62, 0.48, 0.78]) + 0.5
+    ceiling = 255.0 * DUSK_LEVEL[1] * DUSK_TINT + 0.5
     assert (images[dusk].reshape(-1, 3) <= ceiling).all()
     brighter = (images[~dusk].reshape(int((~dusk).sum()), -1, 3) > ceiling).any(axis=(1, 2))
     assert brighter.mean() > 0.95, brighter.mean()

@@ -426,13 +426,13 @@ def suite_settings(
     """
     from fpl_bench.suite import list_suites, load_suite, suite_cells
 
+    keep = None if seeds is None else set(seeds)
     found: dict[tuple[float, float, int, float], SuiteSetting] = {}
     for name in list(suites) if suites is not None else list_suites():
         suite = load_suite(name)
         for spec in _private_specs(suite_cells(suite)):
             splits, sizes = _client_pool(spec, data_root=data_root, cache_dir=cache_dir)
-            kept = [seed for seed in spec.seeds if seeds is None or seed in set(seeds)]
-            for seed in kept:
+            for seed in (s for s in spec.seeds if keep is None or s in keep):
                 for eps, ledger, pairs in _run_plans(spec, splits, seed):
                     where = f"{suite.name}/{spec.dataset} eps={eps:g} seed={seed}"
                     recorded = (ledger.sample_rate, ledger.steps)

@@ -406,14 +406,15 @@ def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(tmp_path, cache)
     extra = ("--storage", POSTGRES_URL, "--study", prefix, "--heartbeat", "1")
     first = worker(tmp_path, cache, 2, *extra)
     deadline = time.monotonic() + 600
-    running = []
+    running, watched = [], None
     while not running:
         assert first.poll() is None and time.monotonic() < deadline, "no trial started"
         time.sleep(0.05)
-        try:
-            running = pg_study(prefix).get_trials(states=(TrialState.RUNNING,))
+        try:  # open the study once: opening it per poll took longer than a ~1 s trial
+            watched = watched or pg_study(prefix)
         except KeyError:  # the study is not created yet
             continue
+        running = watched.get_trials(states=(TrialState.RUNNING,))
     # Mid-trial: Optuna records the first heartbeat as the trial starts. A trial of this tiny
     # study takes about a second once the noise calibration is cached, so kill at once.
     time.sleep(0.2)

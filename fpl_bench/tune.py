@@ -30,7 +30,8 @@ Storage (`StorageTarget`): `sqlite:///OUT/optuna.db` for one worker; for `worker
 on one machine a `JournalFileBackend` file (`OUT/optuna.journal`; Optuna's FAQ advises against
 SQLite in parallel); `postgresql://` for workers on many machines, each started with the same
 command. RDB storages (SQLite, PostgreSQL) record heartbeats, so a killed worker's trial is
-failed and retried, never left RUNNING; the journal file has no heartbeat. Each worker's
+failed and retried, never left RUNNING (also one killed before its first heartbeat:
+`heartbeat.HeartbeatStorage`); the journal file has no heartbeat. Each worker's
 TPESampler is seeded from (study seed, worker index), the index claimed from the study under
 the lock, so workers never propose the same values.
 """
@@ -65,6 +66,7 @@ from fpl_bench.catalog import (
     scheme_cards,
 )
 from fpl_bench.errors import UsageError
+from fpl_bench.heartbeat import HeartbeatStorage
 from fpl_bench.parallel import TUNE_WORKER_MODULES, adopt_parent, warm_workers, worker_context
 from fpl_bench.process import configure_process
 from fpl_bench.report.records import normalize_eps
@@ -192,7 +194,7 @@ def open_storage(
     connect = {"timeout": 60} if target.kind == "sqlite" else {"connect_timeout": 10}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        return optuna.storages.RDBStorage(
+        return HeartbeatStorage(
             target.rdb_url,
             engine_kwargs={"pool_pre_ping": True, "connect_args": connect},
             heartbeat_interval=heartbeat_interval,

@@ -379,10 +379,13 @@ def test_two_local_workers_share_a_journal_study(tmp_path, cache):
 
 
 # -- PostgreSQL: workers on many machines --------------------------------------------------------
-def pg_study(prefix: str) -> optuna.Study:
+def pg_storage() -> optuna.storages.BaseStorage:
+    return tune.open_storage(tune.parse_storage(POSTGRES_URL, out=Path(".")))
+
+
+def pg_study(prefix: str, storage: optuna.storages.BaseStorage | None = None) -> optuna.Study:
     name = f"{prefix}-promptfl-synthetic-base2novel-server-eps0.5"
-    storage = tune.open_storage(tune.parse_storage(POSTGRES_URL, out=Path(".")))
-    return optuna.load_study(study_name=name, storage=storage)
+    return optuna.load_study(study_name=name, storage=storage or pg_storage())
 
 
 @needs_postgres
@@ -404,20 +407,28 @@ def test_two_workers_share_one_study_on_postgres(tmp_path, cache):
 def test_killed_worker_trial_is_failed_by_heartbeat_and_retried(tmp_path, cache):
     prefix = f"k{uuid.uuid4().hex[:8]}"
     extra = ("--storage", POSTGRES_URL, "--study", prefix, "--heartbeat", "1")
+    storage = pg_storage()  # its tables exist before the worker starts: looks only read
     first = worker(tmp_path, cache, 2, *extra)
+    # Catch the worker mid-trial without a race: freeze it (SIGSTOP) before each look at the
+    # study, so a trial seen RUNNING cannot finish before the kill; thaw it between looks. It
+    # runs only ~50 ms between looks and a trial needs about a second, so one is always seen.
     deadline = time.monotonic() + 600
     running, watched = [], None
     while not running:
         assert first.poll() is None and time.monotonic() < deadline, "no trial started"
         time.sleep(0.05)
-        try:  # open the study once: opening it per poll took longer than a ~1 s trial
-            watched = watched or pg_study(prefix)
+        first.send_signal(signal.SIGSTOP)
+        try:
+            watched = watched or pg_study(prefix, storage)
+            running = [  # mid-trial: promptfl's two values are drawn, training has begun
+                t
+                for t in watched.get_trials(states=(TrialState.RUNNING,))
+                if {"lr", "local_epochs"} <= t.params.keys()
+            ]
         except KeyError:  # the study is not created yet
-            continue
-        running = watched.get_trials(states=(TrialState.RUNNING,))
-    # Mid-trial: Optuna records the first heartbeat as the trial starts. A trial of this tiny
-    # study takes about a second once the noise calibration is cached, so kill at once.
-    time.sleep(0.2)
+            pass
+        if not running:
+            first.send_signal(signal.SIGCONT)
     first.send_signal(signal.SIGKILL)
     first.wait()
     killed = running[0].number

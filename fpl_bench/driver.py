@@ -57,6 +57,7 @@ from fpl_bench.privacy.placement import Placement, Trust, place_noise
 from fpl_bench.privacy.planning import client_budgets, sample_rate, steps_per_round
 from fpl_bench.prompt import TextTower
 from fpl_bench.protocols import Protocol
+from fpl_bench.schemes._base import RoundEnd
 
 __all__ = [
     "Compute",
@@ -158,6 +159,7 @@ class ClientState:
     params: Params
     momentum: Params = field(default_factory=dict)
     anchor: Params = field(default_factory=dict)  # the scheme's round-start values (FedProx)
+    state: Params = field(default_factory=dict)  # the scheme's untrained state (SCAFFOLD's c_i)
 
 
 @dataclass(frozen=True)
@@ -174,6 +176,12 @@ def _equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
     return a.keys() == b.keys() and all(
         a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a
     )
+
+
+def training_groups(n_clients: int, *, pooled: bool) -> list[list[int]]:
+    """The clients whose data each trainer holds: one trainer per client, or (a scheme that
+    pools clients: the centralised bound) one trainer for everyone's data."""
+    return [list(range(n_clients))] if pooled else [[c] for c in range(n_clients)]
 
 
 def stream_seed(*keys: int) -> int:
@@ -268,7 +276,9 @@ class RoundSync:
         if run.server:
             scheme = run.method.scheme
             uploads = [(scheme.upload(run.clients[c].params), run.n_train[c]) for c in sampled]
-            run.server.update(scheme.aggregate(uploads))
+            run.server, run.server_state = scheme.server_update(
+                run.server, scheme.aggregate(uploads), run.server_state
+            )
 
 
 class StepSync:
@@ -348,17 +358,26 @@ class FederatedRun:
         self.sched, self.seed, self.trust = schedule, seed, trust
         self.compute = compute or Compute()
         self.noise: NoisePlan | None = None
-        n_clients = fed.split.n_clients
+        # Who trains: one trainer per client, or one for the pooled data of all (central).
+        groups = training_groups(fed.split.n_clients, pooled=method.scheme.pools_clients)
+        self.trainer_of = [i for i, group in enumerate(groups) for _ in group]
+        n_clients = len(groups)
         init = InitContext(tower=tower, generator=generator(seed, _INIT), ctx_init=ctx_init)
         base, self.consts = method.init(init)
+        client_state, self.server_state = method.scheme.init_state(base)
         # Every client starts from the same initial values (a shared starting point, as FedAvg).
         self.server: Params = {k: base[k].clone() for k in method.scheme.shared}
         self.clients = [
-            ClientState({k: v.clone() for k, v in base.items()}) for _ in range(n_clients)
+            ClientState(
+                {k: v.clone() for k, v in base.items()},
+                state={k: v.clone() for k, v in client_state.items()},
+            )
+            for _ in range(n_clients)
         ]
         self.server_momentum: Params = {}
-        self.n_train = [len(idx) for idx in fed.split.train]
-        self.train_idx = [torch.tensor(idx, dtype=torch.long) for idx in fed.split.train]
+        train = [np.concatenate([fed.split.train[c] for c in g]).astype(np.int64) for g in groups]
+        self.n_train = [len(idx) for idx in train]
+        self.train_idx = [torch.from_numpy(idx) for idx in train]
         self.rounds_schedule = client_schedule(
             n_clients, rounds=schedule.rounds, fraction=schedule.client_fraction, seed=seed
         )
@@ -407,9 +426,10 @@ class FederatedRun:
 
     def view(self, client: int, *, evaluation: bool = False) -> Params:
         """The parameters client `client` computes with: its own, with the server's shared
-        values when synchronised per step and at every evaluation."""
+        values when synchronised per step and at every evaluation. In training `client` is a
+        trainer; in evaluation a client of the split (a pooled trainer serves them all)."""
         if evaluation:
-            return {**self.clients[client].params, **self.server}
+            return {**self.clients[self.trainer_of[client]].params, **self.server}
         return self.sync.view(client)
 
     def budget(self) -> list[tuple[float, int]]:
@@ -712,6 +732,7 @@ class FederatedRun:
             for c in sampled
         }
         self.sync.begin_round(sampled)
+        starts = {c: self.view(c) for c in sampled}  # what each client starts the round from
         for c in sampled:
             self.clients[c].anchor = scheme.round_start(self.clients[c].params, self.server)
         indices = self._round_indices(sampled, rnd, plans)
@@ -734,13 +755,26 @@ class FederatedRun:
                     state = self.clients[c]
                     grads = scheme.param_grads(self.view(c), step, local)
                     mine = {k: v for k, v in grads.items() if self.sync.trains_locally(k)}
+                    mine = scheme.correct_grads(mine, state.state, self.server_state)
                     sgd_step(state.params, mine, state.momentum, lr=sched.lr, beta=sched.momentum)
                     if upload is not None:
                         uploads.append(upload)
             self.sync.end_step(uploads, rnd, s, active)
+        ends = {c: RoundEnd(starts[c], self.view(c), self.steps[c], sched.lr) for c in sampled}
         self.sync.end_round(sampled)
+        self._end_states(ends)
         self._check_finite(rnd)
         return float(loss_sum) / n_losses if n_losses else math.nan
+
+    def _end_states(self, ends: Mapping[int, RoundEnd]) -> None:
+        """The scheme's state hooks at a round's end: each sampled client's, then the
+        server's (nothing happens for a scheme without state)."""
+        scheme, sent = self.method.scheme, []
+        for c, done in ends.items():
+            state = self.clients[c]
+            state.state, message = scheme.client_round_end(done, state.state, self.server_state)
+            sent.append(message)
+        self.server_state = scheme.server_round_end(self.server_state, sent, len(self.clients))
 
     def _check_finite(self, rnd: int) -> None:
         tensors = [*self.server.values()]
@@ -763,7 +797,7 @@ class FederatedRun:
             ctx = EncodeContext(tower=self.tower, class_idx=classes, consts=self.consts)
             sets.append((es.name, ctx, pooled, tokens, torch.searchsorted(classes, labels)))
         per_client = []
-        for c in range(len(self.clients)):
+        for c in range(len(self.trainer_of)):
             view = self.view(c, evaluation=True)
             step, aux = method.scheme.step_params(view, generator(self.seed, _PARAMS, rnd, c, -1))
             correct = {
@@ -797,8 +831,9 @@ class FederatedRun:
         return {
             "server": dict(self.server),
             "server_momentum": dict(self.server_momentum),
+            "server_state": dict(self.server_state),
             "clients": [
-                {"params": c.params, "momentum": c.momentum, "anchor": c.anchor}
+                {"params": c.params, "momentum": c.momentum, "anchor": c.anchor, "state": c.state}
                 for c in self.clients
             ],
         }
@@ -806,10 +841,13 @@ class FederatedRun:
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.server = dict(state["server"])
         self.server_momentum = dict(state["server_momentum"])
+        self.server_state = dict(state.get("server_state", {}))  # absent before scheme state
         if len(state["clients"]) != len(self.clients):
             raise ValueError("checkpoint holds a different number of clients")
         self.clients = [
-            ClientState(dict(c["params"]), dict(c["momentum"]), dict(c["anchor"]))
+            ClientState(
+                dict(c["params"]), dict(c["momentum"]), dict(c["anchor"]), dict(c.get("state", {}))
+            )
             for c in state["clients"]
         ]
 

@@ -35,10 +35,11 @@ Encoded = dict[str, Tensor]
 
 def pair_problem(learner: type, scheme: type) -> str | None:
     """Why `learner` cannot work under `scheme`, or None when the pair is valid."""
-    if not learner.trains and scheme.name != "local":
+    if not learner.trains and scheme.federates:
+        alone = [n for n in SCHEMES.names() if not SCHEMES.get(n).federates]
         return (
             f"{learner.name} has nothing to train, so there is nothing to federate; "
-            f"use {learner.name}@local"
+            f"use {' or '.join(f'{learner.name}@{n}' for n in alone)}"
         )
     limit = learner.max_prompts
     if limit is not None and scheme.n_prompts > limit:

@@ -13,6 +13,12 @@ A scheme owns a client's stored prompt parameters. Class variables declare:
     n_prompts   how many prompt components `prompts` returns (the learner must accept them)
     n_extra_prompts  how many `extra_prompts` returns (they go through the tower too)
     resets_shared_momentum  clear a client's momentum on `shared` when a round starts
+    federates   False for a scheme where nothing leaves a client (local training)
+    pools_clients  True to train ONE model on all clients' data pooled (the centralised upper
+                bound); evaluation stays per client, each with the pooled model
+
+State that is not trained (SCAFFOLD's control variates, a server optimizer's moments) lives
+apart from the parameters: noise placement never sees it, and it is checkpointed for --resume.
 
 One round, in call order (the driver does it; a scheme never calls backward, clips, draws noise,
 builds an optimizer or picks a device):
@@ -25,13 +31,22 @@ builds an optimizer or picks a device):
         ... learner encodes P and E in one tower forward; per-sample loss; privacy ...
         prior = scheme.prior_loss(step, encoded, ctx, anchor)   # outside clipping, no noise
         grads = scheme.param_grads(params, step, step_grads)     # back to stored parameters
-    round end (sync "round"): server <- scheme.aggregate([(scheme.upload(p_i), n_i), ...])
+        grads = scheme.correct_grads(grads, client_state, server_state)  # post-processing
+    round end (sync "round"): mean = scheme.aggregate([(scheme.upload(p_i), n_i), ...])
+                              server, server_state = scheme.server_update(server, mean, ...)
     per step (sync "step"):   server grad <- scheme.aggregate of the clients' shared gradients
+    round end, every sampled client:
+        client_state, sent = scheme.client_round_end(RoundEnd(start, end, steps, lr), ...)
+    then the server: server_state = scheme.server_round_end(server_state, [sent, ...], n)
+
+Under DP the state hooks read only what DP already released (the noised parameters before and
+after the round, the noised gradients), so they are post-processing and cost no budget.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
 import torch
@@ -43,6 +58,18 @@ from fpl_bench.schemes.aggregate import weighted_mean
 Upload = tuple[Mapping[str, Tensor], float]  # (tensors, weight)
 
 
+@dataclass(frozen=True)
+class RoundEnd:
+    """One client's round as its state hook sees it: the parameters it started from and ended
+    with (the server's shared values at the round's start; its view at the end), the number
+    of local steps it took, and the local learning rate."""
+
+    start: Mapping[str, Tensor]
+    end: Mapping[str, Tensor]
+    steps: int
+    lr: float
+
+
 class Scheme:
     """Defaults: stored parameters are the step parameters, no prior, FedAvg aggregation."""
 
@@ -52,6 +79,8 @@ class Scheme:
     n_prompts: ClassVar[int] = 1
     n_extra_prompts: ClassVar[int] = 0
     resets_shared_momentum: ClassVar[bool] = True
+    federates: ClassVar[bool] = True
+    pools_clients: ClassVar[bool] = False
 
     def init_params(self, init: InitContext, learner: PromptLearner) -> Params:
         raise NotImplementedError
@@ -100,6 +129,41 @@ class Scheme:
     def aggregate(self, uploads: Sequence[Upload]) -> Params:
         """Server rule over [(tensors, weight), ...]: FedAvg's weighted mean."""
         return weighted_mean(uploads)
+
+    # -- state that is not trained, and the hooks that keep it -----------------------------
+    def init_state(self, params: Mapping[str, Tensor]) -> tuple[Params, Params]:
+        """(each client's state, the server's state) at the start; default none."""
+        return {}, {}
+
+    def correct_grads(
+        self, grads: Mapping[str, Tensor], state: Mapping[str, Tensor], server: Mapping[str, Tensor]
+    ) -> Params:
+        """The gradients a client applies to its locally trained parameters, from those the
+        step computed (after DP noise); default unchanged."""
+        return dict(grads)
+
+    def client_round_end(
+        self, done: RoundEnd, state: Mapping[str, Tensor], server: Mapping[str, Tensor]
+    ) -> tuple[Params, Params]:
+        """(the client's new state, what it sends the server about it); default unchanged."""
+        return dict(state), {}
+
+    def server_round_end(
+        self, server: Mapping[str, Tensor], sent: Sequence[Mapping[str, Tensor]], n_clients: int
+    ) -> Params:
+        """The server's new state from what the round's clients sent; default unchanged."""
+        return dict(server)
+
+    def server_update(
+        self,
+        params: Mapping[str, Tensor],
+        mean: Mapping[str, Tensor],
+        state: Mapping[str, Tensor],
+    ) -> tuple[Params, Params]:
+        """The server optimizer of a round-synchronised round: (new shared values, new server
+        state) from the old values and the aggregate of the uploads. FedAvg takes the
+        aggregate; a server optimizer (FedAdam) steps along aggregate - old instead."""
+        return {**params, **mean}, dict(state)
 
 
 def check_rank(rank: int, init: InitContext, option: str) -> None:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import ClassVar
 
 from torch import Tensor
 
@@ -20,6 +21,8 @@ from fpl_bench.schemes._base import Scheme
 @dataclass(frozen=True)
 class Local(Scheme):
     """One prompt per client, never shared; no options."""
+
+    federates: ClassVar[bool] = False
 
     def init_params(self, init: InitContext, learner: PromptLearner) -> Params:
         return {"prompt": learner.init_prompt(init)}  # [n_ctx, W]

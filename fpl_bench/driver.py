@@ -275,7 +275,8 @@ class RoundSync:
         run = self.run
         if run.server:
             scheme = run.method.scheme
-            uploads = [(scheme.upload(run.clients[c].params), run.n_train[c]) for c in sampled]
+            upload = run.method.upload
+            uploads = [(upload(run.clients[c].params), run.n_train[c]) for c in sampled]
             run.server, run.server_state = scheme.server_update(
                 run.server, scheme.aggregate(uploads), run.server_state
             )
@@ -366,7 +367,7 @@ class FederatedRun:
         base, self.consts = method.init(init)
         client_state, self.server_state = method.scheme.init_state(base)
         # Every client starts from the same initial values (a shared starting point, as FedAvg).
-        self.server: Params = {k: base[k].clone() for k in method.scheme.shared}
+        self.server: Params = {k: base[k].clone() for k in method.shared}
         self.clients = [
             ClientState(
                 {k: v.clone() for k, v in base.items()},
@@ -402,7 +403,7 @@ class FederatedRun:
         scheme = self.method.scheme
         self.placement: Placement = place_noise(
             step_names=self._step_names(),
-            shared=scheme.shared,
+            shared=self.method.shared,
             scheme_sync=scheme.sync,
             trust=self.trust,
             private=self.noise is not None,
@@ -421,7 +422,7 @@ class FederatedRun:
     # -- helpers ----------------------------------------------------------------------------
     def _step_names(self) -> list[str]:
         view = {**self.clients[0].params, **self.server}
-        step, _ = self.method.scheme.step_params(view, generator(self.seed, _PARAMS, 0, 0, 0))
+        step, _ = self.method.step_params(view, generator(self.seed, _PARAMS, 0, 0, 0))
         return list(step)
 
     def view(self, client: int, *, evaluation: bool = False) -> Params:
@@ -475,7 +476,7 @@ class FederatedRun:
     ) -> tuple[Params, Params, tuple[Tensor, Tensor, Tensor]]:
         """(step params, aux, (pooled [B, D], tokens [B, P, D] or [B, 0], targets [B])) of one
         client's step on the training examples `idx` (indices into the train features)."""
-        step, aux = self.method.scheme.step_params(
+        step, aux = self.method.step_params(
             self.view(client), generator(self.seed, _PARAMS, rnd, client, step_no)
         )
         step = {k: v.detach() for k, v in step.items()}
@@ -753,7 +754,7 @@ class FederatedRun:
                         loss_sum = loss_sum + loss
                         n_losses += 1
                     state = self.clients[c]
-                    grads = scheme.param_grads(self.view(c), step, local)
+                    grads = self.method.param_grads(self.view(c), step, local)
                     mine = {k: v for k, v in grads.items() if self.sync.trains_locally(k)}
                     mine = scheme.correct_grads(mine, state.state, self.server_state)
                     sgd_step(state.params, mine, state.momentum, lr=sched.lr, beta=sched.momentum)
@@ -799,7 +800,7 @@ class FederatedRun:
         per_client = []
         for c in range(len(self.trainer_of)):
             view = self.view(c, evaluation=True)
-            step, aux = method.scheme.step_params(view, generator(self.seed, _PARAMS, rnd, c, -1))
+            step, aux = method.step_params(view, generator(self.seed, _PARAMS, rnd, c, -1))
             correct = {
                 name: self._correct(method.encode(step, aux, ctx), pooled, tokens, targets, ctx)
                 for name, ctx, pooled, tokens, targets in sets

@@ -17,7 +17,7 @@ composes their hooks into what the driver and `privacy/` call:
 from __future__ import annotations
 
 from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 import torch
@@ -40,6 +40,12 @@ def pair_problem(learner: type, scheme: type) -> str | None:
         return (
             f"{learner.name} has nothing to train, so there is nothing to federate; "
             f"use {' or '.join(f'{learner.name}@{n}' for n in alone)}"
+        )
+    if learner.reads_images and scheme.n_extra_prompts:
+        return (
+            f"{scheme.name}'s prior reads the text features of {scheme.n_extra_prompts} extra "
+            f"prompt(s), which {learner.name} builds per image; use a scheme without a prompt "
+            "prior (e.g. fedavg, local)"
         )
     limit = learner.max_prompts
     if limit is not None and scheme.n_prompts > limit:
@@ -76,41 +82,97 @@ class Method:
     def needs_tokens(self) -> bool:
         return self.learner.needs_tokens
 
+    @property
+    def own(self) -> tuple[str, ...]:
+        """The learner's own parameter names."""
+        return self.learner.own_params
+
+    @property
+    def shared(self) -> tuple[str, ...]:
+        """Parameter names the server holds: the scheme's shared ones, and the learner's own
+        when the scheme shares them (by default: when it shares anything)."""
+        shares = self.scheme.shares_learner_params
+        if shares is None:
+            shares = bool(self.scheme.shared)
+        return self.scheme.shared + (self.own if shares else ())
+
     def init(self, init: InitContext) -> tuple[Params, Params]:
         """(initial stored parameters, frozen constants of learner and scheme)."""
         self.scheme.check(init)
         params = self.scheme.init_params(init, self.learner)
+        own = self.learner.init_params(init)
+        if tuple(own) != self.own or set(own) & set(params):
+            raise ValueError(f"{self.learner.name}.init_params gave {list(own)}, not {self.own}")
         consts = {**self.learner.constants(init), **self.scheme.constants(init)}
-        return params, consts
+        return {**params, **own}, consts
+
+    def _split(self, params: Mapping[str, Tensor]) -> tuple[Params, Params]:
+        """(the scheme's parameters, the learner's own)."""
+        own = {k: params[k] for k in self.own if k in params}
+        return {k: v for k, v in params.items() if k not in own}, own
+
+    def step_params(
+        self, params: Mapping[str, Tensor], generator: torch.Generator
+    ) -> tuple[Params, Params]:
+        """The scheme's step parameters (and aux) plus the learner's own, taken as stored."""
+        mine, own = self._split(params)
+        step, aux = self.scheme.step_params(mine, generator)
+        return {**step, **own}, aux
+
+    def param_grads(
+        self, params: Mapping[str, Tensor], step: Mapping[str, Tensor], grads: Mapping[str, Tensor]
+    ) -> Params:
+        """Gradients of the stored parameters: the scheme maps its own; the learner's pass."""
+        mine, _ = self._split(params)
+        scheme_step, _ = self._split(step)
+        scheme_grads, own = self._split(grads)
+        return {**self.scheme.param_grads(mine, scheme_step, scheme_grads), **own}
+
+    def upload(self, params: Mapping[str, Tensor]) -> Params:
+        """What leaves a client at the end of a round-synchronised round: `shared`."""
+        return {k: params[k] for k in self.shared}
 
     def encode(
         self, step: Mapping[str, Tensor], aux: Mapping[str, Tensor], ctx: EncodeContext
     ) -> Encoded:
+        """{"text": the learner's encoding, <extra name>: [n, D], "own": the learner's own
+        parameters (only when it has some: passed through, so that gradients reach them
+        through the same vjp as the prompts')}."""
         prompts = self.scheme.prompts(step, aux)  # [N, n_ctx, W]
         extras = self.scheme.extra_prompts(step, aux)  # {name: [n_ctx, W]}
         n = prompts.shape[0]
         if extras:
             prompts = torch.cat([prompts, torch.stack(list(extras.values()))])
-        features = self.learner.encode(prompts, ctx)  # [N + E, n_cls, D]
+        _, own = self._split(step)
+        features = self.learner.encode(prompts, self._with_own(ctx, own))  # [N + E, n_cls, D]
         out = {"text": features[:n]}
         out.update({name: features[n + i] for i, name in enumerate(extras)})
+        if own:
+            out["own"] = own
         return out
+
+    @staticmethod
+    def _with_own(ctx: EncodeContext, own: Mapping[str, Tensor]) -> EncodeContext:
+        return replace(ctx, own=own) if own else ctx
+
+    def _ctx(self, encoded: Encoded, ctx: EncodeContext) -> EncodeContext:
+        return self._with_own(ctx, encoded.get("own", {}))
 
     def logits(
         self, encoded: Encoded, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
     ) -> Tensor:
-        return self.learner.logits(encoded["text"], images, tokens, ctx)
+        return self.learner.logits(encoded["text"], images, tokens, self._ctx(encoded, ctx))
 
     def predict(
         self, encoded: Encoded, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
     ) -> Tensor:
         """Predicted class positions [B]: `logits(...).argmax(-1)`, as the learner finds it."""
-        return self.learner.predict(encoded["text"], images, tokens, ctx)
+        return self.learner.predict(encoded["text"], images, tokens, self._ctx(encoded, ctx))
 
     def batch_constants(
         self, encoded: Encoded, tokens: Tensor, ctx: EncodeContext
     ) -> Tensor | None:
-        return self.learner.batch_constants(encoded["text"], tokens, ctx)
+        return self.learner.batch_constants(encoded["text"], tokens, self._ctx(encoded, ctx))
 
     def sample_loss(
         self,
@@ -121,6 +183,7 @@ class Method:
         ctx: EncodeContext,
         given: Tensor | None = None,
     ) -> Tensor:
+        ctx = self._ctx(encoded, ctx)
         return self.learner.sample_loss(encoded["text"], image, tokens, label, ctx, given)
 
     def prior(
@@ -132,7 +195,7 @@ class Method:
     ) -> Tensor | None:
         """Learner prior + scheme prior (None when neither has one)."""
         terms = [
-            self.learner.prior_loss(encoded["text"], ctx),
+            self.learner.prior_loss(encoded["text"], self._ctx(encoded, ctx)),
             self.scheme.prior_loss(step, encoded, ctx, anchor),
         ]
         terms = [t for t in terms if t is not None]

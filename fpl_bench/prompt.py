@@ -101,6 +101,12 @@ class TextTower:
         return int(self.prefix.shape[-1])
 
     @property
+    def feature_dim(self) -> int:
+        """D, the width of the projected text features (that of the image features too)."""
+        with torch.no_grad():
+            return int(self._project(self.positional[:1]).shape[-1])
+
+    @property
     def n_classes(self) -> int:
         return len(self.classnames)
 

@@ -107,7 +107,7 @@ def test_the_shipped_imagefolder_card_runs_on_a_tree_and_reruns_its_split(
 def test_a_method_card_file_is_validated_like_a_shipped_one(tmp_path):
     cases = {
         "nofield": (MINE.replace('summary = "FedProx with a larger mu"\n', ""), "summary"),
-        "nolearner": (MINE.replace('"coop"', '"cocoop"'), "unknown learner 'cocoop'"),
+        "nolearner": (MINE.replace('"coop"', '"maple9"'), "unknown learner 'maple9'"),
         "badvalue": (MINE.replace("mu = 0.1", "mu = -1.0"), "must be >= 0"),
         "badsearch": (MINE.replace("lr =", "rank ="), "search key 'rank'"),
         "coop": (MINE.replace('"mine"', '"coop"'), "name 'coop' is fpl-bench's own method"),

@@ -35,7 +35,7 @@ def test_pair_runs_a_round_clipped_and_sharing_only_its_shared_parameters(
 def assert_pair_runs_clipped_and_sharing_only_shared(tiny_tower, monkeypatch, pair, mode):
     options = {"scheme.rank": 2} if pair.split("@")[1] in ("dpfpl", "sigma_uv") else {}
     method = build_method(resolve_method(pair, options))
-    shared = set(method.scheme.shared)
+    shared = set(method.shared)
     norms: list[torch.Tensor] = []
     reached_server: list[set[str]] = []
 

@@ -7,6 +7,14 @@ data-independent `prior_loss` (KgCoOp's ||w - w_clip||^2). A prior touches no tr
 so it is applied outside per-sample clipping, gets no noise, and is not rescaled by the batch
 size: the local objective is  mean_i sample_loss_i + prior.
 
+A learner may own parameters (`own_params`, created by `init_params`: CoCoOp's meta-net); they
+are step parameters like the scheme's prompt parameters (exact per-sample gradients, joint
+clipping, noise by trust model) and reach the learner's hooks as `ctx.own`. Their names start
+with the learner's name and a dot. Whether the server shares them is the scheme's choice
+(`Scheme.shares_learner_params`). A learner that `reads_images` builds its text features from
+each image (CoCoOp): its `encode` returns what its `logits` need to run the text tower per
+image, so the per-sample loss holds that image's tower forward (batched over the samples).
+
 A learner never calls backward, clips, draws noise or builds an optimizer.
 """
 
@@ -41,6 +49,7 @@ class EncodeContext:
     tower: TextTower
     class_idx: Tensor  # [n] class ids scored
     consts: Mapping[str, Tensor] = field(default_factory=dict)
+    own: Mapping[str, Tensor] = field(default_factory=dict)  # the learner's own parameters
 
 
 def random_context(init: InitContext) -> Tensor:
@@ -69,12 +78,21 @@ class PromptLearner:
         trains       False for a learner with nothing to learn (zero-shot)
         needs_tokens True when logits read image patch tokens (the feature cache then keeps them)
         max_prompts  how many prompt components it can score (None: any number)
+        own_params   names of the parameters it owns (each "<name>.<part>"), from init_params
+        reads_images True when its text features depend on the image (one tower forward per
+                     image and class, inside the per-sample loss)
     """
 
     name: ClassVar[str]
     trains: ClassVar[bool] = True
     needs_tokens: ClassVar[bool] = False
     max_prompts: ClassVar[int | None] = 1
+    own_params: ClassVar[tuple[str, ...]] = ()
+    reads_images: ClassVar[bool] = False
+
+    def init_params(self, init: InitContext) -> Params:
+        """The learner's own parameters, named as `own_params` (none by default)."""
+        return {}
 
     def init_prompt(self, init: InitContext) -> Tensor:
         """One prompt component [n_ctx, W]."""

@@ -16,6 +16,9 @@ A scheme owns a client's stored prompt parameters. Class variables declare:
     federates   False for a scheme where nothing leaves a client (local training)
     pools_clients  True to train ONE model on all clients' data pooled (the centralised upper
                 bound); evaluation stays per client, each with the pooled model
+    shares_learner_params  whether the server also holds a learner's own parameters (a
+                meta-net); None, the default: shared exactly when the scheme shares a prompt
+                (FedAvg averages CoCoOp's meta-net with its context; local keeps both)
 
 State that is not trained (SCAFFOLD's control variates, a server optimizer's moments) lives
 apart from the parameters: noise placement never sees it, and it is checkpointed for --resume.
@@ -32,7 +35,7 @@ builds an optimizer or picks a device):
         prior = scheme.prior_loss(step, encoded, ctx, anchor)   # outside clipping, no noise
         grads = scheme.param_grads(params, step, step_grads)     # back to stored parameters
         grads = scheme.correct_grads(grads, client_state, server_state)  # post-processing
-    round end (sync "round"): mean = scheme.aggregate([(scheme.upload(p_i), n_i), ...])
+    round end (sync "round"): mean = scheme.aggregate([(shared part of p_i, n_i), ...])
                               server, server_state = scheme.server_update(server, mean, ...)
     per step (sync "step"):   server grad <- scheme.aggregate of the clients' shared gradients
     round end, every sampled client:
@@ -81,6 +84,7 @@ class Scheme:
     resets_shared_momentum: ClassVar[bool] = True
     federates: ClassVar[bool] = True
     pools_clients: ClassVar[bool] = False
+    shares_learner_params: ClassVar[bool | None] = None
 
     def init_params(self, init: InitContext, learner: PromptLearner) -> Params:
         raise NotImplementedError
@@ -121,10 +125,6 @@ class Scheme:
     def round_start(self, params: Mapping[str, Tensor], server: Mapping[str, Tensor]) -> Params:
         """What the client keeps from the round's start (FedProx's anchor); default nothing."""
         return {}
-
-    def upload(self, params: Mapping[str, Tensor]) -> Params:
-        """What leaves the client at the end of a round-synchronised round: `shared` only."""
-        return {k: params[k] for k in self.shared}
 
     def aggregate(self, uploads: Sequence[Upload]) -> Params:
         """Server rule over [(tensors, weight), ...]: FedAvg's weighted mean."""

@@ -50,6 +50,10 @@ def test_presets_resolve_to_the_papers_values():
         ),
         "fedpgp": ("coop", "sigma_uv", {}, {"rank": 8, "mu": 1.0, "temperature": 0.5}),
         "dpfpl": ("coop", "dpfpl", {}, {"rank": 8, "residual": True}),
+        "central": ("coop", "central", {}, {}),  # presets outside PRESET_ORDER: by name
+        "cocoop": ("cocoop", "local", {"reduction": 16}, {}),
+        "fedcocoop": ("cocoop", "fedavg", {"reduction": 16}, {}),
+        "scaffold": ("coop", "scaffold", {}, {}),
     }
     assert list_presets() == list(expected)
     for name, (learner, scheme, lopts, sopts) in expected.items():

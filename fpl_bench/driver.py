@@ -798,13 +798,20 @@ class FederatedRun:
             ctx = EncodeContext(tower=self.tower, class_idx=classes, consts=self.consts)
             sets.append((es.name, ctx, pooled, tokens, torch.searchsorted(classes, labels)))
         per_client = []
+        done: list[tuple[Params, Params, dict[str, np.ndarray]]] = []  # (step, aux, correct)
         for c in range(len(self.trainer_of)):
             view = self.view(c, evaluation=True)
             step, aux = method.step_params(view, generator(self.seed, _PARAMS, rnd, c, -1))
-            correct = {
-                name: self._correct(method.encode(step, aux, ctx), pooled, tokens, targets, ctx)
-                for name, ctx, pooled, tokens, targets in sets
-            }
+            # clients that compute with the same values (a global prompt, a pooled trainer)
+            # predict the same classes: score them once
+            same = (hit for s, a, hit in done if _equal(s, step) and _equal(a, aux))
+            correct = next(same, None)
+            if correct is None:
+                correct = {
+                    name: self._correct(method.encode(step, aux, ctx), pooled, tokens, targets, ctx)
+                    for name, ctx, pooled, tokens, targets in sets
+                }
+                done.append((step, aux, correct))
             per_client.append(
                 protocol.client_metrics(
                     correct,

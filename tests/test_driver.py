@@ -20,6 +20,7 @@ from fpl_bench.driver import (
     poisson_batch,
     sgd_step,
 )
+from fpl_bench.learners._base import EncodeContext
 from fpl_bench.method import method_from_name
 from fpl_bench.protocols import base2novel
 
@@ -113,7 +114,7 @@ def test_two_round_smoke_run(tiny_tower, name, private):
         views = [run.view(c, evaluation=True) for c in range(2)]
         for key in views[0]:
             same = torch.equal(views[0][key], views[1][key])
-            assert same == (key in method.scheme.shared or method.scheme.pools_clients), key
+            assert same == (key in method.shared or method.scheme.pools_clients), key
 
 
 def test_coop_training_lowers_the_loss_and_beats_chance(tiny_tower):
@@ -255,3 +256,42 @@ def test_no_training_loss_is_recorded_under_dp(tiny_tower):
     )
     run.enable_privacy(NoisePlan(noise_multiplier=1.0, clip_norm=1.0))
     assert all("train_loss" not in h for h in run.run().history)
+
+
+@pytest.mark.parametrize(("name", "distinct_views"), [("promptfl", 1), ("coop", 2)])
+def test_clients_with_the_same_values_are_scored_once(
+    tiny_tower, monkeypatch, name, distinct_views
+):
+    fed = make_federation(tiny_tower)
+    run = FederatedRun(
+        method_from_name(name), tiny_tower, fed, schedule=Schedule(rounds=1, lr=0.1), seed=0
+    )
+    run.run_round(0)
+    calls = []
+    real = FederatedRun._correct
+
+    def counting(self, *args):
+        calls.append(1)
+        return real(self, *args)
+
+    monkeypatch.setattr(FederatedRun, "_correct", counting)
+    _, per_client = run.evaluate(0)
+    n_sets = len(fed.protocol.eval_sets)
+    assert len(calls) == n_sets * distinct_views
+    # the same numbers as scoring each client on its own
+    for c, metrics in enumerate(per_client):
+        step, aux = run.method.step_params(run.view(c, evaluation=True), torch.Generator())
+        correct = {}
+        for es in fed.protocol.eval_sets:
+            classes = torch.as_tensor(es.classes)
+            pooled, tokens, labels = fed.test.take(torch.as_tensor(es.images))
+            ctx = EncodeContext(tower=tiny_tower, class_idx=classes, consts=run.consts)
+            encoded = run.method.encode(step, aux, ctx)
+            targets = torch.searchsorted(classes, labels)
+            correct[es.name] = real(run, encoded, pooled, tokens, targets, ctx)
+        alone = fed.protocol.client_metrics(
+            correct,
+            local_test=np.asarray(fed.split.test[c]),
+            client_classes=np.asarray(fed.split.classes[c]),
+        )
+        assert metrics == alone

@@ -126,7 +126,7 @@ class PromptLearner:
         """Predicted class positions [B] (into ctx.class_idx) of images [B, D] (tokens
         [B, P, D]): the first argmax of `logits`, by `predict_chunk` on `eval_chunk` images at
         a time. Evaluation only needs this."""
-        size = self.eval_chunk(text, tokens)
+        size = self.eval_chunk(text, tokens, ctx)
         parts = [
             self.predict_chunk(
                 text, images[i : i + size], None if tokens is None else tokens[i : i + size], ctx
@@ -135,7 +135,7 @@ class PromptLearner:
         ]
         return torch.cat(parts) if parts else torch.zeros(0, dtype=torch.long, device=images.device)
 
-    def eval_chunk(self, text: Tensor, tokens: Tensor | None) -> int:
+    def eval_chunk(self, text: Tensor, tokens: Tensor | None, ctx: EncodeContext) -> int:
         """Images per `predict_chunk` call (bounds evaluation's memory)."""
         return EVAL_CHUNK
 

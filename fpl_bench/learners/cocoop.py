@@ -33,6 +33,7 @@ from fpl_bench.learners import LEARNERS
 from fpl_bench.learners._base import EncodeContext, InitContext, Params, PromptLearner
 
 META = ("cocoop.w1", "cocoop.b1", "cocoop.w2", "cocoop.b2")
+EVAL_ROWS = 2**13  # token rows per evaluation forward (`CoCoOp.eval_chunk`)
 
 
 def linear_init(fan_in: int, fan_out: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
@@ -91,6 +92,8 @@ class CoCoOp(PromptLearner):
         out = ctx.tower.logit_scale * cos
         return out[0] if one else out
 
-    def eval_chunk(self, text: Tensor, tokens: Tensor | None) -> int:
-        """Few images per chunk: each runs n_cls sequences through the tower."""
-        return 16
+    def eval_chunk(self, text: Tensor, tokens: Tensor | None, ctx: EncodeContext) -> int:
+        """Images per chunk: each runs `tower.rows(n)` token rows through the tower; about
+        EVAL_ROWS rows per forward (64 images of 32 classes on the embedded tower, 2.5x the
+        images per second of 16 on a 2-core CPU; bounded for a large tower and many classes)."""
+        return max(1, EVAL_ROWS // ctx.tower.rows(len(ctx.class_idx)))

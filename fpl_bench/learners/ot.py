@@ -127,10 +127,10 @@ class OTPatch(PromptLearner):
         rel = max(_BOUND_SLACK, 256 * torch.finfo(sim.dtype).eps)
         return bound, rel * scale * self.top_percent * float(sim.abs().amax())
 
-    def eval_chunk(self, text: Tensor, tokens: Tensor | None) -> int:
+    def eval_chunk(self, text: Tensor, tokens: Tensor | None, ctx: EncodeContext) -> int:
         """As many images as give `_EVAL_ELEMENTS` similarity entries (N n P per image)."""
         if tokens is None:
-            return super().eval_chunk(text, tokens)
+            return super().eval_chunk(text, tokens, ctx)
         per_image = text.shape[0] * text.shape[1] * tokens.shape[-2]
         return max(1, _EVAL_ELEMENTS // per_image)
 

@@ -52,6 +52,12 @@ def test_presets_resolve_to_the_papers_values():
         "dpfpl": ("coop", "dpfpl", {}, {"rank": 8, "residual": True}),
         "central": ("coop", "central", {}, {}),  # presets outside PRESET_ORDER: by name
         "cocoop": ("cocoop", "local", {"reduction": 16}, {}),
+        "fedadam": (
+            "coop",
+            "fedadam",
+            {},
+            {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 0.001},
+        ),
         "fedcocoop": ("cocoop", "fedavg", {"reduction": 16}, {}),
         "scaffold": ("coop", "scaffold", {}, {}),
     }

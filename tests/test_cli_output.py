@@ -10,12 +10,13 @@ import pandas as pd
 from rich.console import Console
 
 from fpl_bench import cli
+from fpl_bench.commands import run as run_cmd
 from tests.cli import run_cli
 
 
 def rendered(frame: pd.DataFrame, with_privacy: bool = False) -> str:
     console = Console(file=io.StringIO(), width=120)
-    for table in cli.format_table(frame, ["local_acc"], with_privacy):
+    for table in run_cmd.format_table(frame, ["local_acc"], with_privacy):
         console.print(table)
     return console.file.getvalue()
 
@@ -57,11 +58,11 @@ def specs(rounds: int = 4, runs: int = 2) -> SimpleNamespace:
 
 
 def test_progress_in_a_log_is_plain_lines(capsys, monkeypatch):
-    progress = cli.TqdmProgress(specs(), plain=True)
+    progress = run_cmd.TqdmProgress(specs(), plain=True)
     progress.start_run(1, 2, "coop eps=none seed=0", 4)
-    monkeypatch.setattr(cli.TqdmProgress, "PLAIN_EVERY_S", 0.0)
+    monkeypatch.setattr(run_cmd.TqdmProgress, "PLAIN_EVERY_S", 0.0)
     progress.advance(2)
-    monkeypatch.setattr(cli.TqdmProgress, "PLAIN_EVERY_S", 3600.0)
+    monkeypatch.setattr(run_cmd.TqdmProgress, "PLAIN_EVERY_S", 3600.0)
     progress.advance(3)  # within PLAIN_EVERY_S of the last line: quiet
     progress.start_run(2, 2, "promptfl eps=none seed=0", 4)
     progress.close()
@@ -82,14 +83,14 @@ def test_progress_in_a_log_is_plain_lines(capsys, monkeypatch):
 
 
 def test_elapsed_time_counts_from_the_process_start(monkeypatch):
-    since_import = time.time() - cli._IMPORTED
-    assert cli.process_seconds() >= since_import - 0.05  # the process began before the import
+    since_import = time.time() - run_cmd._IMPORTED
+    assert run_cmd.process_seconds() >= since_import - 0.05  # the process began before the import
 
     def no_proc(*args, **kwargs):
         raise OSError("no /proc here")
 
-    monkeypatch.setattr(cli, "open", no_proc, raising=False)
-    assert abs(cli.process_seconds() - (time.time() - cli._IMPORTED)) < 0.05
+    monkeypatch.setattr(run_cmd, "open", no_proc, raising=False)
+    assert abs(run_cmd.process_seconds() - (time.time() - run_cmd._IMPORTED)) < 0.05
 
 
 def test_a_piped_run_logs_its_progress(capsys, monkeypatch, tmp_path):
@@ -128,7 +129,7 @@ def test_a_piped_run_logs_its_progress(capsys, monkeypatch, tmp_path):
     assert "run 1/2 zeroshot eps=none seed=0: started; 2 runs, 3 rounds in the job" in lines
     assert any(line.startswith("run 1/2 zeroshot eps=none seed=0: done; ") for line in lines), err
     seconds = int(re.search(r"MLflow runs \((\d+) s since the command started\)", out)[1])
-    assert seconds >= int(time.time() - cli._IMPORTED) - 1
+    assert seconds >= int(time.time() - run_cmd._IMPORTED) - 1
 
 
 def test_datasets_listing_names_only_flags_that_exist(capsys, monkeypatch):

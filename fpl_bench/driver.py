@@ -20,12 +20,10 @@ step's clients, each divided by the expected batch size (Abadi et al. 2016, Alg.
 (data-independent loss) is added outside clipping, without noise. Under DP no training loss is
 recorded (it is computed from private records and not noised).
 
-Compute (`Compute`; how a step is computed, never what up to float rounding): by default the
-active clients of a step go through ONE text-tower forward and ONE vmapped backward
-(`privacy.per_sample.client_step_gradients`, clients stacked along a leading dimension, in
-groups bounded by memory), then each client's gradients are clipped, noised and applied with its
-own optimizer state, as one by one. `batch_clients=False` runs them one by one (ablation);
-`per_sample_loop=True` takes per-sample gradients by one backward per sample (ablation). The
+How a step's gradients are computed (never what, up to float rounding) is
+`step_compute.StepComputer`'s business, switched by `Compute`: by default the active clients of
+a step go through ONE text-tower forward and ONE vmapped backward, then each client's gradients
+are clipped, noised and applied here with its own optimizer state, as one by one. The
 step loop makes no host sync: batch indices of a round go to the device at the round's start,
 and the training loss is accumulated on the device and read once per round.
 """
@@ -47,17 +45,14 @@ from fpl_bench.learners._base import EncodeContext, InitContext, Params
 from fpl_bench.method import Method
 from fpl_bench.privacy.mechanism import clipped_sum, noisy_mean
 from fpl_bench.privacy.per_sample import (
-    Forward,
     StepGrads,
-    client_step_gradients,
-    encode_once,
-    step_gradients,
 )
 from fpl_bench.privacy.placement import Placement, Trust, place_noise
 from fpl_bench.privacy.planning import client_budgets, sample_rate, steps_per_round
 from fpl_bench.prompt import TextTower
 from fpl_bench.protocols import Protocol
 from fpl_bench.schemes._base import RoundEnd
+from fpl_bench.step_compute import Compute, StepComputer, equal_values
 
 __all__ = [
     "Compute",
@@ -128,32 +123,6 @@ class NoisePlan:
     secure: bool = False  # draw noise from the OS's secure source instead of the run seed
 
 
-@dataclass(frozen=True)
-class Compute:
-    """How local steps are computed (module docstring); results agree to float rounding.
-
-    batch_clients: the step's clients through one tower forward and one vmapped backward.
-    per_sample_loop: per-sample gradients by one forward + backward per sample (ablation).
-    group_elements: bound on one activation tensor of a batched step (clients x samples x
-        tower rows x MLP width elements; on CPU without the samples factor: there the
-        per-sample backward runs in calls of a few prompts, tower_vjp.CPU_ROWS_PER_CALL);
-        the step's clients are split into groups under it. None: 2^28 on CUDA (memory),
-        2^20 on a CPU (cache: non-private steps ran 3-4x faster batched; a private step,
-        whose per-sample backward as one call for 10 clients ran 1.1-1.7x slower than one
-        client at a time, now shares the forward, the loss and the noise calls of its
-        clients and runs their backward in chunks).
-    """
-
-    batch_clients: bool = True
-    per_sample_loop: bool = False
-    group_elements: int | None = None
-
-    def group_bound(self, device: torch.device) -> int:
-        if self.group_elements is not None:
-            return self.group_elements
-        return 2**28 if device.type == "cuda" else 2**20
-
-
 @dataclass
 class ClientState:
     params: Params
@@ -169,13 +138,6 @@ class Upload:
     grads: Params  # mean gradient, client-noised gradient, or clipped per-sample SUM
     weight: float  # batch size, or expected batch size under DP
     prior: Params | None = None  # gradient of the prior on shared parameters (DP only)
-
-
-def _equal(a: Mapping[str, Tensor], b: Mapping[str, Tensor]) -> bool:
-    """Same names, and tensors equal bit for bit (shape, dtype and values)."""
-    return a.keys() == b.keys() and all(
-        a[k].dtype == b[k].dtype and torch.equal(a[k], b[k]) for k in a
-    )
 
 
 def training_groups(n_clients: int, *, pooled: bool) -> list[list[int]]:
@@ -228,18 +190,6 @@ def sgd_step(
         buf = grad.clone() if buf is None else buf.mul_(beta).add_(grad)
         momentum[name] = buf
         params[name] = params[name] - lr * buf
-
-
-def _stack(dicts: Sequence[Mapping[str, Tensor]]) -> Params:
-    """{name: [K, *shape]} from K dicts with the same names."""
-    return {k: torch.stack([d[k] for d in dicts]) for k in dicts[0]}
-
-
-def _pad_rows(t: Tensor, rows: int) -> Tensor:
-    """t [n, ...] padded with zero rows to [rows, ...]."""
-    if t.shape[0] == rows:
-        return t
-    return torch.cat([t, t.new_zeros(rows - t.shape[0], *t.shape[1:])])
 
 
 def _sum(tensors: Sequence[Params]) -> Params:
@@ -393,8 +343,7 @@ class FederatedRun:
         position[seen[seen < len(position)].cpu()] = torch.arange(int((seen < len(position)).sum()))
         self.train_targets = position.to(device)[fed.train.labels]
         self.ctx_seen = EncodeContext(tower=tower, class_idx=seen, consts=self.consts)
-        # the last step forward: ((round, step), its params and aux (copies), (Z, vjp_fn))
-        self._last_forward: tuple[tuple[int, int], Params, Params, Forward] | None = None
+        self.steps_computer = StepComputer(self)
         self._set_placement()
         if noise is not None:
             self.enable_privacy(noise)
@@ -471,7 +420,7 @@ class FederatedRun:
             self.n_train[client], rate=rate, gen=generator(self.seed, _BATCH, rnd, client, step)
         )
 
-    def _step_inputs(
+    def step_inputs(
         self, client: int, rnd: int, step_no: int, idx: Tensor
     ) -> tuple[Params, Params, tuple[Tensor, Tensor, Tensor]]:
         """(step params, aux, (pooled [B, D], tokens [B, P, D] or [B, 0], targets [B])) of one
@@ -490,141 +439,7 @@ class FederatedRun:
     ) -> tuple[Params, StepGrads]:
         """One client's step on its examples `positions` (0 .. n_i - 1)."""
         idx = self.train_idx[client][positions].to(self.fed.train.labels.device)
-        return self._gradients_at(client, rnd, step_no, idx)
-
-    def _gradients_at(
-        self, client: int, rnd: int, step_no: int, idx: Tensor
-    ) -> tuple[Params, StepGrads]:
-        """One client's step by `step_gradients`, on train-feature indices `idx`."""
-        method = self.method
-        step, aux, batch = self._step_inputs(client, rnd, step_no, idx)
-        ctx, anchor = self.ctx_seen, self.clients[client].anchor
-
-        def encode(p: Mapping[str, Tensor]) -> object:
-            return method.encode(p, aux, ctx)
-
-        def prior(z: object, p: Mapping[str, Tensor]) -> Tensor | None:
-            return method.prior(p, z, ctx, anchor)
-
-        loss_one, constants = self._loss_fns()
-
-        grads = step_gradients(
-            encode,
-            loss_one,
-            step,
-            batch,
-            per_sample=self.private,
-            prior=prior if method.has_prior else None,
-            per_sample_loop=self.compute.per_sample_loop,
-            constants=constants if method.has_batch_constants else None,
-            forward=self._forward(rnd, step_no, step, aux, encode),
-        )
-        return step, grads
-
-    def _forward(
-        self, rnd: int, step_no: int, step: Params, aux: Params, encode: Callable[..., object]
-    ) -> Forward:
-        """The encoder forward (Z, vjp_fn) of a client's step, computed once for the clients of
-        a step whose step parameters and aux equal the previous client's bit for bit.
-
-        Under step synchronisation every client of a step encodes the same global prompt
-        (PromptFL, FedProx, FedKgCoOp, and any shared-only scheme); where a step's clients run
-        one at a time (groups of one, `_groups`: a tower too large to batch them, or a single
-        active client) each forward was ~15% of a private step. The encoder is a deterministic
-        function of (params, aux) and the scored classes, so the shared forward is the one
-        each client would compute; its vjp_fn serves every client's cotangents."""
-        if not self._shares_forwards(step):
-            return encode_once(encode, step, math_attention=self.private)
-        last = self._last_forward
-        if (
-            last is not None
-            and last[0] == (rnd, step_no)
-            and _equal(last[1], step)
-            and _equal(last[2], aux)
-        ):
-            return last[3]
-        forward = encode_once(encode, step, math_attention=self.private)
-        copies = ({k: v.clone() for k, v in step.items()}, {k: v.clone() for k, v in aux.items()})
-        self._last_forward = ((rnd, step_no), *copies, forward)
-        return forward
-
-    def _shares_forwards(self, step: Params) -> bool:
-        """Whether clients with equal step inputs may share one encoder forward: part of
-        client batching (with `batch_clients` off, the reference compute pattern of bench.py,
-        every client computes its own), and on CPU only (comparing the inputs is a host sync
-        on other devices)."""
-        return self.compute.batch_clients and all(v.device.type == "cpu" for v in step.values())
-
-    def _same_inputs(self, inputs: Sequence[tuple[Params, Params, Any]]) -> bool:
-        """Whether the clients of a batched non-private step encode the same (step params,
-        aux), bit for bit: at a round's first step every client starts from the global prompt
-        (`client_step_gradients(shared=True)` then runs one forward, 15-20% of a PromptFL
-        round of 2 steps; `_shares_forwards`). Not for private steps, whose per-sample
-        backward ran 1.3x slower through a shared forward."""
-        step0, aux0, _ = inputs[0]
-        if self.private or not self._shares_forwards(step0):
-            return False
-        return all(_equal(step, step0) and _equal(aux, aux0) for step, aux, _ in inputs[1:])
-
-    def _loss_fns(self) -> tuple[Callable[..., Tensor], Callable[..., Tensor | None]]:
-        """(per-sample loss, batch constants) as `privacy.per_sample` calls them: on
-        (Z, pooled, tokens, target[, the sample's constants]) and (Z, *batch)."""
-        method, ctx = self.method, self.ctx_seen
-
-        def loss_one(z: object, x: Tensor, t: Tensor, y: Tensor, *given: Tensor) -> Tensor:
-            return method.sample_loss(z, x, t, y, ctx, *given)
-
-        def constants(z: object, x: Tensor, t: Tensor, y: Tensor) -> Tensor | None:
-            return method.batch_constants(z, t, ctx)
-
-        return loss_one, constants
-
-    def _batched_gradients(
-        self, clients: Sequence[int], rnd: int, step_no: int, indices: Sequence[Tensor]
-    ) -> list[tuple[Params, StepGrads]]:
-        """(step params, StepGrads) of each client in `clients`, from one tower forward and one
-        vmapped backward for all of them; indices[i] are client i's training examples."""
-        method, ctx = self.method, self.ctx_seen
-        inputs = [
-            self._step_inputs(c, rnd, step_no, idx) for c, idx in zip(clients, indices, strict=True)
-        ]
-        sizes = [len(idx) for idx in indices]
-        width = max(sizes)
-        params = _stack([step for step, _, _ in inputs])
-        extra = {
-            "aux": _stack([aux for _, aux, _ in inputs]),
-            "anchor": _stack([self.clients[c].anchor for c in clients]),
-        }
-        batch = tuple(
-            torch.stack([_pad_rows(b[j], width) for _, _, b in inputs]) for j in range(3)
-        )  # [K, B_max, ...]
-
-        def encode(p: Mapping[str, Tensor], e: Mapping[str, Params]) -> object:
-            return method.encode(p, e["aux"], ctx)
-
-        loss_one, constants = self._loss_fns()
-
-        def prior(z: object, p: Mapping[str, Tensor], e: Mapping[str, Params]) -> Tensor | None:
-            return method.prior(p, z, ctx, e["anchor"])
-
-        g = client_step_gradients(
-            encode,
-            loss_one,
-            params,
-            extra,
-            batch,
-            sizes,
-            per_sample=self.private,
-            prior=prior if method.has_prior else None,
-            constants=constants if method.has_batch_constants else None,
-            shared=self._same_inputs(inputs),
-        )
-        out = []
-        for i, n in enumerate(sizes):
-            data = {k: v[i, :n] if self.private else v[i] for k, v in g.data.items()}
-            prior_i = None if g.prior is None else {k: v[i] for k, v in g.prior.items()}
-            out.append((inputs[i][0], StepGrads(data=data, losses=g.losses[i, :n], prior=prior_i)))
-        return out
+        return self.steps_computer.one(client, rnd, step_no, idx)
 
     def local_gradients(
         self,
@@ -683,19 +498,6 @@ class FederatedRun:
         local = {k: v for k, v in client_grads.items() if k not in to_server}
         return local, upload
 
-    def _groups(self, clients: Sequence[int]) -> list[list[int]]:
-        """The step's clients in groups whose batched activations stay under the bound (one by
-        one without client batching, and for the per-sample loop, a per-client pattern)."""
-        if not self.compute.batch_clients or (self.compute.per_sample_loop and self.private):
-            return [[c] for c in clients]
-        rows = self.tower.rows(len(self.ctx_seen.class_idx))
-        device = self.fed.train.labels.device
-        samples = self.sched.batch_size if self.private and device.type != "cpu" else 1
-        per_client = rows * 4 * self.tower.width * samples
-        bound = self.compute.group_bound(device)
-        size = max(1, bound // max(1, per_client))
-        return [list(clients[i : i + size]) for i in range(0, len(clients), size)]
-
     def _round_indices(
         self, sampled: Sequence[int], rnd: int, plans: Mapping[int, list[Tensor] | None]
     ) -> dict[tuple[int, int], Tensor]:
@@ -742,12 +544,12 @@ class FederatedRun:
         for s in range(max(self.steps[c] for c in sampled)):
             active = [c for c in sampled if s < self.steps[c]]
             uploads: list[Upload] = []
-            for group in self._groups(active):
+            for group in self.steps_computer.groups(active):
                 idx = [indices[(c, s)] for c in group]
                 if len(group) == 1:
-                    results = [self._gradients_at(group[0], rnd, s, idx[0])]
+                    results = [self.steps_computer.one(group[0], rnd, s, idx[0])]
                 else:
-                    results = self._batched_gradients(group, rnd, s, idx)
+                    results = self.steps_computer.batched(group, rnd, s, idx)
                 for c, computed, batch in zip(group, results, idx, strict=True):
                     step, local, upload, loss = self.local_gradients(c, rnd, s, batch, computed)
                     if not self.private and len(batch):
@@ -804,7 +606,7 @@ class FederatedRun:
             step, aux = method.step_params(view, generator(self.seed, _PARAMS, rnd, c, -1))
             # clients that compute with the same values (a global prompt, a pooled trainer)
             # predict the same classes: score them once
-            same = (hit for s, a, hit in done if _equal(s, step) and _equal(a, aux))
+            same = (hit for s, a, hit in done if equal_values(s, step) and equal_values(a, aux))
             correct = next(same, None)
             if correct is None:
                 correct = {

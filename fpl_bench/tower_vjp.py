@@ -334,7 +334,7 @@ def _last_block_back(
 
 # On CPU one backward call covers at most about this many rows (prompts x samples x tower rows):
 # the working set of a call (~20 tensors of rows x width floats, the MLP's 4x wider) then stays
-# near the L2/L3 sizes; the clients of a batched step (driver._batched_gradients) run in
+# near the L2/L3 sizes; the clients of a batched step (step_compute.StepComputer.batched) run in
 # chunks of prompts rather than as one call ~10x larger, which ran 1.1-1.7x slower per row.
 CPU_ROWS_PER_CALL = 2**13
 

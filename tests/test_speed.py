@@ -125,7 +125,7 @@ def test_clients_with_equal_step_params_share_one_forward(tiny_tower, monkeypatc
     step parameters and aux are equal (the global prompt under step synchronisation); every
     parameter ends bit for bit as with one forward per client. DP-FPL's step parameters are
     per client (its local low-rank factors, from each client's own random stream): no sharing."""
-    import fpl_bench.driver as driver
+    import fpl_bench.step_compute as step_compute
 
     fed = make_federation(tiny_tower)
     finals, forwards = [], []
@@ -138,7 +138,7 @@ def test_clients_with_equal_step_params_share_one_forward(tiny_tower, monkeypatc
             count.append(1)
             return encode_once(*args, **kwargs)
 
-        monkeypatch.setattr(driver, "encode_once", once)
+        monkeypatch.setattr(step_compute, "encode_once", once)
         run = _trained(tiny_tower, fed, name, compute, private=True)
         finals.append([run.view(c, evaluation=True) for c in range(len(run.clients))])
         forwards.append(len(count))
@@ -167,7 +167,7 @@ def test_batched_steps_share_the_forward_of_equal_clients(
     (later steps differ: these methods average once per round without DP). DP-FPL's step
     parameters hold per-client factors; a private step keeps one forward per client (sharing
     measured slower there). Numbers: test_batched_clients_equal_clients_one_by_one."""
-    import fpl_bench.driver as driver
+    import fpl_bench.step_compute as step_compute
 
     calls: list[bool] = []
 
@@ -175,7 +175,7 @@ def test_batched_steps_share_the_forward_of_equal_clients(
         calls.append(kwargs["shared"])
         return client_step_gradients(*args, **kwargs)
 
-    monkeypatch.setattr(driver, "client_step_gradients", spy)
+    monkeypatch.setattr(step_compute, "client_step_gradients", spy)
     run = _trained(tiny_tower, make_federation(tiny_tower), name, Compute(), private=private)
     steps = max(run.steps)
     assert len(calls) == steps * len(run.rounds_schedule) and steps > 1
@@ -196,7 +196,7 @@ def test_private_steps_on_cpu_batch_the_clients(tiny_tower):
             compute=compute,
         )
         run.enable_privacy(NoisePlan(noise_multiplier=1.0, clip_norm=1.0))
-        assert run._groups([0, 1]) == groups
+        assert run.steps_computer.groups([0, 1]) == groups
 
 
 def test_per_sample_loop_equals_vmapped_per_sample_gradients(tiny_tower):

@@ -207,7 +207,7 @@ def step_gradients(
     sample_loss as one more batch tensor (`with_constants`).
     `forward`: `encode_once(encode, params, math_attention=per_sample)` when the caller has it
     already (its vjp_fn may be applied any number of times): clients whose step parameters
-    are equal share one forward (driver.FederatedRun._forward).
+    are equal share one forward (step_compute.StepComputer._forward).
     """
     n = _batch_size(batch)
     if forward is None:

@@ -53,6 +53,7 @@ from fpl_bench.prompt import TextTower
 from fpl_bench.protocols import Protocol
 from fpl_bench.schemes._base import RoundEnd
 from fpl_bench.step_compute import Compute, StepComputer, equal_values
+from fpl_bench.vision import VisionTower
 
 __all__ = [
     "Compute",
@@ -304,6 +305,7 @@ class FederatedRun:
         trust: Trust = "server",
         ctx_init: str | None = None,
         compute: Compute | None = None,
+        vision: VisionTower | None = None,
     ) -> None:
         self.method, self.tower, self.fed = method, tower, fed
         self.sched, self.seed, self.trust = schedule, seed, trust
@@ -313,7 +315,10 @@ class FederatedRun:
         groups = training_groups(fed.split.n_clients, pooled=method.scheme.pools_clients)
         self.trainer_of = [i for i, group in enumerate(groups) for _ in group]
         n_clients = len(groups)
-        init = InitContext(tower=tower, generator=generator(seed, _INIT), ctx_init=ctx_init)
+        self.vision = vision  # the image tower, for a learner that prompts it
+        init = InitContext(
+            tower=tower, generator=generator(seed, _INIT), ctx_init=ctx_init, vision=vision
+        )
         base, self.consts = method.init(init)
         client_state, self.server_state = method.scheme.init_state(base)
         # Every client starts from the same initial values (a shared starting point, as FedAvg).
@@ -342,7 +347,9 @@ class FederatedRun:
         position = torch.full((int(fed.train.labels.max()) + 1,), -1, dtype=torch.long)
         position[seen[seen < len(position)].cpu()] = torch.arange(int((seen < len(position)).sum()))
         self.train_targets = position.to(device)[fed.train.labels]
-        self.ctx_seen = EncodeContext(tower=tower, class_idx=seen, consts=self.consts)
+        self.ctx_seen = EncodeContext(
+            tower=tower, class_idx=seen, consts=self.consts, vision=vision
+        )
         self.steps_computer = StepComputer(self)
         self._set_placement()
         if noise is not None:
@@ -597,7 +604,9 @@ class FederatedRun:
             classes = torch.as_tensor(es.classes, dtype=torch.long, device=device)
             images = torch.as_tensor(es.images, dtype=torch.long, device=device)
             pooled, tokens, labels = fed.test.take(images)
-            ctx = EncodeContext(tower=self.tower, class_idx=classes, consts=self.consts)
+            ctx = EncodeContext(
+                tower=self.tower, class_idx=classes, consts=self.consts, vision=self.vision
+            )
             sets.append((es.name, ctx, pooled, tokens, torch.searchsorted(classes, labels)))
         per_client = []
         done: list[tuple[Params, Params, dict[str, np.ndarray]]] = []  # (step, aux, correct)

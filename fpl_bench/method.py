@@ -83,6 +83,10 @@ class Method:
         return self.learner.needs_tokens
 
     @property
+    def prompts_image_tower(self) -> bool:
+        return self.learner.prompts_image_tower
+
+    @property
     def own(self) -> tuple[str, ...]:
         """The learner's own parameter names."""
         return self.learner.own_params
@@ -145,8 +149,11 @@ class Method:
             prompts = torch.cat([prompts, torch.stack(list(extras.values()))])
         _, own = self._split(step)
         features = self.learner.encode(prompts, self._with_own(ctx, own))  # [N + E, n_cls, D]
-        out = {"text": features[:n]}
-        out.update({name: features[n + i] for i, name in enumerate(extras)})
+        if not extras:  # the learner's encoding as it is (a learner may return a dict)
+            out = {"text": features}
+        else:
+            out = {"text": features[:n]}
+            out.update({name: features[n + i] for i, name in enumerate(extras)})
         if own:
             out["own"] = own
         return out

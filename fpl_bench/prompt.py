@@ -257,6 +257,32 @@ class TextTower:
             features = self._run(flat, eot.repeat(flat.shape[0] // n))
         return F.normalize(wide(features), dim=-1).reshape(*lead, n, -1)
 
+    def encode_deep(self, ctx: Tensor, deeper: Tensor, class_idx: Tensor | None = None) -> Tensor:
+        """Text features [n, D] (L2-normalised) of one prompt whose context is `ctx`
+        [n_ctx, W] at the input and `deeper[i - 1]` [n_ctx, W] at the input of block i, for
+        i = 1 .. len(deeper) (MaPLe's deep language prompts, Khattak et al. CVPR 2023: each
+        replaces the previous block's outputs at the context positions). Runs every class's
+        full sequence (no shared prefix: the deep context differs per block)."""
+        prefix, suffix, eot = self.prefix, self.suffix, self.eot
+        if class_idx is not None:
+            prefix, suffix, eot = prefix[class_idx], suffix[class_idx], eot[class_idx]
+        n, n_ctx = prefix.shape[0], ctx.shape[0]
+        with self.autocast(ctx.device):
+            x = torch.cat([prefix, ctx.expand(n, *ctx.shape), suffix], dim=1)  # [n, S, W]
+            seq = x.shape[1]
+            x = x + self.positional[:seq].to(x.dtype)
+            mask = None if self.attn_mask is None else self.attn_mask[:seq, :seq]
+            first = getattr(self.transformer, "batch_first", True)
+            for i, block in enumerate(self.transformer.resblocks):
+                if 1 <= i <= deeper.shape[0]:
+                    deep = deeper[i - 1].to(x.dtype).expand(n, n_ctx, x.shape[-1])
+                    x = torch.cat([x[:, :1], deep, x[:, 1 + n_ctx :]], dim=1)
+                x = block(x if first else x.transpose(0, 1), attn_mask=mask)
+                x = x if first else x.transpose(0, 1)
+            x = self.ln_final(x)
+            features = self._project(x[torch.arange(n, device=x.device), eot])
+        return F.normalize(wide(features), dim=-1)
+
     def _run_shared(
         self, ctx: Tensor, suffix: Tensor, eot: Tensor, saved: list[Tensor] | None = None
     ) -> Tensor:

@@ -39,3 +39,11 @@ def tiny_tower(tiny_model):
         "orange cross",
     ]
     return TextTower.build(model, tokenizer, names, n_ctx=4)
+
+
+@pytest.fixture(scope="session")
+def tiny_vision(tiny_model):
+    """The tiny model's image tower, for learners that prompt it (MaPLe)."""
+    from fpl_bench.vision import VisionTower
+
+    return VisionTower.of(tiny_model[0])

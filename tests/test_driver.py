@@ -86,13 +86,48 @@ def make_federation(tower, n_per_class=12, seed=0):
     return Federation(train=train, test=test, split=split, protocol=protocol)
 
 
+def image_federation(vision, n_classes=6, n_per_class=6):
+    """Pixels coloured per class (so a prompt can learn), as cached image-tower tokens."""
+    gen = torch.Generator().manual_seed(0)
+    colours = torch.rand(n_classes, 3, 1, 1, generator=gen)
+
+    def features(n):
+        labels = torch.arange(n_classes).repeat_interleave(n)
+        pixels = colours[labels] + 0.3 * torch.randn(len(labels), 3, 32, 32, generator=gen)
+        tokens = vision.embed(pixels)
+        return FeatureSet(pooled=tokens.new_zeros(len(labels), 1), tokens=tokens, labels=labels)
+
+    train, test = features(n_per_class), features(3)
+    seen = torch.arange(4)
+    split = Pathological(n_clients=2, seed=0).split(
+        train.labels.numpy(), test.labels.numpy(), seen.numpy()
+    )
+    protocol = base2novel(
+        seen.numpy(), torch.tensor([4, 5]).numpy(), test_labels=test.labels.numpy()
+    )
+    return Federation(train=train, test=test, split=split, protocol=protocol)
+
+
+def federation_for(method, tiny_tower, tiny_vision, **kw):
+    """(federation, vision tower or None): cached image-tower tokens for a learner that prompts
+    the image tower, the text-feature federation otherwise."""
+    if not method.prompts_image_tower:
+        return make_federation(tiny_tower, **kw), None
+    return image_federation(tiny_vision), tiny_vision
+
+
 @pytest.mark.parametrize("name", list_presets())
 @pytest.mark.parametrize("private", [False, True])
-def test_two_round_smoke_run(tiny_tower, name, private):
-    fed = make_federation(tiny_tower)
+def test_two_round_smoke_run(tiny_tower, tiny_vision, name, private):
     method = method_from_name(name, {"rank": 2} if name in ("dpfpl", "fedpgp") else {})
+    fed, vision = federation_for(method, tiny_tower, tiny_vision)
     run = FederatedRun(
-        method, tiny_tower, fed, schedule=Schedule(rounds=2, batch_size=8, lr=0.1), seed=0
+        method,
+        tiny_tower,
+        fed,
+        schedule=Schedule(rounds=2, batch_size=8, lr=0.1),
+        seed=0,
+        vision=vision,
     )
     before = {c: {k: v.clone() for k, v in s.params.items()} for c, s in enumerate(run.clients)}
     if private:

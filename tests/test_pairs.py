@@ -14,7 +14,7 @@ from fpl_bench.method import all_pairs, build_method
 from fpl_bench.privacy.mechanism import per_sample_norms
 from fpl_bench.schemes._base import Scheme
 from tests.privacy.test_mechanism import clipped_rows
-from tests.test_driver import make_federation
+from tests.test_driver import federation_for
 
 VALID = [f"{learner}@{scheme}" for learner, scheme, problem in all_pairs() if problem is None]
 CLIP = 0.05
@@ -27,12 +27,16 @@ def test_the_pairs_include_the_new_entries():
 @pytest.mark.parametrize("pair", VALID)
 @pytest.mark.parametrize("mode", ["none", "server"])
 def test_pair_runs_a_round_clipped_and_sharing_only_its_shared_parameters(
-    tiny_tower, monkeypatch, pair, mode
+    tiny_tower, tiny_vision, monkeypatch, pair, mode
 ):
-    assert_pair_runs_clipped_and_sharing_only_shared(tiny_tower, monkeypatch, pair, mode)
+    assert_pair_runs_clipped_and_sharing_only_shared(
+        tiny_tower, tiny_vision, monkeypatch, pair, mode
+    )
 
 
-def assert_pair_runs_clipped_and_sharing_only_shared(tiny_tower, monkeypatch, pair, mode):
+def assert_pair_runs_clipped_and_sharing_only_shared(
+    tiny_tower, tiny_vision, monkeypatch, pair, mode
+):
     options = {"scheme.rank": 2} if pair.split("@")[1] in ("dpfpl", "sigma_uv") else {}
     method = build_method(resolve_method(pair, options))
     shared = set(method.shared)
@@ -65,7 +69,7 @@ def assert_pair_runs_clipped_and_sharing_only_shared(tiny_tower, monkeypatch, pa
     monkeypatch.setattr(type(method.scheme), "aggregate", recording_aggregate)
     monkeypatch.setattr(FederatedRun, "local_gradients", recording_local)
 
-    fed = make_federation(tiny_tower, n_per_class=6)
+    fed, vision = federation_for(method, tiny_tower, tiny_vision, n_per_class=6)
     run = FederatedRun(
         method,
         tiny_tower,
@@ -73,6 +77,7 @@ def assert_pair_runs_clipped_and_sharing_only_shared(tiny_tower, monkeypatch, pa
         schedule=Schedule(rounds=1, batch_size=4, lr=0.05),
         seed=0,
         trust="client" if mode == "client" else "server",
+        vision=vision,
     )
     if mode != "none":
         run.enable_privacy(NoisePlan(noise_multiplier=0.5, clip_norm=CLIP))
@@ -92,6 +97,10 @@ def assert_pair_runs_clipped_and_sharing_only_shared(tiny_tower, monkeypatch, pa
         assert reached_server
 
 
-def test_client_trust_runs_step_synced_and_round_synced_schemes(tiny_tower, monkeypatch):
+def test_client_trust_runs_step_synced_and_round_synced_schemes(
+    tiny_tower, tiny_vision, monkeypatch
+):
     for pair in ("coop@dpfpl", "kgcoop@fedprox"):
-        assert_pair_runs_clipped_and_sharing_only_shared(tiny_tower, monkeypatch, pair, "client")
+        assert_pair_runs_clipped_and_sharing_only_shared(
+            tiny_tower, tiny_vision, monkeypatch, pair, "client"
+        )

@@ -29,6 +29,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fpl_bench.prompt import TextTower
+from fpl_bench.vision import VisionTower
 
 Params = dict[str, Tensor]
 
@@ -40,6 +41,7 @@ class InitContext:
     tower: TextTower
     generator: torch.Generator
     ctx_init: str | None = None
+    vision: VisionTower | None = None  # the image tower, for a learner that prompts it
 
 
 @dataclass(frozen=True)
@@ -50,6 +52,7 @@ class EncodeContext:
     class_idx: Tensor  # [n] class ids scored
     consts: Mapping[str, Tensor] = field(default_factory=dict)
     own: Mapping[str, Tensor] = field(default_factory=dict)  # the learner's own parameters
+    vision: VisionTower | None = None  # the image tower, for a learner that prompts it
 
 
 def random_context(init: InitContext) -> Tensor:
@@ -81,6 +84,9 @@ class PromptLearner:
         own_params   names of the parameters it owns (each "<name>.<part>"), from init_params
         reads_images True when its text features depend on the image (one tower forward per
                      image and class, inside the per-sample loss)
+        prompts_image_tower  True when it prompts the image tower: the feature cache then
+                     holds each image's tokens below the first block (`vision.VisionTower`)
+                     in the tokens slot, and its logits run the tower above it per image
     """
 
     name: ClassVar[str]
@@ -89,6 +95,7 @@ class PromptLearner:
     max_prompts: ClassVar[int | None] = 1
     own_params: ClassVar[tuple[str, ...]] = ()
     reads_images: ClassVar[bool] = False
+    prompts_image_tower: ClassVar[bool] = False
 
     def init_params(self, init: InitContext) -> Params:
         """The learner's own parameters, named as `own_params` (none by default)."""

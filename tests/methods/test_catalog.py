@@ -59,6 +59,8 @@ def test_presets_resolve_to_the_papers_values():
             {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 0.001},
         ),
         "fedcocoop": ("cocoop", "fedavg", {"reduction": 16}, {}),
+        "fedmaple": ("maple", "fedavg", {"depth": 9}, {}),
+        "maple": ("maple", "local", {"depth": 9}, {}),
         "scaffold": ("coop", "scaffold", {}, {}),
     }
     assert list_presets() == list(expected)

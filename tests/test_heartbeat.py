@@ -5,7 +5,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from fpl_bench.heartbeat import HeartbeatStorage
+from fpl_bench.tune.heartbeat import HeartbeatStorage
 
 pytestmark = pytest.mark.filterwarnings(
     "ignore::optuna.exceptions.ExperimentalWarning",

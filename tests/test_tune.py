@@ -26,6 +26,7 @@ from fpl_bench import tune
 from fpl_bench.catalog import SearchRange, preset_cards, resolve_method
 from fpl_bench.errors import UsageError
 from fpl_bench.spec import ExperimentSpec, build_spec
+from fpl_bench.tune import objective, space
 from tests.cli import run_cli
 
 TINY = [
@@ -116,7 +117,7 @@ def test_pair_without_card_cannot_be_tuned(capsys, monkeypatch, tmp_path):
 def patch_search(monkeypatch, method: str, search: dict[str, SearchRange]) -> None:
     cards = dict(preset_cards())
     cards[method] = cards[method].model_copy(update={"search": search})
-    monkeypatch.setattr(tune, "preset_cards", lambda: cards)
+    monkeypatch.setattr(space, "preset_cards", lambda: cards)  # where search_space looks it up
 
 
 @pytest.mark.parametrize(
@@ -204,7 +205,7 @@ def fake_runs(monkeypatch):
 
     monkeypatch.setattr(experiment, "prepare", lambda spec, log=print: FakePrep(spec))
     monkeypatch.setattr(experiment, "federation", lambda prep, seed: None)
-    monkeypatch.setattr(tune, "train_seed", fake_train)
+    monkeypatch.setattr(objective, "train_seed", fake_train)  # where Objective looks it up
 
 
 def make_job(tmp_path, trials=8, **fields):
@@ -270,7 +271,7 @@ def test_diverged_trial_is_failed_and_the_study_goes_on(tmp_path, fake_runs, mon
             raise Diverged(1)
         return fake_train(prep, fed, choice, eps, seed, on_eval, **kw)
 
-    monkeypatch.setattr(tune, "train_seed", diverge_at_high_lr)
+    monkeypatch.setattr(objective, "train_seed", diverge_at_high_lr)
     job = make_job(tmp_path, trials=6)
     tune.run_worker(job, log=lambda s: None)
     study = load(job)

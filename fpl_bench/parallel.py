@@ -80,7 +80,7 @@ WORKER_MODULES = (
     "fpl_bench.tracking",
 )
 
-TUNE_WORKER_MODULES = (*WORKER_MODULES, "optuna")  # and a tune worker's (fpl_bench/tune.py)
+TUNE_WORKER_MODULES = (*WORKER_MODULES, "optuna")  # and a tune worker's (fpl_bench/tune/)
 
 
 def worker_context() -> Any:
@@ -229,7 +229,8 @@ def _worker_main(
     signal.signal(signal.SIGTERM, _stop_run)
     sys.unraisablehook = _quiet_stop
     threading.Thread(target=_watch_parent, daemon=True).start()
-    from fpl_bench.experiment import federation, prepare, run_one
+    from fpl_bench.experiment import run_one
+    from fpl_bench.prepare import federation, prepare
     from fpl_bench.tracking import Tracker
 
     index = None

@@ -6,9 +6,9 @@ configuration that trained them, in one safetensors file.
 Tensors: `server/<name>` (the server's shared parameters) and `client/<i>/<name>` (client i's
 stored parameters: its personal ones and its copy of the shared ones). String metadata:
 
-- `fpl_bench.config`: the run's resolved configuration (`experiment.run_config`) as JSON, with
+- `fpl_bench.config`: the run's resolved configuration (`run_records.run_config`) as JSON, with
   `eps` and `seed`: enough to rebuild the same method, data partition and frozen constants;
-- `fpl_bench.key`: the record key (`experiment.run_key`), as in results.csv;
+- `fpl_bench.key`: the record key (`run_records.run_key`), as in results.csv;
 - `fpl_bench.eval_round`: the round index of the run's last evaluation (evaluation streams are
   seeded per round, so re-evaluating at this round gives that evaluation's numbers again);
 - `fpl_bench.version`: the fpl-bench version that wrote the file.
@@ -173,14 +173,9 @@ def evaluate_saved(
     them at the saved evaluation round: the mean over clients of each metric of the protocol."""
     import numpy as np
 
-    from fpl_bench.experiment import (
-        federated_run,
-        federation,
-        prepare,
-        schedule_of,
-        transfer_accuracy,
-    )
+    from fpl_bench.experiment import federated_run, schedule_of, transfer_accuracy
     from fpl_bench.method import build_method
+    from fpl_bench.prepare import federation, prepare
 
     prep = prepare(spec, log)
     seed = spec.seeds[0]

@@ -72,7 +72,7 @@ class ExperimentSpec(BaseModel):
     resume: bool = False  # continue checkpointed runs, skip finished ones
     tuned: bool = False  # hyperparameters from `fpl-bench tune` studies (recorded per row)
     # a tuned spec: the setup hash of the spec it was tuned from, so that its rows share a
-    # leaderboard table with that spec's untuned rows (fpl_bench/experiment.py setup_hash)
+    # leaderboard table with that spec's untuned rows (fpl_bench/run_records.py setup_hash)
     tuned_from: str | None = None
     seeds: tuple[int, ...] = (0,)
     out: Path = Path("runs/default")
@@ -191,7 +191,7 @@ def spec_from_config(
     seeds: tuple[int, ...],
     **overrides: Any,
 ) -> ExperimentSpec:
-    """The spec of one method's resolved configuration (`experiment.run_config`: the spec's
+    """The spec of one method's resolved configuration (`run_records.run_config`: the spec's
     fields, method, learner options `learner.X` and scheme options `scheme.Y`) at `eps` and
     `seeds`, with `overrides` (out, cache_dir, data_root, device, ...; None values ignored)
     on top. Its runs have the configuration's config hash again."""

@@ -29,7 +29,7 @@ Resuming: a cell whose record key (`fpl_bench.report.records.KEY_COLUMNS`: metho
 scheme, dataset, protocol, trust, eps, seed, config_hash) is in OUT/results.csv with a status in
 `DONE_STATUSES` is skipped. A diverged run is done (rerunning it with the same seed diverges
 again); a failed one is run again. The config hash is computed exactly as `run_one` records it
-(`experiment.run_config` + `experiment.config_hash`).
+(`run_records.run_config` + `run_records.config_hash`).
 
 Time estimates (`estimate_cell`), best source first:
 1. "measured": the median `wall_s` of finished rows in OUT/results.csv with the same method,
@@ -41,7 +41,7 @@ Time estimates (`estimate_cell`), best source first:
    to every dataset; one with it wins), estimate = round_s x rounds (x 1 for a method that
    trains nothing);
 3. "model", shown with a leading '~': a cost model, the cell's training FLOPs
-   (`experiment.training_flops`, from the dataset card's `train_images`, the backbone's text
+   (`estimates.training_flops`, from the dataset card's `train_images`, the backbone's text
    tower and the schedule; no data is read) over a FLOP rate, calibrated on the suite's cells
    with a measured time when there are any, else `ASSUMED_FLOPS_PER_S` for the device;
 4. otherwise (the card does not say how many training images a cell with `shots = 0` uses)
@@ -260,7 +260,7 @@ class Cell:
     eps: float | None
     seed: int
     spec: ExperimentSpec  # the grid's spec for this dataset (all its methods, eps, seeds)
-    config: dict[str, Any]  # experiment.run_config: what the config hash covers
+    config: dict[str, Any]  # run_records.run_config: what the config hash covers
     config_hash: str
     paper: dict[str, float | None]  # metric -> published number (fraction) or None
 
@@ -329,7 +329,7 @@ def suite_cells(
 ) -> list[Cell]:
     """Every cell of the suite (those `only` keeps), in table order: grid, dataset, method,
     eps, seed."""
-    from fpl_bench.experiment import config_hash, run_config
+    from fpl_bench.run_records import config_hash, run_config
 
     overrides = dict(overrides or {})
     _check_overrides(overrides)
@@ -569,14 +569,14 @@ SUFFIX_TOKENS = 8
 
 
 def cell_flops(cell: Cell) -> float | None:
-    """Training FLOPs of one cell from the cost model (`experiment.training_flops`), without its
+    """Training FLOPs of one cell from the cost model (`estimates.training_flops`), without its
     data: the clients share the seen classes' training images equally (the dataset card's
     `train_images`, or `shots` per class and client when that is fewer), and one tower pass
     costs 24 W^2 per token row and layer as `TextTower.pass_flops` counts it, with W and the
     depth from the backbone's model config. None when the card gives no `train_images` and the
     cell trains on all of them (`shots = 0`)."""
     from fpl_bench.cards import dataset_card
-    from fpl_bench.experiment import training_flops
+    from fpl_bench.estimates import training_flops
 
     spec = cell.spec
     card = dataset_card(spec.dataset_source())

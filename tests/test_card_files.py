@@ -17,7 +17,7 @@ from fpl_bench import catalog
 from fpl_bench.catalog import method_names, resolve_method
 from fpl_bench.data import catalog as data_catalog
 from fpl_bench.errors import UsageError
-from fpl_bench.experiment import config_hash, run_config
+from fpl_bench.run_records import config_hash, run_config
 from fpl_bench.spec import build_spec, spec_from_config
 from fpl_bench.suite import load_suite, suite_cells
 from tests.cli import run_cli

@@ -141,7 +141,8 @@ def test_worker_queue_takes_the_longest_runs_first(tmp_path):
     component the loss reads and 1 per component for a prior: FedOTP (2 of 2) twice CoOp,
     FedPGP (2 components, 1 read by the loss, a prior) B + 4, KgCoOp (a prior) B + 2, CoOp
     and DP-FPL B + 1; zero-shot (no training) last."""
-    from fpl_bench.experiment import cell_training_flops, longest_first, prepare
+    from fpl_bench.estimates import cell_training_flops, longest_first
+    from fpl_bench.prepare import prepare
 
     names = ["zeroshot", "coop", "fedpgp", "dpfpl", "kgcoop", "fedotp"]
     spec = tiny_spec(tmp_path, names, eps=(0.5,), rounds=2, clients=3)

@@ -51,7 +51,7 @@ def test_importing_every_module_and_preparing_a_run_change_no_process_setting(tm
         for info in pkgutil.walk_packages(fpl_bench.__path__, "fpl_bench."):
             importlib.import_module(info.name)
         from fpl_bench.catalog import resolve_method
-        from fpl_bench.experiment import prepare
+        from fpl_bench.prepare import prepare
         from fpl_bench.spec import build_spec
 
         sizes = {"n_train_per_class": 4, "n_test_per_class": 2, "n_val_per_class": 2}

@@ -124,9 +124,9 @@ def bench_cmd(
     )
     from fpl_bench.catalog import method_names, resolve_method
     from fpl_bench.compute import fast_precision
-    from fpl_bench.experiment import resolve_device
     from fpl_bench.jobs import check_writable_folder
     from fpl_bench.method import build_method
+    from fpl_bench.prepare import resolve_device
     from fpl_bench.spec import parse_eps, parse_int_list
 
     ablations = (

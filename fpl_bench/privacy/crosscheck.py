@@ -44,7 +44,7 @@ so its grid grows like sqrt(steps) / eps; where it would exceed `PRV_MAX_POINTS`
 250 bytes each), eps_error is raised until it fits (`prv_eps_error` says which was used).
 
 Suites (`suite_settings`): the (q, sigma, steps, delta) of every private cell of the shipped
-suites, derived the way a run derives them (`experiment.partition_clients`, the run's client
+suites, derived the way a run derives them (`prepare.partition_clients`, the run's client
 schedule and `planning.client_budgets`, one sigma per run by `planning.plan_for_clients`). The
 clients' training-set sizes need the data: the synthetic source is generated (exact); a dataset
 on disk is read when `data_root` is given (exact); otherwise the sizes come from the dataset
@@ -413,9 +413,9 @@ def suite_settings(
     """The distinct (q, sigma, steps, delta) of the private cells of `suites` (None: every
     shipped suite), in the order first met; `seeds` keeps only those seeds' cells (None: all).
 
-    Per grid, dataset and seed: the clients' split (`experiment.partition_clients`, on the
+    Per grid, dataset and seed: the clients' split (`prepare.partition_clients`, on the
     data or on the card's sizes: see the module docstring), their (q, noisy steps) over the
-    run's client schedule (`experiment._budgets`, i.e. `FederatedRun.budget`), and per target
+    run's client schedule (`prepare.run_budgets`, i.e. `FederatedRun.budget`), and per target
     eps the run's one sigma (`planning.plan_for_clients` with the suite's accountant). A run's
     setting is the client its ledger records (the largest epsilon); `every_client` adds the
     other clients' (q, steps) at the same sigma. Cells with eps none, and grids none of whose
@@ -481,13 +481,13 @@ def _private_specs(cells: Sequence[Any]) -> list[ExperimentSpec]:
 
 def _run_plans(spec: ExperimentSpec, splits: Splits, seed: int) -> list[tuple[float, Any, list]]:
     """(eps, ledger, distinct (q, steps) of its clients) per private eps of one seed's runs,
-    as `experiment.prepare` and `experiment.plan_run_privacy` compute them."""
-    from fpl_bench.experiment import _budgets, partition_clients
+    as `prepare.prepare` and `experiment.plan_run_privacy` compute them."""
+    from fpl_bench.prepare import partition_clients, run_budgets
     from fpl_bench.privacy.planning import check_delta, plan_for_clients
 
     _, split = partition_clients(spec, splits, seed)
     check_delta(spec.delta, [len(idx) for idx in split.train])
-    budgets = _budgets(spec, split, seed)
+    budgets = run_budgets(spec, split, seed)
     pairs = sorted({(q, steps) for q, steps in budgets if steps > 0})
     plans = []
     for eps in (e for e in spec.eps if e is not None):

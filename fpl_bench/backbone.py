@@ -131,6 +131,30 @@ class Backbone:
             tokens_all = torch.empty(n, n_tokens, dim, dtype=torch.float16)
         return pooled_all, tokens_all
 
+    def embed_images(self, images: np.ndarray, *, batch_size: int = 256) -> Tensor:
+        """The image tower's input tokens [N, 1 + P, W_v] (below its first block:
+        `vision.VisionTower.embed`) of uint8 images [N, H, W, 3], float32 on the CPU."""
+        images = _check_images(images)
+        inputs = (
+            self._to_model_input(images[start : start + batch_size])
+            for start in range(0, len(images), batch_size)
+        )
+        return self.embed_inputs(inputs, n=len(images))
+
+    def embed_inputs(self, inputs: Iterable[Tensor], *, n: int) -> Tensor:
+        """`embed_images` of preprocessed batches [B, 3, H, W], `n` images in all."""
+        from fpl_bench.vision import VisionTower
+
+        vision = VisionTower.of(self.model)
+        dtype = next(self.model.parameters()).dtype
+        parts = []
+        with torch.inference_mode():
+            for x in inputs:
+                parts.append(vision.embed(x.to(self.device, dtype)).float().cpu())
+        if parts:
+            return torch.cat(parts)
+        return torch.empty(n, 1 + self.n_patches, vision.width)
+
     def encode_texts(self, texts: Sequence[str], *, batch_size: int = 1024) -> Tensor:
         """Text features [T, D] float32, L2-normalised, on the CPU."""
         parts: list[Tensor] = []

@@ -48,9 +48,11 @@ from fpl_bench.compute import busy_cores_elsewhere, fast_precision
 from fpl_bench.data.partition import ClientSplit
 from fpl_bench.data.synthetic import CLASSNAMES
 from fpl_bench.driver import Compute, FeatureSet, FederatedRun, Federation, NoisePlan, Schedule
+from fpl_bench.errors import UsageError
 from fpl_bench.method import Method
 from fpl_bench.prompt import TextTower
 from fpl_bench.protocols import base2novel
+from fpl_bench.vision import VisionTower
 
 BACKBONES = {"embedded": EMBEDDED, "vit-b-16": "ViT-B-16"}
 MAX_ROUNDS = 10  # rounds timed at most per measurement (short rounds are repeated)
@@ -149,10 +151,12 @@ def synthetic_federation(
     device: torch.device,
     seed: int = 0,
     pool: int = 8192,
+    embedded: tuple[int, int] | None = None,
 ) -> Federation:
     """Clients of `sizes.samples_per_client` examples each from `sizes.classes_per_client` of
     the 32 seen classes (dealt round robin), drawn from a shared pool of at most `pool` random
-    unit features [dim] (and patch tokens [n_tokens, dim] fp16 when n_tokens > 0)."""
+    unit features [dim] (and patch tokens [n_tokens, dim] fp16 when n_tokens > 0; image-tower
+    input tokens [*embedded] when given, for learners that prompt the image tower)."""
     gen = torch.Generator().manual_seed(seed)
     seen = N_CLASSES // 2
     per_class = max(1, min(pool // seen, n_clients * sizes.samples_per_client))
@@ -162,7 +166,12 @@ def synthetic_federation(
     if n_tokens:
         tokens = F.normalize(torch.randn(len(labels), n_tokens, dim, generator=gen), dim=-1)
         tokens = tokens.half().to(device)
-    features = FeatureSet(pooled=pooled.to(device), tokens=tokens, labels=labels.to(device))
+    inputs = None
+    if embedded is not None:
+        inputs = torch.randn(len(labels), *embedded, generator=gen).to(device)
+    features = FeatureSet(
+        pooled=pooled.to(device), tokens=tokens, labels=labels.to(device), embedded=inputs
+    )
     rng = np.random.default_rng(seed)
     train, classes = [], []
     for k in range(n_clients):
@@ -186,7 +195,11 @@ class EncodedEachStep:
     backbone: Backbone
     with_tokens: bool
 
-    def take(self, idx: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
+    def take(self, idx: Tensor, *, embedded: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
+        if embedded:
+            raise UsageError(
+                "--no-feature-cache does not cover learners that prompt the image tower"
+            )
         rows = self.images[idx.cpu().numpy()]
         pooled, tokens = self.backbone.encode_images(rows, with_tokens=self.with_tokens)
         device = self.labels.device
@@ -259,8 +272,14 @@ def build_run(
         precision=fast_precision(device) if config.bf16 else "fp32",
     ).with_options(hand_backward=config.hand_backward)
     n_tokens = backbone.n_patches if method.needs_tokens else 0
+    vision = VisionTower.of(backbone.model) if method.prompts_image_tower else None
     fed = synthetic_federation(
-        total_clients, sizes=sizes, dim=backbone.embed_dim, n_tokens=n_tokens, device=device
+        total_clients,
+        sizes=sizes,
+        dim=backbone.embed_dim,
+        n_tokens=n_tokens,
+        device=device,
+        embedded=None if vision is None else (1 + backbone.n_patches, vision.width),
     )
     if not config.feature_cache:
         fed = without_feature_cache(fed, backbone)
@@ -273,7 +292,9 @@ def build_run(
     compute = Compute(
         batch_clients=config.batch_clients, per_sample_loop=not config.vmap_per_sample
     )
-    run = FederatedRun(method, tower, fed, schedule=schedule, seed=0, compute=compute)
+    run = FederatedRun(
+        method, tower, fed, schedule=schedule, seed=0, compute=compute, vision=vision
+    )
     if eps is not None:
         run.enable_privacy(NoisePlan(noise_multiplier=1.0, clip_norm=1.0))
     return run

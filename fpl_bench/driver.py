@@ -82,14 +82,19 @@ class Diverged(FplError):
 
 @dataclass(frozen=True)
 class FeatureSet:
-    """Cached image features of one split: pooled [N, D], patch tokens [N, P, D] or None."""
+    """Cached image features of one split: pooled [N, D], patch tokens [N, P, D] or None, and
+    the image tower's input tokens [N, T, W_v] or None (for learners that prompt it)."""
 
     pooled: Tensor
     tokens: Tensor | None
     labels: Tensor  # [N] int64 class ids
+    embedded: Tensor | None = None
 
-    def take(self, idx: Tensor) -> tuple[Tensor, Tensor | None, Tensor]:
-        tokens = None if self.tokens is None else self.tokens[idx].float()
+    def take(self, idx: Tensor, *, embedded: bool = False) -> tuple[Tensor, Tensor | None, Tensor]:
+        """(pooled, tokens, labels) of examples `idx`; `embedded`: the image tower's input
+        tokens in the tokens slot."""
+        source = self.embedded if embedded else self.tokens
+        tokens = None if source is None else source[idx].float()
         return self.pooled[idx], tokens, self.labels[idx]
 
 
@@ -436,7 +441,7 @@ class FederatedRun:
             self.view(client), generator(self.seed, _PARAMS, rnd, client, step_no)
         )
         step = {k: v.detach() for k, v in step.items()}
-        pooled, tokens, _ = self.fed.train.take(idx)
+        pooled, tokens, _ = self.fed.train.take(idx, embedded=self.method.prompts_image_tower)
         if tokens is None:
             tokens = pooled.new_zeros(len(idx), 0)
         return step, aux, (pooled, tokens, self.train_targets[idx])
@@ -603,7 +608,7 @@ class FederatedRun:
         for es in protocol.eval_sets:
             classes = torch.as_tensor(es.classes, dtype=torch.long, device=device)
             images = torch.as_tensor(es.images, dtype=torch.long, device=device)
-            pooled, tokens, labels = fed.test.take(images)
+            pooled, tokens, labels = fed.test.take(images, embedded=method.prompts_image_tower)
             ctx = EncodeContext(
                 tower=self.tower, class_idx=classes, consts=self.consts, vision=self.vision
             )

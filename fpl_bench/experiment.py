@@ -102,7 +102,9 @@ def transfer_accuracy(run: FederatedRun, target: Transfer, seed: int) -> float:
         classes=(protocol.seen_classes,) * n,
     )
     fed = Federation(train=target.test, test=target.test, split=split, protocol=protocol)
-    scorer = FederatedRun(run.method, target.tower, fed, schedule=run.sched, seed=seed)
+    scorer = FederatedRun(
+        run.method, target.tower, fed, schedule=run.sched, seed=seed, vision=run.vision
+    )
     scorer.load_state_dict(run.state_dict())
     metrics, _ = scorer.evaluate(0)
     return metrics["target_acc"]
@@ -146,6 +148,7 @@ def federated_run(
         seed=seed,
         trust=spec.trust,
         ctx_init=spec.ctx_init,
+        vision=prep.vision,
     )
 
 

@@ -78,23 +78,11 @@ def image_features(
     `images` is a uint8 array [N, H, W, 3] or an ImageSet; a file-backed ImageSet is decoded in
     chunks (`workers` threads) through the backbone's own preprocess transform.
     """
-    key = cache_key(
-        backbone=backbone.name,
-        tag=backbone.tag,
-        weights=backbone.weights_digest,
-        preprocess=backbone.preprocess_cfg,
-        data=data_fingerprint,
-        split=split if with_tokens else f"{split}/pooled",
-    )
-    path = cache_dir / "features" / f"{key}.pt"
-    if path.is_file():
-        try:
-            entry = torch.load(path, map_location="cpu", weights_only=True)
-            intact = entry["sha256"] == tensor_digest(entry["pooled"], entry["tokens"])
-            if intact and entry["pooled"].shape[0] == len(images):
-                return entry["pooled"], entry["tokens"], True
-        except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError):
-            pass  # a damaged entry is recomputed and overwritten
+    name = split if with_tokens else f"{split}/pooled"
+    path = _entry_path(backbone, data_fingerprint, name, cache_dir)
+    hit = _load(path, ("pooled", "tokens"), len(images))
+    if hit is not None:
+        return hit[0], hit[1], True
     if isinstance(images, ImageSet) and images.file_backed:
         batches = preprocessed_batches(
             images, backbone.preprocess, batch_size=batch_size, workers=workers
@@ -104,6 +92,67 @@ def image_features(
         array = images.images if isinstance(images, ImageSet) else images
         pooled, tokens = backbone.encode_images(array, with_tokens=with_tokens)
     pooled, tokens = pooled.float().cpu(), tokens.half().cpu()
-    # Written atomically: two processes filling the same entry at once leave one valid file.
-    save_atomic({"pooled": pooled, "tokens": tokens, "sha256": tensor_digest(pooled, tokens)}, path)
+    _save(path, {"pooled": pooled, "tokens": tokens})
     return pooled, tokens, False
+
+
+def image_embeddings(
+    backbone: Any,
+    images: np.ndarray | ImageSet,
+    *,
+    data_fingerprint: str,
+    split: str,
+    cache_dir: Path,
+    batch_size: int = 256,
+    workers: int = 0,
+) -> tuple[Tensor, bool]:
+    """(the image tower's input tokens [N, 1 + P, W_v] float32, cache hit?) for one split:
+    what a learner that prompts the image tower reads (fpl_bench/vision.py). float32, as the
+    tower computes above them; the patch tokens of `image_features` are float16."""
+    path = _entry_path(backbone, data_fingerprint, f"{split}/embedded", cache_dir)
+    hit = _load(path, ("embedded",), len(images))
+    if hit is not None:
+        return hit[0], True
+    if isinstance(images, ImageSet) and images.file_backed:
+        batches = preprocessed_batches(
+            images, backbone.preprocess, batch_size=batch_size, workers=workers
+        )
+        embedded = backbone.embed_inputs(batches, n=len(images))
+    else:
+        array = images.images if isinstance(images, ImageSet) else images
+        embedded = backbone.embed_images(array)
+    embedded = embedded.float().cpu()
+    _save(path, {"embedded": embedded})
+    return embedded, False
+
+
+def _entry_path(backbone: Any, data_fingerprint: str, split: str, cache_dir: Path) -> Path:
+    key = cache_key(
+        backbone=backbone.name,
+        tag=backbone.tag,
+        weights=backbone.weights_digest,
+        preprocess=backbone.preprocess_cfg,
+        data=data_fingerprint,
+        split=split,
+    )
+    return cache_dir / "features" / f"{key}.pt"
+
+
+def _load(path: Path, names: tuple[str, ...], n: int) -> list[Tensor] | None:
+    """The entry's tensors `names` when it is intact and holds n rows; None otherwise (a
+    damaged entry is recomputed and overwritten)."""
+    if not path.is_file():
+        return None
+    try:
+        entry = torch.load(path, map_location="cpu", weights_only=True)
+        tensors = [entry[name] for name in names]
+        if entry["sha256"] == tensor_digest(*tensors) and tensors[0].shape[0] == n:
+            return tensors
+    except (RuntimeError, KeyError, EOFError, OSError, pickle.UnpicklingError):
+        pass
+    return None
+
+
+def _save(path: Path, tensors: dict[str, Tensor]) -> None:
+    """Written atomically: two processes filling the same entry at once leave one valid file."""
+    save_atomic({**tensors, "sha256": tensor_digest(*tensors.values())}, path)

@@ -26,7 +26,7 @@ from fpl_bench.data.partition import ClientSplit, few_shot, make_partitioner
 from fpl_bench.data.sources import Splits, load_source
 from fpl_bench.driver import FeatureSet, Federation, client_schedule
 from fpl_bench.errors import UsageError
-from fpl_bench.features import image_features
+from fpl_bench.features import image_embeddings, image_features
 from fpl_bench.learners import LEARNERS
 from fpl_bench.privacy.accountant import use_calibration_cache
 from fpl_bench.privacy.planning import (
@@ -38,6 +38,7 @@ from fpl_bench.privacy.planning import (
 from fpl_bench.prompt import TextTower
 from fpl_bench.protocols import Protocol, domain_protocol, make_protocol
 from fpl_bench.spec import ExperimentSpec
+from fpl_bench.vision import VisionTower
 
 
 @dataclass
@@ -51,6 +52,7 @@ class Prepared:
     device: torch.device
     partitions: dict[int, tuple[Protocol, ClientSplit]]
     transfers: list[Transfer] = field(default_factory=list)
+    vision: VisionTower | None = None  # the image tower, when a learner prompts it
 
 
 @dataclass
@@ -74,6 +76,7 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
     device = resolve_device(spec.device)
     use_calibration_cache(Path(spec.cache_dir) / "noise")
     with_tokens = any(LEARNERS.get(m.learner).needs_tokens for m in spec.methods)
+    embedded = any(LEARNERS.get(m.learner).prompts_image_tower for m in spec.methods)
     card = dataset_card(spec.dataset_source())
     for name in spec.transfer_datasets:  # an unknown name is refused before any encoding
         dataset_card(name)
@@ -103,17 +106,19 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
                             calibration="paper",
                         )
     tower = _text_tower(spec, backbone, splits.classnames, device)  # checks ctx_init
+    vision = VisionTower.of(backbone.model) if embedded else None  # refuses a non-ViT tower
     # the input is accepted: from here a log shows the job's progress (bad input stays one line)
     log(
         f"{spec.dataset}: {len(splits.train.labels)} training images of "
         f"{len(splits.classnames)} classes, {spec.clients} clients; preparing image features..."
     )
     sets = {
-        split: _features(spec, backbone, splits, split, with_tokens, device, log)
+        split: _features(spec, backbone, splits, split, (with_tokens, embedded), device, log)
         for split in ("train", spec.eval_split)
     }
     transfers = [
-        _transfer(spec, name, backbone, with_tokens, device, log) for name in spec.transfer_datasets
+        _transfer(spec, name, backbone, (with_tokens, embedded), device, log)
+        for name in spec.transfer_datasets
     ]
     return Prepared(
         spec,
@@ -125,6 +130,7 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
         device,
         partitions,
         transfers,
+        vision,
     )
 
 
@@ -139,7 +145,9 @@ def run_budgets(spec: ExperimentSpec, split: ClientSplit, seed: int) -> list[tup
     )
 
 
-def _features(spec, backbone, splits, split, with_tokens, device, log) -> FeatureSet:
+def _features(spec, backbone, splits, split, kinds, device, log) -> FeatureSet:
+    """The features of one split; kinds = (patch tokens?, the image tower's input tokens?)."""
+    with_tokens, embedded = kinds
     images = getattr(splits, split)
     t0 = time.perf_counter()
     pooled, tokens, hit = image_features(
@@ -154,10 +162,25 @@ def _features(spec, backbone, splits, split, with_tokens, device, log) -> Featur
         f"image features [{split}] {tuple(pooled.shape)} "
         f"{'from cache' if hit else f'encoded in {time.perf_counter() - t0:.1f}s'}"
     )
+    inputs = None
+    if embedded:
+        t0 = time.perf_counter()
+        inputs, hit = image_embeddings(
+            backbone,
+            images,
+            data_fingerprint=splits.fingerprint,
+            split=split,
+            cache_dir=spec.cache_dir,
+        )
+        log(
+            f"image-tower input tokens [{split}] {tuple(inputs.shape)} "
+            f"{'from cache' if hit else f'encoded in {time.perf_counter() - t0:.1f}s'}"
+        )
     return FeatureSet(
         pooled=pooled.to(device),
         tokens=tokens.to(device) if with_tokens else None,
         labels=torch.as_tensor(np.array(images.labels), dtype=torch.long, device=device),
+        embedded=None if inputs is None else inputs.to(device),
     )
 
 
@@ -183,12 +206,12 @@ def _text_tower(
     return tower
 
 
-def _transfer(spec, name, backbone, with_tokens, device, log) -> Transfer:
+def _transfer(spec, name, backbone, kinds, device, log) -> Transfer:
     """Load a cross-dataset target: its test split's features and a tower over its classes."""
     splits = load_source(
         dataset_card(name), root=spec.data_root, options={}, cache_dir=spec.cache_dir
     )
-    test = _features(spec, backbone, splits, "test", with_tokens, device, log)
+    test = _features(spec, backbone, splits, "test", kinds, device, log)
     tower = _text_tower(spec, backbone, splits.classnames, device)
     return Transfer(dataset=name, tower=tower, test=test)
 

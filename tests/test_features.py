@@ -105,3 +105,21 @@ def test_two_processes_filling_one_entry_leave_one_valid_file(tmp_path):
     images = np.zeros((64, 8, 8, 3), dtype=np.uint8)
     _, _, hit = image_features(bb, images, data_fingerprint="race", split="t", cache_dir=tmp_path)
     assert hit and bb.calls == 0
+
+
+def test_image_tower_input_tokens_are_cached_apart_and_equal_the_towers_own(tmp_path, tiny_model):
+    from fpl_bench.backbone import load_backbone
+    from fpl_bench.features import image_embeddings
+    from fpl_bench.vision import VisionTower
+
+    backbone = load_backbone("fpl-tiny-vit", device="cpu")
+    images = np.random.default_rng(0).integers(0, 255, (5, 32, 32, 3), dtype=np.uint8)
+    kw = dict(data_fingerprint="d", split="train", cache_dir=tmp_path)
+    first, hit1 = image_embeddings(backbone, images, **kw)
+    second, hit2 = image_embeddings(backbone, images, **kw)
+    assert (hit1, hit2) == (False, True) and first.dtype == torch.float32
+    assert torch.equal(first, second) and first.shape == (5, 1 + backbone.n_patches, 64)
+    pixels = backbone._to_model_input(images)
+    torch.testing.assert_close(first, VisionTower.of(backbone.model).embed(pixels))
+    *_, hit = image_features(backbone, images, with_tokens=False, **kw)
+    assert hit is False  # a separate entry from the pooled features

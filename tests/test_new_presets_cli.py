@@ -1,0 +1,38 @@
+"""The presets that each prove a seam (CoCoOp: a learner's own parameters and image-conditioned
+text; MaPLe: image-side prompts; SCAFFOLD and FedAdam: scheme state and a server optimizer;
+central: pooled data) run by name through the CLI, without DP and at eps 2 under both trust
+models, each private run spending at most its target and each trained run beating chance."""
+
+import pandas as pd
+import pytest
+
+from tests.cli import run_cli
+
+PRESETS = ["cocoop", "fedcocoop", "maple", "fedmaple", "scaffold", "fedadam", "central"]
+SMALL = [
+    "--rounds", "2", "--local-epochs", "1", "--eval-every", "1", "--last-k", "1",
+    "--clients", "2", "--shots", "4",
+    "--dataset-option", "n_train_per_class=8",
+    "--dataset-option", "n_test_per_class=4",
+    "--dataset-option", "n_val_per_class=4",
+]  # fmt: skip
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("trust", ["server", "client"])
+def test_each_runs_by_name_with_and_without_dp(tmp_path_factory, capsys, monkeypatch, trust):
+    out = tmp_path_factory.mktemp(f"new-{trust}")
+    args = [
+        "run", "--methods", ",".join(PRESETS), "--eps", "none,2", "--trust", trust,
+        *SMALL, "--out", str(out / "out"), "--cache-dir", str(out / "cache"),
+    ]  # fmt: skip
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    frame = pd.read_csv(out / "out" / "results.csv")
+    assert sorted(frame["method"].unique()) == sorted(PRESETS)
+    assert (frame["status"] == "finished").all()
+    assert len(frame) == 2 * len(PRESETS) and set(frame["trust"]) == {trust}
+    private = frame[frame["eps"].astype(str) != "none"]
+    assert (private["eps_spent"] <= 2.0 + 1e-9).all() and (private["eps_spent"] > 0).all()
+    chance = 1 / 32  # base accuracy over the 32 base classes
+    assert (frame["base_acc"] > 2 * chance).all(), frame[["method", "eps", "base_acc"]]

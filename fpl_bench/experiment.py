@@ -72,9 +72,6 @@ from fpl_bench.run_records import (
 )
 from fpl_bench.spec import ExperimentSpec
 
-# fpl_bench/tune/ imports prepare, federation, set_threads, run_config and setup_hash from
-# here; their modules are fpl_bench/prepare.py, estimates.py and run_records.py
-
 
 class JobProgress(Interface):
     """What the CLI shows: run k of N, round r of R (and from both, an ETA for the job)."""

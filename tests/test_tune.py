@@ -201,10 +201,10 @@ def fake_train(prep, fed, choice, eps, seed, on_eval, *, trial_rounds=None, plan
 @pytest.fixture
 def fake_runs(monkeypatch):
     """No data, no training: prepare/federation are stubs and a trial's run is `fake_train`."""
-    import fpl_bench.experiment as experiment
+    import fpl_bench.prepare as prepare
 
-    monkeypatch.setattr(experiment, "prepare", lambda spec, log=print: FakePrep(spec))
-    monkeypatch.setattr(experiment, "federation", lambda prep, seed: None)
+    monkeypatch.setattr(prepare, "prepare", lambda spec, log=print: FakePrep(spec))
+    monkeypatch.setattr(prepare, "federation", lambda prep, seed: None)
     monkeypatch.setattr(objective, "train_seed", fake_train)  # where Objective looks it up
 
 

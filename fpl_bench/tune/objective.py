@@ -43,7 +43,8 @@ def train_seed(
     import torch
 
     from fpl_bench.driver import NoisePlan
-    from fpl_bench.experiment import federated_run, plan_run_privacy, schedule_of, set_threads
+    from fpl_bench.estimates import set_threads
+    from fpl_bench.experiment import federated_run, plan_run_privacy, schedule_of
     from fpl_bench.method import build_method
 
     spec = prep.spec
@@ -81,7 +82,7 @@ class Workbench:
     plans: dict[tuple, Any] = field(default_factory=dict)
 
     def federation(self, seed: int) -> Any:
-        from fpl_bench.experiment import federation
+        from fpl_bench.prepare import federation
 
         if seed not in self.feds:
             self.feds[seed] = federation(self.prep, seed)

@@ -73,7 +73,7 @@ class TuneJob:
 def study_config(job: TuneJob, choice: MethodChoice) -> dict[str, Any]:
     """What the trials of a study share (JSON): two workers or two sessions may only add trials
     to a study whose configuration is theirs. Searched settings and paths are left out."""
-    from fpl_bench.experiment import run_config
+    from fpl_bench.run_records import run_config
 
     config = run_config(job.spec, choice)
     for key in [*card_search(choice.label), "data_root"]:

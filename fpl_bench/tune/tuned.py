@@ -48,7 +48,7 @@ def tuned_specs(
     """One spec per (method, eps) of `spec`, with that study's best parameters over the run's
     own settings, marked tuned=True. A method without a [search] table runs as it is (nothing
     to tune) and is marked tuned too."""
-    from fpl_bench.experiment import setup_hash
+    from fpl_bench.run_records import setup_hash
 
     targets = reading_targets(storage, Path(spec.out))
     setup = setup_hash(spec)

@@ -42,7 +42,7 @@ def run_worker(job: TuneJob, slot: int = 0, log: Log = print) -> list[str]:
     """One worker: open every study of the job, then take trials until each study's budget is
     spent and none of its trials is still running (a trial of a dead worker is failed by the
     heartbeat and its retry taken). Returns the studies' summary lines."""
-    from fpl_bench.experiment import prepare
+    from fpl_bench.prepare import prepare
     from fpl_bench.tracking import Tracker
 
     optuna.logging.set_verbosity(optuna.logging.ERROR)
@@ -167,7 +167,7 @@ def tune(job: TuneJob, log: Log = print) -> tuple[list[str], list[int]]:
     if job.workers == 1:
         return run_worker(job, 0, log), []
     warm_workers(TUNE_WORKER_MODULES)
-    from fpl_bench.experiment import prepare
+    from fpl_bench.prepare import prepare
     from fpl_bench.tracking import Tracker
 
     prepare(job.spec, log=log)

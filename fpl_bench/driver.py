@@ -575,7 +575,10 @@ class FederatedRun:
                     if upload is not None:
                         uploads.append(upload)
             self.sync.end_step(uploads, rnd, s, active)
-        ends = {c: RoundEnd(starts[c], self.view(c), self.steps[c], sched.lr) for c in sampled}
+        ends = {
+            c: RoundEnd(starts[c], self.view(c), self.steps[c], sched.lr, sched.momentum)
+            for c in sampled
+        }
         self.sync.end_round(sampled)
         self._end_states(ends)
         self._check_finite(rnd)

@@ -33,6 +33,11 @@ def test_hooks_follow_algorithm_1_option_2():
     want = torch.tensor([[0.5 + 1.0 + 1.0 / 2.0, 0.25 - 2.0 + (-2.0) / 2.0]])
     torch.testing.assert_close(new["c.prompt"], want)
     torch.testing.assert_close(sent["c.prompt"], want - c_i["c.prompt"])
+    # with client momentum beta, over the effective step K lr / (1 - beta)
+    done = RoundEnd(start=x, end=y, steps=4, lr=0.5, momentum=0.75)
+    new, _ = scheme.client_round_end(done, c_i, c)
+    want = torch.tensor([[0.5 + 1.0 + 0.25 * 1.0 / 2.0, 0.25 - 2.0 + 0.25 * (-2.0) / 2.0]])
+    torch.testing.assert_close(new["c.prompt"], want)
 
     # line 17: c <- c + (1 / N) sum over the round's clients of dc_i, N = 4 clients in all
     d1, d2 = {"c.prompt": torch.tensor([[1.0, 2.0]])}, {"c.prompt": torch.tensor([[3.0, -6.0]])}

@@ -65,12 +65,13 @@ Upload = tuple[Mapping[str, Tensor], float]  # (tensors, weight)
 class RoundEnd:
     """One client's round as its state hook sees it: the parameters it started from and ended
     with (the server's shared values at the round's start; its view at the end), the number
-    of local steps it took, and the local learning rate."""
+    of local steps it took, the local learning rate and the clients' SGD momentum."""
 
     start: Mapping[str, Tensor]
     end: Mapping[str, Tensor]
     steps: int
     lr: float
+    momentum: float = 0.0
 
 
 class Scheme:

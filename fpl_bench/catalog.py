@@ -283,7 +283,7 @@ def add_preset_card(path: str | Path) -> str:
         why = "a folder, not a card file" if path.is_dir() else "no such file"
         raise UsageError(f"method card {path}: {why}")
     card = read_toml_model(path, PresetCard, what="card")
-    shipped = [*_shipped_presets(), "all"]  # `--methods all` means every shipped preset
+    shipped = [*_shipped_presets(), *GROUPS]  # `--methods all|default` name groups of presets
     check_card_name(card.name, path, shipped=shipped, added=_ADDED, what="method")
     _check_preset(card, path)
     _ADDED[card.name] = (path, card)
@@ -307,6 +307,19 @@ def list_presets() -> list[str]:
     """The shipped presets, in report order (`--methods all`)."""
     order = {name: i for i, name in enumerate(PRESET_ORDER)}
     return sorted(_shipped_presets(), key=lambda n: (order.get(n, len(order)), n))
+
+
+def default_presets() -> list[str]:
+    """`--methods default`, the default job: every preset whose text features do not depend on
+    the image. CoCoOp and MaPLe run the text or image tower once per image (and class), which
+    makes each of their runs 20-60x a CoOp run on a CPU; `all` or their names run them."""
+    from fpl_bench.learners import LEARNERS
+
+    cards = preset_cards()
+    return [n for n in list_presets() if not LEARNERS.get(cards[n].learner).reads_images]
+
+
+GROUPS = {"all": list_presets, "default": default_presets}  # --methods words naming a group
 
 
 def _check_options(card: ComponentCard, values: dict[str, Any], where: str) -> dict[str, Any]:
@@ -354,18 +367,20 @@ class MethodChoice(BaseModel):
 
 
 def method_names(text: str) -> list[str]:
-    """'all' -> every preset; else the comma list, each a preset, a learner@scheme pair or a
-    preset card file (PATH.toml: read here, and listed by its card's name)."""
+    """'all' -> every preset, 'default' -> `default_presets()`; else the comma list, each a
+    preset, a learner@scheme pair or a preset card file (PATH.toml: read here, and listed by its
+    card's name)."""
     words = [w.strip() for w in text.split(",") if w.strip()]
     words = [w.lower() if card_path(w) is None else add_preset_card(w) for w in words]
     if not words:
         raise UsageError("the method list is empty; e.g. all, or coop,dpfpl, or kgcoop@fedavg")
-    if words == ["all"]:
-        return list_presets()
-    if "all" in words:
+    if len(words) == 1 and words[0] in GROUPS:
+        return GROUPS[words[0]]()
+    group = next((w for w in words if w in GROUPS), None)
+    if group is not None:
         raise UsageError(
-            f"--methods {text}: 'all' means every preset and cannot be combined with other "
-            "names; give all alone, or list the methods"
+            f"--methods {text}: '{group}' names a group of presets and cannot be combined with "
+            f"other names; give {group} alone, or list the methods"
         )
     if len(set(words)) != len(words):
         twice = sorted({w for w in words if words.count(w) > 1})

@@ -63,9 +63,9 @@ import pandas as pd
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from fpl_bench.catalog import (
+    GROUPS,
     MethodChoice,
     add_preset_card,
-    list_presets,
     read_toml_model,
     resolve_method,
 )
@@ -235,9 +235,10 @@ def _check_run_fields(fields: Mapping[str, Any], where: str) -> None:
 
 
 def _method_names(methods: Sequence[str]) -> list[str]:
-    """A grid's methods: every preset for ["all"], a card file by its card's name."""
-    if list(methods) == ["all"]:
-        return list_presets()
+    """A grid's methods: a group's presets for ["all"] or ["default"], a card file by its
+    card's name."""
+    if len(methods) == 1 and methods[0] in GROUPS:
+        return GROUPS[methods[0]]()
     return [m if card_path(m) is None else add_preset_card(m) for m in methods]
 
 

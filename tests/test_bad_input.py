@@ -82,7 +82,7 @@ CASES = [
     (["run", "--param", "dpfpl.rank=0"], "must be >= 1"),
     (["run", "--param", "rank=4"], "METHOD.OPTION=VALUE"),
     (["run", "--methods", "coop", "--param", "dpfpl.rank=4"], "is not among this run's methods"),
-    (["run", "--methods", "all,promptfl"], "'all' means every preset and cannot be combined"),
+    (["run", "--methods", "all,promptfl"], "'all' names a group of presets and cannot be combined"),
     # data, backbone and privacy settings found while preparing
     (["run", "--dataset", "imagenet-xl"], "unknown dataset 'imagenet-xl'"),
     (["run", "--dataset-option", "nokey"], "KEY=VALUE"),

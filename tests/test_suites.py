@@ -362,11 +362,11 @@ def test_no_model_estimate_without_the_training_set_size(tmp_path):
 
 
 def test_a_filter_keeps_only_the_chosen_cells():
-    from fpl_bench.catalog import list_presets
+    from fpl_bench.catalog import default_presets
     from fpl_bench.suite import CellFilter
 
     suite = load_suite("embedded")
-    assert len(suite_cells(suite)) == len(list_presets()) * 3 * 3  # every preset x 3 eps x 3 seeds
+    assert len(suite_cells(suite)) == len(default_presets()) * 3 * 3  # presets x 3 eps x 3 seeds
     only = CellFilter(methods=("promptfl", "dpfpl"), eps=("none", "0.1"), seeds=(1,))
     cells = suite_cells(suite, only=only)
     assert [(c.method.label, c.eps, c.seed) for c in cells] == [

@@ -91,7 +91,8 @@ def run(
         str | None,
         typer.Option(
             help="Comma list of methods (presets, LEARNER@SCHEME pairs, or preset card files "
-            "PATH.toml), or 'all' (the default); see `fpl-bench methods --all`. With --suite: "
+            "PATH.toml), or 'default' (the default: every preset but those that run a tower per "
+            "image, CoCoOp and MaPLe) or 'all'; see `fpl-bench methods --all`. With --suite: "
             "only these of its cells."
         ),
     ] = None,
@@ -249,7 +250,7 @@ def run(
             suite, out, dry_run, data_root, cache_dir, device, threads, workers, pretrained, only
         )
         return
-    methods = "all" if methods is None else methods
+    methods = "default" if methods is None else methods
     eps = "none" if eps is None else eps
     seeds = "0" if seeds is None else seeds
     names = method_names(methods)

@@ -160,3 +160,13 @@ def test_every_trained_preset_justifies_its_run_defaults_in_its_card():
     for name, card in preset_cards().items():
         if name != "zeroshot":
             assert {"lr", "clip_norm"} <= set(card.notes), name
+
+
+def test_the_default_group_is_every_preset_whose_text_does_not_depend_on_the_image():
+    from fpl_bench.catalog import default_presets, method_names
+
+    everything = list_presets()
+    default = default_presets()
+    assert method_names("default") == default and method_names("all") == everything
+    assert sorted(set(everything) - set(default)) == ["cocoop", "fedcocoop", "fedmaple", "maple"]
+    assert default == [n for n in everything if n in default]  # report order kept

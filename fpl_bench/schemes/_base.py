@@ -167,6 +167,17 @@ class Scheme:
         return {**params, **mean}, dict(state)
 
 
+class OnePrompt(Scheme):
+    """A scheme whose client holds one prompt component, `prompt` [n_ctx, W], handed to the
+    learner as is (FedAvg, local, central and the schemes built on them)."""
+
+    def init_params(self, init: InitContext, learner: PromptLearner) -> Params:
+        return {"prompt": learner.init_prompt(init)}  # [n_ctx, W]
+
+    def prompts(self, step: Mapping[str, Tensor], aux: Mapping[str, Tensor]) -> Tensor:
+        return step["prompt"].unsqueeze(0)  # [1, n_ctx, W]
+
+
 def check_rank(rank: int, init: InitContext, option: str) -> None:
     """A low-rank factor of an [n_ctx, W] prompt needs 1 <= rank <= min(n_ctx, W)."""
     from fpl_bench.errors import UsageError

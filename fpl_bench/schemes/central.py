@@ -10,26 +10,16 @@ noise, one record of the pooled data as the privacy unit (what a trusted curator
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import Tensor
-
-from fpl_bench.learners._base import InitContext, Params, PromptLearner
 from fpl_bench.schemes import SCHEMES
-from fpl_bench.schemes._base import Scheme
+from fpl_bench.schemes._base import OnePrompt
 
 
 @SCHEMES.register("central")
 @dataclass(frozen=True)
-class Central(Scheme):
+class Central(OnePrompt):
     """One prompt trained on the pooled data of every client; no options."""
 
     pools_clients: ClassVar[bool] = True
-
-    def init_params(self, init: InitContext, learner: PromptLearner) -> Params:
-        return {"prompt": learner.init_prompt(init)}  # [n_ctx, W]
-
-    def prompts(self, step: Mapping[str, Tensor], aux: Mapping[str, Tensor]) -> Tensor:
-        return step["prompt"].unsqueeze(0)  # [1, n_ctx, W]

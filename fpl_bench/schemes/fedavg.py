@@ -10,26 +10,16 @@ new tensors (tests/methods/test_aggregate.py).
 
 from __future__ import annotations
 
-from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
-from torch import Tensor
-
-from fpl_bench.learners._base import InitContext, Params, PromptLearner
 from fpl_bench.schemes import SCHEMES
-from fpl_bench.schemes._base import Scheme
+from fpl_bench.schemes._base import OnePrompt
 
 
 @SCHEMES.register("fedavg")
 @dataclass(frozen=True)
-class FedAvg(Scheme):
+class FedAvg(OnePrompt):
     """One global prompt trained by FedAvg; no options."""
 
     shared: ClassVar[tuple[str, ...]] = ("prompt",)
-
-    def init_params(self, init: InitContext, learner: PromptLearner) -> Params:
-        return {"prompt": learner.init_prompt(init)}  # [n_ctx, W]
-
-    def prompts(self, step: Mapping[str, Tensor], aux: Mapping[str, Tensor]) -> Tensor:
-        return step["prompt"].unsqueeze(0)  # [1, n_ctx, W]

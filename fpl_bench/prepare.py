@@ -24,7 +24,7 @@ from fpl_bench.cards import dataset_card
 from fpl_bench.compute import resolve_precision
 from fpl_bench.data.partition import ClientSplit, few_shot, make_partitioner
 from fpl_bench.data.sources import Splits, load_source
-from fpl_bench.driver import FeatureSet, Federation, client_schedule
+from fpl_bench.driver import FeatureSet, Federation, client_schedule, training_groups
 from fpl_bench.errors import UsageError
 from fpl_bench.features import image_embeddings, image_features
 from fpl_bench.learners import LEARNERS
@@ -93,18 +93,19 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
             check_delta(spec.delta, [len(idx) for idx in split.train])
         if any(LEARNERS.get(m.learner).trains for m in spec.methods):
             for seed, (_, split) in partitions.items():
-                budgets = run_budgets(spec, split, seed)
-                check_epsilons(spec.eps, budgets, delta=spec.delta, calibration=spec.accountant)
-                if spec.accountant == "paper":  # a closed form: its refusal costs nothing now
-                    for eps in (e for e in spec.eps if e is not None):
-                        plan_for_clients(
-                            budgets,
-                            eps=eps,
-                            delta=spec.delta,
-                            clip_norm=spec.clip_norm,
-                            rounds=spec.rounds,
-                            calibration="paper",
-                        )
+                for pooled in poolings(spec):
+                    budgets = run_budgets(spec, split, seed, pooled=pooled)
+                    check_epsilons(spec.eps, budgets, delta=spec.delta, calibration=spec.accountant)
+                    if spec.accountant == "paper":  # a closed form: refused now at no cost
+                        for eps in (e for e in spec.eps if e is not None):
+                            plan_for_clients(
+                                budgets,
+                                eps=eps,
+                                delta=spec.delta,
+                                clip_norm=spec.clip_norm,
+                                rounds=spec.rounds,
+                                calibration="paper",
+                            )
     tower = _text_tower(spec, backbone, splits.classnames, device)  # checks ctx_init
     vision = VisionTower.of(backbone.model) if embedded else None  # refuses a non-ViT tower
     # the input is accepted: from here a log shows the job's progress (bad input stays one line)
@@ -134,15 +135,28 @@ def prepare(spec: ExperimentSpec, log: Callable[[str], None] = print) -> Prepare
     )
 
 
-def run_budgets(spec: ExperimentSpec, split: ClientSplit, seed: int) -> list[tuple[float, int]]:
-    """(q, noisy steps) per client of a run of `spec` on `split`: FederatedRun.budget()."""
-    n_train = [len(idx) for idx in split.train]
+def run_budgets(
+    spec: ExperimentSpec, split: ClientSplit, seed: int, *, pooled: bool = False
+) -> list[tuple[float, int]]:
+    """(q, noisy steps) per trainer of a run of `spec` on `split`: FederatedRun.budget(), one
+    trainer per client, or one for everyone's data under a scheme that pools clients."""
+    groups = training_groups(split.n_clients, pooled=pooled)
+    n_train = [sum(len(split.train[c]) for c in group) for group in groups]
     schedule = client_schedule(
         len(n_train), rounds=spec.rounds, fraction=spec.client_fraction, seed=seed
     )
     return client_budgets(
         n_train, batch_size=spec.batch_size, local_epochs=spec.local_epochs, schedule=schedule
     )
+
+
+def poolings(spec: ExperimentSpec) -> list[bool]:
+    """How the job's training methods group clients for privacy: False, one trainer per
+    client; True, one trainer for the pooled data (a scheme that pools clients, central)."""
+    from fpl_bench.schemes import SCHEMES
+
+    trained = [m for m in spec.methods if LEARNERS.get(m.learner).trains]
+    return sorted({SCHEMES.get(m.scheme).pools_clients for m in trained})
 
 
 def _features(spec, backbone, splits, split, kinds, device, log) -> FeatureSet:

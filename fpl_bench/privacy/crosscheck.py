@@ -482,12 +482,21 @@ def _private_specs(cells: Sequence[Any]) -> list[ExperimentSpec]:
 def _run_plans(spec: ExperimentSpec, splits: Splits, seed: int) -> list[tuple[float, Any, list]]:
     """(eps, ledger, distinct (q, steps) of its clients) per private eps of one seed's runs,
     as `prepare.prepare` and `experiment.plan_run_privacy` compute them."""
-    from fpl_bench.prepare import partition_clients, run_budgets
-    from fpl_bench.privacy.planning import check_delta, plan_for_clients
+    from fpl_bench.prepare import partition_clients, poolings, run_budgets
+    from fpl_bench.privacy.planning import check_delta
 
     _, split = partition_clients(spec, splits, seed)
     check_delta(spec.delta, [len(idx) for idx in split.train])
-    budgets = run_budgets(spec, split, seed)
+    plans = []
+    for pooled in poolings(spec):
+        plans.extend(_eps_plans(spec, run_budgets(spec, split, seed, pooled=pooled)))
+    return plans
+
+
+def _eps_plans(spec: ExperimentSpec, budgets: list) -> list[tuple[float, Any, list]]:
+    """(eps, ledger, distinct (q, steps)) per private eps of one grouping's budgets."""
+    from fpl_bench.privacy.planning import plan_for_clients
+
     pairs = sorted({(q, steps) for q, steps in budgets if steps > 0})
     plans = []
     for eps in (e for e in spec.eps if e is not None):

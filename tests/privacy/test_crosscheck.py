@@ -121,14 +121,23 @@ def embedded(tmp_path_factory: pytest.TempPathFactory) -> list[SuiteSetting]:
 def test_embedded_settings(embedded: list[SuiteSetting]) -> None:
     """The embedded default: 10 clients of 3 or 4 base classes x 16 shots, batch 32, 10 rounds
     of one epoch, so the recorded client has q = 32/48 and 20 steps; sigma as the README's
-    runs recorded it (runs/readme/*/results.csv); both trust models plan the same."""
-    by_eps = {s.eps_targets: s for s in embedded}
+    runs recorded it (runs/readme/*/results.csv); both trust models plan the same. The central
+    preset's one trainer holds the 512 pooled examples: q = 32/512, 160 steps."""
+    per_client = [s for s in embedded if s.steps == 20]
+    pooled = [s for s in embedded if s.steps != 20]
+    by_eps = {s.eps_targets: s for s in per_client}
     assert set(by_eps) == {(0.5,), (0.1,)}
-    for s in embedded:
+    for s in per_client:
         assert (s.sample_rate, s.steps, s.delta, s.sizes) == (32 / 48, 20, 1e-5, "data")
         assert len(s.uses) == 6  # 3 seeds x 2 suites
     assert by_eps[(0.5,)].noise_multiplier == 23.125
     assert by_eps[(0.1,)].noise_multiplier == 101.875
+    central = {s.eps_targets: s for s in pooled}
+    assert set(central) == {(0.5,), (0.1,)}
+    for s in pooled:
+        assert (s.sample_rate, s.steps, s.delta) == (32 / 512, 160, 1e-5)
+    assert central[(0.5,)].noise_multiplier == 6.25
+    assert central[(0.1,)].noise_multiplier == 27.1875
 
 
 def test_embedded_accountants_agree(embedded: list[SuiteSetting]) -> None:

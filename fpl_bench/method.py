@@ -110,9 +110,13 @@ class Method:
         consts = {**self.learner.constants(init), **self.scheme.constants(init)}
         return {**params, **own}, consts
 
+    def _own(self, params: Mapping[str, Tensor]) -> Params:
+        """The learner's own parameters among `params`."""
+        return {k: params[k] for k in self.own if k in params}
+
     def _split(self, params: Mapping[str, Tensor]) -> tuple[Params, Params]:
         """(the scheme's parameters, the learner's own)."""
-        own = {k: params[k] for k in self.own if k in params}
+        own = self._own(params)
         return {k: v for k, v in params.items() if k not in own}, own
 
     def step_params(
@@ -147,7 +151,7 @@ class Method:
         n = prompts.shape[0]
         if extras:
             prompts = torch.cat([prompts, torch.stack(list(extras.values()))])
-        _, own = self._split(step)
+        own = self._own(step)
         features = self.learner.encode(prompts, self._with_own(ctx, own))  # [N + E, n_cls, D]
         if not extras:  # the learner's encoding as it is (a learner may return a dict)
             out = {"text": features}

@@ -20,6 +20,7 @@ A learner never calls backward, clips, draws noise or builds an optimizer.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import ClassVar
@@ -63,6 +64,15 @@ def random_context(init: InitContext) -> Tensor:
         if phrase.shape[0] == tower.n_ctx:
             return phrase
     return 0.02 * torch.randn(tower.n_ctx, tower.width, generator=init.generator)
+
+
+def linear_init(fan_in: int, fan_out: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
+    """torch.nn.Linear's default initialisation: weight [fan_out, fan_in] and bias [fan_out]
+    uniform on +-1/sqrt(fan_in) (kaiming_uniform with a = sqrt(5) gives that bound)."""
+    bound = 1.0 / math.sqrt(fan_in)
+    weight = (torch.rand(fan_out, fan_in, generator=generator) * 2 - 1) * bound
+    bias = (torch.rand(fan_out, generator=generator) * 2 - 1) * bound
+    return weight, bias
 
 
 EVAL_CHUNK = 128  # images per `predict_chunk` call in evaluation (`PromptLearner.predict`)

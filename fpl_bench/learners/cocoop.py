@@ -21,7 +21,7 @@ image_features.norm()` before `self.meta_net`); so does this learner.
 
 from __future__ import annotations
 
-import math
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -30,26 +30,23 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fpl_bench.learners import LEARNERS
-from fpl_bench.learners._base import EncodeContext, InitContext, Params, PromptLearner
+from fpl_bench.learners._base import (
+    EncodeContext,
+    InitContext,
+    Params,
+    PromptLearner,
+    linear_init,
+)
 
 META = ("cocoop.w1", "cocoop.b1", "cocoop.w2", "cocoop.b2")
 EVAL_ROWS = 2**13  # token rows per evaluation forward (`CoCoOp.eval_chunk`)
 
 
-def linear_init(fan_in: int, fan_out: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
-    """torch.nn.Linear's default initialisation: weight [fan_out, fan_in] and bias [fan_out]
-    uniform on +-1/sqrt(fan_in) (kaiming_uniform with a = sqrt(5) gives that bound)."""
-    bound = 1.0 / math.sqrt(fan_in)
-    weight = (torch.rand(fan_out, fan_in, generator=generator) * 2 - 1) * bound
-    bias = (torch.rand(fan_out, generator=generator) * 2 - 1) * bound
-    return weight, bias
-
-
-def meta_token(own: dict[str, Tensor] | object, images: Tensor) -> Tensor:
+def meta_token(own: Mapping[str, Tensor], images: Tensor) -> Tensor:
     """pi = W2 ReLU(W1 x + b1) + b2 for normalised image features [..., D] -> [..., W]."""
     x = F.normalize(images, dim=-1)
-    hidden = F.relu(F.linear(x, own["cocoop.w1"], own["cocoop.b1"]))  # type: ignore[index]
-    return F.linear(hidden, own["cocoop.w2"], own["cocoop.b2"])  # type: ignore[index]
+    hidden = F.relu(F.linear(x, own["cocoop.w1"], own["cocoop.b1"]))
+    return F.linear(hidden, own["cocoop.w2"], own["cocoop.b2"])
 
 
 @LEARNERS.register("cocoop")

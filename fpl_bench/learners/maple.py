@@ -26,6 +26,7 @@ tower's input tokens (patch embedding, class token, positions, pre-norm) are fro
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -35,8 +36,13 @@ from torch import Tensor
 
 from fpl_bench.errors import UsageError
 from fpl_bench.learners import LEARNERS
-from fpl_bench.learners._base import EncodeContext, InitContext, Params, PromptLearner
-from fpl_bench.learners.cocoop import linear_init
+from fpl_bench.learners._base import (
+    EncodeContext,
+    InitContext,
+    Params,
+    PromptLearner,
+    linear_init,
+)
 from fpl_bench.vision import VisionTower
 
 OWN = ("maple.text_deep", "maple.w0", "maple.b0", "maple.w_deep", "maple.b_deep")
@@ -47,11 +53,11 @@ def prompt_depth(depth: int, layers: int) -> int:
     return max(1, round(depth * layers / 12))
 
 
-def vision_prompts(context: Tensor, own: dict[str, Tensor] | object) -> tuple[Tensor, Tensor]:
+def vision_prompts(context: Tensor, own: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
     """(P~_0 [n_ctx, W_v], P~_1..J-1 [J-1, n_ctx, W_v]) by the coupling functions F_i."""
-    first = F.linear(context, own["maple.w0"], own["maple.b0"])  # type: ignore[index]
-    deep = torch.einsum("jnw,jvw->jnv", own["maple.text_deep"], own["maple.w_deep"])  # type: ignore[index]
-    return first, deep + own["maple.b_deep"][:, None, :]  # type: ignore[index]
+    first = F.linear(context, own["maple.w0"], own["maple.b0"])
+    deep = torch.einsum("jnw,jvw->jnv", own["maple.text_deep"], own["maple.w_deep"])
+    return first, deep + own["maple.b_deep"][:, None, :]
 
 
 def _vision(ctx: EncodeContext | InitContext) -> VisionTower:

@@ -9,10 +9,12 @@ pretrained tag, a local file, random init, or the embedded tiny CLIP shipped wit
 
 The architecture always comes from open_clip's config registry (`open_clip.list_models()`, plus
 `fpl_bench/model_configs/*.json` and any model-config file given by path, registered here with
-`open_clip.add_model_config`); the weights from exactly one place (`weights_source`). Weight
-files are read by `fpl_bench.weights` without running code stored in them. Preprocessing is
-open_clip's eval transform built from the model's preprocess config (for a tag: the
-mean/std/interpolation those weights were trained with).
+`open_clip.add_model_config`); the weights from exactly one place, found by
+`fpl_bench.weight_sources` (a tag's file in the local caches or downloaded, a local file, random
+init, the embedded default) and read by `fpl_bench.weights` without running code stored in
+them. This module builds the model from that source and holds the `Backbone` that encodes
+images and texts. Preprocessing is open_clip's eval transform built from the model's
+preprocess config (for a tag: the mean/std/interpolation those weights were trained with).
 
 Patch tokens follow FedOTP (HongxiaLee/FedOTP, `clip/model.py` VisionTransformer.forward): the
 tokens after `ln_post`, projected by `visual.proj` into the joint space, like the pooled feature.
@@ -20,18 +22,13 @@ tokens after `ln_post`, projected by `visual.proj` into the joint space, like th
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
-import os
-import socket
-import urllib.request
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-from urllib.parse import urlsplit
+from typing import Any
 
 import numpy as np
 import open_clip
@@ -42,13 +39,16 @@ from PIL import Image
 from torch import Tensor
 
 from fpl_bench.errors import UsageError
+from fpl_bench.weight_sources import (
+    EMBEDDED,
+    RANDOM_INIT_SEED,
+    weights_digest,
+    weights_source,
+    why_not_a_file,
+)
 from fpl_bench.weights import is_torchscript, read_weights
 
-EMBEDDED = "fpl-tiny-vit"  # name of the embedded model (config in fpl_bench/model_configs/)
 MODEL_CONFIG_DIR = Path(__file__).parent / "model_configs"
-EMBEDDED_WEIGHTS = Path(__file__).parent / "assets" / f"{EMBEDDED}.pt"
-
-_DIGEST_CHARS = 16
 
 
 def register_model_configs() -> None:
@@ -210,25 +210,6 @@ def _check_images(images: np.ndarray) -> np.ndarray:
 
 # ----------------------------------------------------------------------------- loading
 
-NO_WEIGHTS = "none"  # --pretrained none: random weights (seeded), for speed work
-RANDOM_INIT_SEED = 0
-# A --pretrained value with one of these suffixes (or a path separator) is a file, not a tag.
-WEIGHT_SUFFIXES = (".pt", ".pth", ".bin", ".safetensors", ".ckpt", ".tar")
-# Any of these set to 1/true/yes/on: never try the network for a tag (huggingface_hub's own
-# HF_HUB_OFFLINE and TRANSFORMERS_OFFLINE, and ours).
-OFFLINE_ENV = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE", "FPL_BENCH_OFFLINE")
-PROBE_TIMEOUT_S = 3.0
-
-
-@dataclass(frozen=True)
-class WeightsSource:
-    """Where a backbone's weights come from: exactly one place."""
-
-    kind: Literal["tag", "file", "random", "embedded"]
-    tag: str  # Backbone.tag: the open_clip tag, "checkpoint", "random" or "embedded"
-    path: Path | None = None  # the weights file (tag: found in a cache or downloaded)
-    tag_cfg: Mapping[str, Any] = field(default_factory=dict)  # open_clip's pretrained cfg
-
 
 def load_backbone(
     name: str = EMBEDDED,
@@ -243,20 +224,20 @@ def load_backbone(
     embedded `fpl-tiny-vit`, or the path of an open_clip model-config JSON file (a custom
     architecture, registered under the file's stem).
 
-    `pretrained`:
-    - an open_clip tag (`openai`, `laion2b_s34b_b88k`, ...): the weights file is looked up in
-      the local caches first (the Hugging Face hub cache, then `~/.cache/clip` for URL tags),
-      downloaded only when not found, downloads are allowed (none of `OFFLINE_ENV` set) and the
-      host answers within `PROBE_TIMEOUT_S`; otherwise a one-line UsageError names the files it
-      looked for. The model is built with the tag's QuickGELU and normalisation settings.
+    `pretrained` (or `checkpoint`, its alias for a path; give one of the two) says where the
+    weights come from, found by `fpl_bench.weight_sources.weights_source`:
+    - an open_clip tag (`openai`, `laion2b_s34b_b88k`, ...): its file from the local caches,
+      else downloaded when downloads are allowed and the host answers; otherwise a one-line
+      UsageError names the files it looked for. The model is built with the tag's QuickGELU
+      and normalisation settings.
     - a file path (an existing file, or any value with a path separator or a weights suffix):
       a state dict, `{"state_dict": ...}`, safetensors, or an OpenAI-format CLIP file (the
       TorchScript archive or its state dict, as CoOp and its forks load them), read by
       `fpl_bench.weights.read_weights` without running code from the file; OpenAI-format
       weights are built with QuickGELU.
     - `none`: random weights, seeded (`RANDOM_INIT_SEED`), for speed work.
-    `checkpoint` is an alias of a `pretrained` path (give one of the two). With neither, the
-    embedded model loads the shipped `fpl_bench/assets/fpl-tiny-vit.pt` (fp16, cast to fp32).
+    With neither, the embedded model loads the shipped `fpl_bench/assets/fpl-tiny-vit.pt`
+    (fp16, cast to fp32).
     """
     register_model_configs()
     torch_device = _parse_device(device)
@@ -286,7 +267,7 @@ def load_backbone(
         tokenizer=open_clip.get_tokenizer(name),
         preprocess=preprocess,
         preprocess_cfg=dict(model.visual.preprocess_cfg),
-        weights_digest=_weights_digest(name, source, quick_gelu),
+        weights_digest=weights_digest(name, source, quick_gelu=quick_gelu),
         device=torch_device,
     )
 
@@ -307,14 +288,9 @@ def resolve_model_name(name: str) -> str:
     return name
 
 
-def _missing(path: Path) -> str:
-    """Why `path` is not a file, for a message."""
-    return "is a folder; give the file in it" if path.is_dir() else "does not exist"
-
-
 def _register_config_file(path: Path) -> str:
     if not path.is_file():
-        raise UsageError(f"model config {path} {_missing(path)}")
+        raise UsageError(f"model config {path} {why_not_a_file(path)}")
     try:
         cfg = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as err:
@@ -338,54 +314,6 @@ def _register_config_file(path: Path) -> str:
     return stem
 
 
-def weights_source(
-    name: str, *, pretrained: str | Path | None, checkpoint: Path | None
-) -> WeightsSource:
-    """Decide where the weights of model `name` come from (see `load_backbone`); a tag's file
-    is located here (cache, else download), so a missing file fails before any model is built."""
-    if pretrained is not None and checkpoint is not None:
-        raise UsageError("give the weights once: --pretrained TAG|PATH (or --checkpoint PATH)")
-    if checkpoint is not None:
-        return _file_source(Path(checkpoint))
-    if pretrained is None:
-        if name == EMBEDDED:
-            if not EMBEDDED_WEIGHTS.is_file():
-                raise UsageError(
-                    f"embedded weights {EMBEDDED_WEIGHTS} are missing; run `fpl-bench "
-                    f"pretrain-tiny --out {EMBEDDED_WEIGHTS}` or pass --pretrained PATH"
-                )
-            return WeightsSource(kind="embedded", tag="embedded", path=EMBEDDED_WEIGHTS)
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        hint = f"--pretrained TAG (known: {', '.join(tags)}), " if tags else ""
-        raise UsageError(
-            f"model {name} needs weights: pass {hint}--pretrained /path/to/weights.pt, "
-            "or --pretrained none (random weights)"
-        )
-    text = str(pretrained)
-    if text.strip().lower() == NO_WEIGHTS:
-        return WeightsSource(kind="random", tag="random")
-    if isinstance(pretrained, Path) or _looks_like_path(text):
-        return _file_source(Path(text))
-    cfg = _tag_cfg(name, text)
-    tag = text.lower().replace("-", "_")  # open_clip's _clean_tag
-    return WeightsSource(kind="tag", tag=tag, path=_tag_weights(name, tag, cfg), tag_cfg=cfg)
-
-
-def _file_source(path: Path) -> WeightsSource:
-    path = path.expanduser()
-    if not path.is_file():
-        raise UsageError(f"weights file {path} {_missing(path)}")
-    return WeightsSource(kind="file", tag="checkpoint", path=path)
-
-
-def _looks_like_path(text: str) -> bool:
-    """A --pretrained value names a file (not a tag): it exists, or it has a path separator,
-    a leading ~ or a weights suffix. open_clip's tags have none of these."""
-    if "/" in text or os.sep in text or text.startswith("~"):
-        return True
-    return Path(text).suffix.lower() in WEIGHT_SUFFIXES or Path(text).is_file()
-
-
 def _build_model(
     name: str, *, tag_cfg: Mapping[str, Any], quick_gelu: bool, seeded: bool
 ) -> tuple[torch.nn.Module, Callable[[Image.Image], Tensor]]:
@@ -404,34 +332,6 @@ def _build_model(
             image_resize_mode=tag_cfg.get("resize_mode"),
         )
     return model, preprocess
-
-
-def _weights_digest(name: str, source: WeightsSource, quick_gelu: bool) -> str:
-    """sha256 prefix of the weights file; for random weights, of what fixes them (config,
-    seed, activation, library versions)."""
-    if source.path is not None:
-        return file_digest(source.path)
-    blob = json.dumps(
-        {
-            "random_init_seed": RANDOM_INIT_SEED,
-            "config": open_clip.get_model_config(name),
-            "quick_gelu": quick_gelu,
-            "torch": torch.__version__,
-            "open_clip": open_clip.__version__,
-        },
-        sort_keys=True,
-        default=str,
-    )
-    return hashlib.sha256(blob.encode()).hexdigest()[:_DIGEST_CHARS]
-
-
-def file_digest(path: Path) -> str:
-    """First 16 hex characters of the sha256 of a file (read in 1 MiB blocks)."""
-    sha = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            sha.update(block)
-    return sha.hexdigest()[:_DIGEST_CHARS]
 
 
 def _parse_device(device: str) -> torch.device:
@@ -457,157 +357,6 @@ def quiet_random_init() -> Iterator[None]:
         yield
     finally:
         root.removeFilter(keep)
-
-
-# ----------------------------------------------------------------------------- tag weights
-
-
-def _tag_cfg(name: str, tag: str) -> dict[str, Any]:
-    if not open_clip.is_pretrained_cfg(name, tag):
-        tags = open_clip.list_pretrained_tags_by_model(name)
-        known = f"known tags for {name}: {', '.join(tags)}" if tags else f"{name} has no tags"
-        raise UsageError(
-            f"unknown pretrained tag {tag!r}; {known}; or pass --pretrained /path/to/weights.pt "
-            "or --pretrained none"
-        )
-    return dict(open_clip.get_pretrained_cfg(name, tag))
-
-
-def hub_cache_dir() -> Path:
-    """The Hugging Face hub cache, as huggingface_hub resolves it, read from the environment
-    at call time (HF_HUB_CACHE, else HF_HOME/hub, else $XDG_CACHE_HOME or ~/.cache)."""
-    env = os.environ
-    for key in ("HF_HUB_CACHE", "HUGGINGFACE_HUB_CACHE"):
-        if env.get(key):
-            return Path(env[key]).expanduser()
-    home = env.get("HF_HOME") or os.path.join(env.get("XDG_CACHE_HOME", "~/.cache"), "huggingface")
-    return Path(home).expanduser() / "hub"
-
-
-def url_cache_dir() -> Path:
-    """Where open_clip (and OpenAI's clip package) keep files downloaded from a URL."""
-    return Path("~/.cache/clip").expanduser()
-
-
-def _hub_files(cfg: Mapping[str, Any]) -> tuple[str, list[str]]:
-    """(repo id, file names in open_clip's order of preference) of a tag's hub entry."""
-    repo_id, filename = os.path.split(cfg.get("hf_hub", ""))
-    if not filename:
-        return repo_id, ["open_clip_model.safetensors", "open_clip_pytorch_model.bin"]
-    if filename.endswith((".bin", ".pth")):
-        return repo_id, [filename[:-4] + ".safetensors", filename]
-    return repo_id, [filename]
-
-
-def _cached_tag_file(cfg: Mapping[str, Any]) -> Path | None:
-    """The weights file of a tag if it is already on disk (no network), else None.
-
-    Looks where open_clip.download_pretrained would put it: a 'file' entry; the hub cache
-    (safetensors first) for an `hf_hub` entry; `~/.cache/clip/<basename>` for a `url` entry
-    (open_clip prefers the hub when both exist; either copy on disk will do).
-    """
-    if cfg.get("file"):
-        path = Path(cfg["file"]).expanduser()
-        return path if path.is_file() else None
-    if cfg.get("hf_hub"):
-        from huggingface_hub import try_to_load_from_cache
-
-        repo_id, names = _hub_files(cfg)
-        for candidate in names:
-            hit = try_to_load_from_cache(repo_id, candidate, cache_dir=str(hub_cache_dir()))
-            if isinstance(hit, str) and Path(hit).is_file():
-                return Path(hit)
-    if cfg.get("url"):
-        local = url_cache_dir() / os.path.basename(cfg["url"])
-        if local.is_file():
-            return local
-    return None
-
-
-def _looked_for(cfg: Mapping[str, Any]) -> list[str]:
-    """Where `_cached_tag_file` looked, for the error message."""
-    places = []
-    if cfg.get("file"):
-        places.append(str(cfg["file"]))
-    if cfg.get("hf_hub"):
-        repo_id, names = _hub_files(cfg)
-        folder = hub_cache_dir() / f"models--{repo_id.replace('/', '--')}" / "snapshots" / "*"
-        places.append(str(folder / names[0]))
-    if cfg.get("url"):
-        places.append(str(url_cache_dir() / os.path.basename(cfg["url"])))
-    return places
-
-
-def offline() -> bool:
-    """Whether downloads are switched off by one of `OFFLINE_ENV`."""
-    return any(
-        os.environ.get(key, "").strip().lower() in ("1", "true", "yes", "on") for key in OFFLINE_ENV
-    )
-
-
-def _download_endpoint(cfg: Mapping[str, Any]) -> str:
-    """The URL open_clip.download_pretrained would fetch from (it prefers the hub)."""
-    if cfg.get("hf_hub") and open_clip.pretrained.has_hf_hub():
-        return os.environ.get("HF_ENDPOINT", "https://huggingface.co")
-    return str(cfg.get("url", ""))
-
-
-def _reachable(url: str, *, timeout: float = PROBE_TIMEOUT_S) -> bool:
-    """Whether a TCP connection to the host of `url` (or to the HTTPS proxy that would carry
-    it) opens within `timeout` seconds: a cheap test before a download that could otherwise
-    wait on the network, retry and warn for minutes."""
-    parts = urlsplit(url)
-    host, port = parts.hostname, parts.port or (443 if parts.scheme == "https" else 80)
-    if host is None:
-        return False
-    proxy = urllib.request.getproxies().get(parts.scheme)
-    if proxy and not urllib.request.proxy_bypass(host):
-        proxy_parts = urlsplit(proxy if "://" in proxy else f"http://{proxy}")
-        host, port = proxy_parts.hostname or host, proxy_parts.port or 80
-    try:
-        with socket.create_connection((host, port), timeout=timeout):
-            return True
-    except OSError:
-        return False
-
-
-def _tag_weights(name: str, tag: str, cfg: Mapping[str, Any]) -> Path:
-    """The local weights file of `name:tag`: from a cache, else downloaded. Offline (or with
-    the host unreachable) it fails at once with one line naming the files it looked for."""
-    cached = _cached_tag_file(cfg)
-    if cached is not None:
-        return cached
-    looked = " or ".join(_looked_for(cfg)) or "nowhere (open_clip gives no source)"
-    suggestion = os.path.basename(cfg.get("url", "")) or "open_clip_model.safetensors"
-    endpoint = _download_endpoint(cfg)
-    if offline():
-        reason = (
-            "downloads are off (" + ", ".join(k for k in OFFLINE_ENV if os.environ.get(k)) + ")"
-        )
-    elif not endpoint or not _reachable(endpoint):
-        reason = f"{urlsplit(endpoint).hostname or 'its host'} cannot be reached"
-    else:
-        return _download(name, tag, cfg, suggestion)
-    raise UsageError(
-        f"no weights for {name}:{tag} on disk (looked for {looked}) and {reason}; download "
-        f"them elsewhere and pass --pretrained /path/to/{suggestion}"
-    )
-
-
-def _download(name: str, tag: str, cfg: Mapping[str, Any], suggestion: str) -> Path:
-    try:
-        fetched = open_clip.download_pretrained(dict(cfg))
-    except Exception as e:  # any network/hub failure: the fix is the same for the user
-        first_line = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise UsageError(
-            f"could not fetch weights for {name}:{tag} ({first_line}); download them "
-            f"elsewhere and pass --pretrained /path/to/{suggestion}"
-        ) from e
-    if not fetched:
-        raise UsageError(
-            f"open_clip has no source for {name}:{tag}; pass --pretrained /path/to/weights.pt"
-        )
-    return Path(fetched)
 
 
 # ----------------------------------------------------------------------------- state dicts

@@ -11,6 +11,7 @@ import torch
 from PIL import Image
 
 from fpl_bench import backbone as backbone_module
+from fpl_bench import weight_sources
 from fpl_bench.backbone import EMBEDDED, load_backbone
 from fpl_bench.data.synthetic import CLASSNAMES, generate
 from fpl_bench.errors import UsageError
@@ -133,9 +134,9 @@ def test_unfetchable_tag_says_to_pass_a_file(monkeypatch):
         raise OSError("network is unreachable")
 
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(backbone_module, "_cached_tag_file", lambda cfg: None)
-    monkeypatch.setattr(backbone_module, "_reachable", lambda url, **kw: True)
-    monkeypatch.setattr(backbone_module.open_clip, "download_pretrained", offline)
+    monkeypatch.setattr(weight_sources, "_cached_tag_file", lambda cfg: None)
+    monkeypatch.setattr(weight_sources, "_reachable", lambda url, **kw: True)
+    monkeypatch.setattr(weight_sources.open_clip, "download_pretrained", offline)
     with pytest.raises(UsageError, match=r"could not fetch .*--pretrained /path/to/ViT-B-32\.pt"):
         load_backbone("ViT-B-32", pretrained="openai")
 
@@ -159,7 +160,7 @@ def empty_caches(monkeypatch, tmp_path):
 
 def test_offline_missing_tag_is_one_fast_line_naming_the_files(empty_caches, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    monkeypatch.setattr(backbone_module, "_reachable", _never_called)
+    monkeypatch.setattr(weight_sources, "_reachable", _never_called)
     t0 = time.perf_counter()
     with pytest.raises(UsageError) as info:
         load_backbone("ViT-B-16", pretrained="openai")
@@ -174,8 +175,8 @@ def test_offline_missing_tag_is_one_fast_line_naming_the_files(empty_caches, mon
 
 def test_unreachable_host_fails_without_downloading(empty_caches, monkeypatch):
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
-    monkeypatch.setattr(backbone_module, "_reachable", lambda url, **kw: False)
-    monkeypatch.setattr(backbone_module.open_clip, "download_pretrained", _never_called)
+    monkeypatch.setattr(weight_sources, "_reachable", lambda url, **kw: False)
+    monkeypatch.setattr(weight_sources.open_clip, "download_pretrained", _never_called)
     with pytest.raises(UsageError, match=r"huggingface\.co cannot be reached.*--pretrained /path"):
         load_backbone("RN50", pretrained="openai")
 
@@ -186,18 +187,18 @@ def _never_called(*args, **kwargs):
 
 def test_cached_tag_file_finds_the_hub_copy_then_the_url_copy(empty_caches):
     cfg = open_clip.get_pretrained_cfg("ViT-B-32", "openai")
-    assert backbone_module._cached_tag_file(cfg) is None
+    assert weight_sources._cached_tag_file(cfg) is None
     url_copy = empty_caches / ".cache" / "clip" / "ViT-B-32.pt"
     url_copy.parent.mkdir(parents=True)
     url_copy.write_bytes(b"weights")
-    assert backbone_module._cached_tag_file(cfg) == url_copy
+    assert weight_sources._cached_tag_file(cfg) == url_copy
     repo = empty_caches / "hub" / "models--timm--vit_base_patch32_clip_224.openai"
     (repo / "refs").mkdir(parents=True)
     (repo / "refs" / "main").write_text("abc123")
     hub_copy = repo / "snapshots" / "abc123" / "open_clip_model.safetensors"
     hub_copy.parent.mkdir(parents=True)
     hub_copy.write_bytes(b"weights")
-    assert backbone_module._cached_tag_file(cfg) == hub_copy
+    assert weight_sources._cached_tag_file(cfg) == hub_copy
 
 
 # ----------------------------------------------------------------------------- other sources

@@ -4,7 +4,7 @@ patch term trains the tokens the feature cache produces; the shipped model meets
 import numpy as np
 import torch
 
-from fpl_bench.backbone import EMBEDDED_WEIGHTS, load_backbone
+from fpl_bench.backbone import load_backbone
 from fpl_bench.data.synthetic import CLASSNAMES, DUSK_LEVEL, DUSK_TINT, generate
 from fpl_bench.pretrain import (
     DUSK_TEMPLATES,
@@ -17,6 +17,7 @@ from fpl_bench.pretrain import (
     visual_features,
     zero_shot_accuracy,
 )
+from fpl_bench.weight_sources import EMBEDDED_WEIGHTS
 
 QUIET = dict(batch_size=64, threads=1, log=lambda s: None)
 

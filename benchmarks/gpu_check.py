@@ -2,7 +2,8 @@
 
 1. text features of the embedded tower: CUDA fp32 = CPU fp32 (1e-4), CUDA bf16 close (5e-2);
 2. per-sample prompt gradients (DP): CUDA fp32 = CPU fp32 (1e-3), CUDA bf16 within 10%; the
-   hand-written tower backward (tower_vjp.py) = autograd's on CUDA (fp32 1e-4, bf16 5e-2);
+   hand-written tower backward (text_tower/backward.py) = autograd's on CUDA (fp32 1e-4,
+   bf16 5e-2);
 3. two short runs (promptfl, dpfpl, no DP) on the same synthetic federation: the CUDA bf16
    parameter updates within 10% of the CPU fp32 ones; a DP round runs and stays finite;
 4. host syncs inside the step loop: one round under torch.cuda.set_sync_debug_mode("warn"),
@@ -22,7 +23,7 @@ import torch.nn.functional as F
 from fpl_bench.bench import Config, Sizes, bench_backbone, build_run
 from fpl_bench.method import method_from_name
 from fpl_bench.privacy.per_sample import step_gradients
-from fpl_bench.prompt import TextTower
+from fpl_bench.text_tower import TextTower
 
 CPU, CUDA = torch.device("cpu"), torch.device("cuda")
 FAILED: list[str] = []
@@ -92,7 +93,7 @@ def check_tower_and_gradients() -> None:
         rel(grads["cuda16"]["ctx"], grads["cpu32"]["ctx"]),
         0.1,
     )
-    for bits, bound in (("32", 1e-4), ("16", 5e-2)):  # tower_vjp's backward against autograd's
+    for bits, bound in (("32", 1e-4), ("16", 5e-2)):  # the hand-written backward against autograd's
         check(
             f"per-sample grads cuda {'fp32' if bits == '32' else 'bf16'}: hand vs autograd",
             rel(grads[f"cuda{bits}"]["ctx"], grads[f"cuda{bits}-autograd"]["ctx"]),

@@ -18,7 +18,7 @@ restores one piece of the reference implementations' compute pattern (docs/desig
     bf16             off: fp32 even where bf16 is native (`--fp32`; on a CPU without AMX the
                      fast config is fp32 too, so this switch changes nothing there)
     hand_backward    off: the text tower's per-sample backward by autograd, vmapped over the
-                     samples (`--autograd-backward`), instead of fpl_bench/tower_vjp.py (DP
+                     samples (`--autograd-backward`), instead of text_tower/backward.py (DP
                      only: a single backward uses autograd either way)
 
 `compare_reference` measures the fast config, each switch off alone (its own contribution:
@@ -50,8 +50,8 @@ from fpl_bench.data.synthetic import CLASSNAMES
 from fpl_bench.driver import Compute, FeatureSet, FederatedRun, Federation, NoisePlan, Schedule
 from fpl_bench.errors import UsageError
 from fpl_bench.method import Method
-from fpl_bench.prompt import TextTower
 from fpl_bench.protocols import base2novel
+from fpl_bench.text_tower import TextTower
 from fpl_bench.vision import VisionTower
 
 BACKBONES = {"embedded": EMBEDDED, "vit-b-16": "ViT-B-16"}

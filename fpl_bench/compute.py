@@ -43,8 +43,8 @@ _PER_SAMPLE_BACKWARD: ContextVar[bool] = ContextVar("per_sample_backward", defau
 def per_sample_backward() -> Iterator[None]:
     """Marks forwards whose backward runs once per sample (vmapped over B cotangents, for DP
     clipping): there the text tower builds its hand-written, sample-batched backward
-    (fpl_bench/tower_vjp.py). A single backward (no DP) stays with autograd's engine, which is
-    faster for one cotangent (no Python per op)."""
+    (fpl_bench/text_tower/backward.py). A single backward (no DP) stays with autograd's engine,
+    which is faster for one cotangent (no Python per op)."""
     token = _PER_SAMPLE_BACKWARD.set(True)
     try:
         yield

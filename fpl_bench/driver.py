@@ -49,10 +49,10 @@ from fpl_bench.privacy.per_sample import (
 )
 from fpl_bench.privacy.placement import Placement, Trust, place_noise
 from fpl_bench.privacy.planning import client_budgets, sample_rate, steps_per_round
-from fpl_bench.prompt import TextTower
 from fpl_bench.protocols import Protocol
 from fpl_bench.schemes._base import RoundEnd
 from fpl_bench.step_compute import Compute, StepComputer, equal_values
+from fpl_bench.text_tower import TextTower
 from fpl_bench.vision import VisionTower
 
 __all__ = [

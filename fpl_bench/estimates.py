@@ -27,9 +27,9 @@ from fpl_bench.learners import LEARNERS
 from fpl_bench.method import build_method
 from fpl_bench.prepare import Prepared
 from fpl_bench.privacy.planning import steps_per_round
-from fpl_bench.prompt import TextTower
 from fpl_bench.schemes import SCHEMES
 from fpl_bench.spec import ExperimentSpec
+from fpl_bench.text_tower import TextTower
 
 CPU_THREADS = torch.get_num_threads()
 
@@ -108,8 +108,8 @@ def training_flops(
     one pass per prompt component (FedOTP's global and local prompt, FedPGP's full and sigma
     prompt: 2); its backward one more without DP, and under DP one per sample for each
     component the loss reads (FedPGP's sigma feeds only its prior, whose per-sample cotangents
-    are zero and skipped: tower_vjp.tower_backward), plus one per component for a prior
-    (KgCoOp, FedProx, FedPGP: its own backward, outside clipping). `client_sizes` are the
+    are zero and skipped: text_tower.backward.tower_backward), plus one per component for a
+    prior (KgCoOp, FedProx, FedPGP: its own backward, outside clipping). `client_sizes` are the
     clients' training examples; a suite's dry run estimates them from the dataset card."""
     if not LEARNERS.get(choice.learner).trains:
         return 0.0

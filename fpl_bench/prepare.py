@@ -35,9 +35,9 @@ from fpl_bench.privacy.planning import (
     client_budgets,
     plan_for_clients,
 )
-from fpl_bench.prompt import TextTower
 from fpl_bench.protocols import Protocol, domain_protocol, make_protocol
 from fpl_bench.spec import ExperimentSpec
+from fpl_bench.text_tower import TextTower
 from fpl_bench.vision import VisionTower
 
 

@@ -44,7 +44,7 @@ class Compute:
     per_sample_loop: per-sample gradients by one forward + backward per sample (ablation).
     group_elements: bound on one activation tensor of a batched step (clients x samples x
         tower rows x MLP width elements; on CPU without the samples factor: there the
-        per-sample backward runs in calls of a few prompts, tower_vjp.CPU_ROWS_PER_CALL);
+        per-sample backward runs in calls of a few prompts, text_tower.backward.CPU_ROWS_PER_CALL);
         the step's clients are split into groups under it. None: 2^28 on CUDA (memory),
         2^20 on a CPU (cache: non-private steps ran 3-4x faster batched; a private step,
         whose per-sample backward as one call for 10 clients ran 1.1-1.7x slower than one

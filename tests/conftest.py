@@ -27,7 +27,7 @@ def tiny_model():
 
 @pytest.fixture(scope="session")
 def tiny_tower(tiny_model):
-    from fpl_bench.prompt import TextTower
+    from fpl_bench.text_tower import TextTower
 
     model, tokenizer = tiny_model
     names = [

@@ -16,7 +16,7 @@ from fpl_bench.learners._base import EncodeContext, InitContext
 from fpl_bench.learners.cocoop import META
 from fpl_bench.method import build_method, method_from_name
 from fpl_bench.privacy.per_sample import step_gradients
-from fpl_bench.prompt import TextTower
+from fpl_bench.text_tower import TextTower
 
 CONFIG = Path(__file__).resolve().parents[1] / "fpl_bench" / "model_configs" / "fpl-tiny-vit.json"
 

@@ -16,7 +16,7 @@ from fpl_bench.learners._base import EncodeContext, InitContext
 from fpl_bench.learners.maple import OWN, prompt_depth
 from fpl_bench.method import method_from_name
 from fpl_bench.privacy.per_sample import step_gradients
-from fpl_bench.prompt import TextTower
+from fpl_bench.text_tower import TextTower
 from fpl_bench.vision import VisionTower
 from tests.test_driver import image_federation
 

@@ -3,7 +3,7 @@
 import torch
 import torch.nn.functional as F
 
-from fpl_bench.prompt import TextTower
+from fpl_bench.text_tower import TextTower
 
 # float32 rounding, in units of its epsilon (the vector unit orders the sums differently; measured
 # within 2 eps on AVX-512, AVX2 and default), used as rtol and atol

@@ -16,7 +16,8 @@ from fpl_bench.privacy.per_sample import (
     encode_once,
     step_gradients,
 )
-from fpl_bench.prompt import TextTower, exact_gelu
+from fpl_bench.text_tower import TextTower
+from fpl_bench.text_tower.shared_prefix import exact_gelu
 from tests.test_driver import make_federation
 
 PRESETS = ["coop", "kgcoop", "promptfl", "fedprox", "fedotp", "fedpgp", "dpfpl"]
@@ -184,7 +185,8 @@ def test_batched_steps_share_the_forward_of_equal_clients(
 
 def test_private_steps_on_cpu_batch_the_clients(tiny_tower):
     """On CPU a private step's clients go through one forward (their per-sample backward runs
-    in chunks inside tower_vjp), as non-private ones do; without client batching, one by one."""
+    in chunks inside text_tower/backward.py), as non-private ones do; without client batching,
+    one by one."""
     fed = make_federation(tiny_tower)
     for compute, groups in ((Compute(), [[0, 1]]), (Compute(batch_clients=False), [[0], [1]])):
         run = FederatedRun(

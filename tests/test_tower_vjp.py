@@ -1,5 +1,5 @@
-"""The hand-written tower backward (fpl_bench/tower_vjp.py) equals autograd through the same
-forward, in float64 to rounding: per-sample (vmapped) cotangents, a plain backward, a subset of
+"""The hand-written tower backward (fpl_bench/text_tower/backward.py) equals autograd through the
+same forward, in float64 to rounding: per-sample (vmapped) cotangents, a plain backward, a subset of
 classes, clients stacked under vmap, vmap of grad, and open_clip's own modules; for exact GELU,
 QuickGELU with LayerScale, and tanh GELU. A tower it does not cover falls back to autograd."""
 
@@ -15,7 +15,7 @@ from torch import nn
 from torch.func import grad, vjp, vmap
 
 from fpl_bench.compute import per_sample_backward
-from fpl_bench.prompt import TextTower
+from fpl_bench.text_tower import TextTower
 
 CONFIG = Path(__file__).resolve().parents[1] / "fpl_bench" / "model_configs" / "fpl-tiny-vit.json"
 NAMES = ["red circle", "dark blue square", "green triangle", "yellow star", "a"]
@@ -112,16 +112,16 @@ def test_float64_tower_equals_open_clip_modules_to_float64_rounding(towers):
 
 def _record_calls(monkeypatch) -> list[tuple[int, int]]:
     """(prompts, rows) of every call of the hand-written backward from now on."""
-    from fpl_bench import tower_vjp
+    from fpl_bench.text_tower import backward
 
     shapes: list[tuple[int, int]] = []
-    backward = tower_vjp._backward
+    original = backward._backward
 
     def counting(spec, saved, dz):
         shapes.append((dz.shape[0], dz.shape[2]))
-        return backward(spec, saved, dz)
+        return original(spec, saved, dz)
 
-    monkeypatch.setattr(tower_vjp, "_backward", counting)
+    monkeypatch.setattr(backward, "_backward", counting)
     return shapes
 
 
@@ -189,7 +189,7 @@ def test_unsupported_activation_keeps_autograd():
     tower = _tower("exact_gelu")
     transformer = copy.deepcopy(tower.transformer)
     transformer.resblocks[1].mlp.gelu = nn.SiLU()
-    from fpl_bench.tower_vjp import supported
+    from fpl_bench.text_tower.backward import supported
 
     assert supported(tower.transformer) and not supported(transformer)
     other = dataclasses.replace(tower, transformer=transformer, hand_backward=False)
@@ -248,7 +248,7 @@ def test_prompts_run_in_calls_of_bounded_rows_with_the_same_values(towers, monke
     """On CPU the per-sample backward of many prompts (a batched step's clients) runs in
     calls of at most CPU_ROWS_PER_CALL rows, with the gradients of one call (to rounding: the
     BLAS may round a row differently in a matrix of another height)."""
-    from fpl_bench import tower_vjp
+    from fpl_bench.text_tower import backward
 
     hand, _ = towers
     ctx, cot = 0.1 * _data(5, 4, hand.width), _data(3, 5, len(NAMES), 64)
@@ -260,7 +260,7 @@ def test_prompts_run_in_calls_of_bounded_rows_with_the_same_values(towers, monke
 
     whole = per_sample()
     rows = hand.rows(len(NAMES))
-    monkeypatch.setattr(tower_vjp, "CPU_ROWS_PER_CALL", 2 * 3 * rows)  # 2 prompts x 3 samples
+    monkeypatch.setattr(backward, "CPU_ROWS_PER_CALL", 2 * 3 * rows)  # 2 prompts x 3 samples
     shapes.clear()
     assert _rel(per_sample(), whole) < ROUNDING
     assert shapes == [(2, 3), (2, 3), (1, 3)]

@@ -29,7 +29,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fpl_bench.prompt import TextTower
+from fpl_bench.text_tower import TextTower
 from fpl_bench.vision import VisionTower
 
 Params = dict[str, Tensor]

@@ -3,7 +3,7 @@ arXiv:2109.01134; reference KaiyangZhou/CoOp `trainers/coop.py`).
 
 n_ctx learnable context vectors replace the words of "a photo of a {class}."; the class text
 feature is the frozen text tower's output at EOT, and logits are CLIP's cosine logits
-(fpl_bench/prompt.py). Cross-entropy per sample, no prior. One prompt component.
+(fpl_bench/text_tower/). Cross-entropy per sample, no prior. One prompt component.
 """
 
 from __future__ import annotations

@@ -86,7 +86,7 @@ def encode_once(
 
     math_attention: the per-sample case. Runs scaled_dot_product_attention with its MATH
     backend (matmul + softmax), and under `compute.per_sample_backward` (the text tower then
-    builds its sample-batched backward, fpl_bench/tower_vjp.py).
+    builds its sample-batched backward, fpl_bench/text_tower/backward.py).
     The fused kernels' backward ops (flash / memory-efficient, CPU and CUDA) have no vmap
     batching rule, so `vmap(vjp_fn)` would fall back to a slow per-sample loop (with a
     "performance drop" warning); the math backend's backward is made of batchable ops.

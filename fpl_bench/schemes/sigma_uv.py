@@ -30,9 +30,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fpl_bench.learners._base import EncodeContext, InitContext, Params, PromptLearner
-from fpl_bench.prompt import PLACEHOLDER
 from fpl_bench.schemes import SCHEMES
 from fpl_bench.schemes._base import Scheme, check_rank
+from fpl_bench.text_tower import PLACEHOLDER
 
 
 def contrastive_loss(

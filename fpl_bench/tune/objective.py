@@ -90,7 +90,7 @@ class Workbench:
 
     def for_spec(self, spec: ExperimentSpec) -> Any:
         """The prepared data with this trial's spec (and a tower for its n_ctx)."""
-        from fpl_bench.prompt import TextTower
+        from fpl_bench.text_tower import TextTower
 
         prep = self.prep
         if spec.n_ctx == prep.spec.n_ctx:

@@ -9,8 +9,8 @@ backward needs (normalised layer-norm inputs, attention probabilities, the MLP a
 derivative) and the backward is written out, for cotangents with any number of leading batch
 dimensions: the B samples become leading rows of every matmul against the frozen weights.
 
-Per block (open_clip's ResidualAttentionBlock on the shared-prefix rows, prompt.py), with the
-weights frozen, only input gradients are formed:
+Per block (open_clip's ResidualAttentionBlock on the shared-prefix rows, shared_prefix.py), with
+the weights frozen, only input gradients are formed:
 
     y = x1 + ls2 MLP(LN2(x1)),  x1 = x + ls1 Attn(LN1(x))
     dx1 = dy + LN2^T( W_fc^T (act'(a) * W_proj^T ls2 dy) )
@@ -20,6 +20,10 @@ weights frozen, only input gradients are formed:
 
 (q scaled by hd^-1/2 as in the forward.) The last block and the final layer norm run on the EOT
 rows only, as the forward does; the features' L2 normalisation is differentiated too.
+
+What the forward saves is named (shared_prefix.py: `BlockSaved`, `LastBlockSaved`, `FinalSaved`
+in a `TowerSaved`); it is flattened to a tuple only at the autograd.Function boundary, where
+torch.func needs plain tensors, and unflattened as the backward starts.
 
 How it plugs into torch.func: `SharedPrefixEncode` is an autograd.Function whose backward calls
 `_Backward.apply`; both have a `vmap` rule that folds the vmapped dimension into the leading
@@ -32,18 +36,23 @@ supported (`supported`); `TextTower(hand_backward=False)` keeps autograd (for co
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from operator import itemgetter
+from typing import TYPE_CHECKING, Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fpl_bench.compute import wide
+from fpl_bench.text_tower.shared_prefix import (
+    BlockSaved,
+    LastBlockSaved,
+    TowerSaved,
+    features_saving,
+)
 
-__all__ = ["SharedPrefixEncode", "encode", "supported"]
+if TYPE_CHECKING:
+    from fpl_bench.text_tower.tower import TextTower
 
-_PER_BLOCK = 11  # tensors a full block saves (prompt.shared_prefix_block)
-_PER_LAST = 10  # tensors the EOT-only last block saves (prompt.last_block_eot)
+__all__ = ["CPU_ROWS_PER_CALL", "SharedPrefixEncode", "encode", "supported", "tower_backward"]
 
 
 def supported(transformer: nn.Module) -> bool:
@@ -69,29 +78,27 @@ def supported(transformer: nn.Module) -> bool:
 class _Spec:
     """What the backward needs besides saved tensors: the tower and the scored classes."""
 
-    tower: Any  # prompt.TextTower
+    tower: TextTower
     suffix: Tensor  # [n, S, W]
     eot: Tensor  # [n] EOT positions in the full sequence
 
 
-def encode(tower: Any, ctx: Tensor, suffix: Tensor, eot: Tensor) -> Tensor:
+def encode(tower: TextTower, ctx: Tensor, suffix: Tensor, eot: Tensor) -> Tensor:
     """L2-normalised EOT features [*lead, n, D] of ctx [*lead, n_ctx, W], as
-    `TextTower._run_shared` + normalisation, with the hand-written backward."""
+    `shared_prefix.features` + normalisation, with the hand-written backward."""
     return SharedPrefixEncode.apply(ctx, _Spec(tower, suffix, eot))[0]
 
 
 class SharedPrefixEncode(torch.autograd.Function):
-    """features = normalize(tower(ctx)); outputs (features, *saved) with the saved tensors
-    marked non-differentiable (a torch.func-compatible Function cannot keep them on ctx)."""
+    """features = normalize(tower(ctx)); outputs (features, *saved.flatten()) with the saved
+    tensors marked non-differentiable (a torch.func-compatible Function cannot keep them on
+    ctx)."""
 
     @staticmethod
     def forward(ctx_vectors: Tensor, spec: _Spec) -> tuple[Tensor, ...]:
-        saved: list[Tensor] = []
-        feats = spec.tower._run_shared(ctx_vectors, spec.suffix, spec.eot, saved=saved)
-        flat = wide(feats)
-        norm = flat.norm(dim=-1, keepdim=True)
-        z = F.normalize(flat, dim=-1)
-        return (z, *saved, z.clone(), norm)
+        z, saved = features_saving(spec.tower, ctx_vectors, spec.suffix, spec.eot)
+        # the differentiable output must not be one of the saved (non-differentiable) tensors
+        return (z.clone(), *saved.flatten())
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
@@ -116,12 +123,12 @@ class _Backward(torch.autograd.Function):
     [*lead]. Not differentiable itself (no double backward)."""
 
     @staticmethod
-    def forward(grad: Tensor, spec: _Spec, *saved: Tensor) -> Tensor:
-        lead = saved[-1].shape[:-2]  # the norm [*lead, n, 1]
-        extra = grad.shape[: grad.dim() - len(lead) - 2]
+    def forward(grad: Tensor, spec: _Spec, *flat_saved: Tensor) -> Tensor:
+        saved = TowerSaved.unflatten(flat_saved)
+        extra = grad.shape[: grad.dim() - len(saved.lead) - 2]
         flat = grad.reshape(-1, *grad.shape[len(extra) :])  # [E, *lead, n, D]
         with spec.tower.autocast(grad.device):
-            dctx = tower_backward(spec, list(saved), flat)
+            dctx = tower_backward(spec, saved, flat)
         return dctx.reshape(*extra, *dctx.shape[1:])
 
     @staticmethod
@@ -140,7 +147,8 @@ class _Backward(torch.autograd.Function):
         # the forward itself ran under this vmap: the batch is one more lead dim of everything
         saved = tuple(_front(t, d, info) for t, d in zip(saved, saved_dims, strict=True))
         grad = _front(grad, in_dims[0], info)
-        n_extra = grad.dim() - saved[-1].dim()  # [K, *extra, *lead, n, D] vs [K, *lead, n, 1]
+        norm = TowerSaved.unflatten(saved).final.norm  # [K, *lead, n, 1]
+        n_extra = grad.dim() - norm.dim()  # grad [K, *extra, *lead, n, D]
         grad = grad.movedim(0, n_extra)
         return _Backward.apply(grad, spec, *saved), n_extra
 
@@ -246,7 +254,7 @@ def _class_attention_back(
     *,
     prefix_only: bool = False,
 ) -> tuple[Tensor, Tensor, Tensor | None, Tensor | None, Tensor | None]:
-    """Gradients of prompt._class_attention for cotangents d_out [L, H, n, Q, E, hd] against
+    """Gradients of shared_prefix._class_attention for cotangents d_out [L, H, n, Q, E, hd] against
     its saved inputs q [L, H, n, Q, hd] (scaled), k_pre, v_pre [L, H, P, hd], k_suf, v_suf
     [L, H, n, S, hd] and probabilities p_pre [L, H, n, Q, P], p_suf [L, H, n, Q, S].
     Returns (dk_pre, dv_pre [L, H, P, E, hd], dq [L, H, n, Q, E, hd], dk_suf, dv_suf
@@ -279,56 +287,65 @@ def _class_attention_back(
 def _block_back(
     block: nn.Module,
     dy: Tensor,
-    saved: list[Tensor],
+    saved: BlockSaved,
     *,
     n_pre: int,
     n_cls: int,
     prefix_only: bool = False,
 ) -> Tensor:
-    """dx [L, R, E, W] of prompt.shared_prefix_block from dy [L, R, E, W]; with
+    """dx [L, R, E, W] of shared_prefix.shared_prefix_block from dy [L, R, E, W]; with
     `prefix_only`, dx of the prefix rows [L, P, E, W] only (the first block, whose class rows
     are constant token embeddings: their queries, keys and values need no gradient, but their
     attention to the prefix still sends gradient to its keys and values)."""
-    x_hat1, rstd1, q, k, v, probs_pre, p_pre, p_suf, x_hat2, rstd2, slope = saved
     attn, heads = block.attn, block.attn.num_heads
-    scale = (q.shape[-1]) ** -0.5
-    dx1 = dy + _ln_back(_mlp_back(block, dy, slope), x_hat2, rstd2, block.ln_2)
+    scale = (saved.q.shape[-1]) ** -0.5
+    dx1 = dy + _ln_back(_mlp_back(block, dy, saved.slope), saved.x_hat2, saved.rstd2, block.ln_2)
     d_out = _split_heads(_ls_back(block.ls_1, dx1) @ attn.out_proj.weight, heads)
-    (q_pre, q_suf), (k_pre, k_suf), (v_pre, v_suf) = (_rows(t, n_pre, n_cls) for t in (q, k, v))
+    (q_pre, q_suf), (k_pre, k_suf), (v_pre, v_suf) = (
+        _rows(t, n_pre, n_cls) for t in (saved.q, saved.k, saved.v)
+    )
     d_pre, d_suf = _rows(d_out, n_pre, n_cls, dim=2)
-    dq, dk, dv = _prefix_attention_back(d_pre, q_pre, k_pre, v_pre, probs_pre)
+    dq, dk, dv = _prefix_attention_back(d_pre, q_pre, k_pre, v_pre, saved.probs_pre)
     dk_pre2, dv_pre2, dq_suf, dk_suf, dv_suf = _class_attention_back(
-        d_suf, q_suf, k_pre, v_pre, k_suf, v_suf, p_pre, p_suf, prefix_only=prefix_only
+        d_suf,
+        q_suf,
+        k_pre,
+        v_pre,
+        k_suf,
+        v_suf,
+        saved.p_pre,
+        saved.p_suf,
+        prefix_only=prefix_only,
     )
     dk, dv = dk + dk_pre2, dv + dv_pre2
     if dq_suf is not None and dk_suf is not None and dv_suf is not None:
         dq, dk, dv = _join_rows(dq, dq_suf), _join_rows(dk, dk_suf), _join_rows(dv, dv_suf)
     rows = dq.shape[2]
     dh = _merge_heads(torch.cat([dq * scale, dk, dv], dim=1)) @ attn.in_proj_weight
-    part = (x_hat1[:, :rows], rstd1[:, :rows])
+    part = (saved.x_hat1[:, :rows], saved.rstd1[:, :rows])
     return dx1[:, :rows] + _ln_back(dh, *part, block.ln_1)
 
 
 def _last_block_back(
-    block: nn.Module, dy: Tensor, saved: list[Tensor], *, n_pre: int, eot_rows: Tensor
+    block: nn.Module, dy: Tensor, saved: LastBlockSaved, *, n_pre: int, eot_rows: Tensor
 ) -> Tensor:
-    """dx [L, R, E, W] of prompt.last_block_eot from dy [L, n, E, W] (the EOT rows)."""
-    x_hat1, rstd1, q, k, v, p_pre, p_suf, x_hat2, rstd2, slope = saved
+    """dx [L, R, E, W] of shared_prefix.last_block_eot from dy [L, n, E, W] (the EOT rows)."""
+    q = saved.q
     attn, heads = block.attn, block.attn.num_heads
     width = attn.embed_dim
     n_cls = q.shape[-3]
-    dy1 = dy + _ln_back(_mlp_back(block, dy, slope), x_hat2, rstd2, block.ln_2)
+    dy1 = dy + _ln_back(_mlp_back(block, dy, saved.slope), saved.x_hat2, saved.rstd2, block.ln_2)
     d_out = _split_heads(_ls_back(block.ls_1, dy1) @ attn.out_proj.weight, heads).unsqueeze(3)
-    (k_pre, k_suf), (v_pre, v_suf) = (_rows(t, n_pre, n_cls) for t in (k, v))
+    (k_pre, k_suf), (v_pre, v_suf) = (_rows(t, n_pre, n_cls) for t in (saved.k, saved.v))
     dk_pre, dv_pre, dq, dk_suf, dv_suf = _class_attention_back(
-        d_out, q, k_pre, v_pre, k_suf, v_suf, p_pre, p_suf
+        d_out, q, k_pre, v_pre, k_suf, v_suf, saved.p_pre, saved.p_suf
     )  # the EOT rows' queries: Q = 1
     assert dq is not None and dk_suf is not None and dv_suf is not None
     dk, dv = _join_rows(dk_pre, dk_suf), _join_rows(dv_pre, dv_suf)
     dh = _merge_heads(torch.cat([dk, dv], dim=1)) @ attn.in_proj_weight[width:]  # [L, R, E, W]
     dq_rows = _merge_heads(dq.squeeze(3) * q.shape[-1] ** -0.5) @ attn.in_proj_weight[:width]
     dh = dh.index_add(1, eot_rows, dq_rows.to(dh.dtype))
-    dx = _ln_back(dh, x_hat1, rstd1, block.ln_1)
+    dx = _ln_back(dh, saved.x_hat1, saved.rstd1, block.ln_1)
     return dx.index_add(1, eot_rows, dy1.to(dx.dtype))
 
 
@@ -339,7 +356,7 @@ def _last_block_back(
 CPU_ROWS_PER_CALL = 2**13
 
 
-def tower_backward(spec: _Spec, saved: list[Tensor], dz: Tensor) -> Tensor:
+def tower_backward(spec: _Spec, saved: TowerSaved, dz: Tensor) -> Tensor:
     """d ctx [E, *lead, n_ctx, W] from d features dz [E, *lead, n, D] (normalised features).
 
     On CPU (`_calls`) the prompts run in calls of at most CPU_ROWS_PER_CALL rows, and the rows
@@ -347,17 +364,17 @@ def tower_backward(spec: _Spec, saved: list[Tensor], dz: Tensor) -> Tensor:
     gradient is zero): padding rows of a batched step's smaller clients, and FedPGP's sigma
     prompt, which feeds only its data-independent prior, so that only the prior's row (the
     last, privacy/per_sample.py) is live for it. Elsewhere one call does everything."""
-    lead = saved[-1].shape[:-2]
-    saved = [t.reshape(-1, *t.shape[len(lead) :]) for t in saved]  # one lead dim L
+    lead = saved.lead
+    saved = saved.map(lambda t: t.reshape(-1, *t.shape[len(lead) :]))  # one lead dim L
     dz = dz.reshape(dz.shape[0], -1, *dz.shape[1 + len(lead) :])  # [E, L, n, D]
-    calls = _calls(dz, rows=saved[0].shape[1])
+    calls = _calls(dz, rows=saved.last.x_hat1.shape[1])
     if calls is None:
         out = _backward(spec, saved, dz.permute(1, 2, 0, 3))  # [L, n_ctx, E, W]
     else:
         out = None
         for prompts, rows in calls:
             part = _backward(
-                spec, [t[prompts] for t in saved], dz[rows][:, prompts].permute(1, 2, 0, 3)
+                spec, saved.map(itemgetter(prompts)), dz[rows][:, prompts].permute(1, 2, 0, 3)
             )  # [l, n_ctx, e, W]
             if out is None:
                 out = part.new_zeros(dz.shape[1], part.shape[1], dz.shape[0], part.shape[3])
@@ -397,14 +414,14 @@ def _calls(dz: Tensor, *, rows: int) -> list[tuple[Tensor, Tensor]] | None:
     return calls
 
 
-def _backward(spec: _Spec, saved: list[Tensor], dz: Tensor) -> Tensor:
+def _backward(spec: _Spec, saved: TowerSaved, dz: Tensor) -> Tensor:
     """d ctx [L, n_ctx, E, W] from dz [L, n, E, D]."""
     tower = spec.tower
     blocks = list(tower.transformer.resblocks)
     n_pre = 1 + tower.n_ctx
     n_cls = spec.eot.shape[0]
-    z, norm = _each(saved[-2]), _each(saved[-1])
-    x_hat_f, rstd_f = saved[-4], saved[-3]
+    final = saved.final
+    z, norm = _each(final.z), _each(final.norm)
     dz = dz.to(z.dtype)
     df = (dz - z * (dz * z).sum(-1, keepdim=True)) / norm.clamp_min(1e-12)
     proj = tower.projection
@@ -414,12 +431,10 @@ def _backward(spec: _Spec, saved: list[Tensor], dz: Tensor) -> Tensor:
         d_rows = df @ _t(proj).to(df.dtype)
     else:
         d_rows = df
-    d = _ln_back(d_rows, x_hat_f, rstd_f, tower.ln_final)
+    d = _ln_back(d_rows, final.x_hat, final.rstd, tower.ln_final)
     n_suf = spec.suffix.shape[-2]
     eot_rows = n_pre + torch.arange(n_cls, device=dz.device) * n_suf + (spec.eot - n_pre)
-    last = saved[_PER_BLOCK * (len(blocks) - 1) : _PER_BLOCK * (len(blocks) - 1) + _PER_LAST]
-    d = _last_block_back(blocks[-1], d, last, n_pre=n_pre, eot_rows=eot_rows)
+    d = _last_block_back(blocks[-1], d, saved.last, n_pre=n_pre, eot_rows=eot_rows)
     for i in range(len(blocks) - 2, -1, -1):
-        part = saved[_PER_BLOCK * i : _PER_BLOCK * (i + 1)]
-        d = _block_back(blocks[i], d, part, n_pre=n_pre, n_cls=n_cls, prefix_only=i == 0)
+        d = _block_back(blocks[i], d, saved.blocks[i], n_pre=n_pre, n_cls=n_cls, prefix_only=i == 0)
     return d[:, 1:n_pre]

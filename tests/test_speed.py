@@ -439,3 +439,17 @@ def test_freed_tensor_memory_is_reused_without_page_faults():
     finally:
         torch.set_num_threads(threads)
     assert faults < 1000
+
+
+def test_exact_gelu_without_gradients_is_the_same_tensor() -> None:
+    """Evaluation (gradients off) computes only exact_gelu's value: bit for bit the value with
+    gradients on, in every dtype, and F.gelu's to float rounding."""
+    for dtype in (torch.float32, torch.float64, torch.bfloat16):
+        x = torch.randn(4096, generator=torch.Generator().manual_seed(0)).to(dtype) * 4
+        x[:4] = torch.tensor([0.0, 30.0, -30.0, 1e-30])
+        with_grad = exact_gelu(x.clone().requires_grad_(dtype != torch.bfloat16))
+        with torch.no_grad():
+            without = exact_gelu(x)
+        assert torch.equal(with_grad.detach(), without)
+        tol = 1e-12 if dtype == torch.float64 else 1e-5 if dtype == torch.float32 else 1e-2
+        assert torch.allclose(without.double(), F.gelu(x.double()), atol=tol, rtol=tol)

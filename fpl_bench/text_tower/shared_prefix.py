@@ -208,11 +208,16 @@ def supports_fast_blocks(transformer: nn.Module) -> bool:
     return True
 
 
+def _gelu_cdf(xf: Tensor) -> Tensor:
+    """Phi(x) = (1 + erf(x / sqrt 2)) / 2, on x already widened (`wide`)."""
+    return torch.erf(xf * math.sqrt(0.5)).add_(1.0).mul_(0.5)
+
+
 def gelu_parts(x: Tensor) -> tuple[Tensor, Tensor]:
     """(F.gelu(x) exact, its derivative Phi(x) + x phi(x)), both in x's dtype, computed in x's
     dtype widened to at least fp32 (bf16/fp16 in fp32, fp32 in fp32, fp64 in fp64)."""
     xf = wide(x.detach())
-    cdf = torch.erf(xf * math.sqrt(0.5)).add_(1.0).mul_(0.5)  # Phi(x)
+    cdf = _gelu_cdf(xf)
     slope = torch.exp(xf.square().mul_(-0.5)).mul_(xf).mul_(1.0 / math.sqrt(2.0 * math.pi))
     return (xf * cdf).to(x.dtype), slope.add_(cdf).to(x.dtype)
 
@@ -224,8 +229,12 @@ def exact_gelu(x: Tensor) -> Tensor:
 
     The value x Phi(x) is detached and the gradient enters as (x - x.detach()) * slope, which
     adds an exact zero to the value and has gradient slope, the exact derivative (plain ops, so
-    vmap and vjp add no autograd.Function overhead).
+    vmap and vjp add no autograd.Function overhead). With gradients off (evaluation) only the
+    value is computed: the same tensor, without the slope's exp and multiplies.
     """
+    if not torch.is_grad_enabled():
+        xf = wide(x)
+        return (xf * _gelu_cdf(xf)).to(x.dtype)
     value, slope = gelu_parts(x)
     return value + (x - x.detach()) * slope
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# Regenerates the README's result tables and leaderboards/embedded*.{md,csv,html}.
+# Regenerates leaderboards/embedded*.{md,csv,html}, the README's result tables and docs/results.md.
 # Usage: bash benchmarks/readme_results.sh [OUT]   (default runs/readme)
 # Two suites (leaderboards/embedded.toml, embedded-client.toml): every preset on the embedded
 # default at eps none / 0.5 / 0.1, seeds 0-2, under the server trust model, and the private
@@ -17,4 +17,4 @@ fpl-bench leaderboard --runs "$OUT/server" --out leaderboards --name embedded \
   --title "fpl-bench on the embedded default, server trust"
 fpl-bench leaderboard --runs "$OUT/client" --out leaderboards --name embedded-client \
   --title "fpl-bench on the embedded default, client trust"
-python benchmarks/readme_tables.py   # rewrites the README section from the leaderboards
+python benchmarks/readme_tables.py   # the README section and docs/results.md, from the leaderboards

@@ -12,7 +12,12 @@ def test_design_citations_resolve():
     headings = {
         line.lstrip("#").strip() for line in design.read_text().splitlines() if line[:1] == "#"
     }
-    files = [ROOT / "README.md", *ROOT.glob("fpl_bench/**/*.py"), *ROOT.glob("benchmarks/*.py")]
+    files = [
+        ROOT / "README.md",
+        *ROOT.glob("docs/*.md"),
+        *ROOT.glob("fpl_bench/**/*.py"),
+        *ROOT.glob("benchmarks/*.py"),
+    ]
     cited: dict[str, str] = {}
     for path in files:
         text = path.read_text()

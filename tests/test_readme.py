@@ -1,0 +1,56 @@
+"""The README and its docs/ pages stay consistent with what they describe."""
+
+import importlib.util
+import re
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
+PAGES = [README, *sorted((ROOT / "docs").glob("*.md"))]
+
+
+def test_results_match_the_committed_leaderboards():
+    """README's results section and docs/results.md are what benchmarks/readme_tables.py renders
+    from leaderboards/embedded*: regenerating them changes nothing."""
+    spec = importlib.util.spec_from_file_location(
+        "readme_tables", ROOT / "benchmarks" / "readme_tables.py"
+    )
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    readme, doc, _ = tables.render()
+    assert README.read_text() == readme, "README is stale: run python benchmarks/readme_tables.py"
+    assert tables.RESULTS_DOC.read_text() == doc, (
+        "docs/results.md is stale: run python benchmarks/readme_tables.py"
+    )
+
+
+def test_ci_runs_the_readme_commands():
+    """.ci/run runs the README's set-up and test commands; both must still be in the README."""
+    text = README.read_text()
+    ci = (ROOT / ".ci" / "run").read_text()
+    for readme_form, ci_form in (
+        ("python3 -m venv .venv && . .venv/bin/activate",) * 2,
+        ('pip install -e ".[dev]"', 'pip install -q -e ".[dev]"'),
+        ("python -m pytest -q",) * 2,
+    ):
+        assert readme_form in text, f"README lost its command {readme_form!r}"
+        assert ci_form in ci, f".ci/run no longer runs {ci_form!r}"
+
+
+def test_local_links_resolve():
+    """Every relative Markdown link in the README and docs/ points at a file that exists."""
+    broken = []
+    for page in PAGES:
+        for target in re.findall(r"\]\(([^)#\s]+)(?:#[^)]*)?\)", page.read_text()):
+            if "://" in target:
+                continue
+            if not (page.parent / target).exists():
+                broken.append(f"{page.relative_to(ROOT)} -> {target}")
+    assert not broken, f"links to missing files: {broken}"
+
+
+def test_docs_pages_are_linked_from_the_readme():
+    """A docs/ page nobody links to is one a newcomer never finds."""
+    text = README.read_text()
+    unlinked = [p.name for p in PAGES[1:] if f"(docs/{p.name})" not in text]
+    assert not unlinked, f"docs pages the README does not link: {unlinked}"

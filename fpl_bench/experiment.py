@@ -81,11 +81,6 @@ class JobProgress(Interface):
     def advance(self, rounds_done: int) -> None: ...
 
 
-def build_methods(spec: ExperimentSpec) -> list[Method]:
-    """Every method of the job, built (pair validity checked) before any data is touched."""
-    return [build_method(choice) for choice in spec.methods]
-
-
 def transfer_accuracy(run: FederatedRun, target: Transfer, seed: int) -> float:
     """Mean over clients of the accuracy of each client's trained prompt on every test image of
     `target`, with logits over its classes (the learner's constants rebuilt for its classes)."""
@@ -291,7 +286,6 @@ def run_experiment(
     from fpl_bench.jobs import Job, check_tracking_uri, check_writable_folder, output_lock
     from fpl_bench.tracking import tracking_uri
 
-    build_methods(spec)  # refuse invalid pairs before any data is loaded
     out = Path(spec.out)
     check_writable_folder(out, "output folder")
     check_writable_folder(Path(spec.cache_dir), "cache folder")

@@ -1,8 +1,9 @@
 """A method = a prompt learner x a federation scheme (docs/design.md, "Two axes").
 
 `build_method(choice)` turns a resolved card (`fpl_bench.catalog.MethodChoice`) into a `Method`
-holding a learner and a scheme instance, after checking that the pair can work. The `Method`
-composes their hooks into what the driver and `privacy/` call:
+holding a learner and a scheme instance; `pair_problem` says why a pair cannot work, and the
+spec refuses such a pair (fpl_bench/spec.py), so a method built from a spec's choice is one that
+works. The `Method` composes their hooks into what the driver and `privacy/` call:
 
     encode(step, aux, ctx)   the scheme's prompt components [N, n_ctx, W] and the extra prompts
                              its prior needs go through the learner's encoder in ONE tower
@@ -24,7 +25,6 @@ import torch
 from torch import Tensor
 
 from fpl_bench.catalog import MethodChoice
-from fpl_bench.errors import UsageError
 from fpl_bench.learners import LEARNERS
 from fpl_bench.learners._base import EncodeContext, InitContext, Params, PromptLearner
 from fpl_bench.schemes import SCHEMES
@@ -224,12 +224,8 @@ class Method:
 
 
 def build_method(choice: MethodChoice) -> Method:
-    """Instantiate the learner and scheme of a resolved card; a pair that cannot work is a
-    UsageError with the reason."""
+    """Instantiate the learner and scheme of a resolved card whose pair the spec accepted."""
     learner_cls, scheme_cls = LEARNERS.get(choice.learner), SCHEMES.get(choice.scheme)
-    problem = pair_problem(learner_cls, scheme_cls)
-    if problem:
-        raise UsageError(f"method {choice.label!r} ({choice.learner}@{choice.scheme}): {problem}")
     return Method(
         label=choice.label,
         learner=learner_cls(**choice.learner_options),

@@ -1,16 +1,31 @@
-"""ExperimentSpec: the one validator between the user (CLI flags, cards) and the core.
+"""ExperimentSpec: the one validator between the user (CLI flags, cards, suites) and the core.
 
-Everything below this module takes typed objects; nothing re-checks input. A validation error
-becomes one `UsageError` line naming the flag and what to do.
+Every rule that needs no data is checked here: field bounds, rules across fields (alpha under
+the dirichlet partition only, transfer datasets with cross-dataset only), each method's learner
+x scheme pair, the budgets and seeds (whose types suites reuse: `Epsilons`, `Seeds`). Below this
+module code takes typed objects and checks only what needs data (a folder's content, a split
+file). A validation error becomes one `FieldError` line naming the field (the CLI names its
+flag: fpl_bench/cli_options.py `spec_from_flags`).
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (
+    AfterValidator,
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationError,
+    ValidationInfo,
+    field_validator,
+    model_validator,
+)
 
 from fpl_bench.catalog import MethodChoice
 from fpl_bench.errors import UsageError
@@ -18,6 +33,45 @@ from fpl_bench.errors import UsageError
 # The largest target epsilon a spec takes; the accountant refuses, per (q, steps, delta), any
 # smaller one whose noise would fall below its floor (privacy/accountant.py SIGMA_FLOOR).
 MAX_EPS = 1000.0
+DEFAULT_ALPHA = 0.5
+
+
+def _eps_words(value: Any) -> Any:
+    """'none' (any case) in a list of budgets as written in a TOML file: no DP."""
+    if not isinstance(value, list | tuple):
+        return value
+    return [None if isinstance(v, str) and v.strip().lower() == "none" else v for v in value]
+
+
+def check_eps(value: Sequence[float | None]) -> Sequence[float | None]:
+    """Target epsilons: each > 0, finite and at most MAX_EPS, or None (no DP); each once."""
+    for eps in value:
+        if eps is not None and not (eps > 0 and math.isfinite(eps)):
+            raise ValueError(f"epsilon must be > 0 and finite (got {eps}); e.g. 0.5, or none")
+        if eps is not None and eps > MAX_EPS:
+            raise ValueError(
+                f"epsilon must be <= {MAX_EPS:g} (a larger one calls for noise too small "
+                "to protect anything); e.g. 8, or none for no privacy"
+            )
+    if len(set(value)) != len(value):
+        raise ValueError("an epsilon is listed twice; list each once")
+    return value
+
+
+def check_seeds(value: Sequence[int]) -> Sequence[int]:
+    """Seeds: at least one, each a non-negative integer, each once."""
+    if not value or any(s < 0 for s in value):
+        raise ValueError("seeds must be non-negative integers, e.g. 0,1,2")
+    if len(set(value)) != len(value):
+        raise ValueError("a seed is listed twice; list each seed once")
+    return value
+
+
+# The budgets and seeds of a job, as the spec and a suite's grids (fpl_bench/suite.py) take them.
+Epsilons = Annotated[
+    tuple[float | None, ...], BeforeValidator(_eps_words), AfterValidator(check_eps)
+]
+Seeds = Annotated[tuple[int, ...], AfterValidator(check_seeds)]
 
 
 class ExperimentSpec(BaseModel):
@@ -38,7 +92,8 @@ class ExperimentSpec(BaseModel):
     transfer_datasets: tuple[str, ...] = ()  # cross-dataset: where the prompts are scored
     target_domain: str | None = None  # cross-domain: the held-out domain (default: the last)
     partition: Literal["pathological", "dirichlet", "iid", "by_domain"] = "pathological"
-    alpha: float = Field(0.5, gt=0, allow_inf_nan=False)
+    # the Dirichlet concentration: another value than the default needs partition dirichlet
+    alpha: float = Field(DEFAULT_ALPHA, gt=0, allow_inf_nan=False)
     clients: int = Field(10, ge=1)
     client_fraction: float = Field(1.0, gt=0, le=1, allow_inf_nan=False)
     shots: int = Field(16, ge=0)
@@ -60,7 +115,7 @@ class ExperimentSpec(BaseModel):
     # frozen text tower: bf16 autocast or fp32; auto = bf16 where the device multiplies bf16
     # natively (CUDA, CPU with AMX), fp32 elsewhere (fpl_bench/compute.py)
     precision: Literal["auto", "bf16", "fp32"] = "auto"
-    eps: tuple[float | None, ...] = (None,)
+    eps: Epsilons = (None,)
     delta: float = Field(1e-5, gt=0, lt=1, allow_inf_nan=False)
     clip_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
     accountant: Literal["rdp", "prv", "paper"] = "rdp"
@@ -74,7 +129,7 @@ class ExperimentSpec(BaseModel):
     # a tuned spec: the setup hash of the spec it was tuned from, so that its rows share a
     # leaderboard table with that spec's untuned rows (fpl_bench/run_records.py setup_hash)
     tuned_from: str | None = None
-    seeds: tuple[int, ...] = (0,)
+    seeds: Seeds = (0,)
     out: Path = Path("runs/default")
     cache_dir: Path = Path.home() / ".cache" / "fpl-bench"
 
@@ -116,19 +171,12 @@ class ExperimentSpec(BaseModel):
         (a worker process has not read the file the job's process was given)."""
         return self.dataset if self.dataset_card is None else str(self.dataset_card)
 
-    @field_validator("eps")
+    @field_validator("alpha")
     @classmethod
-    def _eps_positive(cls, value: tuple[float | None, ...]) -> tuple[float | None, ...]:
-        for eps in value:
-            if eps is not None and not (eps > 0 and math.isfinite(eps)):
-                raise ValueError(f"epsilon must be > 0 and finite (got {eps}); e.g. 0.5, or none")
-            if eps is not None and eps > MAX_EPS:
-                raise ValueError(
-                    f"epsilon must be <= {MAX_EPS:g} (a larger one calls for noise too small "
-                    "to protect anything); e.g. 8, or none for no privacy"
-                )
-        if len(set(value)) != len(value):
-            raise ValueError("an epsilon is listed twice; list each once")
+    def _alpha_dirichlet_only(cls, value: float, info: ValidationInfo) -> float:
+        partition = info.data.get("partition")
+        if partition is not None and partition != "dirichlet" and value != DEFAULT_ALPHA:
+            raise ValueError(f"applies to partition dirichlet only, not {partition}")
         return value
 
     @field_validator("methods")
@@ -140,15 +188,12 @@ class ExperimentSpec(BaseModel):
         twice = sorted({x for x in labels if labels.count(x) > 1})
         if twice:
             raise ValueError(f"method {twice[0]!r} is listed twice; list each method once")
-        return value
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, value: tuple[int, ...]) -> tuple[int, ...]:
-        if not value or any(s < 0 for s in value):
-            raise ValueError("seeds must be non-negative integers, e.g. 0,1,2")
-        if len(set(value)) != len(value):
-            raise ValueError("a seed is listed twice; list each seed once")
+        for choice in value:
+            problem = _pair_problem(choice)
+            if problem:
+                pair = f"{choice.learner}@{choice.scheme}"
+                named = choice.label if choice.label == pair else f"{choice.label} ({pair})"
+                raise ValueError(f"{named} cannot work: {problem}")
         return value
 
     @model_validator(mode="after")
@@ -160,6 +205,15 @@ class ExperimentSpec(BaseModel):
         if self.pretrained is not None and self.checkpoint is not None:
             raise ValueError("give either pretrained or checkpoint, not both")
         return self
+
+
+def _pair_problem(choice: MethodChoice) -> str | None:
+    """Why the method's learner cannot work under its scheme (fpl_bench/method.py), or None."""
+    from fpl_bench.learners import LEARNERS
+    from fpl_bench.method import pair_problem
+    from fpl_bench.schemes import SCHEMES
+
+    return pair_problem(LEARNERS.get(choice.learner), SCHEMES.get(choice.scheme))
 
 
 class FieldError(UsageError):
@@ -180,6 +234,8 @@ def build_spec(**fields: Any) -> ExperimentSpec:
         value = fields.get(field, "?")
         if isinstance(value, tuple) and all(isinstance(v, int | float | None) for v in value):
             value = ",".join("none" if v is None else f"{v:g}" for v in value)
+        elif isinstance(value, tuple) and all(isinstance(v, MethodChoice) for v in value):
+            value = ",".join(v.label for v in value)
         message = first["msg"].removeprefix("Value error, ")
         raise FieldError(field, value, message) from None
 

@@ -72,7 +72,7 @@ from fpl_bench.catalog import (
 from fpl_bench.data.catalog import card_path
 from fpl_bench.errors import UsageError
 from fpl_bench.report.records import KEY_COLUMNS, normalize_eps
-from fpl_bench.spec import ExperimentSpec, FieldError, build_spec
+from fpl_bench.spec import Epsilons, ExperimentSpec, FieldError, Seeds, build_spec
 
 SUITE_FOLDER = "leaderboards"
 DONE_STATUSES: tuple[str, ...] = ("finished", "diverged")
@@ -91,31 +91,9 @@ class Grid(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
     methods: list[str] = Field(min_length=1)  # presets, LEARNER@SCHEME pairs, card files, ["all"]
     datasets: list[str] = Field(min_length=1)  # card names or card files
-    eps: list[float | None] = Field(min_length=1)  # "none" in the file = no DP
-    seeds: list[int] = Field(min_length=1)
+    eps: Epsilons = Field(min_length=1)  # "none" in the file = no DP
+    seeds: Seeds = Field(min_length=1)
     run: dict[str, Any] = Field(default_factory=dict)
-
-    @field_validator("eps", mode="before")
-    @classmethod
-    def _eps_words(cls, value: Any) -> Any:
-        if not isinstance(value, list):
-            return value
-        return [None if isinstance(v, str) and v.strip().lower() == "none" else v for v in value]
-
-    @field_validator("eps")
-    @classmethod
-    def _eps_positive(cls, value: list[float | None]) -> list[float | None]:
-        for eps in value:
-            if eps is not None and not (eps > 0 and math.isfinite(eps)):
-                raise ValueError(f"epsilon must be > 0 and finite, or 'none' (got {eps})")
-        return _unique(value, "eps")
-
-    @field_validator("seeds")
-    @classmethod
-    def _seeds(cls, value: list[int]) -> list[int]:
-        if any(seed < 0 for seed in value):
-            raise ValueError("seeds must be non-negative integers")
-        return _unique(value, "seed")
 
     @field_validator("methods", "datasets")
     @classmethod
@@ -371,7 +349,7 @@ def _grid_spec(
     dataset_card(dataset)  # an unknown dataset lists the known ones
     fields: dict[str, Any] = {**suite.run, **grid.run, **overrides}
     methods = tuple(resolve_method(name, suite.params.get(name)) for name in names)
-    fields.update(methods=methods, dataset=dataset, eps=tuple(grid.eps), seeds=tuple(grid.seeds))
+    fields.update(methods=methods, dataset=dataset, eps=grid.eps, seeds=grid.seeds)
     if out is not None:
         fields["out"] = out
     try:

@@ -14,7 +14,7 @@ from fpl_bench.catalog import resolve_method
 from fpl_bench.errors import UsageError
 from fpl_bench.learners._base import EncodeContext, InitContext
 from fpl_bench.learners.cocoop import META
-from fpl_bench.method import build_method, method_from_name
+from fpl_bench.method import method_from_name
 from fpl_bench.privacy.per_sample import step_gradients
 from fpl_bench.text_tower import TextTower
 
@@ -116,5 +116,7 @@ def test_fedavg_shares_the_meta_net_local_keeps_it():
 
 
 def test_a_scheme_whose_prior_needs_extra_prompt_features_is_refused():
+    from fpl_bench.spec import build_spec
+
     with pytest.raises(UsageError, match="builds per image"):
-        build_method(resolve_method("cocoop@sigma_uv"))
+        build_spec(methods=(resolve_method("cocoop@sigma_uv"),))

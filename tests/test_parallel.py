@@ -182,6 +182,5 @@ def test_run_warms_the_fork_server_only_for_jobs_that_may_use_workers(
         raise SystemExit(0)
 
     monkeypatch.setattr(experiment, "run_experiment", stop)
-    monkeypatch.setattr(experiment, "build_methods", lambda spec: None)
     assert run_main(["run", *flags, "--out", str(tmp_path)], monkeypatch) == 0
     assert calls == ([True] if warmed else [])

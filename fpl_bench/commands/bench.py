@@ -12,13 +12,12 @@ bytes held per client) and with --compare-reference a table of each switch's own
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Annotated
 
 import typer
 
-from fpl_bench.cli_options import Device
+from fpl_bench import cli_options as opt
 from fpl_bench.errors import UsageError
 
 # --compare-reference runs 8 configs per cell, the reference one very slow: small defaults.
@@ -26,7 +25,9 @@ COMPARE_METHODS = "promptfl,dpfpl"
 COMPARE_CLIENTS = "10"
 
 
+@opt.spec_options("device", "batch_size", "fp32")
 def bench_cmd(
+    *,
     methods: Annotated[
         str | None,
         typer.Option(
@@ -56,7 +57,7 @@ def bench_cmd(
             "CPU, both on CUDA."
         ),
     ] = None,
-    device: Device = "auto",
+    flags: opt.SpecFlags,
     threads: Annotated[
         int, typer.Option(help="CPU threads (per-core numbers by default).", min=1)
     ] = 1,
@@ -68,7 +69,6 @@ def bench_cmd(
             min=1,
         ),
     ] = None,
-    batch_size: Annotated[int, typer.Option(help="Local batch size.", min=1)] = 32,
     local_epochs: Annotated[
         int | None,
         typer.Option(help="Local epochs per round (default 2; 1 with --compare-reference).", min=1),
@@ -89,7 +89,6 @@ def bench_cmd(
     sequential_clients: Annotated[
         bool, typer.Option("--sequential-clients", help="A step's clients one at a time.")
     ] = False,
-    fp32: Annotated[bool, typer.Option("--fp32", help="fp32 even where bf16 is native.")] = False,
     autograd_backward: Annotated[
         bool,
         typer.Option(
@@ -129,6 +128,11 @@ def bench_cmd(
     from fpl_bench.prepare import resolve_device
     from fpl_bench.spec import parse_eps, parse_int_list
 
+    names = method_names(methods or (COMPARE_METHODS if compare_reference else "all"))
+    spec = opt.spec_from_flags(  # the methods' pairs, eps, device and batch size checked
+        flags, methods=tuple(resolve_method(name) for name in names), eps=parse_eps(eps)
+    )
+    fp32 = spec.precision == "fp32"
     ablations = (
         no_feature_cache,
         no_eot_truncation,
@@ -140,18 +144,13 @@ def bench_cmd(
     )
     if compare_reference and any(ablations):
         raise UsageError("--compare-reference measures every switch itself; drop the --no-* flags")
-    eps_list = parse_eps(eps)
-    for value in eps_list:
-        if value is not None and not (value > 0 and math.isfinite(value)):
-            raise UsageError(f"--eps {eps}: each epsilon must be > 0 and finite, or none")
     if json_path is not None:
         if json_path.is_dir():
             raise UsageError(f"--json {json_path} is a folder; give a file such as bench.json")
         check_writable_folder(json_path.parent, "--json's folder")  # before minutes of timing
-    torch_device = resolve_device(device)
+    torch_device = resolve_device(spec.device)
     torch.set_num_threads(threads)
-    names = method_names(methods or (COMPARE_METHODS if compare_reference else "all"))
-    built = [build_method(resolve_method(name)) for name in names]
+    built = [build_method(choice) for choice in spec.methods]
     counts = parse_int_list(
         clients or (COMPARE_CLIENTS if compare_reference else "10,50,100"), "--clients"
     )
@@ -166,7 +165,7 @@ def bench_cmd(
         raise UsageError(f"--backbones {unknown[0]}: known backbones are embedded, vit-b-16")
     sizes = Sizes(
         samples_per_client=samples_per_client or (32 if compare_reference else 64),
-        batch_size=batch_size,
+        batch_size=spec.batch_size,
         local_epochs=local_epochs or (1 if compare_reference else 2),
         rounds=rounds,
     )
@@ -192,7 +191,7 @@ def bench_cmd(
     records = run_bench(
         built,
         backbones=chosen,
-        eps_list=eps_list,
+        eps_list=list(spec.eps),
         client_counts=counts,
         configs=configs,
         sizes=sizes,

@@ -86,7 +86,9 @@ def format_table(frame: Any, metrics: list[str], with_privacy: bool) -> list[Any
     return [accuracy, ledger] if with_privacy else [accuracy]
 
 
+@opt.spec_options(*opt.SPEC_OPTIONS)
 def run(
+    *,
     methods: Annotated[
         str | None,
         typer.Option(
@@ -103,80 +105,17 @@ def run(
             "With --suite: only these of its cells."
         ),
     ] = None,
-    delta: opt.Delta = opt.spec_default("delta"),
-    clip_norm: Annotated[
-        float, typer.Option(help="Per-sample clipping norm C.")
-    ] = opt.spec_default("clip_norm"),
-    accountant: opt.Accountant = opt.spec_default("accountant"),
-    dataset: opt.Dataset = opt.spec_default("dataset"),
-    data_root: opt.DataRoot = None,
-    dataset_option: opt.DatasetOption = None,
-    protocol: opt.Protocol = opt.spec_default("protocol"),
-    transfer_datasets: Annotated[
-        str | None,
-        typer.Option(help="cross-dataset: comma list of datasets the prompts are scored on."),
-    ] = None,
-    target_domain: Annotated[
-        str | None, typer.Option(help="cross-domain: the held-out domain (default: the last).")
-    ] = None,
-    partition: opt.Partition = opt.spec_default("partition"),
-    alpha: opt.Alpha = None,
-    clients: opt.Clients = opt.spec_default("clients"),
-    client_fraction: Annotated[
-        float, typer.Option(help="Fraction of clients sampled per round.")
-    ] = opt.spec_default("client_fraction"),
-    rounds: Annotated[int, typer.Option(help="Communication rounds.")] = opt.spec_default("rounds"),
-    local_epochs: Annotated[int, typer.Option(help="Local epochs per round.")] = opt.spec_default(
-        "local_epochs"
-    ),
-    shots: opt.Shots = opt.spec_default("shots"),
-    batch_size: Annotated[
-        int, typer.Option(help="Local batch size (expected size under DP).")
-    ] = opt.spec_default("batch_size"),
-    lr: Annotated[float, typer.Option(help="SGD learning rate.")] = opt.spec_default("lr"),
-    n_ctx: Annotated[
-        int, typer.Option(help="Number of learnable context vectors.")
-    ] = opt.spec_default("n_ctx"),
-    ctx_init: Annotated[
-        str | None,
-        typer.Option(
-            help="Start the context from this phrase's embedding (CoCoOp's and KgCoOp's "
-            "'a photo of a'); --n-ctx must equal its token count. Default: random N(0, 0.02^2)."
-        ),
-    ] = None,
-    eval_every: Annotated[int, typer.Option(help="Evaluate every N rounds.")] = opt.spec_default(
-        "eval_every"
-    ),
-    last_k: Annotated[
-        int, typer.Option(help="Final figure: mean over the last k evaluations.")
-    ] = opt.spec_default("last_k"),
     seeds: Annotated[
         str | None,
         typer.Option(
             help="Comma list of seeds (default 0). With --suite: only these of its cells."
         ),
     ] = None,
-    backbone: opt.Backbone = opt.spec_default("backbone"),
-    pretrained: opt.Pretrained = None,
-    checkpoint: opt.Checkpoint = None,
-    device: opt.Device = "auto",
-    threads: Annotated[
-        int | None,
-        typer.Option(help="CPU threads for training (default: 1 for the embedded model)."),
-    ] = None,
-    workers: Annotated[
-        int | None,
-        typer.Option(
-            help="Runs in parallel processes (default: on CPU, the usable cores for a job "
-            "large enough to pay for starting them; 1 on CUDA).",
-            min=1,
-        ),
-    ] = None,
     param: Annotated[
         list[str] | None,
         typer.Option(help="Method option METHOD.OPTION=VALUE (repeatable), e.g. dpfpl.rank=4."),
     ] = None,
-    trust: opt.Trust = opt.spec_default("trust"),
+    flags: opt.SpecFlags,
     suite: Annotated[
         str | None,
         typer.Option(
@@ -209,30 +148,9 @@ def run(
     study: Annotated[
         str, typer.Option(help="With --tuned: the study name prefix given to tune.")
     ] = "tune",
-    resume: Annotated[
-        bool,
-        typer.Option(
-            "--resume",
-            help="Continue the job in --out: skip finished runs, continue checkpointed ones.",
-        ),
-    ] = False,
-    fp32: Annotated[
-        bool,
-        typer.Option(
-            "--fp32", help="Keep the frozen towers in fp32 (default: bf16 where it is native)."
-        ),
-    ] = False,
-    secure_noise: Annotated[
-        bool,
-        typer.Option(
-            "--secure-noise",
-            help="Draw DP noise from the OS's cryptographically secure source (not seeded).",
-        ),
-    ] = False,
     out: Annotated[
         str, typer.Option(help="Output folder (results.csv, mlflow.db, partitions, jobs).")
     ] = str(DEFAULT_OUT),
-    cache_dir: opt.CacheDir = None,
 ) -> None:
     """Run methods on a dataset at a privacy budget; print the table and write DIR/results.csv."""
     from rich.console import Console
@@ -243,62 +161,19 @@ def run(
     if dry_run and suite is None:
         raise UsageError("--dry-run applies to --suite only")
     if suite is not None:
-        if dataset != opt.spec_default("dataset"):
+        if flags["dataset"] != opt.spec_default("dataset"):
             raise UsageError("--dataset: the suite sets the datasets; drop it")
-        only = suite_filter(methods, eps, seeds)
-        _run_suite(
-            suite, out, dry_run, data_root, cache_dir, device, threads, workers, pretrained, only
-        )
+        _run_suite(suite, out, dry_run, flags, suite_filter(methods, eps, seeds))
         return
-    methods = "default" if methods is None else methods
-    eps = "none" if eps is None else eps
-    seeds = "0" if seeds is None else seeds
-    names = method_names(methods)
+    names = method_names("default" if methods is None else methods)
     overrides = parse_params(param or [], names)
-    dataset_options = opt.dataset_options(dataset_option)
-    fields: dict[str, Any] = dict(
+    spec = opt.spec_from_flags(
+        flags,
         methods=tuple(resolve_method(name, overrides.get(name)) for name in names),
-        dataset=dataset,
-        data_root=data_root,
-        protocol=protocol,
-        target_domain=target_domain,
-        transfer_datasets=tuple(
-            w.strip() for w in (transfer_datasets or "").split(",") if w.strip()
-        ),
-        partition=partition,
-        alpha=opt.alpha_for(partition, alpha),
-        clients=clients,
-        client_fraction=client_fraction,
-        rounds=rounds,
-        local_epochs=local_epochs,
-        shots=shots,
-        batch_size=batch_size,
-        lr=lr,
-        n_ctx=n_ctx,
-        ctx_init=ctx_init,
-        eval_every=eval_every,
-        last_k=last_k,
-        backbone=backbone,
-        pretrained=pretrained,
-        checkpoint=checkpoint,
-        device=device,
-        threads=threads,
-        workers=workers,
-        eps=parse_eps(eps),
-        delta=delta,
-        clip_norm=clip_norm,
-        accountant=accountant,
-        seeds=parse_int_list(seeds, "--seeds"),
+        eps=None if eps is None else parse_eps(eps),
+        seeds=None if seeds is None else parse_int_list(seeds, "--seeds"),
         out=_out_folder(out),
-        dataset_options=dataset_options,
-        trust=trust,
-        secure_noise=secure_noise,
-        resume=resume,
-        precision="fp32" if fp32 else "auto",
     )
-    if opt.cache_dir_or_env(cache_dir) is not None:
-        fields["cache_dir"] = opt.cache_dir_or_env(cache_dir)
-    spec = build_spec_from_flags(fields)
     from fpl_bench.parallel import warm_workers_if_needed
 
     # the fork server's imports overlap with this process's own (fpl_bench/parallel.py)
@@ -315,10 +190,8 @@ def run(
     import pandas as pd
 
     from fpl_bench.evaluate import PROTOCOL_METRICS
-    from fpl_bench.experiment import build_methods, run_experiment
+    from fpl_bench.experiment import run_experiment
 
-    for each in specs:
-        build_methods(each)  # a learner x scheme pair that cannot work is refused here
     console = Console(stderr=False)
     err = Console(stderr=True)
     progress = TqdmProgress(specs)
@@ -377,35 +250,23 @@ def process_seconds() -> float:
 
 
 def _run_suite(
-    name: str,
-    out_text: str,
-    dry_run: bool,
-    data_root: Path | None,
-    cache_dir: Path | None,
-    device: str,
-    threads: int | None,
-    workers: int | None,
-    pretrained: str | None,
-    only: Any = None,
+    name: str, out_text: str, dry_run: bool, flags: opt.SpecFlags, only: Any = None
 ) -> None:
     """`run --suite NAME [--dry-run]`: a grid from leaderboards/NAME.toml (fpl_bench/suite.py),
-    the cells `only` keeps (--methods/--eps/--seeds)."""
-    from fpl_bench.suite import dry_run_rows, format_dry_run, load_suite, run_suite
+    the cells `only` keeps (--methods/--eps/--seeds), with the machine settings given (and
+    --pretrained) over every cell."""
+    from fpl_bench.suite import (
+        MACHINE_FIELDS,
+        dry_run_rows,
+        format_dry_run,
+        load_suite,
+        run_suite,
+    )
 
     chosen = load_suite(name)
     out = Path("runs") / chosen.name if out_text == str(DEFAULT_OUT) else _out_folder(out_text)
-    overrides: dict[str, Any] = {"device": device}
-    if data_root is not None:
-        overrides["data_root"] = data_root
-    cache = opt.cache_dir_or_env(cache_dir)
-    if cache is not None:
-        overrides["cache_dir"] = cache
-    if threads is not None:
-        overrides["threads"] = threads
-    if workers is not None:
-        overrides["workers"] = workers
-    if pretrained is not None:
-        overrides["pretrained"] = str(pretrained)
+    given = flags.fields()
+    overrides = {k: given[k] for k in (*MACHINE_FIELDS, "pretrained") if k in given}
     if dry_run:
         typer.echo(
             format_dry_run(chosen, dry_run_rows(chosen, out, overrides=overrides, only=only))
@@ -447,19 +308,6 @@ def _out_folder(text: str) -> Path:
     if not text.strip():
         raise UsageError("--out is empty; give a folder, e.g. --out runs/default")
     return Path(text)
-
-
-def build_spec_from_flags(fields: dict[str, Any]) -> Any:
-    """build_spec, with a bad field reported as the flag that sets it."""
-    from fpl_bench.spec import FieldError, build_spec
-
-    try:
-        return build_spec(**fields)
-    except FieldError as err:
-        if err.field == "spec":  # a rule across fields: the message names them
-            raise UsageError(err.message) from None
-        flag = "--" + err.field.replace("_", "-")
-        raise UsageError(f"{flag} {err.value}: {err.message}") from None
 
 
 class TqdmProgress:

@@ -26,7 +26,16 @@ from fpl_bench.errors import UsageError
 TUNE_DEFAULTS: dict[str, Any] = {"trial_rounds": 4, "eval_every": 2, "last_k": 2}
 
 
+# The spec options tune takes: all but those it declares with a meaning of its own (above all,
+# the schedule of a trial) and those a study has no use for.
+TUNE_OWN = ("rounds", "eval_every", "last_k", "threads", "workers")
+NOT_TUNED = ("transfer_datasets", "target_domain", "resume", "secure_noise")
+TUNE_SPEC_OPTIONS = tuple(n for n in opt.SPEC_OPTIONS if n not in TUNE_OWN + NOT_TUNED)
+
+
+@opt.spec_options(*TUNE_SPEC_OPTIONS)
 def tune_cmd(
+    *,
     methods: Annotated[
         str,
         typer.Option(
@@ -42,15 +51,7 @@ def tune_cmd(
     eps: Annotated[
         str, typer.Option(help="Target epsilon(s), comma list; one study each; 'none' = no DP.")
     ] = "none",
-    dataset: opt.Dataset = opt.spec_default("dataset"),
-    data_root: opt.DataRoot = None,
-    dataset_option: opt.DatasetOption = None,
-    protocol: opt.Protocol = opt.spec_default("protocol"),
-    partition: opt.Partition = opt.spec_default("partition"),
-    alpha: opt.Alpha = None,
-    trust: opt.Trust = opt.spec_default("trust"),
-    clients: opt.Clients = opt.spec_default("clients"),
-    shots: opt.Shots = opt.spec_default("shots"),
+    flags: opt.SpecFlags,
     rounds: Annotated[
         int, typer.Option(help="Rounds of the run being tuned for (sets the DP noise).")
     ] = opt.spec_default("rounds"),
@@ -66,12 +67,6 @@ def tune_cmd(
     seeds: Annotated[str, typer.Option(help="Training seeds of each trial (value: the mean).")] = (
         "0"
     ),
-    delta: opt.Delta = opt.spec_default("delta"),
-    accountant: opt.Accountant = opt.spec_default("accountant"),
-    backbone: opt.Backbone = opt.spec_default("backbone"),
-    pretrained: opt.Pretrained = None,
-    checkpoint: opt.Checkpoint = None,
-    device: opt.Device = "auto",
     threads: Annotated[
         int | None,
         typer.Option(
@@ -102,7 +97,6 @@ def tune_cmd(
     out: Annotated[Path, typer.Option(help="Output folder (optuna.db, mlflow.db).")] = Path(
         "runs/default"
     ),
-    cache_dir: opt.CacheDir = None,
 ) -> None:
     """Tune the methods' hyperparameters on the validation split (one Optuna study each)."""
     if workers > 1:  # the fork server's imports overlap with this process's (parallel.py)
@@ -111,40 +105,22 @@ def tune_cmd(
         warm_workers(TUNE_WORKER_MODULES)
     from fpl_bench import tune as tuning
     from fpl_bench.catalog import resolve_method
-    from fpl_bench.spec import build_spec, parse_eps, parse_int_list
+    from fpl_bench.spec import parse_eps, parse_int_list
 
     names = _tunable(methods)
     target = tuning.parse_storage(storage, out=out, workers=workers)
-    fields: dict[str, Any] = dict(
+    spec = opt.spec_from_flags(
+        flags,
         methods=tuple(resolve_method(name) for name in names),
-        dataset=dataset,
-        data_root=data_root,
-        dataset_options=opt.dataset_options(dataset_option),
-        protocol=protocol,
-        partition=partition,
-        alpha=opt.alpha_for(partition, alpha),
-        trust=trust,
-        clients=clients,
-        shots=shots,
+        eps=parse_eps(eps),
+        seeds=parse_int_list(seeds, "--seeds"),
         rounds=rounds,
         eval_every=eval_every,
         last_k=last_k,
-        seeds=parse_int_list(seeds, "--seeds"),
-        eps=parse_eps(eps),
-        delta=delta,
-        accountant=accountant,
-        backbone=backbone,
-        pretrained=pretrained,
-        checkpoint=checkpoint,
-        device=device,
         threads=threads or 1,
         out=out,
         eval_split="val",
     )
-    cache = opt.cache_dir_or_env(cache_dir)
-    if cache is not None:
-        fields["cache_dir"] = cache
-    spec = build_spec(**fields)
     if trial_rounds > spec.rounds:
         raise UsageError(f"--trial-rounds {trial_rounds}: more than --rounds {spec.rounds}")
     for name in names:

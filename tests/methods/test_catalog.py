@@ -107,10 +107,12 @@ def test_bad_methods_and_options_are_one_line_usage_errors(name, overrides, mess
 
 
 def test_a_pair_that_cannot_work_is_refused_with_a_reason():
+    from fpl_bench.spec import build_spec
+
     with pytest.raises(UsageError, match="scores 1 prompt component"):
-        build_method(resolve_method("coop@global_local"))
+        build_spec(methods=(resolve_method("coop@global_local"),))
     with pytest.raises(UsageError, match="nothing to train"):
-        build_method(resolve_method("zeroshot@fedavg"))
+        build_spec(methods=(resolve_method("zeroshot@fedavg"),))
     assert pair_problem(LEARNERS.get("ot"), SCHEMES.get("global_local")) is None
 
 

@@ -47,11 +47,16 @@ def pair_problem(learner: type, scheme: type) -> str | None:
             f"prompt(s), which {learner.name} builds per image; use a scheme without a prompt "
             "prior (e.g. fedavg, local)"
         )
-    limit = learner.max_prompts
-    if limit is not None and scheme.n_prompts > limit:
+    if learner.reads_images and scheme.mixes_text:
+        return (
+            f"{scheme.name} mixes its prompt components' text features, which {learner.name} "
+            "builds per image; use a learner that encodes the prompts once (e.g. coop, kgcoop)"
+        )
+    limit, scored = learner.max_prompts, 1 if scheme.mixes_text else scheme.n_prompts
+    if limit is not None and scored > limit:
         return (
             f"{learner.name} scores {limit} prompt component(s) but {scheme.name} hands it "
-            f"{scheme.n_prompts}; use a learner that scores several (e.g. ot), or a scheme "
+            f"{scored}; use a learner that scores several (e.g. ot), or a scheme "
             "that sums its parts into one prompt (e.g. dpfpl)"
         )
     return None
@@ -158,6 +163,8 @@ class Method:
         else:
             out = {"text": features[:n]}
             out.update({name: features[n + i] for i, name in enumerate(extras)})
+        if self.scheme.mixes_text:  # [N, n_cls, D] -> [1, n_cls, D] (PromptFolio)
+            out["text"] = self.scheme.mix_text(out["text"])
         if own:
             out["own"] = own
         return out

@@ -12,6 +12,9 @@ A scheme owns a client's stored prompt parameters. Class variables declare:
                 (fpl_bench/privacy/placement.py decides; the scheme does not).
     n_prompts   how many prompt components `prompts` returns (the learner must accept them)
     n_extra_prompts  how many `extra_prompts` returns (they go through the tower too)
+    mixes_text  True when `mix_text` combines the text features of the `n_prompts` components
+                into the one component the learner scores (PromptFolio's portfolio); the
+                learner must then encode text features (not a learner that `reads_images`)
     resets_shared_momentum  clear a client's momentum on `shared` when a round starts
     federates   False for a scheme where nothing leaves a client (local training)
     pools_clients  True to train ONE model on all clients' data pooled (the centralised upper
@@ -31,7 +34,9 @@ builds an optimizer or picks a device):
         step, aux = scheme.step_params(params, generator)    # what gradients are taken against
         P = scheme.prompts(step, aux)                        # [N, n_ctx, W] to the learner
         E = scheme.extra_prompts(step, aux)                  # features the prior needs
-        ... learner encodes P and E in one tower forward; per-sample loss; privacy ...
+        T = learner.encode(P, E)                             # one tower forward: [N, n, D], ...
+        T = scheme.mix_text(T)                               # only if mixes_text: [1, n, D]
+        ... per-sample loss; privacy ...
         prior = scheme.prior_loss(step, encoded, ctx, anchor)   # outside clipping, no noise
         grads = scheme.param_grads(params, step, step_grads)     # back to stored parameters
         grads = scheme.correct_grads(grads, client_state, server_state)  # post-processing
@@ -82,6 +87,7 @@ class Scheme:
     sync: ClassVar[Literal["round", "step"]] = "round"
     n_prompts: ClassVar[int] = 1
     n_extra_prompts: ClassVar[int] = 0
+    mixes_text: ClassVar[bool] = False
     resets_shared_momentum: ClassVar[bool] = True
     federates: ClassVar[bool] = True
     pools_clients: ClassVar[bool] = False
@@ -108,6 +114,12 @@ class Scheme:
         self, step: Mapping[str, Tensor], aux: Mapping[str, Tensor]
     ) -> dict[str, Tensor]:
         return {}
+
+    def mix_text(self, text: Tensor) -> Tensor:
+        """For a scheme that `mixes_text`: the class text features the learner scores [1, n, D]
+        from those of the prompt components [n_prompts, n, D] (inside the encoder function, so
+        per-sample gradients and evaluation go through it)."""
+        raise NotImplementedError
 
     def prior_loss(
         self,

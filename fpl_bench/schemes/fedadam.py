@@ -49,8 +49,11 @@ class FedAdam(FedAvg):
         for k, agg in mean.items():
             delta = agg - params[k]
             m = self.beta1 * state.get(f"m.{k}", torch.zeros_like(delta)) + (1 - self.beta1) * delta
-            v = self.beta2 * state.get(f"v.{k}", torch.zeros_like(delta))
-            v = v + (1 - self.beta2) * delta.pow(2)
+            v = self.second_moment(state.get(f"v.{k}", torch.zeros_like(delta)), delta)
             new[k] = params[k] + self.server_lr * m / (v.sqrt() + self.tau)
             moments[f"m.{k}"], moments[f"v.{k}"] = m, v
         return new, moments
+
+    def second_moment(self, v: Tensor, delta: Tensor) -> Tensor:
+        """Adam's v_t = beta2 v_{t-1} + (1 - beta2) Delta_t^2, elementwise."""
+        return self.beta2 * v + (1 - self.beta2) * delta.pow(2)

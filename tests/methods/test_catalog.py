@@ -60,7 +60,14 @@ def test_presets_resolve_to_the_papers_values():
         ),
         "fedcocoop": ("cocoop", "fedavg", {"reduction": 16}, {}),
         "fedmaple": ("maple", "fedavg", {"depth": 9}, {}),
+        "fedyogi": (
+            "coop",
+            "fedyogi",
+            {},
+            {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 0.001},
+        ),
         "maple": ("maple", "local", {"depth": 9}, {}),
+        "promptfolio": ("coop", "promptfolio", {}, {"theta": 0.4}),
         "scaffold": ("coop", "scaffold", {}, {}),
     }
     assert list_presets() == list(expected)

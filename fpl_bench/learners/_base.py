@@ -66,6 +66,12 @@ def random_context(init: InitContext) -> Tensor:
     return 0.02 * torch.randn(tower.n_ctx, tower.width, generator=init.generator)
 
 
+def template_features(tower: TextTower, template: str) -> Tensor:
+    """Class features [n_cls, D] (normalised) of a hand-written prompt such as "a photo of a
+    {}." for every class of the tower: zero-shot CLIP's text side, frozen."""
+    return tower.encode_text([template.format(name) for name in tower.classnames])
+
+
 def linear_init(fan_in: int, fan_out: int, generator: torch.Generator) -> tuple[Tensor, Tensor]:
     """torch.nn.Linear's default initialisation: weight [fan_out, fan_in] and bias [fan_out]
     uniform on +-1/sqrt(fan_in) (kaiming_uniform with a = sqrt(5) gives that bound)."""
@@ -135,7 +141,12 @@ class PromptLearner:
 
         given: what `batch_constants` computed for these images (None: compute it here).
         """
-        return cosine_logits(text[0], images, ctx.tower.logit_scale)
+        return cosine_logits(text[0], self.image_features(images, ctx), ctx.tower.logit_scale)
+
+    def image_features(self, images: Tensor, ctx: EncodeContext) -> Tensor:
+        """The image features [B, D] (or [D]) that `logits` scores: the cached ones, unless the
+        learner adapts them (FedCLIP's attention adapter, with its own parameters `ctx.own`)."""
+        return images
 
     def predict(
         self, text: Tensor, images: Tensor, tokens: Tensor | None, ctx: EncodeContext

@@ -17,11 +17,11 @@ J = round(depth * L / 12) for an L-block tower (3 of the embedded tower's 4).
 
 The reference makes F_1..F_{J-1} copies of one initial linear layer (`_get_clones`) and F_0 a
 separate one, both torch.nn.Linear's initialisation, and draws P_1..P_{J-1} from N(0, 0.02^2);
-so does this learner. The text features depend only on the parameters (one deep text forward
-per step, through the encoder's vjp); the image features depend on the image, so the per-sample
-loss runs the prompted image tower for its own image and vmap batches those forwards. The image
-tower's input tokens (patch embedding, class token, positions, pre-norm) are frozen and cached
-(`fpl_bench/vision.py`).
+so does this learner. MaPLe is IVLP (`fpl_bench/learners/ivlp.py`) with the vision prompts
+computed by F_i instead of learned apart: the deep forwards of both towers, the logits and the
+depth scaling are `fpl_bench/learners/_deep.py`'s, and only `vision_prompts` is MaPLe's own.
+The image tower's input tokens (patch embedding, class token, positions, pre-norm) are frozen
+and cached (`fpl_bench/vision.py`).
 """
 
 from __future__ import annotations
@@ -34,83 +34,38 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fpl_bench.errors import UsageError
 from fpl_bench.learners import LEARNERS
-from fpl_bench.learners._base import (
-    EncodeContext,
-    InitContext,
-    Params,
-    PromptLearner,
-    linear_init,
-)
-from fpl_bench.vision import VisionTower
+from fpl_bench.learners._base import InitContext, Params, linear_init
+from fpl_bench.learners._deep import DeepPrompts, normal_prompts, prompt_depth, vision_tower
+
+__all__ = ["OWN", "MaPLe", "prompt_depth"]
 
 OWN = ("maple.text_deep", "maple.w0", "maple.b0", "maple.w_deep", "maple.b_deep")
 
 
-def prompt_depth(depth: int, layers: int) -> int:
-    """J for an L-block tower from the paper's depth of 12: round(depth * L / 12), >= 1."""
-    return max(1, round(depth * layers / 12))
-
-
-def vision_prompts(context: Tensor, own: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
-    """(P~_0 [n_ctx, W_v], P~_1..J-1 [J-1, n_ctx, W_v]) by the coupling functions F_i."""
-    first = F.linear(context, own["maple.w0"], own["maple.b0"])
-    deep = torch.einsum("jnw,jvw->jnv", own["maple.text_deep"], own["maple.w_deep"])
-    return first, deep + own["maple.b_deep"][:, None, :]
-
-
-def _vision(ctx: EncodeContext | InitContext) -> VisionTower:
-    if ctx.vision is None:
-        raise UsageError("maple prompts the image tower, but the run has none (a bug)")
-    return ctx.vision
-
-
 @LEARNERS.register("maple")
 @dataclass(frozen=True)
-class MaPLe(PromptLearner):
+class MaPLe(DeepPrompts):
     """Deep language prompts coupled to deep vision prompts by linear maps."""
 
     depth: int  # J on a 12-block tower (the paper's 9), scaled to the backbone's depth
 
     own_params: ClassVar[tuple[str, ...]] = OWN
-    reads_images: ClassVar[bool] = True
-    prompts_image_tower: ClassVar[bool] = True
 
     def init_params(self, init: InitContext) -> Params:
-        tower, vision = init.tower, _vision(init)
+        tower, vision = init.tower, vision_tower(init, self.name)
         layers = min(len(tower.transformer.resblocks), vision.depth)
         j = prompt_depth(self.depth, layers)
         width, width_v, n_ctx = tower.width, vision.width, tower.n_ctx
-        text_deep = 0.02 * torch.randn(j - 1, n_ctx, width, generator=init.generator)
+        text_deep = normal_prompts(j - 1, n_ctx, width, init.generator)
         w0, b0 = linear_init(width, width_v, init.generator)
         w, b = linear_init(width, width_v, init.generator)  # F_1..F_{J-1}: copies of one layer
         w_deep = w.expand(j - 1, *w.shape).clone()
         b_deep = b.expand(j - 1, *b.shape).clone()
         return dict(zip(OWN, (text_deep, w0, b0, w_deep, b_deep), strict=True))
 
-    def encode(self, prompts: Tensor, ctx: EncodeContext) -> dict[str, Tensor]:  # type: ignore[override]
-        """{"text": [1, n, D] with the deep language prompts, "first": P~_0, "deep": P~_i}."""
-        context = prompts[0]
-        text = ctx.tower.encode_deep(context, ctx.own["maple.text_deep"], ctx.class_idx)
-        first, deep = vision_prompts(context, ctx.own)
-        return {"text": text.unsqueeze(0), "first": first, "deep": deep}
-
-    def logits(  # type: ignore[override]
-        self,
-        text: dict[str, Tensor],
-        images: Tensor,
-        tokens: Tensor | None,
-        ctx: EncodeContext,
-        given: Tensor | None = None,
-    ) -> Tensor:
-        """Logits [B, n] (or [n] for one image) from the cached image tokens [B, T, W_v]."""
-        assert tokens is not None, "maple reads the image tower's cached tokens"
-        one = tokens.dim() == 2
-        batch = tokens.unsqueeze(0) if one else tokens
-        features = _vision(ctx).run(batch, text["first"], text["deep"])  # [B, D]
-        out = ctx.tower.logit_scale * F.normalize(features, dim=-1) @ text["text"][0].T
-        return out[0] if one else out
-
-    def eval_chunk(self, text: Tensor, tokens: Tensor | None, ctx: EncodeContext) -> int:
-        return 256
+    def vision_prompts(self, context: Tensor, own: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+        """(P~_0 [n_ctx, W_v], P~_1..J-1 [J-1, n_ctx, W_v]) by the coupling functions F_i."""
+        first = F.linear(context, own["maple.w0"], own["maple.b0"])
+        deep = torch.einsum("jnw,jvw->jnv", own["maple.text_deep"], own["maple.w_deep"])
+        return first, deep + own["maple.b_deep"][:, None, :]

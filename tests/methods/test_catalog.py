@@ -34,6 +34,9 @@ def test_learner_and_scheme_cards_match_the_registries_field_by_field():
             assert all(f.default is dataclasses.MISSING for f in fields), name
 
 
+IVLP = {"text_depth": 9, "vision_depth": 9, "template": "a photo of a {}."}
+
+
 def test_presets_resolve_to_the_papers_values():
     expected = {
         "zeroshot": ("zeroshot", "local", {"template": "a photo of a {}."}, {}),
@@ -58,7 +61,9 @@ def test_presets_resolve_to_the_papers_values():
             {},
             {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 0.001},
         ),
+        "fedclip": ("fedclip_adapter", "fedavg", {"template": "a photo of a {}."}, {}),
         "fedcocoop": ("cocoop", "fedavg", {"reduction": 16}, {}),
+        "fedivlp": ("ivlp", "fedavg", IVLP, {}),
         "fedmaple": ("maple", "fedavg", {"depth": 9}, {}),
         "fedyogi": (
             "coop",
@@ -66,6 +71,7 @@ def test_presets_resolve_to_the_papers_values():
             {},
             {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 0.001},
         ),
+        "ivlp": ("ivlp", "local", IVLP, {}),
         "maple": ("maple", "local", {"depth": 9}, {}),
         "promptfolio": ("coop", "promptfolio", {}, {"theta": 0.4}),
         "scaffold": ("coop", "scaffold", {}, {}),
@@ -177,5 +183,6 @@ def test_the_default_group_is_every_preset_whose_text_does_not_depend_on_the_ima
     everything = list_presets()
     default = default_presets()
     assert method_names("default") == default and method_names("all") == everything
-    assert sorted(set(everything) - set(default)) == ["cocoop", "fedcocoop", "fedmaple", "maple"]
+    image_conditioned = ["cocoop", "fedcocoop", "fedivlp", "fedmaple", "ivlp", "maple"]
+    assert sorted(set(everything) - set(default)) == image_conditioned
     assert default == [n for n in everything if n in default]  # report order kept

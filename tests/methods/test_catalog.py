@@ -65,6 +65,7 @@ def test_presets_resolve_to_the_papers_values():
         "fedcocoop": ("cocoop", "fedavg", {"reduction": 16}, {}),
         "fedivlp": ("ivlp", "fedavg", IVLP, {}),
         "fedmaple": ("maple", "fedavg", {"depth": 9}, {}),
+        "fedtpg": ("fedtpg", "fedavg", {"heads": 4, "ff_mult": 4}, {}),
         "fedyogi": (
             "coop",
             "fedyogi",

@@ -1,4 +1,4 @@
-"""Entropic partial optimal transport by log-domain Sinkhorn iterations, batched and vmap-safe.
+"""Entropic partial optimal transport by Sinkhorn iterations, batched and vmap-safe.
 
 FedOTP (Li et al., "Global and Local Prompts Cooperation via Optimal Transport for Federated
 Learning", CVPR 2024, arXiv:2403.00041; reference HongxiaLee/FedOTP `trainers/GLP_OT.py`,
@@ -36,57 +36,71 @@ This is exact block-coordinate ascent on the dual max_{f <= 0, g} <f, a> + <g, b
 T 1 <= a in Chizat et al. 2018, arXiv:1607.05816), so it converges to T*. Every column sum of T
 equals b_n after each iteration; the row bound holds at convergence.
 
-Implementation:
-- Log domain. `sinkhorn` runs the same iterates on the potentials f = log u, g = log v:
+Implementation (`sinkhorn`):
+- Costs are shifted per column, C~_mn = C_mn - c_n with c_n = min_m C_mn, and the iteration runs
+  on v~_n = v_n e^{-c_n / eps} with the kernel K~ = exp(-C~ / eps): exact in real arithmetic,
+  K~ <= 1 with a 1 in every column, and a cost shared by all patches (a uniform shift of C)
+  drops out of every quantity but the stopping rule's v = v~ e^{c / eps}.
+- Two forms of the same iterates, chosen per problem:
+  * the scaling form (the reference's, on u and v~) where K~ and the start v~ = e^{-c / eps}
+    lie within tiny^(+-0.4) (tiny the smallest normal float; in float32 max C~ / eps <= 35,
+    which every cosine-cost problem meets at eps >= 0.06, and c / eps >= -35) and
+    c / eps <= 567: per step two multiplies and two adds per kernel entry and one divide per
+    patch, no exp or log. v~ >= b / M after every step (K~ and u are <= 1); a problem whose v~
+    leaves the float range all the same (non-finite or zero) is solved again in the log
+    domain. The stopping rule is taken on |v~ - v~_prev| e^{c / eps}, in float64.
+  * the log domain on f = log u, g~ = log v~ elsewhere (small eps, wide costs), where K~ or the
+    scalings leave the float range and the scaling form gives inf/NaN plans:
 
-      f_m <- min(log a_m - logsumexp_n(g_n - C_mn / eps), 0)
-      g_n <- log b_n - logsumexp_m(f_m - C_mn / eps)
-      T_mn = exp(f_m + g_n - C_mn / eps)
+        f_m <- min(log a - logsumexp_n(g~_n - C~_mn / eps), 0)
+        g~_n <- log b - logsumexp_m(f_m - C~_mn / eps)
 
-  In the scaling form a small eps (FedOTP searches 0.005-1; its few-shot script uses 0.01) or a
-  wide cost range underflows whole rows or columns of K and overflows u or v in float32, and the
-  plan turns to inf/NaN; here every quantity is a finite logarithm and T_mn <= b_n <= 1.
-- For float32 accuracy the costs are shifted per column, C~_mn = C_mn - c_n with c_n = min_m C_mn,
-  and the iteration runs on g~_n = g_n - c_n / eps: exact in real arithmetic, and |g~| stays
-  small where g ~ c / eps would be held to float32's ulp of hundreds.
-- Base 2: the iterates are computed as f log2(e), g log2(e) with exp2/log2, which are about twice
-  as fast as exp/log on CPU. Every logsumexp subtracts its maximum, and terms below
-  2^floor (a normal float near the smallest) are raised to it: that moves a sum whose largest term
-  is 1 by at most M 2^floor, far below rounding, and keeps exp2 off the slow subnormal path.
-- Stopping rule as the reference's, on v = e^g, without forming e^g (it overflows):
-  |e^x - e^y| = e^{max(x, y)} (1 - e^{-|x - y|}); see `_stops`.
-- Batched over all leading dims ([..., M, N], e.g. images x classes). There is no host sync per
-  iteration: every problem runs the same tensor ops, and a problem is frozen (`torch.where`)
-  from the iteration at which it meets the stopping rule, so it keeps exactly the (f, g) the
-  reference's `break` would have kept. Each problem stops on its own rule; the reference stops a
-  whole batch on the batch mean of |v - v_prev|, which makes an image's plan depend on the other
-  images in its batch. No data-dependent Python control flow, so `torch.func.vmap` works.
-- `check_every > 0` allows one host sync every that many iterations: the problems that have
-  stopped are written out and dropped from the working set, and the loop ends once none is
-  left (`_solve_compacting`). The result is identical (frozen problems no longer change, and
-  each problem's ops read only its own entries); the cost follows the problems still
-  iterating, not the slowest one. Skipped inside `torch.func` transforms (vmap, grad), where a
-  host sync is an error: there every problem runs max_iter iterations (`_solve_frozen`), which
-  is why the OT learner computes its training plans for the whole batch outside vmap.
+    Every logsumexp subtracts its maximum, and terms below e^floor (a normal float near the
+    smallest) are raised to it: that moves a sum whose largest term is 1 by at most M e^floor,
+    far below rounding, and keeps exp off the slow subnormal path. The stopping rule is taken
+    in logs (v overflows): |e^x - e^y| = e^{max(x, y)} (1 - e^{-|x - y|}); see
+    `_LogDomain.stops`.
+- Batched over all leading dims ([..., M, N], e.g. images x classes), laid out [N, P, M] for P
+  problems, so that a step is a few elementwise ops over all problems and the sum over patches
+  runs over the innermost dim. Each problem stops on its own rule and keeps exactly the
+  (v~, the v~ its u was computed from) of the iteration at which it meets it, as the
+  reference's `break` would; the reference stops a whole batch on the batch mean of
+  |v - v_prev|, which makes an image's plan depend on the other images in its batch.
+- A problem's plan is the same bit for bit whatever else is in the batch (tests/test_ot.py): its
+  ops read only its own entries, sums over patches run over the innermost dim (torch.sum over
+  an outer dim picks its order by the tensor's shape) and sums over prompts in a fixed order,
+  and the only transcendental functions are exp, log and expm1, which give the same bits at
+  every position of a tensor on CPU (exp2, log2 and logaddexp do not: their vectorised loops
+  and scalar tails round differently). The OT learner's evaluation relies on this.
+- Iterations run in blocks of `check_every`, the iterates kept; after a block one host sync
+  finds each problem's first iteration that meets the rule, writes that iterate out and drops
+  the problem from the working set (`_solve`): the cost follows the problems still iterating.
+  Inside `torch.func` transforms (vmap, grad), where a host sync is an error, and with
+  check_every = 0, one block of max_iter iterations runs for every problem in both forms, each
+  problem taking the one it qualifies for: no data-dependent Python control flow, so
+  `torch.func.vmap` works, with the same plans as outside it (at several times the cost, which
+  is why the OT learner computes its training plans for the whole batch outside vmap).
 - No gradient flows through the plan: the reference computes it under `torch.no_grad()`, and so
   does `sinkhorn` (on the detached cost). Gradients reach the prompts through the similarities
   that the caller multiplies with T. Runs in float32 at least (fp16/bf16 costs are upcast).
-- Cost per iteration: one exp2 per kernel entry (the prompt step) and one exp2 and log2 per patch
-  (the patch step, a fold over the few prompts), against none in the scaling form: about 2-3x
-  its time on CPU. Only the small g is frozen per iteration; the f that goes with it is
-  recomputed once at the end from the g it was made from.
 """
 
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 __all__ = ["sinkhorn"]
 
-_LOG2E = math.log2(math.e)
+# The scaling form runs where every kernel entry and the start v~ lie within
+# tiny^(+-_SCALING_RANGE) (tiny: the smallest normal float of the cost's dtype) and e^{c / eps}
+# (the stopping rule's v / v~) is at most float64 max^_SHIFT_RANGE (module docstring); the log
+# domain elsewhere.
+_SCALING_RANGE = 0.4
+_SHIFT_RANGE = 0.8
 
 # True for a tensor wrapped by a torch.func transform (vmap's BatchedTensor, grad's wrapper).
 _is_transformed = getattr(torch._C._functorch, "is_functorch_wrapped_tensor", None)
@@ -97,122 +111,262 @@ def _may_sync(t: Tensor) -> bool:
     return _is_transformed is not None and not _is_transformed(t)
 
 
-def _logsumexp2(x: Tensor, dim: int, *, floor: float) -> Tensor:
-    """log2 sum_i 2^{x_i} over `dim` = top + log2 sum_i 2^{max(x_i - top, floor)}, top = max x.
+def _sum_prompts(x: Tensor) -> Tensor:
+    """x[0] + x[1] + ... over the (few) prompts of x [N, ...], in that order."""
+    total = x[0] if x.shape[0] == 1 else x[0] + x[1]
+    for n in range(2, x.shape[0]):
+        total.add_(x[n])
+    return total
 
-    Consumes `x` (a temporary of the caller's) in place.
+
+def _select(x: Tensor, ids: Tensor) -> Tensor:
+    """Problems `ids` (int64 [K]) of x [N, P, ...] (problems on dim 1)."""
+    return x.index_select(1, ids)
+
+
+@dataclass
+class _Scaling:
+    """The reference's iteration on (u, v~) [N, P] for kernels K~ [N, P, M] in range (module
+    docstring). `scale` = e^{c / eps} [N, P] in float64 turns v~ into the stopping rule's v;
+    `buffered` reuses one work tensor (not under a torch.func transform)."""
+
+    kernel: Tensor
+    scale: Tensor
+    a: float
+    b: float
+    limit: float  # N thresh: the rule's bound on sum_n |v_n - v_prev_n|
+    buffered: bool
+    _work: Tensor | None = field(default=None, repr=False)
+
+    def _out(self) -> Tensor | None:
+        if not self.buffered:
+            return None
+        if self._work is None:
+            self._work = torch.empty_like(self.kernel)
+        return self._work
+
+    def start(self) -> Tensor:
+        """v~ for the reference's v = 1: e^{-c / eps}, raised to the smallest normal float
+        (below it K~ v~ < a in every row, so u = 1 either way)."""
+        tiny = torch.finfo(self.kernel.dtype).tiny
+        return self.scale.reciprocal().clamp_min_(tiny).to(self.kernel.dtype)
+
+    def _row(self, v: Tensor) -> Tensor:
+        """u = min(a / (K~ v~), 1) [P, M]."""
+        kv = _sum_prompts(torch.mul(self.kernel, v.unsqueeze(2), out=self._out()))
+        return torch.div(self.a, kv).clamp_max_(1.0)
+
+    def step(self, v: Tensor) -> Tensor:
+        """v~ <- b / (K~^T u) [N, P], u from v~."""
+        return torch.div(self.b, torch.mul(self.kernel, self._row(v), out=self._out()).sum(-1))
+
+    def stops(self, history: Tensor, *, first: bool) -> Tensor:
+        """[steps, P]: sum_n |v_n - v_prev_n| < N thresh after each step of history [steps + 1,
+        N, P] (v = v~ scale, in float64); `first`: history[0] is the start v = 1."""
+        moves = (history[1:] - history[:-1]).abs_().double()
+        if first:  # the start exactly: |v~ scale - 1|
+            start = (history[1].double() - self.scale.reciprocal()).abs_()
+            moves = torch.cat([start.unsqueeze(0), moves[1:]])
+        return _sum_prompts(moves.mul_(self.scale).transpose(0, 1)) < self.limit
+
+    def plan(self, v: Tensor, v_prev: Tensor) -> Tensor:
+        """T = diag(u) K~ diag(v~) [N, P, M] (transposed), u from v_prev as in the iteration."""
+        return (self.kernel * self._row(v_prev)).mul_(v.unsqueeze(2))
+
+    def take(self, ids: Tensor) -> _Scaling:
+        kernel, scale = _select(self.kernel, ids), _select(self.scale, ids)
+        return _Scaling(kernel, scale, self.a, self.b, self.limit, self.buffered)
+
+
+@dataclass
+class _LogDomain:
+    """The same iteration on (f, g~) [N, P] for log kernels -C~ / eps [N, P, M] (module
+    docstring); shift = c / eps [N, P]."""
+
+    log_kernel: Tensor
+    shift: Tensor
+    log_a: float
+    log_b: float
+    log_thresh: float
+    floor: float  # log of a normal float near the smallest
+
+    def start(self) -> Tensor:
+        return self.shift.neg()  # g~ for the reference's start v = 1 (g = 0)
+
+    def _patch(self, g: Tensor) -> Tensor:
+        """f_m = min(log a - logsumexp_n(log K~_nm + g~_n), 0) [P, M], a fold over the prompts:
+        log(e^x + e^y) = max(x, y) + log(1 + e^{max(-|x - y|, floor)})."""
+        total = self.log_kernel[0] + g[0].unsqueeze(1)
+        for n in range(1, g.shape[0]):
+            term = self.log_kernel[n] + g[n].unsqueeze(1)
+            gap = (total - term).abs_().neg_().clamp_min_(self.floor).exp_().add_(1.0).log_()
+            total = torch.maximum(total, term).add_(gap)
+        return total.neg_().add_(self.log_a).clamp_max_(0.0)
+
+    def step(self, g: Tensor) -> Tensor:
+        """g~_n = log b - logsumexp_m(log K~_nm + f_m) [N, P], f from g~."""
+        terms = self.log_kernel + self._patch(g)  # [N, P, M]
+        top = terms.amax(dim=-1, keepdim=True)
+        total = terms.sub_(top).clamp_min_(self.floor).exp_().sum(-1)
+        return total.log_().add_(top.squeeze(-1)).neg_().add_(self.log_b)
+
+    def stops(self, history: Tensor, *, first: bool) -> Tensor:
+        """[steps, P]: mean_n |v_n - v_prev_n| < thresh after each step of history [steps + 1,
+        N, P], v = e^{g~ + shift}, in logs (v overflows): |e^x - e^y| = e^{max(x, y)}
+        (1 - e^{-|x - y|}), so with h_n = max(g_n, g_prev,n) + shift_n and s = max_n h_n the rule
+        reads log sum_n e^{h_n - s} (1 - e^{-|g_n - g_prev,n|}) < log(N thresh) - s. Every power
+        is <= 1; equal potentials give log 0 = -inf (stop). The gap is taken before adding the
+        shift, which float rounding would swallow it into."""
+        g_new, g_old = history[1:], history[:-1]
+        top = torch.maximum(g_new, g_old).add_(self.shift)
+        scale = top.amax(dim=1, keepdim=True)
+        gap = (g_new - g_old).abs_().neg_().expm1_().neg_()
+        change = _sum_prompts(top.sub_(scale).exp_().mul_(gap).transpose(0, 1))
+        return change.log_() < self.log_thresh + math.log(g_new.shape[1]) - scale.squeeze(1)
+
+    def plan(self, g: Tensor, g_prev: Tensor) -> Tensor:
+        """T = e^{f + log K~ + g~} [N, P, M] (transposed), f from g_prev as in the iteration;
+        entries below e^floor are 0 rather than computed as subnormals (slow path)."""
+        log_plan = (self.log_kernel + self._patch(g_prev)).add_(g.unsqueeze(2))
+        return log_plan.clamp_min(self.floor).exp_().masked_fill_(log_plan < self.floor, 0.0)
+
+    def take(self, ids: Tensor) -> _LogDomain:
+        log_kernel, shift = _select(self.log_kernel, ids), _select(self.shift, ids)
+        return _LogDomain(log_kernel, shift, self.log_a, self.log_b, self.log_thresh, self.floor)
+
+
+def _solve(form: _Scaling | _LogDomain, *, max_iter: int, block: int) -> tuple[Tensor, Tensor]:
+    """(state at the stop, the state before it) [N, P] of every problem.
+
+    Runs blocks of `block` iterations (0: one block of max_iter, no host sync), keeping the
+    iterates; after a block each problem's first iteration that meets the stopping rule gives
+    its result, and (block > 0) the problems that stopped leave the working set. A problem that
+    never stops gives its iterate max_iter.
     """
-    top = x.amax(dim=dim, keepdim=True)
-    total = x.sub_(top).clamp_min_(floor).exp2_().sum(dim=dim)
-    return total.log2_().add_(top.squeeze(dim))
-
-
-def _logaddexp2(x: Tensor, y: Tensor, *, floor: float) -> Tensor:
-    """log2(2^x + 2^y) = max(x, y) + log2(1 + 2^{max(-|x - y|, floor)})."""
-    return torch.maximum(x, y).add_((x - y).abs_().neg_().clamp_min_(floor).exp2_().add_(1).log2_())
-
-
-def _patch_potential(log_kernel: Tensor, g: Tensor, *, log_a: float, floor: float) -> Tensor:
-    """f_m = min(log a - logsumexp_n(log K_nm + g_n), 0) [..., M], all in base 2.
-
-    log_kernel [..., N, M]; g [..., N]. The sum over the few prompts is a fold of `_logaddexp2`
-    over [..., M] slices: for N = 2 (FedOTP) one exp2 and one log2 per patch.
-    """
-    lse = log_kernel[..., 0, :] + g[..., 0:1]
-    for n in range(1, g.shape[-1]):
-        lse = _logaddexp2(lse, log_kernel[..., n, :] + g[..., n : n + 1], floor=floor)
-    return lse.neg_().add_(log_a).clamp_max_(0.0)
-
-
-def _prompt_potential(log_kernel: Tensor, f: Tensor, *, log_b: float, floor: float) -> Tensor:
-    """g_n = log b - logsumexp_m(log K_nm + f_m) [..., N], all in base 2; log_kernel [..., N, M]."""
-    return _logsumexp2(log_kernel + f.unsqueeze(-2), dim=-1, floor=floor).neg_().add_(log_b)
-
-
-def _stops(g_new: Tensor, g_old: Tensor, shift: Tensor, *, log_thresh: float) -> Tensor:
-    """mean_n |v_new,n - v_old,n| < thresh [...], v = 2^{g + shift}; g, shift [..., N] (base 2).
-
-    Never forms v (it overflows): |2^x - 2^y| = 2^{max(x, y)} (1 - 2^{-|x - y|}), so with
-    h_n = max(g_new,n, g_old,n) + shift_n and s = max_n h_n the rule reads
-    log2 sum_n 2^{h_n - s} (1 - 2^{-|g_new,n - g_old,n|}) < log2(N thresh) - s. Every power is
-    <= 1; equal potentials give log 0 = -inf (stop). The gap is taken before adding the shift,
-    which float32 would round it into.
-    """
-    top = torch.maximum(g_new, g_old).add_(shift)
-    scale = top.amax(dim=-1, keepdim=True)
-    gap = (g_new - g_old).abs_().mul_(-math.log(2.0))
-    change = (top - scale).exp2_().mul_(torch.expm1(gap).neg_()).sum(dim=-1)
-    return change.log2_() < log_thresh + math.log2(g_new.shape[-1]) - scale.squeeze(-1)
-
-
-def _iteration(
-    log_kernel: Tensor,
-    g: Tensor,
-    g_prev: Tensor,
-    done: Tensor,
-    shift: Tensor,
-    *,
-    log_a: float,
-    log_b: float,
-    log_thresh: float,
-    floor: float,
-) -> tuple[Tensor, Tensor, Tensor]:
-    """One Sinkhorn iteration of every problem that has not stopped: (g_prev, g, done).
-
-    A problem that meets the stopping rule takes this iteration's g and keeps it (and the g its
-    f was computed from, g_prev) from then on, as the reference's `break` would.
-    """
-    f = _patch_potential(log_kernel, g, log_a=log_a, floor=floor)  # [..., M]
-    g_new = _prompt_potential(log_kernel, f, log_b=log_b, floor=floor)  # [..., N]
-    stops = _stops(g_new, g, shift, log_thresh=log_thresh)  # [...]
-    keep = done.unsqueeze(-1)
-    return torch.where(keep, g_prev, g), torch.where(keep, g, g_new), done | stops
-
-
-def _solve_frozen(
-    log_kernel: Tensor, shift: Tensor, *, max_iter: int, **rule: float
-) -> tuple[Tensor, Tensor]:
-    """(g, g_prev) [..., N] after max_iter iterations of all problems, each frozen from its own
-    stop: the same ops for every problem and no host sync, so it runs under vmap and grad."""
-    g = -shift  # g~ for the reference's start v = 1 (g = 0)
-    g_prev = g  # the g that the kept f was computed from
-    done = torch.zeros(shift.shape[:-1], dtype=torch.bool, device=shift.device)  # [...]
-    for _ in range(max_iter):
-        g_prev, g, done = _iteration(log_kernel, g, g_prev, done, shift, **rule)
-    return g, g_prev
-
-
-def _solve_compacting(
-    log_kernel: Tensor, shift: Tensor, *, max_iter: int, check_every: int, **rule: float
-) -> tuple[Tensor, Tensor]:
-    """`_solve_frozen`'s (g, g_prev), iterating only the problems that have not stopped.
-
-    Every `check_every` iterations (one host sync) the stopped problems are written out and
-    dropped from the working set, and the loop ends once none is left. A stopped problem no
-    longer changes under `_solve_frozen`, and every op acts on each problem alone, so the
-    result is the same; the work falls with the number of problems still iterating.
-    """
-    n_cols, n_rows = log_kernel.shape[-2], log_kernel.shape[-1]
-    lead = shift.shape[:-1]
-    kernel = log_kernel.reshape(-1, n_cols, n_rows)  # [P, N, M], P problems
-    shift = shift.reshape(-1, n_cols)  # [P, N]
-    out_g = -shift
-    out_prev = out_g.clone()
-    ids = torch.arange(shift.shape[0], device=shift.device)  # the working set's problems
-    g, g_prev = out_g.clone(), out_prev.clone()
-    done = torch.zeros(shift.shape[0], dtype=torch.bool, device=shift.device)
-    for it in range(max_iter):
-        g_prev, g, done = _iteration(kernel, g, g_prev, done, shift, **rule)
-        if (it + 1) % check_every == 0 and bool(done.any()):
-            out_g[ids[done]], out_prev[ids[done]] = g[done], g_prev[done]
-            keep = ~done
-            if not bool(keep.any()):
+    state = form.start()
+    if block == 0:
+        return _block(form, state, steps=max_iter, first=True)[:2]
+    out_state, out_prev = torch.empty_like(state), torch.empty_like(state)
+    ids = torch.arange(state.shape[1], device=state.device)  # the working set's problems
+    for done in range(0, max_iter, block):
+        steps = min(block, max_iter - done)
+        stop, prev, stopped, state = _block(form, state, steps=steps, first=done == 0)
+        if done + steps == max_iter:  # the last block: every problem is done
+            out_state[:, ids], out_prev[:, ids] = stop, prev
+            break
+        if bool(stopped.any()):
+            gone = stopped.nonzero().squeeze(1)
+            out_state[:, ids[gone]] = _select(stop, gone)
+            out_prev[:, ids[gone]] = _select(prev, gone)
+            keep = (~stopped).nonzero().squeeze(1)
+            if len(keep) == 0:
                 break
-            kernel, shift, ids = kernel[keep], shift[keep], ids[keep]
-            g, g_prev, done = g[keep], g_prev[keep], done[keep]
-    else:
-        out_g[ids], out_prev[ids] = g, g_prev
-    return out_g.reshape(*lead, n_cols), out_prev.reshape(*lead, n_cols)
+            form, ids, state = form.take(keep), ids[keep], _select(state, keep)
+    return out_state, out_prev
+
+
+def _block(
+    form: _Scaling | _LogDomain, state: Tensor, *, steps: int, first: bool
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """`steps` iterations from `state`, all kept: (the state at each problem's first stop, or
+    at the last iteration if it did not stop; the state before it; stopped [P]; the last
+    state). `first`: `state` is the reference's start."""
+    states = [state]
+    for _ in range(steps):
+        states.append(form.step(states[-1]))
+    history = torch.stack(states)  # [steps + 1, N, P]
+    stops = form.stops(history, first=first)  # [steps, P]
+    first_stop = (stops.cumsum(dim=0) == 0).sum(dim=0)  # iterations before the first stop [P]
+    index = first_stop.clamp_max(steps - 1).expand(1, *history.shape[1:])
+    stop = history.gather(0, index + 1).squeeze(0)
+    prev = history.gather(0, index).squeeze(0)
+    return stop, prev, first_stop < steps, history[-1]
+
+
+def _in_range(state: Tensor) -> Tensor:
+    """[P]: every v~ of a problem [N, P] is finite and positive."""
+    return (torch.isfinite(state) & (state > 0)).all(dim=0)
+
+
+@dataclass(frozen=True)
+class _Problems:
+    """The problems of one `sinkhorn` call, laid out [N, P, M] (P problems)."""
+
+    log_kernel: Tensor  # log K~ = -C~ / eps <= 0, with a 0 in every column [N, P, M]
+    lowest: Tensor  # min log K~ [P]
+    shift: Tensor  # c / eps [N, P]
+    a: float
+    b: float
+    thresh: float
+
+    def _parts(self, ids: Tensor | None) -> tuple[Tensor, Tensor]:
+        if ids is None:
+            return self.log_kernel, self.shift
+        return _select(self.log_kernel, ids), _select(self.shift, ids)
+
+    def scaling_form(self, ids: Tensor | None, *, buffered: bool) -> _Scaling:
+        log_kernel, shift = self._parts(ids)
+        limit = shift.shape[0] * self.thresh
+        return _Scaling(log_kernel.exp(), shift.double().exp(), self.a, self.b, limit, buffered)
+
+    def log_form(self, ids: Tensor | None) -> _LogDomain:
+        log_kernel, shift = self._parts(ids)
+        return _LogDomain(
+            log_kernel,
+            shift,
+            log_a=math.log(self.a),
+            log_b=math.log(self.b),
+            log_thresh=math.log(self.thresh),
+            floor=math.log(torch.finfo(log_kernel.dtype).tiny) + 1.0,
+        )
+
+    def in_scaling_range(self) -> Tensor:
+        """[P]: whether the scaling form is used: K~ and the start v~ = e^{-c / eps} within
+        tiny^(+-_SCALING_RANGE), e^{c / eps} <= float64 max^_SHIFT_RANGE (module docstring)."""
+        reach = -_SCALING_RANGE * math.log(torch.finfo(self.log_kernel.dtype).tiny)
+        top_shift = _SHIFT_RANGE * math.log(torch.finfo(torch.float64).max)
+        return (
+            (self.lowest >= -reach)
+            & (self.shift.amin(dim=0) >= -reach)
+            & (self.shift.amax(dim=0) <= top_shift)
+        )
+
+
+def _plans_split(problems: _Problems, *, max_iter: int, block: int) -> Tensor:
+    """Plans [N, P, M], each problem solved in the form its range picks (host syncs)."""
+    scaling = problems.in_scaling_range()
+    rest = (~scaling).nonzero().squeeze(1)  # the log domain's problems
+    plan = None
+    if bool(scaling.any()):
+        ids = scaling.nonzero().squeeze(1)
+        every = len(ids) == len(scaling)
+        form = problems.scaling_form(None if every else ids, buffered=True)
+        v, v_prev = _solve(form, max_iter=max_iter, block=block)
+        ok = _in_range(v) & _in_range(v_prev)
+        if every and bool(ok.all()):
+            return form.plan(v, v_prev)
+        plan = torch.empty_like(problems.log_kernel)
+        good = ok.nonzero().squeeze(1)
+        plan[:, ids[good]] = form.take(good).plan(_select(v, good), _select(v_prev, good))
+        rest = torch.cat([rest, ids[~ok]])
+    if plan is None:  # every problem in the log domain
+        form = problems.log_form(None)
+        return form.plan(*_solve(form, max_iter=max_iter, block=block))
+    if len(rest):
+        form = problems.log_form(rest)
+        plan[:, rest] = form.plan(*_solve(form, max_iter=max_iter, block=block))
+    return plan
+
+
+def _plans_both(problems: _Problems, *, max_iter: int, buffered: bool) -> Tensor:
+    """Plans [N, P, M] with no host sync: both forms for every problem, each problem taking the
+    one its range picks."""
+    fast = problems.scaling_form(None, buffered=buffered)
+    v, v_prev = _solve(fast, max_iter=max_iter, block=0)
+    scaling = problems.in_scaling_range() & _in_range(v) & _in_range(v_prev)
+    form = problems.log_form(None)
+    plan = form.plan(*_solve(form, max_iter=max_iter, block=0))
+    return torch.where(scaling.unsqueeze(-1), fast.plan(v, v_prev), plan)
 
 
 def sinkhorn(
@@ -228,10 +382,11 @@ def sinkhorn(
 
     eps: entropic regularisation (K = exp(-C / eps)); top_percent: total mass moved, in (0, 1];
     max_iter: iterations at most; thresh: stop a problem once mean_n |v_n - v_prev_n| < thresh
-    (v = e^g, the reference's scaling); check_every: 0 never syncs with the host; k > 0 ends the
-    loop early, checked every k iterations, once all problems have stopped (same result; ignored
-    under vmap/grad). Column sums are top_percent / N; row sums <= 1 / M at convergence. Finite
-    for every finite cost and eps > 0 (log domain). Carries no gradient.
+    (v = e^g, the reference's scaling); check_every: 0 never syncs with the host; k > 0 checks
+    every k iterations which problems have stopped and iterates only the others (same result;
+    ignored under vmap/grad). Column sums are top_percent / N; row sums <= 1 / M at convergence.
+    Finite for every finite cost and eps > 0. Each problem's plan is the same bit for bit
+    whatever else is in the batch. Carries no gradient.
     """
     if eps <= 0 or not 0 < top_percent <= 1 or max_iter < 1 or thresh <= 0:
         raise ValueError(
@@ -239,30 +394,25 @@ def sinkhorn(
             f"eps={eps}, top_percent={top_percent}, max_iter={max_iter}, thresh={thresh}"
         )
     n_rows, n_cols = cost.shape[-2], cost.shape[-1]
-    early = check_every > 0 and _may_sync(cost)
     work = cost.detach()
     if work.dtype not in (torch.float32, torch.float64):
         work = work.float()
-    # base 2 throughout: log2 a, log2 b, log2 thresh; 2^floor is a normal float
-    log_a, log_b = -math.log2(n_rows), math.log2(top_percent / n_cols)
-    log_thresh = math.log2(thresh)
-    floor = math.log2(torch.finfo(work.dtype).tiny) + 1.0
     with torch.no_grad():
-        col_min = work.amin(dim=-2)  # [..., N]  c_n
-        # log2 K~_nm = -(C_mn - c_n) log2(e) / eps <= 0, with a 0 in every column
-        log_kernel = (col_min.unsqueeze(-1) - work.transpose(-1, -2)).mul_(_LOG2E / eps)
-        log_kernel = log_kernel.contiguous()  # [..., N, M], M innermost (the sub kept C's layout)
-        shift = col_min * (_LOG2E / eps)  # [..., N]  g = g~ + shift (base 2)
-        rule = dict(log_a=log_a, log_b=log_b, log_thresh=log_thresh, floor=floor)
-        if early:
-            g, g_prev = _solve_compacting(
-                log_kernel, shift, max_iter=max_iter, check_every=check_every, **rule
-            )
+        costs = work.reshape(-1, n_rows, n_cols).permute(2, 0, 1).contiguous()  # [N, P, M]
+        col_min, col_max = torch.aminmax(costs, dim=-1)  # [N, P]  c_n and max_m C_mn
+        problems = _Problems(
+            log_kernel=(col_min.unsqueeze(-1) - costs).mul_(1.0 / eps),
+            lowest=(col_min - col_max).mul_(1.0 / eps).amin(dim=0),
+            shift=col_min.mul_(1.0 / eps),
+            a=1.0 / n_rows,
+            b=top_percent / n_cols,
+            thresh=thresh,
+        )
+        if costs.shape[1] == 0:
+            plan = costs
+        elif check_every > 0 and _may_sync(work):
+            plan = _plans_split(problems, max_iter=max_iter, block=check_every)
         else:
-            g, g_prev = _solve_frozen(log_kernel, shift, max_iter=max_iter, **rule)
-        # f of the last accepted iteration, recomputed once instead of frozen every iteration
-        f = _patch_potential(log_kernel, g_prev, log_a=log_a, floor=floor)
-        log_plan = (f.unsqueeze(-1) + g.unsqueeze(-2)).add_(log_kernel.transpose(-1, -2))
-        # entries below 2^floor are set to 0 rather than computed as subnormals (slow path)
-        plan = log_plan.clamp_min(floor).exp2_().masked_fill_(log_plan < floor, 0.0)
-    return plan.to(cost.dtype)  # [..., M, N]
+            plan = _plans_both(problems, max_iter=max_iter, buffered=_may_sync(work))
+    plan = plan.permute(1, 2, 0).contiguous().reshape(cost.shape)  # [..., M, N]
+    return plan.to(cost.dtype)

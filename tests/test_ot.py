@@ -219,3 +219,58 @@ def test_vmap_equals_batched_for_wide_costs_with_early_exit_requested(eps):
 
     mapped = torch.func.vmap(torch.func.vmap(solve))(cost)
     torch.testing.assert_close(mapped, batched, rtol=1e-6, atol=0)
+
+
+def _mixed_costs(n_problems, seed):
+    """[P, 49, 2] float32: cosine-like costs (the scaling form) and, every third problem, wide
+    costs at eps 0.1 (log K~ down to -100: the log domain)."""
+    cost = cosine_like_costs(n_problems, 49, 2, seed=seed, dtype=torch.float32)
+    wide = uniform_costs(n_problems, 49, 2, low=0.0, high=10.0, seed=seed, dtype=torch.float32)
+    cost[::3] = wide[::3]
+    return cost
+
+
+@pytest.mark.parametrize("check_every", [0, 5])
+def test_a_problems_plan_is_the_same_bit_for_bit_whatever_else_is_in_the_batch(check_every):
+    # 49 patches: sizes whose vectorised loops end in scalar tails at every batch size.
+    cost = _mixed_costs(64, seed=11)
+    full = sinkhorn(cost, check_every=check_every)
+    gen = torch.Generator().manual_seed(0)
+    for size in (1, 3, 8, 9, 17, 40):
+        ids = torch.randperm(64, generator=gen)[:size]
+        assert torch.equal(sinkhorn(cost[ids], check_every=check_every), full[ids]), size
+    assert torch.equal(sinkhorn(cost, check_every=5 - check_every), full)  # frozen = compacting
+
+
+def test_scaling_form_and_log_domain_give_the_same_plans(monkeypatch):
+    # The same iterates in two forms: in float64 they agree to rounding (and stop together).
+    cost = cosine_like_costs(16, 49, 2, seed=12)
+    for eps in (0.05, 0.1, 0.5):
+        scaling = sinkhorn(cost, eps=eps, check_every=5)
+        with monkeypatch.context() as patch:
+            patch.setattr("fpl_bench.ot._SCALING_RANGE", 0.0)  # no problem qualifies
+            log_domain = sinkhorn(cost, eps=eps, check_every=5)
+        torch.testing.assert_close(scaling, log_domain, rtol=1e-10, atol=1e-15)
+
+
+@pytest.mark.parametrize("check_every", [0, 5])
+def test_a_scaling_form_problem_out_of_range_is_solved_again_in_the_log_domain(
+    monkeypatch, check_every
+):
+    from fpl_bench import ot
+
+    cost = cosine_like_costs(12, 49, 2, seed=13, dtype=torch.float32)
+    scaling = sinkhorn(cost, check_every=check_every)
+    with monkeypatch.context() as patch:
+        patch.setattr(ot, "_SCALING_RANGE", 0.0)
+        log_domain = sinkhorn(cost, check_every=check_every)
+    in_range = ot._in_range
+
+    def odd_out_of_range(state):  # as if every other problem's v~ had overflowed
+        ok = in_range(state)
+        ok[1::2] = False
+        return ok
+
+    monkeypatch.setattr(ot, "_in_range", odd_out_of_range)
+    mixed = sinkhorn(cost, check_every=check_every)
+    assert torch.equal(mixed[::2], scaling[::2]) and torch.equal(mixed[1::2], log_domain[1::2])

@@ -21,10 +21,11 @@ Departures from the reference:
 - Sinkhorn (tests/test_ot.py): each (image, class) problem stops on its own rule
   (mean |v - v_prev| < thresh) rather than the whole batch on the batch mean, so an image's
   logits do not depend on the other images of its batch (batched equals one by one, and each
-  plan equals the reference's loop run on that problem alone); it runs vectorised with no host
-  sync per iteration and works under `torch.func.vmap` (per-sample DP gradients); the
-  iterates run in the log domain (the same fixed point; finite plans in float32 for eps down
-  to 0.005, tests/test_ot.py against POT); no `None` return on NaN.
+  plan equals the reference's loop run on that problem alone); it runs vectorised over all
+  problems and works under `torch.func.vmap` (per-sample DP gradients); it iterates the
+  reference's scalings where they stay in float range (every problem at eps >= 0.06) and the
+  same iterates in the log domain elsewhere (finite plans in float32 for eps down to 0.005,
+  tests/test_ot.py against POT); no `None` return on NaN.
 - Patch tokens are the frozen, cached, projected and L2-normalised tokens after `ln_post`
   (as the reference's `ModifiedVisionTransformer` returns them), so there is no per-step image
   augmentation; the pooled image feature is not used, as in the reference.
@@ -49,13 +50,19 @@ from fpl_bench.learners import LEARNERS
 from fpl_bench.learners._base import EncodeContext, PromptLearner
 from fpl_bench.ot import sinkhorn
 
-# Evaluation may end the Sinkhorn loop early, checking every this many iterations whether all
-# problems have converged (same result; never inside vmap/grad, where the loop runs max_iter).
+# Sinkhorn checks every this many iterations which problems have stopped and iterates only the
+# others (same result; never inside vmap/grad, where the loop runs max_iter): the fastest of
+# 1 to 8 on CPU at FedOTP's sizes (benchmarks/fedotp_eval.py).
 _CHECK_EVERY = 5
 
 # Evaluation's chunk (`eval_chunk`): this many similarity entries (16 MB in float32); a Sinkhorn
 # iteration costs ~3x more per problem on 128 problems than on 2000+.
 _EVAL_ELEMENTS = 1 << 22
+
+# `predict_chunk` solves every class of a chunk in one Sinkhorn call unless solving each
+# image's first class before the others may rule out this fraction of the chunk's problems: the
+# extra, small call costs about a quarter of a chunk's solve on CPU (benchmarks/fedotp_eval.py).
+_MIN_RULED_OUT = 0.25
 
 # `predict_chunk` skips a class whose logit bound, raised by this fraction of the largest
 # possible |logit|, is below a solved logit: 1e3 times float32 rounding of a 128-term sum (at
@@ -147,25 +154,52 @@ class OTPatch(PromptLearner):
         Each image's class with the largest U is solved first; a class with U_c + slack below
         that logit cannot be the argmax (the slack, `_BOUND_SLACK` of the largest possible
         |logit|, covers float rounding of the plan and the sum) and is not solved; the rest
-        are. `sinkhorn` solves each problem alone with the same ops whatever the batch, so every
-        solved logit is bit-for-bit the one `logits` computes, and so is the argmax
-        (tests/methods/test_fedotp.py).
+        are. Where that could rule out few classes (`_worth_pruning`: no class stands out, as
+        with random features) every class is solved in one call instead. `sinkhorn` solves
+        each problem alone with the same ops whatever the batch, so every solved logit is bit
+        for bit the one `logits` computes, and so is the argmax (tests/methods/test_fedotp.py).
         """
         sim = self._similarities(text, tokens)  # [B, n, P, N]
-        if sim.shape[1] < 2 or not bool(torch.isfinite(sim).all()):
-            return self._score(self._plan(sim), sim, ctx).argmax(-1)
+        n_images, n_cls = sim.shape[:2]
         bound, slack = self._logit_bound(sim, ctx)  # [B, n], a float
-        rows = torch.arange(sim.shape[0], device=sim.device)
-        first = bound.argmax(-1)  # [B]
-        solved = torch.full_like(bound, -math.inf)
-        best = self._score(self._plan(sim[rows, first]), sim[rows, first], ctx)  # [B]
-        solved[rows, first] = best
+        if n_cls < 2 or not math.isfinite(slack):  # slack is NaN or inf where sim is
+            return self._score(self._plan(sim), sim, ctx).argmax(-1)
+        problems = sim.flatten(0, 1)  # [B n, P, N]
+        first = bound.argmax(-1) + n_cls * torch.arange(n_images, device=sim.device)  # [B]
+        if not self._worth_pruning(problems[first], bound, slack, ctx):
+            return self._score(self._plan(problems), problems, ctx).view_as(bound).argmax(-1)
+        solved = torch.full_like(bound, -math.inf).flatten()
+        best = self._solve_scores(problems, first, ctx)  # [B]
+        solved[first] = best
         rest = bound + slack >= best.unsqueeze(-1)
-        rest[rows, first] = False
-        if bool(rest.any()):
-            chosen = sim[rest]  # [K, P, N]
-            solved[rest] = self._score(self._plan(chosen), chosen, ctx)
-        return solved.argmax(-1)
+        rest.view(-1)[first] = False
+        ids = rest.view(-1).nonzero().squeeze(1)
+        if len(ids):
+            solved[ids] = self._solve_scores(problems, ids, ctx)
+        return solved.view_as(bound).argmax(-1)
+
+    def _solve_scores(self, problems: Tensor, ids: Tensor, ctx: EncodeContext) -> Tensor:
+        """Logits [K] of the problems `ids` of similarities [*, P, N]."""
+        chosen = problems.index_select(0, ids)  # [K, P, N]
+        return self._score(self._plan(chosen), chosen, ctx)
+
+    def _worth_pruning(
+        self, first: Tensor, bound: Tensor, slack: float, ctx: EncodeContext
+    ) -> bool:
+        """Whether solving the first classes [B, P, N] may rule out `_MIN_RULED_OUT` of the
+        classes: those whose bound U [B, n] + slack is below the first class's largest logit of
+        a plan with entries <= 1 / M (each column's b_n on its best patches), which the solved
+        plan approaches (its rows sum to <= 1 / M at convergence). Only a speed choice."""
+        n_rows, n_cols = first.shape[-2:]
+        fill = self.top_percent * n_rows / n_cols  # patches a column fills (fractional)
+        whole = min(int(fill), n_rows)
+        best = first.transpose(-2, -1).sort(dim=-1, descending=True).values  # [B, N, P]
+        reach = best[..., :whole].sum(-1)  # [B, N]
+        if whole < n_rows:
+            reach = reach + (fill - whole) * best[..., whole]
+        reach = ctx.tower.logit_scale * reach.sum(-1) / n_rows  # [B]
+        ruled_out = int((bound + slack < reach.unsqueeze(-1)).sum())
+        return ruled_out >= _MIN_RULED_OUT * bound.numel()
 
     def batch_constants(self, text: Tensor, tokens: Tensor, ctx: EncodeContext) -> Tensor:
         """The transport plans [..., B, n, P, N] of a training batch, solved outside vmap.

@@ -102,7 +102,7 @@ def test_identical_patches_give_top_percent_times_the_mean_prompt_cosine(tiny_to
     torch.testing.assert_close(logits, expected, rtol=1e-5, atol=1e-5)
 
 
-def _clustered(n_images, n_classes, *, seed):
+def _clustered(n_images, n_classes, *, seed, patches=P):
     """Text features [2, n, D] and patch tokens [B, P, D] near one class each (with noise), so
     that one class stands out per image as in a trained model, and classes 0 and 1 identical
     (exact ties)."""
@@ -112,19 +112,22 @@ def _clustered(n_images, n_classes, *, seed):
     text = F.normalize(centres + 0.3 * torch.randn(2, 1, D, generator=g), dim=-1)
     text[:, 1] = text[:, 0]
     labels = torch.randint(0, n_classes, (n_images,), generator=g)
-    tokens = centres[labels].unsqueeze(1) + 3.0 * torch.randn(n_images, P, D, generator=g)
+    tokens = centres[labels].unsqueeze(1) + 3.0 * torch.randn(n_images, patches, D, generator=g)
     return text, F.normalize(tokens, dim=-1)
 
 
-@pytest.mark.parametrize(("top_percent", "per_call"), [(0.8, 96), (1.0, 7)])
+@pytest.mark.parametrize(
+    ("top_percent", "per_call", "patches"), [(0.8, 96, P), (1.0, 7, P), (0.8, 7, 49)]
+)
 def test_predict_is_the_argmax_of_logits_from_fewer_problems(
-    tiny_tower, monkeypatch, top_percent, per_call
+    tiny_tower, monkeypatch, top_percent, per_call, patches
 ):
-    # per_call: images per chunk (7: 14 chunks, the last one of 5 images)
-    monkeypatch.setattr("fpl_bench.learners.ot._EVAL_ELEMENTS", per_call * 20 * P * 2)
+    # per_call: images per chunk (7: 14 chunks, the last one of 5 images); 49 patches (ViT-B/32's
+    # grid) leave scalar tails in the solver's vectorised loops at most batch sizes
+    monkeypatch.setattr("fpl_bench.learners.ot._EVAL_ELEMENTS", per_call * 20 * patches * 2)
     learner = FedOTP(top_percent=top_percent).learner
     ctx = EncodeContext(tower=tiny_tower, class_idx=torch.arange(20))
-    text, tokens = _clustered(96, 20, seed=3)
+    text, tokens = _clustered(96, 20, seed=3, patches=patches)
     full = learner.logits(text, tokens.mean(1), tokens, ctx)  # [B, n]
     solved = []
     plan = OTPatch._plan
@@ -148,6 +151,35 @@ def test_predict_is_the_argmax_of_logits_from_fewer_problems(
         assert len(k) >= s.shape[0]
         again = OTPatch._score(plan(learner, s), s, ctx)
         assert torch.equal(again[k], full[b, c])
+
+
+def test_predict_solves_every_class_at_once_where_none_stands_out(tiny_tower, monkeypatch):
+    # Random features: the first classes' logits could rule out almost nothing, so each chunk is
+    # one Sinkhorn call over all its problems (no first pass), with the same argmax.
+    monkeypatch.setattr("fpl_bench.learners.ot._EVAL_ELEMENTS", 24 * 20 * 49 * 2)
+    learner = FedOTP().learner
+    ctx = EncodeContext(tower=tiny_tower, class_idx=torch.arange(20))
+    text, tokens = random_tokens(2, 20, D, seed=7), random_tokens(48, 49, D, seed=8)
+    full = learner.logits(text, tokens.mean(1), tokens, ctx)
+    calls = []
+    plan = OTPatch._plan
+
+    def counting(self, sim):
+        calls.append(sim.shape[:-2].numel())
+        return plan(self, sim)
+
+    monkeypatch.setattr(OTPatch, "_plan", counting)
+    assert torch.equal(learner.predict(text, tokens.mean(1), tokens, ctx), full.argmax(-1))
+    assert calls == [24 * 20, 24 * 20]
+
+
+def test_predict_with_non_finite_tokens_is_the_argmax_of_logits(tiny_tower):
+    learner = FedOTP().learner
+    ctx = EncodeContext(tower=tiny_tower, class_idx=torch.arange(6))
+    text, tokens = _clustered(5, 6, seed=9)
+    tokens[2, 3, 0] = float("nan")
+    full = learner.logits(text, tokens.mean(1), tokens, ctx)
+    assert torch.equal(learner.predict(text, tokens.mean(1), tokens, ctx), full.argmax(-1))
 
 
 def test_logit_bound_holds_and_is_reached_by_identical_patches(tiny_tower):

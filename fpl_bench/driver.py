@@ -619,8 +619,7 @@ class FederatedRun:
         per_client = []
         done: list[tuple[Params, Params, dict[str, np.ndarray]]] = []  # (step, aux, correct)
         for c in range(len(self.trainer_of)):
-            view = self.view(c, evaluation=True)
-            step, aux = method.step_params(view, generator(self.seed, _PARAMS, rnd, c, -1))
+            step, aux = self.eval_params(c, rnd)
             # clients that compute with the same values (a global prompt, a pooled trainer)
             # predict the same classes: score them once
             same = (hit for s, a, hit in done if equal_values(s, step) and equal_values(a, aux))
@@ -639,6 +638,13 @@ class FederatedRun:
                 )
             )
         return protocol.mean_over_clients(per_client), per_client
+
+    def eval_params(self, client: int, rnd: int) -> tuple[Params, Params]:
+        """The (step, aux) parameters client `client` is evaluated with at round `rnd`: its
+        evaluation view, with the evaluation's own random stream (e.g. DP-FPL's factorization),
+        so an audit queries exactly the model that was scored."""
+        view = self.view(client, evaluation=True)
+        return self.method.step_params(view, generator(self.seed, _PARAMS, rnd, client, -1))
 
     def _correct(
         self,

@@ -140,6 +140,7 @@ SHARED = {
     "run": tuple(opt.SPEC_OPTIONS),
     "tune": TUNE_SPEC_OPTIONS,
     "bench": ("device", "batch_size", "fp32"),
+    "audit": tuple(name for name in opt.SPEC_OPTIONS if name != "resume"),
 }
 
 

@@ -1,0 +1,443 @@
+"""The membership-inference audit of a job: train (or reuse) its runs, query the models they
+release, run the attacks of `privacy/membership.py`, write OUT/audit.csv and one MLflow run per
+(run, attack).
+
+    job = AuditJob(spec, targets=(0,), attacks=("loss", "shadow"))
+    frame = run_audit(job, log=print)     # one row per method x eps x target seed x attack
+
+Runs. `spec.seeds` are the audited seeds (`targets`) followed by `shadow_seeds(targets, n)`
+(`audit --shadow-runs n`), the smallest seeds not audited. The shadow attack's shadow runs are
+the runs of the same method, eps, trust and configuration under the job's other seeds (other
+partitions, other initialisations), the audited ones included; a run never shadows itself. `run_experiment` trains whatever OUT does not already
+hold finished (as `run --resume`), so a job's runs are reused and shadow runs are ordinary runs
+in OUT/results.csv.
+
+Queries (`run_queries`), per run and client c, against the model c releases: its prompt as
+evaluated (`FederatedRun.evaluate` at the run's last evaluation round), answering with the
+softmax over the protocol's seen classes (every class under personalized, the base classes
+under base2novel: the classes it was trained to tell apart; the attack's input needs the same
+classes for every client and run).
+
+- members: c's training examples (`fed.split.train[c]`);
+- non-members (`nonmember_pool`, `pick_nonmembers`): training-split examples of the protocol's
+  train pool that no client was dealt (few-shot partitions leave most of them), so no client's
+  update ever touched them (an example of another client's share could shape c's prompt
+  through the shared part, so it is neither); where the partition deals every training
+  example of the seen classes (--shots 0), the test split (its test pool) instead. For each of
+  c's classes, as many as c has members of that class (fewer where fewer exist), drawn without
+  replacement from a seeded stream, from c's own domains when the source has several; the
+  `nonmembers` column says which split.
+
+What the attacker sees. The attacks use only the released model's answers to queries of
+examples with their labels, and both know the public frozen backbone:
+- `server` trust (a trusted aggregator): an outsider holds what is released, each client's
+  personalized prompt (local and shared parts) and the server's shared prompt (OUT/prompts),
+  and queries it; the uploads stay inside the trusted server.
+- `client` trust (an untrusted server): the attacker also holds every upload (each client's
+  noised updates); these attacks do not use them, so under client trust they bound the
+  attacker from below. docs/audit.md's canary audit is the attacker on the updates.
+- The loss attack also knows the membership of half of the target's queries (to choose its
+  threshold); the shadow attack knows the configuration and trains its own runs on data from
+  the same dataset (other seeds' partitions may hold the target's examples: Shokri et al.
+  assume the shadow data disjoint from the target's, the DP-FPL reference does not).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from itertools import product
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import torch
+
+from fpl_bench.catalog import MethodChoice
+from fpl_bench.driver import FeatureSet, FederatedRun, Federation
+from fpl_bench.errors import UsageError
+from fpl_bench.prepare import Prepared
+from fpl_bench.privacy.membership import (
+    AttackResult,
+    Outputs,
+    TooFewQueries,
+    loss_threshold_attack,
+    shadow_model_attack,
+)
+from fpl_bench.report.records import KEY_COLUMNS as RUN_KEY_COLUMNS
+from fpl_bench.spec import ExperimentSpec
+
+ATTACKS: tuple[str, ...] = ("loss", "shadow")
+AUDIT_FILE = "audit.csv"
+# Not the accuracy runs' experiment: a leaderboard read from MLflow takes every run of that
+# one as an accuracy record (fpl_bench/report/sources.py), as tuning keeps its own too.
+AUDIT_EXPERIMENT = "fpl-bench-audit"
+# a run's results.csv key, then the attack's; shadow_runs: the runs that trained the attack
+KEY_COLUMNS: tuple[str, ...] = (*RUN_KEY_COLUMNS, "attack", "shadow_runs")
+AUDIT_COLUMNS: tuple[str, ...] = (
+    *KEY_COLUMNS,
+    "balanced_acc",
+    "auc",
+    "tpr_at_1fpr",
+    "n_members",
+    "n_nonmembers",
+    "nonmembers",
+    "run_id",  # the audited run's MLflow run (results.csv's mlflow_run_id)
+    "mlflow_run_id",  # this row's own MLflow run, in experiment AUDIT_EXPERIMENT
+)
+EVAL_CHUNK = 512  # images per logits call
+
+
+def shadow_seeds(targets: tuple[int, ...], count: int) -> tuple[int, ...]:
+    """The `count` smallest non-negative seeds not in `targets`.
+
+    >>> shadow_seeds((0, 2), 3)
+    (1, 3, 4)
+    """
+    out: list[int] = []
+    seed = 0
+    while len(out) < count:
+        if seed not in targets:
+            out.append(seed)
+        seed += 1
+    return tuple(out)
+
+
+@dataclass(frozen=True)
+class AuditJob:
+    """An audit: `spec` (seeds: `targets`, then the shadow seeds) and the attacks to run."""
+
+    spec: ExperimentSpec
+    targets: tuple[int, ...]
+    attacks: tuple[str, ...]
+
+    def shadow_runs(self, attack: str) -> int:
+        """The runs that train `attack` (audit.csv's `shadow_runs`): every other seed's for
+        the shadow attack, none for the loss attack."""
+        return len(self.spec.seeds) - 1 if attack == "shadow" else 0
+
+
+@dataclass(frozen=True)
+class RunQueries:
+    """A run's answers to its membership queries, and the split its non-members came from."""
+
+    outputs: Outputs
+    nonmembers: str  # "train" (dealt to no client) or "test"
+
+
+# -- queries --------------------------------------------------------------------------------
+
+
+def nonmember_pool(prep: Prepared, fed: Federation) -> tuple[str, FeatureSet, np.ndarray]:
+    """(split name, its features, candidate indices): the train pool's examples of seen
+    classes dealt to no client, else the test pool's examples of seen classes."""
+    seen = fed.protocol.seen_classes
+    train_labels = np.asarray(prep.splits.train.labels)
+    pool = fed.protocol.train_pool
+    pool = np.arange(len(train_labels)) if pool is None else np.asarray(pool)
+    undealt = np.setdiff1d(pool, np.concatenate([np.asarray(t) for t in fed.split.train]))
+    undealt = undealt[np.isin(train_labels[undealt], seen)]
+    if undealt.size:
+        return "train", prep.train, undealt
+    test_labels = np.asarray(prep.splits.test.labels)
+    pool = fed.protocol.test_pool
+    pool = np.arange(len(test_labels)) if pool is None else np.asarray(pool)
+    return "test", prep.test, pool[np.isin(test_labels[pool], seen)]
+
+
+def pick_nonmembers(
+    member_labels: np.ndarray,
+    candidates: np.ndarray,
+    candidate_labels: np.ndarray,
+    rng: np.random.Generator,
+) -> np.ndarray:
+    """For each class among `member_labels`, as many of `candidates` of that class as there
+    are members of it (all of them where fewer), without replacement; sorted."""
+    chosen = [np.empty(0, dtype=np.int64)]
+    classes, counts = np.unique(member_labels, return_counts=True)
+    for label, count in zip(classes, counts, strict=True):
+        same = candidates[candidate_labels == label]
+        chosen.append(rng.choice(same, size=min(int(count), same.size), replace=False))
+    return np.sort(np.concatenate(chosen)).astype(np.int64)
+
+
+def _domains(prep: Prepared, split: str, idx: np.ndarray) -> np.ndarray | None:
+    domains = getattr(prep.splits, split).domains
+    return None if domains is None else np.asarray(domains)[idx]
+
+
+@torch.no_grad()
+def _probabilities(
+    run: FederatedRun, client: int, rnd: int, queries: list[tuple[FeatureSet, np.ndarray]]
+) -> list[np.ndarray]:
+    """[len(idx), n_seen] softmax of client `client`'s model, as evaluated at round `rnd`, for
+    each (features, idx) of `queries`."""
+    method, ctx = run.method, run.ctx_seen
+    step, aux = run.eval_params(client, rnd)  # exactly the parameters that were scored
+    encoded = method.encode(step, aux, ctx)
+    out = []
+    for features, idx in queries:
+        parts = [np.zeros((0, len(run.fed.protocol.seen_classes)), dtype=np.float32)]
+        for start in range(0, len(idx), EVAL_CHUNK):
+            chunk = torch.as_tensor(idx[start : start + EVAL_CHUNK], device=features.labels.device)
+            pooled, tokens, _ = features.take(chunk, embedded=method.prompts_image_tower)
+            logits = method.logits(encoded, pooled, tokens, ctx)
+            parts.append(torch.softmax(logits.float(), dim=-1).cpu().numpy())
+        out.append(np.concatenate(parts))
+    return out
+
+
+def run_queries(prep: Prepared, choice: MethodChoice, seed: int, saved: Any) -> RunQueries:
+    """Every client's members and non-members of the run of `choice` at `seed` whose released
+    parameters are `saved` (a `SavedPrompts`), answered by that client's model."""
+    from fpl_bench.experiment import federated_run, schedule_of
+    from fpl_bench.method import build_method
+    from fpl_bench.prepare import federation
+    from fpl_bench.saved_prompts import load_into
+
+    fed = federation(prep, seed)
+    run = federated_run(prep, fed, build_method(choice), seed, schedule_of(prep.spec))
+    load_into(run, saved)
+    source, features, candidates = nonmember_pool(prep, fed)
+    labels = {
+        "train": np.asarray(prep.splits.train.labels),
+        source: np.asarray(getattr(prep.splits, source).labels),
+    }
+    seen = fed.protocol.seen_classes
+    parts = []
+    for client in range(fed.split.n_clients):
+        members = np.array(fed.split.train[client], dtype=np.int64)  # a writable copy
+        pool = candidates
+        mine = _domains(prep, "train", members)
+        theirs = _domains(prep, source, candidates)
+        if mine is not None and theirs is not None:
+            pool = candidates[np.isin(theirs, mine)]
+        rng = np.random.default_rng([seed, client])
+        outside = pick_nonmembers(labels["train"][members], pool, labels[source][pool], rng)
+        queried = [(prep.train, members), (features, outside)]
+        probs = _probabilities(run, client, saved.eval_round, queried)
+        classes = np.concatenate([labels["train"][members], labels[source][outside]])
+        parts.append(
+            Outputs(
+                probs=np.concatenate(probs),
+                labels=np.searchsorted(seen, classes),
+                is_member=np.arange(len(classes)) < len(members),
+            )
+        )
+    return RunQueries(Outputs.concat(parts), source)
+
+
+# -- audit.csv ------------------------------------------------------------------------------
+
+
+def read_audit(path: Path) -> pd.DataFrame | None:
+    """OUT/audit.csv, or None where there is none; UsageError (one line) for a file that is not
+    one (a folder, or other columns)."""
+    if not path.exists():
+        return None
+    if not path.is_file():
+        raise UsageError(f"{path} is not a file; move it away or use another --out")
+    try:
+        frame = pd.read_csv(path, dtype={"eps": str, "config_hash": str})
+    except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
+        raise UsageError(f"{path}: not a CSV file ({type(err).__name__}); move it away") from None
+    missing = [c for c in AUDIT_COLUMNS if c not in frame.columns]
+    if missing:
+        raise UsageError(
+            f"{path} lacks the columns {', '.join(missing)}; move it away or use another --out"
+        )
+    return frame
+
+
+def _same_key(frame: pd.DataFrame, row: dict[str, Any]) -> np.ndarray:
+    """Which rows of `frame` have the key of `row`."""
+    same = np.ones(len(frame), dtype=bool)
+    for column in KEY_COLUMNS:
+        same &= frame[column].astype(str).to_numpy() == str(row[column])
+    return same
+
+
+def _upsert(existing: pd.DataFrame | None, row: dict[str, Any]) -> pd.DataFrame:
+    """`existing` with `row` in place of the row of the same key (appended where none)."""
+    new = pd.DataFrame([row], columns=list(AUDIT_COLUMNS))
+    if existing is None or existing.empty:
+        return new
+    return pd.concat([existing[~_same_key(existing, row)], new], ignore_index=True)
+
+
+def _done(existing: pd.DataFrame | None, key: dict[str, Any], run_id: str) -> dict | None:
+    """The row of `existing` with this key for the same audited run, if any."""
+    if existing is None or existing.empty:
+        return None
+    match = existing[_same_key(existing, key) & (existing["run_id"].astype(str) == str(run_id))]
+    return None if match.empty else match.iloc[-1].to_dict()
+
+
+# -- the job --------------------------------------------------------------------------------
+
+
+def run_audit(
+    job: AuditJob,
+    *,
+    log: Callable[[str], None] = print,
+    progress: Any = None,
+) -> pd.DataFrame:
+    """Train the job's runs not finished in OUT, attack every finished target run and write
+    OUT/audit.csv (a row with the same key and audited run is kept, not recomputed); returns
+    the job's rows."""
+    from fpl_bench.experiment import run_experiment
+    from fpl_bench.jobs import output_lock
+    from fpl_bench.report.records import read_results
+    from fpl_bench.run_records import finished_row, run_key
+    from fpl_bench.tracking import Tracker
+
+    spec = job.spec
+    out = Path(spec.out)
+    path = out / AUDIT_FILE
+    existing = read_audit(path)  # refused before any training
+    run_experiment(spec, log=log, progress=progress)
+    auditor = _Auditor(job, read_results(out / "results.csv"), log)
+    rows: list[dict[str, Any]] = []
+    with output_lock(out):
+        tracker = Tracker(out, experiment=AUDIT_EXPERIMENT)
+        for m, e, seed in product(range(len(spec.methods)), range(len(spec.eps)), job.targets):
+            key = run_key(spec, spec.methods[m], spec.eps[e], seed)
+            name = _run_name(key)
+            target = finished_row(auditor.results, key)
+            if target is None:
+                log(f"{name}: not finished (diverged or failed); not audited")
+                continue
+            for attack in job.attacks:
+                row_key = _row_key(key, attack, job.shadow_runs(attack))
+                done = _done(existing, row_key, target["mlflow_run_id"])
+                if done is not None:
+                    log(f"{name}: {attack} attack done by an earlier audit; kept")
+                    rows.append(done)
+                    continue
+                mine = auditor.queries(m, e, seed)
+                assert mine is not None  # its run finished
+                try:
+                    result = auditor.attack(attack, mine, m, e, seed)
+                except TooFewQueries as err:
+                    log(f"{name}: {attack} attack not run: {err}")
+                    continue
+                if result is None:
+                    log(f"{name}: no other run finished; shadow attack not run")
+                    continue
+                log(f"{name}: {_summary(result)}")
+                row = {
+                    **row_key,
+                    **_metrics(result),
+                    "nonmembers": mine.nonmembers,
+                    "run_id": target["mlflow_run_id"],
+                }
+                row["mlflow_run_id"] = _track(tracker, f"{name}-{attack}", key, row)
+                existing = _upsert(existing, row)
+                _write(existing, path)
+                rows.append(row)
+    return pd.DataFrame(rows, columns=list(AUDIT_COLUMNS))
+
+
+class _Auditor:
+    """A job's runs as the attacks need them: each finished run's queries, computed once
+    (the data and backbone prepared at the first)."""
+
+    def __init__(self, job: AuditJob, results: pd.DataFrame, log: Callable[[str], None]):
+        self.job, self.results, self.log = job, results, log
+        self.prep: Prepared | None = None
+        self.cache: dict[tuple[int, int, int], RunQueries | None] = {}
+
+    def queries(self, m: int, e: int, seed: int) -> RunQueries | None:
+        """The queries of the run of method m, eps e, `seed` (None: it did not finish)."""
+        from fpl_bench.prepare import prepare
+        from fpl_bench.run_records import finished_row, run_key
+        from fpl_bench.saved_prompts import load_prompts
+
+        spec = self.job.spec
+        if (m, e, seed) not in self.cache:
+            row = finished_row(self.results, run_key(spec, spec.methods[m], spec.eps[e], seed))
+            found = None
+            if row is not None:
+                self.prep = self.prep or prepare(spec, self.log)
+                saved = load_prompts(_prompts_path(Path(spec.out), row))
+                found = run_queries(self.prep, spec.methods[m], seed, saved)
+            self.cache[(m, e, seed)] = found
+        return self.cache[(m, e, seed)]
+
+    def attack(
+        self, attack: str, mine: RunQueries, m: int, e: int, seed: int
+    ) -> AttackResult | None:
+        """One attack on the finished run (m, e, seed) whose queries are `mine`; None for the
+        shadow attack where no other seed's run finished (a run never shadows itself)."""
+        if attack == "loss":
+            return loss_threshold_attack(mine.outputs, seed=seed)
+        others = [self.queries(m, e, s) for s in self.job.spec.seeds if s != seed]
+        shadows = [q.outputs for q in others if q is not None]
+        if not shadows:
+            return None
+        return shadow_model_attack(Outputs.concat(shadows), mine.outputs, seed=seed)
+
+
+def _row_key(key: dict[str, Any], attack: str, shadow_runs: int) -> dict[str, Any]:
+    """An audit.csv key from a run's record key."""
+    from fpl_bench.report.records import normalize_eps
+
+    return {**key, "eps": normalize_eps(key["eps"]), "attack": attack, "shadow_runs": shadow_runs}
+
+
+def _prompts_path(out: Path, row: dict[str, Any]) -> Path:
+    """The prompts file of a finished results.csv row; UsageError where the row names none or
+    the file is gone."""
+    name = row.get("prompts")
+    run = f"the finished run {row['method']} eps {row['eps']} seed {row['seed']}"
+    if not isinstance(name, str) or not name.strip():
+        raise UsageError(
+            f"{out / 'results.csv'}: {run} names no prompts file (written by an older "
+            "fpl-bench?); audit into another --out"
+        )
+    if not (out / name).is_file():
+        raise UsageError(
+            f"{out / name}: the prompts of {run} are missing; audit into another --out"
+        )
+    return out / name
+
+
+def _run_name(key: dict[str, Any]) -> str:
+    """A run's name, as its accuracy run's (fpl_bench/experiment.py)."""
+    return f"{key['method']}-{key['dataset']}-{key['trust']}-eps{key['eps']}-seed{key['seed']}"
+
+
+_METRICS = ("balanced_acc", "auc", "tpr_at_1fpr", "n_members", "n_nonmembers")
+
+
+def _metrics(result: AttackResult) -> dict[str, float | int]:
+    """The row's columns of an attack's result."""
+    return {name: getattr(result, name) for name in _METRICS}
+
+
+def _summary(result: AttackResult) -> str:
+    return (
+        f"{result.attack} attack: balanced acc {result.balanced_acc:.3f}, AUC {result.auc:.3f}, "
+        f"TPR at 1% FPR {result.tpr_at_1fpr:.3f} ({result.n_members} members, "
+        f"{result.n_nonmembers} non-members)"
+    )
+
+
+def _track(tracker: Any, name: str, key: dict[str, Any], row: dict[str, Any]) -> str:
+    """One finished MLflow run for one audit row; returns its id."""
+    tags = {
+        **{k: str(row[k]) for k in ("method", "dataset", "eps", "trust", "seed", "attack")},
+        "fpl.role": "membership",
+        "fpl.audited_run": str(row["run_id"]),
+    }
+    params = {**key, "shadow_runs": row["shadow_runs"], "nonmembers": row["nonmembers"]}
+    run_id = tracker.start(name, params, tags)
+    tracker.finish(run_id, {k: float(row[k]) for k in _METRICS}, {})
+    return run_id
+
+
+def _write(frame: pd.DataFrame, path: Path) -> None:
+    from fpl_bench.io import write_atomic
+
+    write_atomic(path, lambda tmp: frame[list(AUDIT_COLUMNS)].to_csv(tmp, index=False))

@@ -10,7 +10,9 @@ works. The `Method` composes their hooks into what the driver and `privacy/` cal
                              forward -> {"text": [N, n, D], <extra name>: [n, D], ...}
     batch_constants(...)     what the learner's loss reads without gradient, for the whole batch
                              before vmap (FedOTP: the transport plans), or None
-    sample_loss(...)         the learner's per-sample loss (vmapped, clipped under DP)
+    sample_loss(...)         the learner's per-sample loss (vmapped, clipped under DP), or its
+                             several losses [L] (ProGrad's) when it `has_several_losses`, and
+    combine_sample_grads(g)  its rule for their gradients: per sample, before clipping
     prior(step, encoded, ..) learner prior + scheme prior: data-independent, outside clipping
     logits(...)              the learner's scores
 """
@@ -51,6 +53,18 @@ def pair_problem(learner: type, scheme: type) -> str | None:
         return (
             f"{scheme.name} mixes its prompt components' text features, which {learner.name} "
             "builds per image; use a learner that encodes the prompts once (e.g. coop, kgcoop)"
+        )
+    if learner.adds_prompts and scheme.n_extra_prompts:
+        return (
+            f"{learner.name} adds prompt components of its own, which {scheme.name}'s prior "
+            "would take for its extra prompts; use a scheme without a prompt prior (e.g. fedavg, "
+            "local)"
+        )
+    if learner.adds_prompts and scheme.mixes_text:
+        return (
+            f"{learner.name} adds prompt components of its own, which {scheme.name}'s mix of "
+            "its prompts' text features would leave out; use a scheme that does not mix (e.g. "
+            "fedavg, local)"
         )
     limit, scored = learner.max_prompts, 1 if scheme.mixes_text else scheme.n_prompts
     if limit is not None and scored > limit:
@@ -200,9 +214,25 @@ class Method:
         label: Tensor,
         ctx: EncodeContext,
         given: Tensor | None = None,
+        *,
+        several: bool = False,
     ) -> Tensor:
+        """The learner's loss of one sample; with `several`, its `sample_losses` stacked [L]
+        (for a learner that `has_several_losses`)."""
         ctx = self._ctx(encoded, ctx)
+        if several:
+            text = encoded["text"]
+            return torch.stack(self.learner.sample_losses(text, image, tokens, label, ctx, given))
         return self.learner.sample_loss(encoded["text"], image, tokens, label, ctx, given)
+
+    def combine_sample_grads(self, grads: Mapping[str, Tensor]) -> Params:
+        """The learner's rule: {name: [L, *shape]} gradients of `sample_losses` -> {name:
+        [*shape]}, over all step parameters (the scheme's and the learner's own)."""
+        return self.learner.combine_sample_grads(grads)
+
+    @property
+    def has_several_losses(self) -> bool:
+        return type(self.learner).sample_losses is not PromptLearner.sample_losses
 
     def prior(
         self,

@@ -1,4 +1,4 @@
-"""Entropic partial optimal transport by Sinkhorn iterations, batched and vmap-safe.
+"""Entropic partial (and balanced) optimal transport by Sinkhorn iterations, batched, vmap-safe.
 
 FedOTP (Li et al., "Global and Local Prompts Cooperation via Optimal Transport for Federated
 Learning", CVPR 2024, arXiv:2403.00041; reference HongxiaLee/FedOTP `trainers/GLP_OT.py`,
@@ -36,6 +36,16 @@ This is exact block-coordinate ascent on the dual max_{f <= 0, g} <f, a> + <g, b
 T 1 <= a in Chizat et al. 2018, arXiv:1607.05816), so it converges to T*. Every column sum of T
 equals b_n after each iteration; the row bound holds at convergence.
 
+Balanced transport (`balanced=True`, top_percent = 1): PLOT (Chen et al., "PLOT: Prompt Learning
+with Optimal Transport for Vision-Language Models", ICLR 2023, arXiv:2210.01253; reference
+CHENGY12/PLOT `plot-coop/trainers/plot.py`, `CustomCLIP.Sinkhorn`) asks T 1 = a and T^T 1 = b
+and runs plain Sinkhorn (Cuturi 2013, arXiv:1306.0895): the iteration above without the cap,
+u <- a / (K v), from the same start v = 1 (the reference's r and c). The capped iteration at
+top_percent = 1 has the same minimiser (sum b = sum a forces T 1 = a), but at CLIP-like costs
+K v < a in most rows, the cap binds and it needs ~1000 iterations where plain Sinkhorn needs
+~5: after 100 its row sums are still off a by several percent (tests/test_plot.py). The
+reference stops once mean_m |u_m - u_prev,m| < 1e-2; here the stopping rule is the one above.
+
 Implementation (`sinkhorn`):
 - Costs are shifted per column, C~_mn = C_mn - c_n with c_n = min_m C_mn, and the iteration runs
   on v~_n = v_n e^{-c_n / eps} with the kernel K~ = exp(-C~ / eps): exact in real arithmetic,
@@ -46,13 +56,14 @@ Implementation (`sinkhorn`):
     lie within tiny^(+-0.4) (tiny the smallest normal float; in float32 max C~ / eps <= 35,
     which every cosine-cost problem meets at eps >= 0.06, and c / eps >= -35) and
     c / eps <= 567: per step two multiplies and two adds per kernel entry and one divide per
-    patch, no exp or log. v~ >= b / M after every step (K~ and u are <= 1); a problem whose v~
-    leaves the float range all the same (non-finite or zero) is solved again in the log
-    domain. The stopping rule is taken on |v~ - v~_prev| e^{c / eps}, in float64.
+    patch, no exp or log. v~ >= b / M after every step (K~ and u are <= 1; balanced, u is
+    not capped and the start must also lie above tiny^0.4, so that it is not raised); a
+    problem whose v~ leaves the float range all the same (non-finite or zero) is solved again
+    in the log domain. The stopping rule is taken on |v~ - v~_prev| e^{c / eps}, in float64.
   * the log domain on f = log u, g~ = log v~ elsewhere (small eps, wide costs), where K~ or the
     scalings leave the float range and the scaling form gives inf/NaN plans:
 
-        f_m <- min(log a - logsumexp_n(g~_n - C~_mn / eps), 0)
+        f_m <- min(log a - logsumexp_n(g~_n - C~_mn / eps), 0)      (balanced: no min)
         g~_n <- log b - logsumexp_m(f_m - C~_mn / eps)
 
     Every logsumexp subtracts its maximum, and terms below e^floor (a normal float near the
@@ -128,13 +139,15 @@ def _select(x: Tensor, ids: Tensor) -> Tensor:
 class _Scaling:
     """The reference's iteration on (u, v~) [N, P] for kernels K~ [N, P, M] in range (module
     docstring). `scale` = e^{c / eps} [N, P] in float64 turns v~ into the stopping rule's v;
-    `buffered` reuses one work tensor (not under a torch.func transform)."""
+    `buffered` reuses one work tensor (not under a torch.func transform); `capped` keeps
+    u <= 1 (partial transport; False: balanced)."""
 
     kernel: Tensor
     scale: Tensor
     a: float
     b: float
     limit: float  # N thresh: the rule's bound on sum_n |v_n - v_prev_n|
+    capped: bool
     buffered: bool
     _work: Tensor | None = field(default=None, repr=False)
 
@@ -152,9 +165,10 @@ class _Scaling:
         return self.scale.reciprocal().clamp_min_(tiny).to(self.kernel.dtype)
 
     def _row(self, v: Tensor) -> Tensor:
-        """u = min(a / (K~ v~), 1) [P, M]."""
+        """u = min(a / (K~ v~), 1) [P, M] (balanced: a / (K~ v~))."""
         kv = _sum_prompts(torch.mul(self.kernel, v.unsqueeze(2), out=self._out()))
-        return torch.div(self.a, kv).clamp_max_(1.0)
+        u = torch.div(self.a, kv)
+        return u.clamp_max_(1.0) if self.capped else u
 
     def step(self, v: Tensor) -> Tensor:
         """v~ <- b / (K~^T u) [N, P], u from v~."""
@@ -175,7 +189,7 @@ class _Scaling:
 
     def take(self, ids: Tensor) -> _Scaling:
         kernel, scale = _select(self.kernel, ids), _select(self.scale, ids)
-        return _Scaling(kernel, scale, self.a, self.b, self.limit, self.buffered)
+        return _Scaling(kernel, scale, self.a, self.b, self.limit, self.capped, self.buffered)
 
 
 @dataclass
@@ -189,19 +203,21 @@ class _LogDomain:
     log_b: float
     log_thresh: float
     floor: float  # log of a normal float near the smallest
+    capped: bool  # f <= 0 (partial transport; False: balanced)
 
     def start(self) -> Tensor:
         return self.shift.neg()  # g~ for the reference's start v = 1 (g = 0)
 
     def _patch(self, g: Tensor) -> Tensor:
-        """f_m = min(log a - logsumexp_n(log K~_nm + g~_n), 0) [P, M], a fold over the prompts:
-        log(e^x + e^y) = max(x, y) + log(1 + e^{max(-|x - y|, floor)})."""
+        """f_m = min(log a - logsumexp_n(log K~_nm + g~_n), 0) [P, M] (balanced: no min), a
+        fold over the prompts: log(e^x + e^y) = max(x, y) + log(1 + e^{max(-|x - y|, floor)})."""
         total = self.log_kernel[0] + g[0].unsqueeze(1)
         for n in range(1, g.shape[0]):
             term = self.log_kernel[n] + g[n].unsqueeze(1)
             gap = (total - term).abs_().neg_().clamp_min_(self.floor).exp_().add_(1.0).log_()
             total = torch.maximum(total, term).add_(gap)
-        return total.neg_().add_(self.log_a).clamp_max_(0.0)
+        f = total.neg_().add_(self.log_a)
+        return f.clamp_max_(0.0) if self.capped else f
 
     def step(self, g: Tensor) -> Tensor:
         """g~_n = log b - logsumexp_m(log K~_nm + f_m) [N, P], f from g~."""
@@ -232,7 +248,9 @@ class _LogDomain:
 
     def take(self, ids: Tensor) -> _LogDomain:
         log_kernel, shift = _select(self.log_kernel, ids), _select(self.shift, ids)
-        return _LogDomain(log_kernel, shift, self.log_a, self.log_b, self.log_thresh, self.floor)
+        return _LogDomain(
+            log_kernel, shift, self.log_a, self.log_b, self.log_thresh, self.floor, self.capped
+        )
 
 
 def _solve(form: _Scaling | _LogDomain, *, max_iter: int, block: int) -> tuple[Tensor, Tensor]:
@@ -298,6 +316,7 @@ class _Problems:
     a: float
     b: float
     thresh: float
+    capped: bool  # partial transport (T 1 <= a); False: balanced (T 1 = a)
 
     def _parts(self, ids: Tensor | None) -> tuple[Tensor, Tensor]:
         if ids is None:
@@ -307,7 +326,8 @@ class _Problems:
     def scaling_form(self, ids: Tensor | None, *, buffered: bool) -> _Scaling:
         log_kernel, shift = self._parts(ids)
         limit = shift.shape[0] * self.thresh
-        return _Scaling(log_kernel.exp(), shift.double().exp(), self.a, self.b, limit, buffered)
+        kernel, scale = log_kernel.exp(), shift.double().exp()
+        return _Scaling(kernel, scale, self.a, self.b, limit, self.capped, buffered)
 
     def log_form(self, ids: Tensor | None) -> _LogDomain:
         log_kernel, shift = self._parts(ids)
@@ -318,13 +338,16 @@ class _Problems:
             log_b=math.log(self.b),
             log_thresh=math.log(self.thresh),
             floor=math.log(torch.finfo(log_kernel.dtype).tiny) + 1.0,
+            capped=self.capped,
         )
 
     def in_scaling_range(self) -> Tensor:
         """[P]: whether the scaling form is used: K~ and the start v~ = e^{-c / eps} within
-        tiny^(+-_SCALING_RANGE), e^{c / eps} <= float64 max^_SHIFT_RANGE (module docstring)."""
+        tiny^(+-_SCALING_RANGE), e^{c / eps} <= float64 max^_SHIFT_RANGE (module docstring);
+        balanced, also e^{-c / eps} >= tiny^_SCALING_RANGE (the start is not raised)."""
         reach = -_SCALING_RANGE * math.log(torch.finfo(self.log_kernel.dtype).tiny)
         top_shift = _SHIFT_RANGE * math.log(torch.finfo(torch.float64).max)
+        top_shift = top_shift if self.capped else min(top_shift, reach)
         return (
             (self.lowest >= -reach)
             & (self.shift.amin(dim=0) >= -reach)
@@ -377,6 +400,7 @@ def sinkhorn(
     max_iter: int = 100,
     thresh: float = 1e-3,
     check_every: int = 0,
+    balanced: bool = False,
 ) -> Tensor:
     """Entropic partial OT plan [..., M, N] for costs [..., M, N] (see the module docstring).
 
@@ -384,15 +408,18 @@ def sinkhorn(
     max_iter: iterations at most; thresh: stop a problem once mean_n |v_n - v_prev_n| < thresh
     (v = e^g, the reference's scaling); check_every: 0 never syncs with the host; k > 0 checks
     every k iterations which problems have stopped and iterates only the others (same result;
-    ignored under vmap/grad). Column sums are top_percent / N; row sums <= 1 / M at convergence.
-    Finite for every finite cost and eps > 0. Each problem's plan is the same bit for bit
-    whatever else is in the batch. Carries no gradient.
+    ignored under vmap/grad); balanced: the balanced problem T 1 = a (plain Sinkhorn, PLOT's),
+    which needs top_percent = 1. Column sums are top_percent / N; row sums <= 1 / M (balanced:
+    = 1 / M) at convergence. Finite for every finite cost and eps > 0. Each problem's plan is
+    the same bit for bit whatever else is in the batch. Carries no gradient.
     """
     if eps <= 0 or not 0 < top_percent <= 1 or max_iter < 1 or thresh <= 0:
         raise ValueError(
             f"sinkhorn needs eps > 0, 0 < top_percent <= 1, max_iter >= 1, thresh > 0; got "
             f"eps={eps}, top_percent={top_percent}, max_iter={max_iter}, thresh={thresh}"
         )
+    if balanced and top_percent != 1:
+        raise ValueError(f"balanced transport moves all the mass: top_percent=1, not {top_percent}")
     n_rows, n_cols = cost.shape[-2], cost.shape[-1]
     work = cost.detach()
     if work.dtype not in (torch.float32, torch.float64):
@@ -407,6 +434,7 @@ def sinkhorn(
             a=1.0 / n_rows,
             b=top_percent / n_cols,
             thresh=thresh,
+            capped=not balanced,
         )
         if costs.shape[1] == 0:
             plan = costs

@@ -115,6 +115,7 @@ class StepComputer:
             per_sample_loop=run.compute.per_sample_loop,
             constants=constants if method.has_batch_constants else None,
             forward=self._forward(rnd, step_no, step, aux, encode),
+            combine=self._combine(),
         )
         return step, grads
 
@@ -131,8 +132,9 @@ class StepComputer:
         function of (params, aux) and the scored classes, so the shared forward is the one
         each client would compute; its vjp_fn serves every client's cotangents."""
         run = self.run
+        batched = run.private or run.method.has_several_losses  # backward of several rows
         if not self._shares_forwards(step):
-            return encode_once(encode, step, math_attention=run.private)
+            return encode_once(encode, step, math_attention=batched)
         last = self._last_forward
         if (
             last is not None
@@ -141,7 +143,7 @@ class StepComputer:
             and equal_values(last[2], aux)
         ):
             return last[3]
-        forward = encode_once(encode, step, math_attention=run.private)
+        forward = encode_once(encode, step, math_attention=batched)
         copies = ({k: v.clone() for k, v in step.items()}, {k: v.clone() for k, v in aux.items()})
         self._last_forward = ((rnd, step_no), *copies, forward)
         return forward
@@ -170,17 +172,24 @@ class StepComputer:
 
     def _loss_fns(self) -> tuple[Callable[..., Tensor], Callable[..., Tensor | None]]:
         """(per-sample loss, batch constants) as `privacy.per_sample` calls them: on
-        (Z, pooled, tokens, target[, the sample's constants]) and (Z, *batch)."""
+        (Z, pooled, tokens, target[, the sample's constants]) and (Z, *batch). The loss is the
+        stacked `sample_losses` [L] of a learner that has several (`_combine`)."""
         run = self.run
         method, ctx = run.method, run.ctx_seen
+        several = method.has_several_losses
 
         def loss_one(z: object, x: Tensor, t: Tensor, y: Tensor, *given: Tensor) -> Tensor:
-            return method.sample_loss(z, x, t, y, ctx, *given)
+            return method.sample_loss(z, x, t, y, ctx, *given, several=several)
 
         def constants(z: object, x: Tensor, t: Tensor, y: Tensor) -> Tensor | None:
             return method.batch_constants(z, t, ctx)
 
         return loss_one, constants
+
+    def _combine(self) -> Callable[[dict[str, Tensor]], Params] | None:
+        """The learner's rule for the gradients of its several losses, or None (one loss)."""
+        method = self.run.method
+        return method.combine_sample_grads if method.has_several_losses else None
 
     def batched(
         self, clients: Sequence[int], rnd: int, step_no: int, indices: Sequence[Tensor]
@@ -222,6 +231,7 @@ class StepComputer:
             prior=prior if method.has_prior else None,
             constants=constants if method.has_batch_constants else None,
             shared=self._same_inputs(inputs),
+            combine=self._combine(),
         )
         out = []
         for i, n in enumerate(sizes):

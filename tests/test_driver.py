@@ -95,9 +95,9 @@ def image_federation(vision, n_classes=6, n_per_class=6):
         labels = torch.arange(n_classes).repeat_interleave(n)
         pixels = colours[labels] + 0.3 * torch.randn(len(labels), 3, 32, 32, generator=gen)
         tokens = vision.embed(pixels)
-        return FeatureSet(
-            pooled=tokens.new_zeros(len(labels), 1), tokens=None, labels=labels, embedded=tokens
-        )
+        with torch.no_grad():  # frozen CLIP's image features, as the feature cache holds them
+            pooled = torch.nn.functional.normalize(vision.visual(pixels), dim=-1)
+        return FeatureSet(pooled=pooled, tokens=None, labels=labels, embedded=tokens)
 
     train, test = features(n_per_class), features(3)
     seen = torch.arange(4)

@@ -7,6 +7,14 @@ data-independent `prior_loss` (KgCoOp's ||w - w_clip||^2). A prior touches no tr
 so it is applied outside per-sample clipping, gets no noise, and is not rescaled by the batch
 size: the local objective is  mean_i sample_loss_i + prior.
 
+A learner whose gradient is not that of one loss gives several per-sample losses
+(`sample_losses`, a tuple) and the rule that turns their gradients into the one it trains with
+(`combine_sample_grads`; by default their sum). Under DP the rule runs per sample on that
+sample's own gradients, before clipping (a data-dependent transform of a sample's gradient is
+part of its contribution); without DP on the gradients of the batch means. ProGrad projects the
+cross-entropy gradient off the direction that conflicts with its KL to zero-shot CLIP. The prior
+stays outside the rule.
+
 A learner may own parameters (`own_params`, created by `init_params`: CoCoOp's meta-net); they
 are step parameters like the scheme's prompt parameters (exact per-sample gradients, joint
 clipping, noise by trust model) and reach the learner's hooks as `ctx.own`. Their names start
@@ -98,6 +106,9 @@ class PromptLearner:
         needs_tokens True when logits read image patch tokens (the feature cache then keeps them)
         max_prompts  how many prompt components it can score (None: any number)
         own_params   names of the parameters it owns (each "<name>.<part>"), from init_params
+        adds_prompts True when its `encode` adds prompt components of its own (own parameters:
+                     PLOT's prompts 1..N-1) to the scheme's; the scheme may then have no
+                     extra prompts and no text mix, which `Method.encode` takes by position
         reads_images True when its text features depend on the image (one tower forward per
                      image and class, inside the per-sample loss)
         prompts_image_tower  True when it prompts the image tower: the feature cache then
@@ -110,6 +121,7 @@ class PromptLearner:
     needs_tokens: ClassVar[bool] = False
     max_prompts: ClassVar[int | None] = 1
     own_params: ClassVar[tuple[str, ...]] = ()
+    adds_prompts: ClassVar[bool] = False
     reads_images: ClassVar[bool] = False
     prompts_image_tower: ClassVar[bool] = False
 
@@ -197,6 +209,28 @@ class PromptLearner:
         given: its row of `batch_constants`, if the learner has them."""
         logits = self.logits(text, image, tokens, ctx, given)  # [n]
         return F.cross_entropy(logits.unsqueeze(0), label.unsqueeze(0))
+
+    def sample_losses(
+        self,
+        text: Tensor,
+        image: Tensor,
+        tokens: Tensor,
+        label: Tensor,
+        ctx: EncodeContext,
+        given: Tensor | None = None,
+    ) -> tuple[Tensor, ...]:
+        """Several losses of one sample whose gradients `combine_sample_grads` turns into the
+        one the learner trains with (the first is the one logged). Overriding it (with or
+        without `combine_sample_grads`) makes privacy/per_sample.py take every loss's gradient
+        through the same backward; by default the one `sample_loss`."""
+        return (self.sample_loss(text, image, tokens, label, ctx, given),)
+
+    def combine_sample_grads(self, grads: Mapping[str, Tensor]) -> Params:
+        """The gradient {name: [*shape]} from the gradients of the `sample_losses`, {name:
+        [L, *shape]} over all step parameters: one sample's under DP (vmapped, before
+        clipping), the batch means' without. By default their sum (the gradient of the sum of
+        the losses)."""
+        return {k: g.sum(0) for k, g in grads.items()}
 
     def prior_loss(self, text: Tensor, ctx: EncodeContext) -> Tensor | None:
         """Data-independent loss term on the text features, or None."""

@@ -88,9 +88,16 @@ class DeepPrompts(PromptLearner):
         assert tokens is not None, f"{self.name} reads the image tower's cached tokens"
         one = tokens.dim() == 2
         batch = tokens.unsqueeze(0) if one else tokens
-        features = vision_tower(ctx, self.name).run(batch, text["first"], text["deep"])  # [B, D]
-        out = ctx.tower.logit_scale * F.normalize(features, dim=-1) @ text["text"][0].T
+        out = ctx.tower.logit_scale * self.image_features_with(text, batch, ctx) @ text["text"][0].T
         return out[0] if one else out
+
+    def image_features_with(
+        self, text: dict[str, Tensor], tokens: Tensor, ctx: EncodeContext
+    ) -> Tensor:
+        """Normalised image features [B, D] of the cached tokens [B, T, W_v] with the vision
+        prompts of `encode`'s output (PromptSRC also compares them with the frozen ones)."""
+        features = vision_tower(ctx, self.name).run(tokens, text["first"], text["deep"])
+        return F.normalize(features, dim=-1)
 
     def eval_chunk(self, text: Tensor, tokens: Tensor | None, ctx: EncodeContext) -> int:
         return 256

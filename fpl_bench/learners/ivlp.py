@@ -50,7 +50,9 @@ TEXT = "ivlp_text"  # the hand-written prompt's class features, for text_depth =
 @LEARNERS.register("ivlp")
 @dataclass(frozen=True)
 class IVLP(DeepPrompts):
-    """Deep language prompts and deep vision prompts, learned independently."""
+    """Deep language prompts and deep vision prompts, learned independently. The parameters
+    are named after the learner (`<name>.text_deep`, `<name>.vision`), so that a learner built
+    on IVLP (PromptSRC) owns its own."""
 
     text_depth: int  # J_t on a 12-block tower (0: the hand-written prompt, VPT-deep)
     vision_depth: int  # J_v on a 12-block tower
@@ -67,7 +69,7 @@ class IVLP(DeepPrompts):
         n_ctx = tower.n_ctx
         text_deep = normal_prompts(max(j_text - 1, 0), n_ctx, tower.width, init.generator)
         prompts = normal_prompts(j_vision, n_ctx, vision.width, init.generator)
-        return dict(zip(OWN, (text_deep, prompts), strict=True))
+        return dict(zip(self.own_params, (text_deep, prompts), strict=True))
 
     def constants(self, init: InitContext) -> Params:
         return {TEXT: template_features(init.tower, self.template)} if not self.text_depth else {}
@@ -80,5 +82,5 @@ class IVLP(DeepPrompts):
 
     def vision_prompts(self, context: Tensor, own: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
         """(V_0 [n_ctx, W_v], V_1..J_v-1 [J_v - 1, n_ctx, W_v]): parameters of their own."""
-        prompts = own["ivlp.vision"]
+        prompts = own[f"{self.name}.vision"]
         return prompts[0], prompts[1:]

@@ -83,6 +83,12 @@ class OTPatch(PromptLearner):
     needs_tokens: ClassVar[bool] = True
     max_prompts: ClassVar[int | None] = None
 
+    @property
+    def balanced(self) -> bool:
+        """Whether the transport is balanced (T 1 = 1 / M; PLOT's, `fpl_bench.ot`) rather than
+        partial (T 1 <= 1 / M; FedOTP's, whatever top_percent)."""
+        return False
+
     def _plan(self, sim: Tensor) -> Tensor:
         """Transport plans [..., P, N] for similarities [..., P, N] (no gradient)."""
         return sinkhorn(
@@ -92,6 +98,7 @@ class OTPatch(PromptLearner):
             max_iter=self.max_iter,
             thresh=self.thresh,
             check_every=_CHECK_EVERY,
+            balanced=self.balanced,
         )
 
     def logits(

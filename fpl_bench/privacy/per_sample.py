@@ -26,6 +26,17 @@ of every client, give every client's per-sample gradients; batches of unequal si
 and the padded rows get zero cotangents (their gradients are exactly zero and are dropped).
 tests/test_speed.py checks it equals client-by-client `step_gradients`.
 
+Several losses per sample (`combine`): a learner may define a sample's loss as several terms
+whose gradients it combines by a rule other than their sum (ProGrad projects the cross-entropy
+gradient against the gradient of its KL to zero-shot CLIP). Each term's cotangent on Z comes
+from one vmapped `jacrev` of the cheap loss, the B x L cotangents go through the same vmapped
+vjp as extra rows (one backward of B L rows), and `combine` maps each sample's L gradients
+{name: [L, *shape]} to its gradient before anything clips it: a per-sample, data-dependent
+transform is part of that sample's contribution. Without per-sample gradients the rule applies
+to the gradients of the batch means of the terms (their L cotangents are L rows of one
+batched backward: the forward is then the per-sample one too). The prior is outside the rule
+(as it is outside clipping), added after it.
+
 `per_sample_loop=True` is the reference compute pattern kept for ablation: one encoder forward
 and one backward per sample (what DP-SGD costs without the shared-forward identity above).
 
@@ -42,9 +53,9 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import grad, grad_and_value, vjp, vmap
+from torch.func import grad, grad_and_value, jacrev, vjp, vmap
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from torch.utils._pytree import tree_map
+from torch.utils._pytree import tree_leaves, tree_map
 
 from fpl_bench.compute import per_sample_backward
 
@@ -60,6 +71,8 @@ __all__ = [
 
 Encode = Callable[[dict[str, Tensor]], Any]
 SampleLoss = Callable[..., Tensor]
+# the gradients of a sample's L losses {name: [L, *shape]} -> its gradient {name: [*shape]}
+Combine = Callable[[dict[str, Tensor]], dict[str, Tensor]]
 
 
 def _detach_tree(tree: Any) -> Any:
@@ -156,28 +169,92 @@ def _prior_cotangents(
     return gz, gp
 
 
+def _loop_combined(
+    losses_of: Callable[[dict[str, Tensor]], Tensor], primals: dict[str, Tensor], combine: Combine
+) -> tuple[dict[str, Tensor], Tensor]:
+    """One sample's combined gradient and first loss, from its losses as a function of the
+    params: one forward, one backward per loss."""
+    losses, vjp_fn = vjp(losses_of, primals)
+    basis = torch.eye(len(losses), dtype=losses.dtype, device=losses.device)
+    rows = [vjp_fn(basis[j])[0] for j in range(len(losses))]
+    return combine({k: torch.stack([r[k] for r in rows]) for k in primals}), losses[0]
+
+
 def loop_per_sample_grads(
     encode: Encode,
     sample_loss: SampleLoss,
     params: dict[str, Tensor],
     batch: tuple[Tensor, ...],
+    combine: Combine | None = None,
 ) -> tuple[dict[str, Tensor], Tensor]:
     """Per-sample gradients {name: [B, *shape]} and losses [B] by B separate forward and
     backward passes through the encoder: the reference compute pattern (ablation only; the
-    same values as the vmapped per-sample gradients of `step_gradients` to float rounding)."""
+    same values as the vmapped per-sample gradients of `step_gradients` to float rounding).
+    With `combine`, sample_loss gives L losses; each sample's gradient is `combine` of their
+    L gradients and its loss the first."""
     n = _batch_size(batch)
     primals = {k: v.detach() for k, v in params.items()}
     rows: list[dict[str, Tensor]] = []
     losses: list[Tensor] = []
     for i in range(n):
         sample = tuple(t[i].detach() for t in batch)
-        grads, loss = grad_and_value(lambda p, s=sample: sample_loss(encode(p), *s))(primals)
+        if combine is not None:
+            grads, loss = _loop_combined(
+                lambda p, s=sample: sample_loss(encode(p), *s), primals, combine
+            )
+        else:
+            grads, loss = grad_and_value(lambda p, s=sample: sample_loss(encode(p), *s))(primals)
         rows.append(grads)
         losses.append(loss)
     if not rows:
         empty = {k: v.new_zeros((0, *v.shape)) for k, v in primals.items()}
         return empty, next(iter(primals.values())).new_zeros(0)
     return {k: torch.stack([r[k] for r in rows]) for k in primals}, torch.stack(losses)
+
+
+def _loss_jacobian(sample_loss: SampleLoss) -> Callable[..., tuple[Any, Tensor]]:
+    """(Z, *sample) -> (the cotangent on Z of each of the sample's L losses, leaves
+    [L, *leaf], and the losses [L])."""
+
+    def losses_twice(z: Any, *sample: Tensor) -> tuple[Tensor, Tensor]:
+        losses = sample_loss(z, *sample)
+        return losses, losses
+
+    return jacrev(losses_twice, has_aux=True)
+
+
+def _vmapped(fn: Callable[..., Any], levels: int) -> Callable[..., Any]:
+    for _ in range(levels):
+        fn = vmap(fn)
+    return fn
+
+
+def _combined_rows(
+    vjp_fn: Callable[..., Any], cot: Any, combine: Combine, *, dim: int, chunk_size: int | None
+) -> dict[str, Tensor]:
+    """Combined per-sample gradients {name: [..., B, *shape]} from per-sample cotangents of
+    each loss (leaves [..., B, L, *leaf], samples at `dim`: 0 for one client, 1 behind the
+    clients): the B x L rows go through one vmapped backward, then `combine` per sample."""
+    leaf = tree_leaves(cot)[0]
+    rows, n_losses = leaf.shape[dim], leaf.shape[dim + 1]
+    flat = tree_map(lambda t: t.flatten(dim, dim + 1), cot)
+    (data,) = vmap(vjp_fn, in_dims=dim, out_dims=dim, chunk_size=chunk_size)(flat)
+    data = {k: v.unflatten(dim, (rows, n_losses)) for k, v in dict(data).items()}
+    return _vmapped(combine, dim + 1)(data)
+
+
+def _combined_means(
+    vjp_fn: Callable[..., Any], cot: Any, combine: Combine, *, dim: int
+) -> dict[str, Tensor]:
+    """`combine` of the gradients of L batch-mean losses, from their cotangents (leaves
+    [L, *leaf]): the L rows go through one vmapped backward (the forward of a step with
+    `combine` is the per-sample one, `encode_once(math_attention=True)`, even without DP:
+    measured on the embedded tower, a ProGrad round then costs 1.0-1.4x CoOp's instead of
+    1.4-1.8x with one backward per loss); the gradients of a loss stand at `dim` (0 for one
+    client, 1 behind the clients)."""
+    (stacked,) = vmap(vjp_fn, out_dims=dim)(cot)
+    stacked = dict(stacked)
+    return _vmapped(combine, dim)(stacked)
 
 
 def step_gradients(
@@ -192,6 +269,7 @@ def step_gradients(
     per_sample_loop: bool = False,
     constants: Constants | None = None,
     forward: Forward | None = None,
+    combine: Combine | None = None,
 ) -> StepGrads:
     """The gradients a local step needs, with one encoder forward.
 
@@ -205,13 +283,17 @@ def step_gradients(
     `constants(Z, *batch)` -> [B, ...] or None: per-sample values the loss reads as constants
     (no gradient flows through them), computed once for the batch outside vmap and handed to
     sample_loss as one more batch tensor (`with_constants`).
-    `forward`: `encode_once(encode, params, math_attention=per_sample)` when the caller has it
+    `forward`: `encode_once(encode, params, math_attention=per_sample or combine is not None)`
+    when the caller has it
     already (its vjp_fn may be applied any number of times): clients whose step parameters
     are equal share one forward (step_compute.StepComputer._forward).
+    `combine`: sample_loss gives L losses [L] and the data gradient is `combine` of their L
+    gradients, per sample (`per_sample`) or of the batch means; losses are the first's
+    (module docstring). The prior is added after it, apart from it under `per_sample`.
     """
     n = _batch_size(batch)
     if forward is None:
-        forward = encode_once(encode, params, math_attention=per_sample)
+        forward = encode_once(encode, params, math_attention=per_sample or combine is not None)
     z, vjp_fn = forward
     prior_cot = None if prior is None else _prior_cotangents(prior, z, params)
     batch = with_constants(constants, z, tuple(t.detach() for t in batch))
@@ -219,7 +301,12 @@ def step_gradients(
     if per_sample:
         folded = False  # the prior's cotangent went through the backward as row n
         if n and per_sample_loop:
-            data, losses = loop_per_sample_grads(encode, sample_loss, params, batch)
+            data, losses = loop_per_sample_grads(encode, sample_loss, params, batch, combine)
+        elif n and combine is not None:
+            per_loss = vmap(_loss_jacobian(sample_loss), in_dims=in_dims, chunk_size=chunk_size)
+            cot, all_losses = per_loss(z, *batch)  # leaves [B, L, ...], [B, L]
+            data = _combined_rows(vjp_fn, cot, combine, dim=0, chunk_size=chunk_size)
+            losses = all_losses[:, 0]
         elif n:
             cot, losses = vmap(grad_and_value(sample_loss), in_dims=in_dims, chunk_size=chunk_size)(
                 z, *batch
@@ -243,6 +330,14 @@ def step_gradients(
                 (through_z,) = vjp_fn(prior_cot[0])
             prior_grads = _add(dict(through_z), prior_cot[1])
         return StepGrads(data=data, losses=losses, prior=prior_grads)
+    if combine is not None:
+
+        def mean_losses(zz: Any) -> tuple[Tensor, Tensor]:
+            losses = vmap(sample_loss, in_dims=in_dims)(zz, *batch)  # [B, L]
+            return losses.mean(0), losses
+
+        means = mean_losses if n else None
+        return _combined_mean_step(vjp_fn, z, means, params, combine, prior_cot, dim=0)
     if n:
 
         def mean_loss(zz: Any) -> tuple[Tensor, Tensor]:
@@ -260,6 +355,47 @@ def step_gradients(
         direct = prior_cot[1]
     (data,) = vjp_fn(cot)
     return StepGrads(data=_add(dict(data), direct), losses=losses, prior=None)
+
+
+def _with_prior(
+    data: dict[str, Tensor],
+    vjp_fn: Callable[..., Any],
+    prior_cot: tuple[Any, dict[str, Tensor]] | None,
+) -> dict[str, Tensor]:
+    """data + the prior's gradient (through Z and direct), when there is a prior."""
+    if prior_cot is None:
+        return data
+    (through_z,) = vjp_fn(prior_cot[0])
+    return _add(data, _add(dict(through_z), prior_cot[1]))
+
+
+MeanLosses = Callable[[Any], tuple[Tensor, Tensor]]
+
+
+def _combined_mean_step(
+    vjp_fn: Callable[..., Any],
+    z: Any,
+    mean_losses: MeanLosses | None,
+    params: dict[str, Tensor],
+    combine: Combine,
+    prior_cot: tuple[Any, dict[str, Tensor]] | None,
+    *,
+    dim: int,
+) -> StepGrads:
+    """A step without per-sample gradients, with `combine`: the rule on the gradients of the L
+    batch-mean losses, then the prior. mean_losses: Z -> (the L batch means (summed over the
+    clients, whose Jacobians are apart), per-sample losses [..., B, L]); None for an empty
+    batch. dim: 0 for one client, 1 for clients stacked (params [K, *shape])."""
+    if mean_losses is not None:
+        cot, losses = jacrev(mean_losses, has_aux=True)(z)  # leaves [L, ...]
+        data = _combined_means(vjp_fn, cot, combine, dim=dim)
+        losses = losses.detach()[..., 0]
+    else:
+        data = {k: torch.zeros_like(v) for k, v in params.items()}
+        first = next(iter(params.values()))
+        losses = first.new_zeros(*first.shape[:dim], 0)  # [0] or [K, 0]
+    data = {k: v.detach() for k, v in data.items()}
+    return StepGrads(data=_with_prior(data, vjp_fn, prior_cot), losses=losses, prior=None)
 
 
 ClientEncode = Callable[[dict[str, Tensor], Any], Any]
@@ -317,6 +453,7 @@ def client_step_gradients(
     chunk_size: int | None = None,
     constants: Constants | None = None,
     shared: bool = False,
+    combine: Combine | None = None,
 ) -> StepGrads:
     """`step_gradients` of K clients at once, with one encoder forward for all of them.
 
@@ -336,6 +473,7 @@ def client_step_gradients(
            client's cotangent goes back through that one forward (`vmap` of its vjp over the
            clients). Equal to the stacked computation up to float rounding (a matmul of one
            prompt's rows rounds differently from the same rows stacked with other clients').
+    combine: as in `step_gradients` (one client's rule; vmapped over clients and samples).
 
     Returns StepGrads with data {name: [K, B, *shape]} (per_sample; padded rows zero) or
     {name: [K, *shape]} (the gradient of each client's mean loss + prior), losses [K, B]
@@ -345,7 +483,8 @@ def client_step_gradients(
     n_clients, width = batch[0].shape[0], batch[0].shape[1]
     primals = {k: v.detach() for k, v in params.items()}
     extra = _detach_tree(extra)
-    batched = per_sample_backward() if per_sample else contextlib.nullcontext()
+    several = per_sample or combine is not None  # a backward of several rows per forward
+    batched = per_sample_backward() if several else contextlib.nullcontext()
     with sdpa_kernel([SDPBackend.MATH]), batched:
         if shared:
             first = _pick(extra, 0)
@@ -358,7 +497,8 @@ def client_step_gradients(
     rows = torch.arange(width, device=batch[0].device)
     valid = torch.stack([rows < int(n) for n in sizes])  # [K, B]
     batch = with_constants(constants, z, tuple(t.detach() for t in batch))
-    per_client = vmap(grad_and_value(sample_loss), in_dims=(None, *(0 for _ in batch)))
+    per_sample_cot = grad_and_value(sample_loss) if combine is None else _loss_jacobian(sample_loss)
+    per_client = vmap(per_sample_cot, in_dims=(None, *(0 for _ in batch)))
     prior_cot = None
     if prior is not None and prior(_pick(z, 0), _pick(primals, 0), _pick(extra, 0)) is not None:
 
@@ -373,8 +513,12 @@ def client_step_gradients(
             else:
                 cot, losses = vmap(per_client, chunk_size=chunk_size)(z, *batch)  # [K, B, ...]
                 cot, losses = _mask_rows(cot, valid), _mask_rows(losses, valid)
-            (data,) = vmap(vjp_fn, in_dims=1, out_dims=1, chunk_size=chunk_size)(cot)
-            data = dict(data)
+            if combine is not None:  # cot [K, B, L, ...], losses [K, B, L]
+                data = _combined_rows(vjp_fn, cot, combine, dim=1, chunk_size=chunk_size)
+                losses = losses[:, :, 0]
+            else:
+                (data,) = vmap(vjp_fn, in_dims=1, out_dims=1, chunk_size=chunk_size)(cot)
+                data = dict(data)
         else:
             data = {k: v.new_zeros((n_clients, 0, *v.shape[1:])) for k, v in primals.items()}
             losses = next(iter(primals.values())).new_zeros(n_clients, 0)
@@ -383,6 +527,17 @@ def client_step_gradients(
             (through_z,) = vjp_fn(prior_cot[0])
             prior_grads = _add(dict(through_z), prior_cot[1])
         return StepGrads(data=data, losses=losses, prior=prior_grads)
+    if combine is not None:
+
+        def mean_losses(zz: Any) -> tuple[Tensor, Tensor]:
+            losses = vmap(vmap(sample_loss, in_dims=(None, *(0 for _ in batch))))(zz, *batch)
+            losses = _mask_rows(losses, valid)  # [K, B, L]
+            real = valid.to(losses.dtype)
+            weights = real / real.sum(-1, keepdim=True).clamp(min=1)  # 1 / n_k on real rows
+            return (losses * weights.unsqueeze(-1)).sum((0, 1)), losses
+
+        means = mean_losses if width else None
+        return _combined_mean_step(vjp_fn, z, means, primals, combine, prior_cot, dim=1)
     weights = valid / valid.sum(-1, keepdim=True).clamp(min=1)  # [K, B], 1 / n_k on real rows
 
     def mean_loss(zz: Any) -> tuple[Tensor, Tensor]:

@@ -35,6 +35,9 @@ def test_learner_and_scheme_cards_match_the_registries_field_by_field():
 
 
 IVLP = {"text_depth": 9, "vision_depth": 9, "template": "a photo of a {}."}
+PSRC = {**IVLP, "image_weight": 10.0, "text_weight": 25.0, "logits_weight": 1.0, "n_templates": 60}
+PLOT = {"n_prompts": 4, "eps": 0.1, "top_percent": 1.0, "max_iter": 100, "thresh": 0.001}
+PROGRAD = {"lam": 1.0, "temperature": 1.0, "template": "a photo of a {}."}
 
 
 def test_presets_resolve_to_the_papers_values():
@@ -65,6 +68,9 @@ def test_presets_resolve_to_the_papers_values():
         "fedcocoop": ("cocoop", "fedavg", {"reduction": 16}, {}),
         "fedivlp": ("ivlp", "fedavg", IVLP, {}),
         "fedmaple": ("maple", "fedavg", {"depth": 9}, {}),
+        "fedplot": ("plot", "fedavg", PLOT, {}),
+        "fedprograd": ("prograd", "fedavg", PROGRAD, {}),
+        "fedpromptsrc": ("promptsrc", "fedavg", PSRC, {}),
         "fedtpg": ("fedtpg", "fedavg", {"heads": 4, "ff_mult": 4}, {}),
         "fedyogi": (
             "coop",
@@ -74,7 +80,10 @@ def test_presets_resolve_to_the_papers_values():
         ),
         "ivlp": ("ivlp", "local", IVLP, {}),
         "maple": ("maple", "local", {"depth": 9}, {}),
+        "plot": ("plot", "local", PLOT, {}),
+        "prograd": ("prograd", "local", PROGRAD, {}),
         "promptfolio": ("coop", "promptfolio", {}, {"theta": 0.4}),
+        "promptsrc": ("promptsrc", "local", PSRC, {}),
         "scaffold": ("coop", "scaffold", {}, {}),
     }
     assert list_presets() == list(expected)
@@ -184,6 +193,15 @@ def test_the_default_group_is_every_preset_whose_text_does_not_depend_on_the_ima
     everything = list_presets()
     default = default_presets()
     assert method_names("default") == default and method_names("all") == everything
-    image_conditioned = ["cocoop", "fedcocoop", "fedivlp", "fedmaple", "ivlp", "maple"]
+    image_conditioned = [
+        "cocoop",
+        "fedcocoop",
+        "fedivlp",
+        "fedmaple",
+        "fedpromptsrc",
+        "ivlp",
+        "maple",
+        "promptsrc",
+    ]
     assert sorted(set(everything) - set(default)) == image_conditioned
     assert default == [n for n in everything if n in default]  # report order kept

@@ -311,8 +311,9 @@ def list_presets() -> list[str]:
 
 def default_presets() -> list[str]:
     """`--methods default`, the default job: every preset whose text features do not depend on
-    the image. CoCoOp and MaPLe run the text or image tower once per image (and class), which
-    makes each of their runs 20-60x a CoOp run on a CPU; `all` or their names run them."""
+    the image. CoCoOp runs the text tower once per image and class, MaPLe, IVLP and PromptSRC
+    the image tower once per image, which makes each of their runs 20-60x a CoOp run on a CPU;
+    `all` or their names run them."""
     from fpl_bench.learners import LEARNERS
 
     cards = preset_cards()

@@ -94,7 +94,7 @@ def run(
         typer.Option(
             help="Comma list of methods (presets, LEARNER@SCHEME pairs, or preset card files "
             "PATH.toml), or 'default' (the default: every preset but those that run a tower per "
-            "image, CoCoOp and MaPLe) or 'all'; see `fpl-bench methods --all`. With --suite: "
+            "image: CoCoOp, MaPLe, IVLP, PromptSRC) or 'all'; see `fpl-bench methods --all`. With --suite: "
             "only these of its cells."
         ),
     ] = None,

@@ -10,7 +10,6 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call
 
-import tests.test_new_presets_cli as new_presets_cli
 from fpl_bench.learners._base import EncodeContext, InitContext
 from fpl_bench.learners.fedclip_adapter import OWN
 from fpl_bench.method import method_from_name
@@ -103,12 +102,3 @@ def test_training_lowers_the_loss(tiny_tower):
     _, _, out = trained("fedclip", tiny_tower, fed, "none", rounds=10, batch_size=8, lr=0.5)
     losses = [h["train_loss"] for h in out.history]
     assert losses[-1] < losses[0] - 0.01, losses
-
-
-@pytest.mark.parametrize("trust", ["server", "client"])
-def test_fedclip_runs_by_name_with_and_without_dp(tmp_path_factory, capsys, monkeypatch, trust):
-    """tests/test_new_presets_cli.py's check (eps none and 2, budget kept, 2x chance)."""
-    monkeypatch.setattr(new_presets_cli, "PRESETS", ["fedclip"])
-    new_presets_cli.test_each_runs_by_name_with_and_without_dp(
-        tmp_path_factory, capsys, monkeypatch, trust
-    )

@@ -12,7 +12,6 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import tests.test_new_presets_cli as new_presets_cli
 from fpl_bench.driver import FederatedRun, NoisePlan, Schedule
 from fpl_bench.errors import UsageError
 from fpl_bench.learners._base import EncodeContext, InitContext
@@ -240,13 +239,3 @@ def test_runs_through_the_driver_training_the_generator(tiny_tower, mode):
     for k in ("prompt", *OWN):
         assert not torch.equal(before[k], views[0][k]), k  # the queries and F trained
         assert torch.equal(views[0][k], views[1][k]), k  # and the server averaged them
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("trust", ["server", "client"])
-def test_fedtpg_runs_by_name_with_and_without_dp(tmp_path_factory, capsys, monkeypatch, trust):
-    """tests/test_new_presets_cli.py's check (eps none and 2, budget kept, 2x chance)."""
-    monkeypatch.setattr(new_presets_cli, "PRESETS", ["fedtpg"])
-    new_presets_cli.test_each_runs_by_name_with_and_without_dp(
-        tmp_path_factory, capsys, monkeypatch, trust
-    )

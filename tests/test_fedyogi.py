@@ -3,7 +3,6 @@ on small tensors (both signs of v - Delta^2), the driver's first round by hand f
 aggregate and its second from the aggregate the server received, --resume of the moments of
 both server optimizers, and a run by name without DP and under DP with both trust models."""
 
-import pandas as pd
 import pytest
 import torch
 from torch import Tensor
@@ -12,9 +11,7 @@ from fpl_bench.driver import FederatedRun, Schedule
 from fpl_bench.method import method_from_name
 from fpl_bench.schemes.fedadam import FedAdam
 from fpl_bench.schemes.fedyogi import FedYogi
-from tests.cli import run_cli
 from tests.test_driver import make_federation
-from tests.test_new_presets_cli import SMALL
 
 
 def paper_yogi(
@@ -124,26 +121,3 @@ def test_resume_between_rounds_continues_the_server_optimizer_bit_for_bit(tiny_t
     for key in ("m.prompt", "v.prompt"):
         assert torch.equal(resumed.server_state[key], first.server_state[key]), key
     assert torch.equal(resumed.server["prompt"], first.server["prompt"])
-
-
-def assert_runs_by_name(names, trust, tmp_path_factory, capsys, monkeypatch):
-    """`fpl-bench run --methods NAMES` at tests/test_new_presets_cli.py's tiny size, without DP
-    and at eps 2 under `trust`: every run finishes, each private one spends at most its target,
-    and each beats chance on the base classes."""
-    out = tmp_path_factory.mktemp(f"{'-'.join(names)}-{trust}")
-    where = ["--out", str(out / "out"), "--cache-dir", str(out / "cache")]
-    args = ["run", "--methods", ",".join(names), "--eps", "none,2", "--trust", trust]
-    code, _, err = run_cli([*args, *SMALL, *where], capsys, monkeypatch)
-    assert code == 0, err
-    rows = pd.read_csv(out / "out" / "results.csv")
-    assert sorted(rows["method"]) == sorted(names * 2) and set(rows["trust"]) == {trust}
-    assert (rows["status"] == "finished").all()
-    spent = rows.loc[rows["eps"].astype(str) != "none", "eps_spent"]
-    assert len(spent) == len(names) and ((spent > 0) & (spent <= 2.0 + 1e-9)).all()
-    assert (rows["base_acc"] > 2 / 32).all(), rows[["method", "eps", "base_acc"]]
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("trust", ["server", "client"])
-def test_runs_by_name_with_and_without_dp(tmp_path_factory, capsys, monkeypatch, trust):
-    assert_runs_by_name(["fedyogi"], trust, tmp_path_factory, capsys, monkeypatch)

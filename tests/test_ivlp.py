@@ -9,7 +9,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tests.test_new_presets_cli as new_presets_cli
 from fpl_bench.driver import FederatedRun, NoisePlan, Schedule
 from fpl_bench.learners._base import EncodeContext, InitContext
 from fpl_bench.learners._deep import prompt_depth
@@ -172,13 +171,3 @@ def test_runs_through_the_driver(towers, name, mode):
     after = run.view(0, evaluation=True)
     assert all(not torch.equal(before[k], after[k]) for k in before)  # every parameter trained
     assert set(run.method.shared) == (set() if name == "ivlp" else {"prompt", *OWN})
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("trust", ["server", "client"])
-def test_presets_run_by_name_with_and_without_dp(tmp_path_factory, capsys, monkeypatch, trust):
-    """tests/test_new_presets_cli.py's check (eps none and 2, budget kept, 2x chance)."""
-    monkeypatch.setattr(new_presets_cli, "PRESETS", ["ivlp", "fedivlp"])
-    new_presets_cli.test_each_runs_by_name_with_and_without_dp(
-        tmp_path_factory, capsys, monkeypatch, trust
-    )

@@ -1,14 +1,20 @@
 """The presets that each prove a seam (CoCoOp: a learner's own parameters and image-conditioned
 text; MaPLe: image-side prompts; SCAFFOLD and FedAdam: scheme state and a server optimizer;
-central: pooled data) run by name through the CLI, without DP and at eps 2 under both trust
-models, each private run spending at most its target and each trained run beating chance."""
+central: pooled data) and the methods built on those seams since run by name through the CLI,
+without DP and at eps 2 under both trust models, each private run spending at most its target
+and each trained run beating chance. One job per trust model runs them all (one feature cache,
+the runs spread over the workers)."""
 
 import pandas as pd
 import pytest
 
 from tests.cli import run_cli
 
-PRESETS = ["cocoop", "fedcocoop", "maple", "fedmaple", "scaffold", "fedadam", "central"]
+PRESETS = [
+    *("cocoop", "fedcocoop", "maple", "fedmaple", "scaffold", "fedadam", "central"),
+    *("fedyogi", "promptfolio", "ivlp", "fedivlp", "fedclip", "fedtpg"),
+    *("prograd", "fedprograd", "plot", "fedplot", "promptsrc", "fedpromptsrc"),
+]
 SMALL = [
     "--rounds", "2", "--local-epochs", "1", "--eval-every", "1", "--last-k", "1",
     "--clients", "2", "--shots", "4",

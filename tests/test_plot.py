@@ -10,7 +10,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tests.test_new_presets_cli as new_presets_cli
 from fpl_bench.driver import FederatedRun, NoisePlan, Schedule
 from fpl_bench.errors import UsageError
 from fpl_bench.learners._base import EncodeContext, InitContext
@@ -334,15 +333,3 @@ def test_runs_through_the_driver_training_every_prompt(tiny_tower, mode):
         for k in ("prompt", PROMPTS):
             assert not torch.equal(before[k], views[0][k]), (name, k)
             assert torch.equal(views[0][k], views[1][k]) == shared, (name, k)
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("trust", ["server", "client"])
-def test_plot_and_fedplot_run_by_name_with_and_without_dp(
-    tmp_path_factory, capsys, monkeypatch, trust
-):
-    """tests/test_new_presets_cli.py's check (eps none and 2, budget kept, 2x chance)."""
-    monkeypatch.setattr(new_presets_cli, "PRESETS", ["plot", "fedplot"])
-    new_presets_cli.test_each_runs_by_name_with_and_without_dp(
-        tmp_path_factory, capsys, monkeypatch, trust
-    )

@@ -20,7 +20,6 @@ from fpl_bench.method import method_from_name
 from fpl_bench.privacy.per_sample import client_step_gradients, step_gradients
 from fpl_bench.text_tower import TextTower
 from tests.test_driver import make_federation
-from tests.test_fedyogi import assert_runs_by_name
 
 
 def project(g_d: Tensor, g_g: Tensor, lam: float) -> Tensor:
@@ -230,9 +229,3 @@ def test_the_driver_steps_project_per_sample_under_dp_and_per_batch_without(tiny
         for got in (g.data["prompt"], batched[c][1].data["prompt"]):
             torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-5)
     assert 0 < conflicts < (10 if private else 2)  # both branches of the rule are taken
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("trust", ["server", "client"])
-def test_runs_by_name_with_and_without_dp(tmp_path_factory, capsys, monkeypatch, trust):
-    assert_runs_by_name(["prograd", "fedprograd"], trust, tmp_path_factory, capsys, monkeypatch)

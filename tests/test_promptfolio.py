@@ -18,7 +18,6 @@ from fpl_bench.privacy.per_sample import step_gradients
 from fpl_bench.schemes import SCHEMES
 from fpl_bench.schemes.promptfolio import PromptFolio
 from fpl_bench.text_tower import TextTower
-from tests.test_fedyogi import assert_runs_by_name
 
 
 def reference_logits(tower, p_global, p_local, images, class_idx, theta):
@@ -100,9 +99,3 @@ def test_only_the_global_prompt_is_shared_and_image_conditioned_learners_are_ref
         assert "mixes its prompt components' text features" in pair_problem(
             LEARNERS.get(name), scheme
         )
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("trust", ["server", "client"])
-def test_runs_by_name_with_and_without_dp(tmp_path_factory, capsys, monkeypatch, trust):
-    assert_runs_by_name(["promptfolio"], trust, tmp_path_factory, capsys, monkeypatch)

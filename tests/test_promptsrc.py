@@ -13,7 +13,6 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import tests.test_new_presets_cli as new_presets_cli
 from fpl_bench.learners._base import EncodeContext
 from fpl_bench.learners.promptsrc import TARGET, TEMPLATES, kl_per_class, l1_mean
 from fpl_bench.method import method_from_name
@@ -221,12 +220,3 @@ def test_runs_through_the_driver(towers, name, mode):
     assert all(not torch.equal(before[k], after[k]) for k in before)  # every parameter trained
     shared = set() if name == "promptsrc" else {"prompt", *OWN}
     assert set(run.method.shared) == shared
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("trust", ["server", "client"])
-def test_presets_run_by_name_with_and_without_dp(tmp_path_factory, capsys, monkeypatch, trust):
-    """tests/test_new_presets_cli.py's check (eps none and 2, budget kept, 2x chance)."""
-    monkeypatch.setattr(new_presets_cli, "PRESETS", PRESETS)
-    check = new_presets_cli.test_each_runs_by_name_with_and_without_dp
-    check(tmp_path_factory, capsys, monkeypatch, trust)

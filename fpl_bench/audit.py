@@ -289,7 +289,7 @@ def run_audit(
     from fpl_bench.experiment import run_experiment
     from fpl_bench.jobs import output_lock
     from fpl_bench.report.records import read_results
-    from fpl_bench.run_records import finished_row, run_key
+    from fpl_bench.run_records import finished_row, run_key, run_name
     from fpl_bench.tracking import Tracker
 
     spec = job.spec
@@ -303,7 +303,7 @@ def run_audit(
         tracker = Tracker(out, experiment=AUDIT_EXPERIMENT)
         for m, e, seed in product(range(len(spec.methods)), range(len(spec.eps)), job.targets):
             key = run_key(spec, spec.methods[m], spec.eps[e], seed)
-            name = _run_name(key)
+            name = run_name(key)
             target = finished_row(auditor.results, key)
             if target is None:
                 log(f"{name}: not finished (diverged or failed); not audited")
@@ -401,11 +401,6 @@ def _prompts_path(out: Path, row: dict[str, Any]) -> Path:
             f"{out / name}: the prompts of {run} are missing; audit into another --out"
         )
     return out / name
-
-
-def _run_name(key: dict[str, Any]) -> str:
-    """A run's name, as its accuracy run's (fpl_bench/experiment.py)."""
-    return f"{key['method']}-{key['dataset']}-{key['trust']}-eps{key['eps']}-seed{key['seed']}"
 
 
 _METRICS = ("balanced_acc", "auc", "tpr_at_1fpr", "n_members", "n_nonmembers")

@@ -64,6 +64,7 @@ from fpl_bench.run_records import (
     provenance,
     run_config,
     run_key,
+    run_name,
     save_checkpoint,
     save_configs,
     save_partition,
@@ -176,17 +177,17 @@ def run_one(
     params = {**config, "eps": key["eps"], "seed": seed, "config_hash": key["config_hash"]}
     if ledger is not None:
         params.update({f"privacy.{k}": v for k, v in asdict(ledger).items()})
-    run_name = f"{choice.label}-{spec.dataset}-{spec.trust}-eps{key['eps']}-seed{seed}"
+    title = run_name(key)
     tags = {k: str(v) for k, v in key.items()}
     checkpoint = checkpoint_path(Path(spec.out), key)
     start, run_id = None, None
     if spec.resume and checkpoint.is_file():
         start, run_id = load_checkpoint(checkpoint, run, tracker)
-        log(f"{run_name}: resuming after round {start.rounds_done} of {spec.rounds}")
+        log(f"{title}: resuming after round {start.rounds_done} of {spec.rounds}")
         if progress:
             progress(start.rounds_done)
     if run_id is None:
-        run_id = tracker.start(run_name, params, tags)
+        run_id = tracker.start(title, params, tags)
 
     def save_round(rounds_done: int, output: RunOutput) -> None:
         save_checkpoint(checkpoint, run, output, run_id)
@@ -203,7 +204,7 @@ def run_one(
         status = "finished"
     except Diverged as err:
         status = "diverged"
-        log(f"{run_name}: diverged ({err}); recorded without accuracy")
+        log(f"{title}: diverged ({err}); recorded without accuracy")
     except KeyboardInterrupt:
         status = "killed"
         raise
@@ -271,7 +272,7 @@ def run_one(
     }
     shown = ", ".join(f"{m}={metrics[m]:.3f}" for m in fed.protocol.metrics)
     spent = f", eps_spent={privacy['eps_spent']:.3f}" if eps is not None else ""
-    log(f"{run_name}: {status}, {shown}{spent} ({wall:.1f}s)")
+    log(f"{title}: {status}, {shown}{spent} ({wall:.1f}s)")
     return row
 
 

@@ -18,6 +18,7 @@ import json
 import math
 import pickle
 import subprocess
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -95,6 +96,11 @@ def run_key(spec: ExperimentSpec, choice: MethodChoice, eps: float | None, seed:
         "seed": seed,
         "config_hash": config_hash(run_config(spec, choice)),
     }
+
+
+def run_name(key: Mapping[str, Any]) -> str:
+    """A run's MLflow name from its `run_key`: METHOD-DATASET-TRUST-epsEPS-seedSEED."""
+    return f"{key['method']}-{key['dataset']}-{key['trust']}-eps{key['eps']}-seed{key['seed']}"
 
 
 def finished_row(previous: pd.DataFrame | None, key: dict[str, Any]) -> dict | None:

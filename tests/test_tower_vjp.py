@@ -264,3 +264,33 @@ def test_prompts_run_in_calls_of_bounded_rows_with_the_same_values(towers, monke
     shapes.clear()
     assert _rel(per_sample(), whole) < ROUNDING
     assert shapes == [(2, 3), (2, 3), (1, 3)]
+
+
+@pytest.mark.parametrize("depth", [1, 2, "all"])
+def test_deep_prompts_equal_full_sequences_per_sample(towers, depth):
+    """MaPLe's and IVLP's deep language prompts (`encode_deep`): the shared-prefix forward and
+    the hand-written backward, where deeper[i - 1] replaces the context rows at block i's input,
+    against every class's full sequence through open_clip's modules (autograd): features, and
+    per-sample gradients of the context and of every deep prompt, clients stacked under vmap.
+    "all" prompts every block after the first, the last block (EOT rows only) included."""
+    hand, _ = towers
+    full = hand.with_options(share_prefix=False)
+    blocks = len(hand.transformer.resblocks)
+    n_deep = blocks - 1 if depth == "all" else depth - 1
+    ctx, deeper = 0.1 * _data(3, 4, hand.width), 0.1 * _data(3, n_deep, 4, hand.width)
+    cot = _data(5, 3, len(NAMES), 64)
+    with torch.no_grad():
+        values = [vmap(t.encode_deep)(ctx, deeper) for t in (hand, full)]
+    assert _rel(values[0], values[1]) < ROUNDING
+
+    def per_sample(tower):
+        _, fn = vjp(lambda c, d: vmap(tower.encode_deep)(c, d), ctx, deeper)
+        return vmap(fn)(cot)
+
+    (d_ctx, d_deep), (w_ctx, w_deep) = per_sample(hand), per_sample(full)
+    assert d_ctx.shape == (5, 3, 4, hand.width) and d_deep.shape == (5, *deeper.shape)
+    assert _rel(d_ctx, w_ctx) < ROUNDING
+    if n_deep:
+        assert _rel(d_deep, w_deep) < ROUNDING
+        # each deep prompt gets its own gradient: the replaced rows pass nothing further down
+        assert all(float(w_deep[:, :, i].norm()) > 0 for i in range(n_deep))

@@ -46,6 +46,7 @@ from fpl_bench.text_tower.shared_prefix import (
     BlockSaved,
     LastBlockSaved,
     TowerSaved,
+    deep_blocks,
     features_saving,
 )
 
@@ -81,40 +82,54 @@ class _Spec:
     tower: TextTower
     suffix: Tensor  # [n, S, W]
     eot: Tensor  # [n] EOT positions in the full sequence
+    n_deep: int = 0  # blocks 1 .. n_deep take a deep prompt (shared_prefix.replace_context)
 
 
-def encode(tower: TextTower, ctx: Tensor, suffix: Tensor, eot: Tensor) -> Tensor:
-    """L2-normalised EOT features [*lead, n, D] of ctx [*lead, n_ctx, W], as
-    `shared_prefix.features` + normalisation, with the hand-written backward."""
-    return SharedPrefixEncode.apply(ctx, _Spec(tower, suffix, eot))[0]
+def encode(
+    tower: TextTower, ctx: Tensor, suffix: Tensor, eot: Tensor, deeper: Tensor | None = None
+) -> Tensor:
+    """L2-normalised EOT features [*lead, n, D] of ctx [*lead, n_ctx, W] (and the deep prompts
+    deeper [*lead, J - 1, n_ctx, W]), as `shared_prefix.features` + normalisation, with the
+    hand-written backward."""
+    spec = _Spec(tower, suffix, eot, deep_blocks(deeper))
+    return SharedPrefixEncode.apply(ctx, deeper, spec)[0]
 
 
 class SharedPrefixEncode(torch.autograd.Function):
-    """features = normalize(tower(ctx)); outputs (features, *saved.flatten()) with the saved
-    tensors marked non-differentiable (a torch.func-compatible Function cannot keep them on
-    ctx)."""
+    """features = normalize(tower(ctx, deeper)); outputs (features, *saved.flatten()) with the
+    saved tensors marked non-differentiable (a torch.func-compatible Function cannot keep them
+    on ctx)."""
 
     @staticmethod
-    def forward(ctx_vectors: Tensor, spec: _Spec) -> tuple[Tensor, ...]:
-        z, saved = features_saving(spec.tower, ctx_vectors, spec.suffix, spec.eot)
+    def forward(ctx_vectors: Tensor, deeper: Tensor | None, spec: _Spec) -> tuple[Tensor, ...]:
+        z, saved = features_saving(spec.tower, ctx_vectors, spec.suffix, spec.eot, deeper)
         # the differentiable output must not be one of the saved (non-differentiable) tensors
         return (z.clone(), *saved.flatten())
 
     @staticmethod
     def setup_context(ctx: Any, inputs: tuple[Any, ...], output: tuple[Tensor, ...]) -> None:
-        ctx.spec = inputs[1]
+        ctx.spec = inputs[2]
         ctx.ctx_dtype = inputs[0].dtype
+        ctx.n_ctx = inputs[0].shape[-2]
         ctx.mark_non_differentiable(*output[1:])
         ctx.save_for_backward(*output[1:])
 
     @staticmethod
-    def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor | None, None]:
-        dctx = _Backward.apply(grad, ctx.spec, *ctx.saved_tensors)
-        return dctx.to(ctx.ctx_dtype), None
+    def backward(ctx: Any, grad: Tensor, *_: Any) -> tuple[Tensor | None, Tensor | None, None]:
+        d = _Backward.apply(grad, ctx.spec, *ctx.saved_tensors)  # [..., J n_ctx, W]
+        d = d.to(ctx.ctx_dtype)
+        if not ctx.spec.n_deep:
+            return d, None, None
+        dctx, ddeep = d.split([ctx.n_ctx, d.shape[-2] - ctx.n_ctx], dim=-2)
+        return dctx, ddeep.unflatten(-2, (ctx.spec.n_deep, ctx.n_ctx)), None
 
     @staticmethod
-    def vmap(info: Any, in_dims: tuple[Any, ...], ctx_vectors: Tensor, spec: _Spec) -> Any:
-        outputs = SharedPrefixEncode.apply(_front(ctx_vectors, in_dims[0], info), spec)
+    def vmap(
+        info: Any, in_dims: tuple[Any, ...], ctx_vectors: Tensor, deeper: Tensor | None, spec: _Spec
+    ) -> Any:
+        ctx_vectors = _front(ctx_vectors, in_dims[0], info)
+        deeper = None if deeper is None else _front(deeper, in_dims[1], info)
+        outputs = SharedPrefixEncode.apply(ctx_vectors, deeper, spec)
         return outputs, tuple(0 for _ in outputs)
 
 
@@ -357,7 +372,9 @@ CPU_ROWS_PER_CALL = 2**13
 
 
 def tower_backward(spec: _Spec, saved: TowerSaved, dz: Tensor) -> Tensor:
-    """d ctx [E, *lead, n_ctx, W] from d features dz [E, *lead, n, D] (normalised features).
+    """d ctx [E, *lead, n_ctx, W] from d features dz [E, *lead, n, D] (normalised features);
+    with deep prompts (`spec.n_deep` = J - 1), d ctx and d deeper as [E, *lead, J n_ctx, W],
+    the context's rows first, then each deep prompt's.
 
     On CPU (`_calls`) the prompts run in calls of at most CPU_ROWS_PER_CALL rows, and the rows
     (samples) whose cotangent is zero for a prompt are left out of its backward (their
@@ -415,7 +432,9 @@ def _calls(dz: Tensor, *, rows: int) -> list[tuple[Tensor, Tensor]] | None:
 
 
 def _backward(spec: _Spec, saved: TowerSaved, dz: Tensor) -> Tensor:
-    """d ctx [L, n_ctx, E, W] from dz [L, n, E, D]."""
+    """d ctx [L, n_ctx, E, W] from dz [L, n, E, D]; with deep prompts, [L, J n_ctx, E, W]:
+    the gradient at block i's context rows is deeper[i - 1]'s (it replaced them), and none of
+    it flows to block i - 1's outputs there, which the replacement discarded."""
     tower = spec.tower
     blocks = list(tower.transformer.resblocks)
     n_pre = 1 + tower.n_ctx
@@ -435,6 +454,13 @@ def _backward(spec: _Spec, saved: TowerSaved, dz: Tensor) -> Tensor:
     n_suf = spec.suffix.shape[-2]
     eot_rows = n_pre + torch.arange(n_cls, device=dz.device) * n_suf + (spec.eot - n_pre)
     d = _last_block_back(blocks[-1], d, saved.last, n_pre=n_pre, eot_rows=eot_rows)
-    for i in range(len(blocks) - 2, -1, -1):
-        d = _block_back(blocks[i], d, saved.blocks[i], n_pre=n_pre, n_cls=n_cls, prefix_only=i == 0)
-    return d[:, 1:n_pre]
+    deep: list[Tensor] = [d[:, :0]] * spec.n_deep  # d deeper[i - 1], filled from the top
+    for i in range(len(blocks) - 1, -1, -1):
+        if i < len(blocks) - 1:
+            d = _block_back(
+                blocks[i], d, saved.blocks[i], n_pre=n_pre, n_cls=n_cls, prefix_only=i == 0
+            )
+        if 1 <= i <= spec.n_deep:
+            deep[i - 1] = d[:, 1:n_pre]
+            d = torch.cat([d[:, :1], torch.zeros_like(deep[i - 1]), d[:, n_pre:]], dim=1)
+    return torch.cat([d[:, 1:n_pre], *deep], dim=1) if deep else d[:, 1:n_pre]

@@ -124,19 +124,22 @@ class TowerSaved(NamedTuple):
 # -- the tower on the shared-prefix rows ---------------------------------------------------------
 
 
-def features(tower: TextTower, ctx: Tensor, suffix: Tensor, eot: Tensor) -> Tensor:
+def features(
+    tower: TextTower, ctx: Tensor, suffix: Tensor, eot: Tensor, deeper: Tensor | None = None
+) -> Tensor:
     """Projected EOT features [*lead, n, D] of ctx [*lead, n_ctx, W] by the shared-prefix path;
     suffix [n, S_suffix, W] and eot [n] (positions in the full sequence) of the scored classes.
-    Differentiable by autograd."""
-    return _run(tower, ctx, suffix, eot, save=False)[0]
+    deeper [*lead, J - 1, n_ctx, W]: deep prompts (MaPLe, IVLP), deeper[i - 1] replacing the
+    context rows at the input of block i (`_run`). Differentiable by autograd."""
+    return _run(tower, ctx, suffix, eot, save=False, deeper=deeper)[0]
 
 
 def features_saving(
-    tower: TextTower, ctx: Tensor, suffix: Tensor, eot: Tensor
+    tower: TextTower, ctx: Tensor, suffix: Tensor, eot: Tensor, deeper: Tensor | None = None
 ) -> tuple[Tensor, TowerSaved]:
     """L2-normalised `features` (the values of F.normalize(wide(features))) and what the
     hand-written backward reads. Nothing here is differentiated (backward.py's Function)."""
-    feats, saved = _run(tower, ctx, suffix, eot, save=True)
+    feats, saved = _run(tower, ctx, suffix, eot, save=True, deeper=deeper)
     assert saved is not None
     blocks, last, (x_hat, rstd) = saved
     flat = wide(feats)
@@ -148,11 +151,32 @@ def features_saving(
 _Parts = tuple[tuple[BlockSaved, ...], LastBlockSaved, tuple[Tensor, Tensor]]
 
 
+def deep_blocks(deeper: Tensor | None) -> int:
+    """How many blocks after the first take a deep prompt: J - 1 (0 without deep prompts)."""
+    return 0 if deeper is None else deeper.shape[-3]
+
+
+def replace_context(x: Tensor, deep: Tensor, n_pre: int) -> Tensor:
+    """x [..., R, W] with its context rows 1 .. n_pre - 1 replaced by deep [..., n_ctx, W]
+    (MaPLe's deep language prompt at a block's input, Khattak et al. CVPR 2023, Sec. 3.2: the
+    previous block's outputs at the context positions are discarded). Every class shares the
+    context rows, so in the shared-prefix layout they are replaced once, in the prefix."""
+    return torch.cat([x[..., :1, :], deep.to(x.dtype), x[..., n_pre:, :]], dim=-2)
+
+
 def _run(
-    tower: TextTower, ctx: Tensor, suffix: Tensor, eot: Tensor, *, save: bool
+    tower: TextTower,
+    ctx: Tensor,
+    suffix: Tensor,
+    eot: Tensor,
+    *,
+    save: bool,
+    deeper: Tensor | None = None,
 ) -> tuple[Tensor, _Parts | None]:
     """The projected features and, with `save`, the blocks' saved tensors and ln_final's
-    (x_hat, 1 / std)."""
+    (x_hat, 1 / std). With `deeper`, deeper[..., i - 1, :, :] replaces the context rows at the
+    input of block i = 1 .. J - 1 (no positional embedding is added to them, as in
+    `TextTower.encode_deep`)."""
     n_pre = 1 + tower.n_ctx
     seq = n_pre + suffix.shape[-2]
     lead = ctx.shape[:-2]
@@ -165,8 +189,13 @@ def _run(
     )  # [*lead, P + n S, W]
     x = x + torch.cat([pos[:n_pre], x.new_zeros(own.shape)])
     resblocks = list(tower.transformer.resblocks)
+    n_deep = deep_blocks(deeper)
     blocks = []
-    for block in resblocks[:-1]:
+    for i, block in enumerate(resblocks):
+        if deeper is not None and 1 <= i <= n_deep:
+            x = replace_context(x, deeper[..., i - 1, :, :], n_pre)
+        if i == len(resblocks) - 1:
+            break
         x, kept = shared_prefix_block(block, x, n_pre=n_pre, n_cls=n_cls, save=save)
         if kept is not None:
             blocks.append(kept)

@@ -250,13 +250,17 @@ class TextTower:
         """Text features [n, D] (L2-normalised) of one prompt whose context is `ctx`
         [n_ctx, W] at the input and `deeper[i - 1]` [n_ctx, W] at the input of block i, for
         i = 1 .. len(deeper) (MaPLe's deep language prompts, Khattak et al. CVPR 2023: each
-        replaces the previous block's outputs at the context positions). Runs every class's
-        full sequence (no shared prefix: the deep context differs per block)."""
+        replaces the previous block's outputs at the context positions). For per-sample
+        gradients the shared-prefix path with its hand-written backward carries them (they are
+        the same for every class, like the context); otherwise (one cotangent, where autograd's
+        engine is fast) every class's full sequence runs through the tower's own modules."""
         prefix, suffix, eot = self.prefix, self.suffix, self.eot
         if class_idx is not None:
             prefix, suffix, eot = prefix[class_idx], suffix[class_idx], eot[class_idx]
         n, n_ctx = prefix.shape[0], ctx.shape[0]
         with self.autocast(ctx.device):
+            if self.share_prefix and self.hand_backward and per_sample_backward_ahead():
+                return backward.encode(self, ctx, suffix, eot, deeper)  # normalised, [n, D]
             x = torch.cat([prefix, ctx.expand(n, *ctx.shape), suffix], dim=1)  # [n, S, W]
             seq = x.shape[1]
             x = x + self.positional[:seq].to(x.dtype)

@@ -141,10 +141,14 @@ class Method:
     def step_params(
         self, params: Mapping[str, Tensor], generator: torch.Generator
     ) -> tuple[Params, Params]:
-        """The scheme's step parameters (and aux) plus the learner's own, taken as stored."""
+        """The scheme's step parameters (and aux) plus the learner's own, taken as stored; the
+        learner's random draws of the step (`PromptLearner.draws`, drawn on the CPU generator and
+        moved to the parameters' device) join the aux."""
         mine, own = self._split(params)
         step, aux = self.scheme.step_params(mine, generator)
-        return {**step, **own}, aux
+        device = next(iter(params.values())).device
+        draws = {k: v.to(device) for k, v in self.learner.draws(generator).items()}
+        return {**step, **own}, {**aux, **draws}
 
     def param_grads(
         self, params: Mapping[str, Tensor], step: Mapping[str, Tensor], grads: Mapping[str, Tensor]
@@ -164,13 +168,17 @@ class Method:
     ) -> Encoded:
         """{"text": the learner's encoding, <extra name>: [n, D], "own": the learner's own
         parameters (only when it has some: passed through, so that gradients reach them
-        through the same vjp as the prompts')}."""
+        through the same vjp as the prompts'), "draws": the learner's random draws of the step
+        (only when it has some: constants its loss reads, float so that they ride the vjp)}."""
         prompts = self.scheme.prompts(step, aux)  # [N, n_ctx, W]
         extras = self.scheme.extra_prompts(step, aux)  # {name: [n_ctx, W]}
         n = prompts.shape[0]
         if extras:
             prompts = torch.cat([prompts, torch.stack(list(extras.values()))])
         own = self._own(step)
+        draws = self._draws(aux)
+        if draws:
+            ctx = replace(ctx, draws=draws)
         features = self.learner.encode(prompts, self._with_own(ctx, own))  # [N + E, n_cls, D]
         if not extras:  # the learner's encoding as it is (a learner may return a dict)
             out = {"text": features}
@@ -181,13 +189,23 @@ class Method:
             out["text"] = self.scheme.mix_text(out["text"])
         if own:
             out["own"] = own
+        if draws:
+            out["draws"] = draws
         return out
+
+    def _draws(self, aux: Mapping[str, Tensor]) -> Params:
+        """The learner's random draws among a step's aux (named "<learner>.<part>")."""
+        prefix = f"{self.learner.name}."
+        return {k: v for k, v in aux.items() if k.startswith(prefix)}
 
     @staticmethod
     def _with_own(ctx: EncodeContext, own: Mapping[str, Tensor]) -> EncodeContext:
         return replace(ctx, own=own) if own else ctx
 
     def _ctx(self, encoded: Encoded, ctx: EncodeContext) -> EncodeContext:
+        draws = encoded.get("draws")
+        if draws:
+            ctx = replace(ctx, draws=draws)
         return self._with_own(ctx, encoded.get("own", {}))
 
     def logits(

@@ -23,6 +23,13 @@ with the learner's name and a dot. Whether the server shares them is the scheme'
 each image (CoCoOp): its `encode` returns what its `logits` need to run the text tower per
 image, so the per-sample loss holds that image's tower forward (batched over the samples).
 
+A learner whose loss is random (BPL's sampled residuals) takes its randomness from `draws`: a
+few values drawn from the step's seeded stream (the generator `Scheme.step_params` draws
+from: one per run seed, round, client and step, evaluation apart), named "<learner>.<part>".
+They reach its hooks as `ctx.draws`, constants of the step like the image; a draw that must
+differ per sample is derived from them and the sample's own record, never from its position
+in the batch (so a sample's loss reads no other sample's presence).
+
 A learner never calls backward, clips, draws noise or builds an optimizer.
 """
 
@@ -62,6 +69,7 @@ class EncodeContext:
     consts: Mapping[str, Tensor] = field(default_factory=dict)
     own: Mapping[str, Tensor] = field(default_factory=dict)  # the learner's own parameters
     vision: VisionTower | None = None  # the image tower, for a learner that prompts it
+    draws: Mapping[str, Tensor] = field(default_factory=dict)  # the learner's step draws
 
 
 def random_context(init: InitContext) -> Tensor:
@@ -127,6 +135,11 @@ class PromptLearner:
 
     def init_params(self, init: InitContext) -> Params:
         """The learner's own parameters, named as `own_params` (none by default)."""
+        return {}
+
+    def draws(self, generator: torch.Generator) -> Params:
+        """Random values of one step (or one evaluation), named "<learner>.<part>", from the
+        step's seeded stream (none by default; module docstring)."""
         return {}
 
     def init_prompt(self, init: InitContext) -> Tensor:

@@ -129,8 +129,8 @@ _OPTIONS = (
     SpecOption(
         "protocol",
         str,
-        "base2novel, personalized, multi-domain, cross-domain or cross-dataset "
-        "(with --transfer-datasets).",
+        "base2novel, personalized, multi-domain, cross-domain, cross-dataset "
+        "(with --transfer-datasets), or FLiP's global or dual.",
     ),
     SpecOption(
         "transfer_datasets",

@@ -29,6 +29,7 @@ METRICS = (
     "other_domain_acc",
     "source_acc",
     "target_acc",
+    "global_acc",
 )
 PROTOCOL_METRICS = {  # what each protocol of fpl_bench/protocols.py reports
     "personalized": ("local_acc", "neighbor_acc"),
@@ -36,6 +37,8 @@ PROTOCOL_METRICS = {  # what each protocol of fpl_bench/protocols.py reports
     "multi-domain": ("local_acc", "own_domain_acc", "other_domain_acc"),
     "cross-domain": ("local_acc", "source_acc", "target_acc"),
     "cross-dataset": ("local_acc", "source_acc", "target_acc"),
+    "global": ("global_acc",),
+    "dual": ("local_acc", "global_acc", "hm"),
 }
 
 

@@ -22,6 +22,11 @@ cross-dataset (CoOp's cross-dataset transfer, IJCV 2022 Table 2): the clients tr
     transfer dataset, with logits over that dataset's classes. local = the client's local test
     share; source = every source test image; target = the mean over transfer datasets (after
     the last round) of the accuracy on every test image.
+global (FLiP's `global`): all classes dealt; each client's prompt (for a scheme that shares
+    it, the server's) scored on the pooled test set of every class, logits over all classes.
+    global = accuracy on every test image.
+dual (FLiP's `dual`): global as above, local = the client's local test share (FLiP's
+    `personal`), hm = 2 L G / (L + G) of the client-averaged local and global accuracies.
 cross-domain (leave one domain out, FLiP / PMFLT): the clients train on every domain but the
     target one, whose images are never dealt; all classes. local = the client's local test
     share; source = every test image of the training domains; target = every test image of
@@ -46,6 +51,8 @@ PROTOCOLS: tuple[str, ...] = (
     "multi-domain",
     "cross-domain",
     "cross-dataset",
+    "global",
+    "dual",
 )
 
 
@@ -68,6 +75,7 @@ class Protocol:
     test_domains: np.ndarray | None = None  # [N_test] domain ids (domain protocols)
     train_pool: np.ndarray | None = None  # train images that may be dealt (None: all)
     test_pool: np.ndarray | None = None  # test images dealt as local test sets (None: all)
+    hm_of: tuple[str, str] = ("base_acc", "novel_acc")  # the two metrics "hm" combines
 
     def client_metrics(
         self,
@@ -109,7 +117,7 @@ class Protocol:
             finite = values[~np.isnan(values)]
             out[name] = float(finite.mean()) if finite.size else math.nan
         if "hm" in self.metrics:
-            out["hm"] = harmonic_mean(out["base_acc"], out["novel_acc"])
+            out["hm"] = harmonic_mean(out[self.hm_of[0]], out[self.hm_of[1]])
         return out
 
 
@@ -127,6 +135,16 @@ def make_protocol(name: str, *, n_classes: int, test_labels: np.ndarray) -> Prot
         )
     if name == "base2novel":
         return base2novel(*base_novel_split(n_classes), test_labels=labels)
+    if name in ("global", "dual"):
+        classes = np.arange(n_classes)
+        return Pooled(
+            name=name,
+            seen_classes=classes,
+            eval_sets=(EvalSet("seen", classes, np.flatnonzero(np.isin(labels, classes))),),
+            metrics=("global_acc",) if name == "global" else ("local_acc", "global_acc", "hm"),
+            test_labels=labels,
+            hm_of=("local_acc", "global_acc"),
+        )
     if name in ("cross-dataset", "transfer"):
         classes = np.arange(n_classes)
         cls = CrossDataset if name == "cross-dataset" else Transfer
@@ -155,6 +173,26 @@ def base2novel(base: np.ndarray, novel: np.ndarray, *, test_labels: np.ndarray) 
         metrics=("local_acc", "neighbor_acc", "base_acc", "novel_acc", "hm"),
         test_labels=labels,
     )
+
+
+@dataclass(frozen=True)
+class Pooled(Protocol):
+    """global and dual: a client's prompt on the pooled test set of every class (and, dual, on
+    its own local test share)."""
+
+    def client_metrics(
+        self,
+        correct: Mapping[str, np.ndarray],
+        *,
+        local_test: np.ndarray,
+        client_classes: np.ndarray,
+    ) -> dict[str, float]:
+        seen = self.eval_sets[0]
+        out = {"global_acc": accuracy(correct[seen.name])}
+        if "local_acc" in self.metrics:
+            local = np.flatnonzero(np.isin(seen.images, local_test))
+            out["local_acc"] = accuracy(correct[seen.name], local)
+        return out
 
 
 @dataclass(frozen=True)

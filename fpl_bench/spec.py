@@ -87,7 +87,13 @@ class ExperimentSpec(BaseModel):
     data_root: Path | None = None
     dataset_options: dict[str, Any] = Field(default_factory=dict)
     protocol: Literal[
-        "personalized", "base2novel", "multi-domain", "cross-domain", "cross-dataset"
+        "personalized",
+        "base2novel",
+        "multi-domain",
+        "cross-domain",
+        "cross-dataset",
+        "global",
+        "dual",
     ] = "base2novel"
     transfer_datasets: tuple[str, ...] = ()  # cross-dataset: where the prompts are scored
     target_domain: str | None = None  # cross-domain: the held-out domain (default: the last)

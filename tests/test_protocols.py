@@ -116,3 +116,34 @@ def test_multi_domain_scores_own_and_other_domains():
             domain_names=("a",),
             target_domain=None,
         )
+
+
+def test_global_and_dual_score_the_pooled_test_set_and_dual_adds_local_and_hm():
+    """FLiP's global (a client's prompt on every test image, logits over all classes) and dual
+    (global, the local share, and their harmonic mean of client means)."""
+    labels = np.array([0, 0, 1, 1, 2, 2])
+    glob = make_protocol("global", n_classes=3, test_labels=labels)
+    dual = make_protocol("dual", n_classes=3, test_labels=labels)
+    for p in (glob, dual):
+        assert p.seen_classes.tolist() == [0, 1, 2] and len(p.eval_sets) == 1
+        assert p.eval_sets[0].images.tolist() == [0, 1, 2, 3, 4, 5]
+    assert glob.metrics == ("global_acc",) and dual.metrics == ("local_acc", "global_acc", "hm")
+    correct = {"seen": np.array([True, True, False, True, False, False])}
+    own = {"local_test": np.array([0, 1]), "client_classes": np.array([0])}
+    assert glob.client_metrics(correct, **own) == {"global_acc": 0.5}
+    assert dual.client_metrics(correct, **own) == {"global_acc": 0.5, "local_acc": 1.0}
+    clients = [{"global_acc": 0.5, "local_acc": 1.0}, {"global_acc": 0.3, "local_acc": 0.6}]
+    m = dual.mean_over_clients(clients)
+    assert math.isclose(m["global_acc"], 0.4) and math.isclose(m["local_acc"], 0.8)
+    assert math.isclose(m["hm"], 2 * 0.8 * 0.4 / 1.2)
+    assert set(glob.mean_over_clients(clients)) == {"global_acc"}
+
+
+def test_every_protocol_has_a_tuning_objective_among_its_metrics():
+    from fpl_bench.evaluate import PROTOCOL_METRICS
+    from fpl_bench.protocols import PROTOCOLS
+    from fpl_bench.tune.study import OBJECTIVE_METRIC
+
+    assert set(OBJECTIVE_METRIC) == set(PROTOCOLS) == set(PROTOCOL_METRICS)
+    for protocol, metric in OBJECTIVE_METRIC.items():
+        assert metric in PROTOCOL_METRICS[protocol] and metric != "target_acc", protocol

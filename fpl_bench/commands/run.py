@@ -37,6 +37,7 @@ SHORT = {
     "own_domain_acc": "own dom",
     "other_domain_acc": "other dom",
     "target_acc": "target",
+    "global_acc": "global",
 }
 
 

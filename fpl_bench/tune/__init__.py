@@ -1,8 +1,9 @@
 """Hyperparameter tuning: one Optuna study per (method, dataset, protocol, trust, eps).
 
 Tuning sees the validation split only (`eval_split="val"`, carved from the training data,
-never test). The objective is the protocol's reported metric (`OBJECTIVE_METRIC`: local_acc
-for personalized, hm for base2novel), the mean over the last k evaluations, and over seeds when
+never test). The objective is a metric the protocol reports (`OBJECTIVE_METRIC`: local_acc
+for personalized, hm for base2novel and dual, ...; never a held-out target's), the mean over
+the last k evaluations, and over seeds when
 several are given. The search space is the preset card's `[search]` table
 (`fpl_bench.catalog.PresetCard.search`); a card without one cannot be tuned. Tuning reads the
 private training data: the epsilon a tuned run reports covers that final training run only,

@@ -3,11 +3,8 @@ reparameterised residuals, the loss -log (1/L) sum_l p(y | x, r_l) + beta KL and
 prediction; the seeded draws (a counter-based hash: reproducible, standard normal, bound to the
 record and not to its place in the batch); exact per-sample gradients of the context and both
 meta-nets, KL included, in float64 (one backward per sample); which scheme shares them; runs
-through the driver (reproducibly) and by name through the CLI."""
+through the driver (reproducibly; by name through the CLI: tests/test_new_presets_cli.py)."""
 
-import math
-
-import pandas as pd
 import pytest
 import torch
 from torch.distributions import Normal, kl_divergence
@@ -264,33 +261,3 @@ def test_runs_through_the_driver_reproducibly(tiny_tower, mode):
             other = _run(tiny_tower, name, mode, seed=1)
             other.run()
             assert not torch.equal(other.view(0, evaluation=True)["prompt"], views[0]["prompt"])
-
-
-SMALL = [
-    "--rounds", "2", "--local-epochs", "1", "--eval-every", "1", "--last-k", "1",
-    "--clients", "2", "--shots", "4",
-    "--dataset-option", "n_train_per_class=8",
-    "--dataset-option", "n_test_per_class=4",
-    "--dataset-option", "n_val_per_class=4",
-]  # fmt: skip
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("trust", ["server", "client"])
-def test_runs_by_name_with_and_without_dp(tmp_path_factory, capsys, monkeypatch, trust):
-    from tests.cli import run_cli  # the CLI only here: the other tests need the learner alone
-
-    out = tmp_path_factory.mktemp(f"bpl-{trust}")
-    args = [
-        "run", "--methods", "bpl,fedbpl", "--eps", "none,2", "--trust", trust,
-        *SMALL, "--out", str(out / "out"), "--cache-dir", str(out / "cache"),
-    ]  # fmt: skip
-    code, _, err = run_cli(args, capsys, monkeypatch)
-    assert code == 0, err
-    frame = pd.read_csv(out / "out" / "results.csv")
-    assert sorted(frame["method"].unique()) == ["bpl", "fedbpl"]
-    assert (frame["status"] == "finished").all() and len(frame) == 4
-    private = frame[frame["eps"].astype(str) != "none"]
-    assert (private["eps_spent"] <= 2.0 + 1e-9).all() and (private["eps_spent"] > 0).all()
-    assert (frame["base_acc"] > 2 / 32).all(), frame[["method", "eps", "base_acc"]]
-    assert math.isfinite(float(frame["base_acc"].mean()))

@@ -14,9 +14,10 @@ PRESETS = [
     *("cocoop", "fedcocoop", "maple", "fedmaple", "scaffold", "fedadam", "central"),
     *("fedyogi", "promptfolio", "ivlp", "fedivlp", "fedclip", "fedtpg"),
     *("prograd", "fedprograd", "plot", "fedplot", "promptsrc", "fedpromptsrc"),
+    *("proda", "fedproda", "bpl", "fedbpl"),
 ]
 SMALL = [
-    "--rounds", "2", "--local-epochs", "1", "--eval-every", "1", "--last-k", "1",
+    "--rounds", "2", "--local-epochs", "1", "--eval-every", "2", "--last-k", "1",
     "--clients", "2", "--shots", "4",
     "--dataset-option", "n_train_per_class=8",
     "--dataset-option", "n_test_per_class=4",

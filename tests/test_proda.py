@@ -3,9 +3,8 @@ prompts' text features, its logits' covariance, the closed-form upper bound of t
 cross-entropy (checked against a Monte Carlo estimate of that expectation, which it must bound),
 the reference's diversity term; the K prompts through one tower forward; exact per-sample
 gradients of all K prompts in float64 (one backward per sample), the diversity term apart as a
-prior; which scheme shares them; runs through the driver and by name through the CLI."""
+prior; which scheme shares them; runs through the driver (by name through the CLI: tests/test_new_presets_cli.py)."""
 
-import pandas as pd
 import pytest
 import torch
 import torch.nn.functional as F
@@ -233,32 +232,3 @@ def test_runs_through_the_driver_training_every_prompt(tiny_tower, mode):
         for k in ("prompt", PROMPTS):
             assert not torch.equal(before[k], views[0][k]), (name, k)
             assert torch.equal(views[0][k], views[1][k]) == shared, (name, k)
-
-
-SMALL = [
-    "--rounds", "2", "--local-epochs", "1", "--eval-every", "1", "--last-k", "1",
-    "--clients", "2", "--shots", "4",
-    "--dataset-option", "n_train_per_class=8",
-    "--dataset-option", "n_test_per_class=4",
-    "--dataset-option", "n_val_per_class=4",
-]  # fmt: skip
-
-
-@pytest.mark.slow
-@pytest.mark.parametrize("trust", ["server", "client"])
-def test_runs_by_name_with_and_without_dp(tmp_path_factory, capsys, monkeypatch, trust):
-    from tests.cli import run_cli  # the CLI only here: the other tests need the learner alone
-
-    out = tmp_path_factory.mktemp(f"proda-{trust}")
-    args = [
-        "run", "--methods", "proda,fedproda", "--eps", "none,2", "--trust", trust,
-        *SMALL, "--out", str(out / "out"), "--cache-dir", str(out / "cache"),
-    ]  # fmt: skip
-    code, _, err = run_cli(args, capsys, monkeypatch)
-    assert code == 0, err
-    frame = pd.read_csv(out / "out" / "results.csv")
-    assert sorted(frame["method"].unique()) == ["fedproda", "proda"]
-    assert (frame["status"] == "finished").all() and len(frame) == 4
-    private = frame[frame["eps"].astype(str) != "none"]
-    assert (private["eps_spent"] <= 2.0 + 1e-9).all() and (private["eps_spent"] > 0).all()
-    assert (frame["base_acc"] > 2 / 32).all(), frame[["method", "eps", "base_acc"]]

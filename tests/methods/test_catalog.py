@@ -38,6 +38,8 @@ IVLP = {"text_depth": 9, "vision_depth": 9, "template": "a photo of a {}."}
 PSRC = {**IVLP, "image_weight": 10.0, "text_weight": 25.0, "logits_weight": 1.0, "n_templates": 60}
 PLOT = {"n_prompts": 4, "eps": 0.1, "top_percent": 1.0, "max_iter": 100, "thresh": 0.001}
 PROGRAD = {"lam": 1.0, "temperature": 1.0, "template": "a photo of a {}."}
+BPL = {"samples": 4, "kl_weight": 0.001, "reduction": 2}
+PRODA = {"n_prompts": 4, "lam": 1.0}
 
 
 def test_presets_resolve_to_the_papers_values():
@@ -56,7 +58,8 @@ def test_presets_resolve_to_the_papers_values():
         ),
         "fedpgp": ("coop", "sigma_uv", {}, {"rank": 8, "mu": 1.0, "temperature": 0.5}),
         "dpfpl": ("coop", "dpfpl", {}, {"rank": 8, "residual": True}),
-        "central": ("coop", "central", {}, {}),  # presets outside PRESET_ORDER: by name
+        "bpl": ("bpl", "local", BPL, {}),  # presets outside PRESET_ORDER: by name
+        "central": ("coop", "central", {}, {}),
         "cocoop": ("cocoop", "local", {"reduction": 16}, {}),
         "fedadam": (
             "coop",
@@ -64,11 +67,13 @@ def test_presets_resolve_to_the_papers_values():
             {},
             {"server_lr": 0.01, "beta1": 0.9, "beta2": 0.99, "tau": 0.001},
         ),
+        "fedbpl": ("bpl", "fedavg", BPL, {}),
         "fedclip": ("fedclip_adapter", "fedavg", {"template": "a photo of a {}."}, {}),
         "fedcocoop": ("cocoop", "fedavg", {"reduction": 16}, {}),
         "fedivlp": ("ivlp", "fedavg", IVLP, {}),
         "fedmaple": ("maple", "fedavg", {"depth": 9}, {}),
         "fedplot": ("plot", "fedavg", PLOT, {}),
+        "fedproda": ("proda", "fedavg", PRODA, {}),
         "fedprograd": ("prograd", "fedavg", PROGRAD, {}),
         "fedpromptsrc": ("promptsrc", "fedavg", PSRC, {}),
         "fedtpg": ("fedtpg", "fedavg", {"heads": 4, "ff_mult": 4}, {}),
@@ -81,6 +86,7 @@ def test_presets_resolve_to_the_papers_values():
         "ivlp": ("ivlp", "local", IVLP, {}),
         "maple": ("maple", "local", {"depth": 9}, {}),
         "plot": ("plot", "local", PLOT, {}),
+        "proda": ("proda", "local", PRODA, {}),
         "prograd": ("prograd", "local", PROGRAD, {}),
         "promptfolio": ("coop", "promptfolio", {}, {"theta": 0.4}),
         "promptsrc": ("promptsrc", "local", PSRC, {}),
@@ -194,7 +200,9 @@ def test_the_default_group_is_every_preset_whose_text_does_not_depend_on_the_ima
     default = default_presets()
     assert method_names("default") == default and method_names("all") == everything
     image_conditioned = [
+        "bpl",
         "cocoop",
+        "fedbpl",
         "fedcocoop",
         "fedivlp",
         "fedmaple",

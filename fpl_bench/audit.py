@@ -1,9 +1,17 @@
-"""The membership-inference audit of a job: train (or reuse) its runs, query the models they
-release, run the attacks of `privacy/membership.py`, write OUT/audit.csv and one MLflow run per
+"""The privacy audit of a job: train (or reuse) its runs, query the models they release, run
+the attacks of `privacy/membership.py` and, for private runs, the one-run canary audit of
+`privacy/canary_audit.py` at the run's settings; write OUT/audit.csv and one MLflow run per
 (run, attack).
 
-    job = AuditJob(spec, targets=(0,), attacks=("loss", "shadow"))
+    job = AuditJob(spec, targets=(0,), attacks=("loss", "shadow", "canary"))
     frame = run_audit(job, log=print)     # one row per method x eps x target seed x attack
+
+The canary attack (`canary_row`) does not query the trained prompts: it simulates the DP-SGD
+steps of the run's ledger client (its q, noisy steps, target eps, delta, C, client count and
+momentum) with `CANARIES` white-box gradient canaries and the attacker the run's trust model
+allows, and writes the one-run lower bound on epsilon at 95% (`eps_lower`, with its `guesses`
+and `correct`); runs without DP have none. The report puts it beside the cell
+(fpl_bench/report/audits.py).
 
 Runs. `spec.seeds` are the audited seeds (`targets`) followed by `shadow_seeds(targets, n)`
 (`audit --shadow-runs n`), the smallest seeds not audited. The shadow attack's shadow runs are
@@ -58,6 +66,7 @@ from fpl_bench.catalog import MethodChoice
 from fpl_bench.driver import FeatureSet, FederatedRun, Federation
 from fpl_bench.errors import UsageError
 from fpl_bench.prepare import Prepared
+from fpl_bench.privacy.canary_audit import AuditSetting, Variant, run_canary_audit
 from fpl_bench.privacy.membership import (
     AttackResult,
     Outputs,
@@ -65,11 +74,12 @@ from fpl_bench.privacy.membership import (
     loss_threshold_attack,
     shadow_model_attack,
 )
+from fpl_bench.report.audits import AUDIT_FILE
 from fpl_bench.report.records import KEY_COLUMNS as RUN_KEY_COLUMNS
 from fpl_bench.spec import ExperimentSpec
 
-ATTACKS: tuple[str, ...] = ("loss", "shadow")
-AUDIT_FILE = "audit.csv"
+ATTACKS: tuple[str, ...] = ("loss", "shadow", "canary")
+MEMBERSHIP_ATTACKS: tuple[str, ...] = ("loss", "shadow")  # attacks on the released model
 # Not the accuracy runs' experiment: a leaderboard read from MLflow takes every run of that
 # one as an accuracy record (fpl_bench/report/sources.py), as tuning keeps its own too.
 AUDIT_EXPERIMENT = "fpl-bench-audit"
@@ -83,10 +93,19 @@ AUDIT_COLUMNS: tuple[str, ...] = (
     "n_members",
     "n_nonmembers",
     "nonmembers",
+    # the canary attack's: the one-run lower bound on epsilon (95%), its guesses and the
+    # right ones (empty for the membership attacks, whose metrics above it leaves empty)
+    "eps_lower",
+    "guesses",
+    "correct",
     "run_id",  # the audited run's MLflow run (results.csv's mlflow_run_id)
     "mlflow_run_id",  # this row's own MLflow run, in experiment AUDIT_EXPERIMENT
 )
+# Columns added after audit.csv was first written: an older file reads with them empty.
+LATER_AUDIT_COLUMNS: tuple[str, ...] = ("eps_lower", "guesses", "correct")
 EVAL_CHUNK = 512  # images per logits call
+CANARIES = 1000  # m of the canary attack (docs/audit.md's default setting)
+CANARY_DIM = 1024  # d, the simulated parameter space (>= m)
 
 
 def shadow_seeds(targets: tuple[int, ...], count: int) -> tuple[int, ...]:
@@ -242,6 +261,7 @@ def read_audit(path: Path) -> pd.DataFrame | None:
         frame = pd.read_csv(path, dtype={"eps": str, "config_hash": str})
     except (pd.errors.ParserError, pd.errors.EmptyDataError, UnicodeDecodeError) as err:
         raise UsageError(f"{path}: not a CSV file ({type(err).__name__}); move it away") from None
+    frame = frame.assign(**{c: np.nan for c in LATER_AUDIT_COLUMNS if c not in frame.columns})
     missing = [c for c in AUDIT_COLUMNS if c not in frame.columns]
     if missing:
         raise UsageError(
@@ -315,6 +335,18 @@ def run_audit(
                     log(f"{name}: {attack} attack done by an earlier audit; kept")
                     rows.append(done)
                     continue
+                if attack == "canary":
+                    found = canary_row(target, momentum=spec.momentum)
+                    if found is None:
+                        log(f"{name}: no DP, nothing to bound; canary attack not run")
+                        continue
+                    log(f"{name}: canary attack: eps >= {found['eps_lower']:.3f} (95%)")
+                    row = {**row_key, **found, "run_id": target["mlflow_run_id"]}
+                    row["mlflow_run_id"] = _track(tracker, f"{name}-{attack}", key, row)
+                    existing = _upsert(existing, row)
+                    _write(existing, path)
+                    rows.append(row)
+                    continue
                 mine = auditor.queries(m, e, seed)
                 assert mine is not None  # its run finished
                 try:
@@ -379,6 +411,47 @@ class _Auditor:
         return shadow_model_attack(Outputs.concat(shadows), mine.outputs, seed=seed)
 
 
+def canary_setting(target: dict[str, Any], *, momentum: float) -> AuditSetting | None:
+    """The canary audit of one finished run (`privacy/canary_audit.py`): its ledger's client
+    (sample rate q, noisy steps T), target eps, delta and C, the run's client count and
+    momentum, `CANARIES` canaries in `CANARY_DIM` dimensions; None for a run without DP.
+    sigma is calibrated by the RDP accountant for that client's (q, T) alone, so the audited
+    mechanism has at most the run's noise (its sigma serves every client)."""
+    eps = target.get("eps_target")
+    if eps is None or not np.isfinite(float(eps)):
+        return None
+    return AuditSetting(
+        canaries=CANARIES,
+        dim=CANARY_DIM,
+        steps=int(target["steps"]),
+        sample_rate=float(target["sample_rate"]),
+        clients=int(target["clients"]),
+        eps=float(eps),
+        delta=float(target["delta"]),
+        clip_norm=float(target["clip_norm"]),
+        momentum=float(momentum),
+    )
+
+
+def canary_row(target: dict[str, Any], *, momentum: float) -> dict[str, Any] | None:
+    """audit.csv's columns of the canary attack on one finished run (its results.csv row):
+    the white-box one-run audit of the mechanism at the run's settings (`canary_setting`),
+    the attacker its trust model allows, the run's seed; None without DP."""
+    setting = canary_setting(target, momentum=momentum)
+    if setting is None:
+        return None
+    audit = run_canary_audit(
+        setting, Variant.CORRECT, str(target["trust"]), seed=int(target["seed"])
+    )
+    return {
+        **dict.fromkeys(_METRICS, np.nan),
+        "nonmembers": "canaries",
+        "eps_lower": audit.bound.epsilon,
+        "guesses": audit.bound.guesses,
+        "correct": audit.bound.correct,
+    }
+
+
 def _row_key(key: dict[str, Any], attack: str, shadow_runs: int) -> dict[str, Any]:
     """An audit.csv key from a run's record key."""
     from fpl_bench.report.records import normalize_eps
@@ -423,12 +496,13 @@ def _track(tracker: Any, name: str, key: dict[str, Any], row: dict[str, Any]) ->
     """One finished MLflow run for one audit row; returns its id."""
     tags = {
         **{k: str(row[k]) for k in ("method", "dataset", "eps", "trust", "seed", "attack")},
-        "fpl.role": "membership",
+        "fpl.role": "canary" if row["attack"] == "canary" else "membership",
         "fpl.audited_run": str(row["run_id"]),
     }
     params = {**key, "shadow_runs": row["shadow_runs"], "nonmembers": row["nonmembers"]}
     run_id = tracker.start(name, params, tags)
-    tracker.finish(run_id, {k: float(row[k]) for k in _METRICS}, {})
+    names = ("eps_lower", "guesses", "correct") if row["attack"] == "canary" else _METRICS
+    tracker.finish(run_id, {k: float(row[k]) for k in names}, {})
     return run_id
 
 

@@ -113,7 +113,11 @@ def _words(text: str | None) -> tuple[str, ...]:
 _OPTIONS = (
     SpecOption("delta", float, "Target delta."),
     SpecOption("clip_norm", float, "Per-sample clipping norm C."),
-    SpecOption("accountant", str, "Noise calibration: rdp, prv, or paper (DP-FPL closed form)."),
+    SpecOption(
+        "accountant",
+        str,
+        "Noise calibration: rdp, prv, pld (needs dp-accounting), or paper (DP-FPL closed form).",
+    ),
     SpecOption(
         "dataset", str, "Dataset card name (see `fpl-bench datasets`) or card file PATH.toml."
     ),

@@ -10,6 +10,7 @@ flag: fpl_bench/cli_options.py `spec_from_flags`).
 
 from __future__ import annotations
 
+import importlib.util
 import math
 from collections.abc import Sequence
 from pathlib import Path
@@ -124,7 +125,8 @@ class ExperimentSpec(BaseModel):
     eps: Epsilons = (None,)
     delta: float = Field(1e-5, gt=0, lt=1, allow_inf_nan=False)
     clip_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
-    accountant: Literal["rdp", "prv", "paper"] = "rdp"
+    # privacy/accountant.py CALIBRATIONS; "pld" needs the optional dp-accounting package
+    accountant: Literal["rdp", "prv", "pld", "paper"] = "rdp"
     trust: Literal["server", "client"] = "server"
     # "val": evaluate on the dataset's validation split (carved from training data), never
     # test: what tuning optimises. "test": the reported numbers.
@@ -183,6 +185,16 @@ class ExperimentSpec(BaseModel):
         partition = info.data.get("partition")
         if partition is not None and partition != "dirichlet" and value != DEFAULT_ALPHA:
             raise ValueError(f"applies to partition dirichlet only, not {partition}")
+        return value
+
+    @field_validator("accountant")
+    @classmethod
+    def _accountant_installed(cls, value: str) -> str:
+        if value == "pld" and importlib.util.find_spec("dp_accounting") is None:
+            raise ValueError(
+                "needs Google's dp-accounting: pip install dp-accounting (or the project's dev "
+                "extra), or use rdp or prv"
+            )
         return value
 
     @field_validator("methods")

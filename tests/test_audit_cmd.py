@@ -8,7 +8,8 @@ from __future__ import annotations
 import pandas as pd
 import pytest
 
-from fpl_bench.audit import AUDIT_COLUMNS, AUDIT_EXPERIMENT
+from fpl_bench.audit import AUDIT_COLUMNS, AUDIT_EXPERIMENT, canary_row
+from fpl_bench.privacy.canary_audit import AuditSetting, Variant, run_canary_audit
 from tests.cli import run_cli
 
 TINY = [
@@ -37,14 +38,21 @@ def test_audit_writes_a_row_per_method_eps_trust_seed_attack(tmp_path, capsys, m
         for m in ("coop", "dpfpl")
         for e in ("none", "1.0")
         for t in ("server", "client")
-        for a in ("loss", "shadow")
+        for a in ("loss", "shadow", "canary")
+        if a != "canary" or e != "none"  # no DP: nothing to bound
     }
-    assert len(frame) == 16
+    assert len(frame) == 20
+    mia, canary = frame[frame.attack != "canary"], frame[frame.attack == "canary"]
     for column in ("balanced_acc", "auc", "tpr_at_1fpr"):
-        assert frame[column].between(0, 1).all(), column
-    assert (frame.n_members == 128).all() and (frame.n_nonmembers == 128).all()
-    assert (frame.nonmembers == "train").all()
-    assert (frame.shadow_runs == frame.attack.map({"loss": 0, "shadow": 1})).all()
+        assert mia[column].between(0, 1).all(), column
+        assert canary[column].isna().all(), column
+    assert (mia.n_members == 128).all() and (mia.n_nonmembers == 128).all()
+    assert (mia.nonmembers == "train").all() and (canary.nonmembers == "canaries").all()
+    assert mia.eps_lower.isna().all()
+    # the correct mechanism's one-run bound stays below its target, from 1000 canaries
+    assert canary.eps_lower.between(0, 1.0, inclusive="left").all()
+    assert (canary.guesses > 0).all() and (canary.correct <= canary.guesses).all()
+    assert (frame.shadow_runs == frame.attack.map({"loss": 0, "shadow": 1, "canary": 0})).all()
     # the audited runs are results.csv's: seed 0, plus seed 1 as the shadow run
     results = pd.read_csv(out / "results.csv")
     assert set(frame.run_id) == set(results[results.seed == 0].mlflow_run_id)
@@ -59,20 +67,23 @@ def test_audit_writes_a_row_per_method_eps_trust_seed_attack(tmp_path, capsys, m
     by_id = {r.info.run_id: r for r in runs}
     for row in frame.itertuples():
         run = by_id[row.mlflow_run_id]
-        assert run.data.metrics["auc"] == pytest.approx(row.auc)
+        if row.attack == "canary":
+            assert run.data.metrics["eps_lower"] == pytest.approx(row.eps_lower)
+        else:
+            assert run.data.metrics["auc"] == pytest.approx(row.auc)
         assert run.data.tags["attack"] == row.attack and run.data.tags["trust"] == row.trust
 
     # again: nothing is trained or attacked anew
     code, _, err = run_cli([*common, "--trust", "client"], capsys, monkeypatch)
     assert code == 0, err
     assert "done by an earlier audit; kept" in err
-    assert len(client.search_runs([experiment.experiment_id])) == 16
+    assert len(client.search_runs([experiment.experiment_id])) == 20
     again = pd.read_csv(out / "audit.csv", dtype={"eps": str})
     pd.testing.assert_frame_equal(again, frame)
 
 
 BAD = {  # flags -> what the one line says
-    "--attacks loss,bogus": "--attacks loss,bogus: unknown attack; known: loss, shadow",
+    "--attacks loss,bogus": "--attacks loss,bogus: unknown attack; known: loss, shadow, canary",
     "--shadow-runs -1": "--shadow-runs -1: must be 0 or more",
     "--shadow-runs 0": "the shadow attack needs runs under other seeds",
     "--seeds 0,x": "--seeds 0,x: expected comma-separated integers",
@@ -116,3 +127,24 @@ def test_an_overfit_run_is_attacked_above_chance(tmp_path, capsys, monkeypatch):
     row = pd.read_csv(tmp_path / "out" / "audit.csv").iloc[0]
     assert (row.n_members, row.n_nonmembers) == (64, 64)
     assert row.auc > 0.7, row.auc  # chance: 0.5
+
+
+RUN = {  # a finished private run's results.csv fields that the canary attack reads
+    "eps_target": 1.0, "delta": 1e-5, "clip_norm": 1.0, "sample_rate": 32 / 48, "steps": 20,
+    "clients": 10, "trust": "server", "seed": 0,
+}  # fmt: skip
+
+
+def test_the_canary_attack_audits_the_run_mechanism_at_its_settings():
+    """The embedded suite's client (q = 32/48, 20 noisy steps, 10 clients) at eps 1: the
+    one-run bound from 1000 canaries is 0.244 (31 of 40 guesses right), below the target."""
+    row = canary_row(RUN, momentum=0.9)
+    setting = AuditSetting(
+        canaries=1000, dim=1024, steps=20, sample_rate=32 / 48, clients=10, eps=1.0,
+        delta=1e-5, clip_norm=1.0, momentum=0.9,
+    )  # fmt: skip
+    expected = run_canary_audit(setting, Variant.CORRECT, "server", seed=0).bound
+    assert row["eps_lower"] == expected.epsilon == pytest.approx(0.2436238, abs=1e-6)
+    assert (row["guesses"], row["correct"]) == (expected.guesses, expected.correct) == (40, 31)
+    assert row["nonmembers"] == "canaries" and pd.isna(row["balanced_acc"])
+    assert canary_row({**RUN, "eps_target": float("nan")}, momentum=0.9) is None

@@ -1,4 +1,5 @@
-"""``fpl-bench audit``: membership-inference attacks on the prompts a job's runs release.
+"""``fpl-bench audit``: membership-inference attacks on the prompts a job's runs release, and
+the one-run canary audit of each private run's mechanism (a lower bound on its epsilon).
 
     fpl-bench audit --methods coop,dpfpl --eps none,1 --seeds 0 --shadow-runs 4
     fpl-bench audit --methods coop --eps none --attacks loss      # no shadow runs needed
@@ -29,7 +30,8 @@ SHADOW_HELP = (
     "other seed of the job shadows an audited one. The DP-FPL paper uses 50."
 )
 ATTACKS_HELP = (
-    "Comma list of attacks: loss (threshold on the loss), shadow (per-label shadow models)."
+    "Comma list of attacks: loss (threshold on the loss), shadow (per-label shadow models), "
+    "canary (one-run canary audit of the private runs' mechanism: a lower bound on epsilon)."
 )
 OUT_HELP = "Output folder of the runs (results.csv, prompts/); audit.csv is written there."
 
@@ -51,10 +53,11 @@ def audit(
     param: Params = None,
     flags: opt.SpecFlags,
     shadow_runs: ShadowRuns = 4,
-    attacks: Attacks = "loss,shadow",
+    attacks: Attacks = "loss,shadow,canary",
     out: Out = "runs/default",
 ) -> None:
-    """Membership inference on the runs' released prompts; print it and write DIR/audit.csv."""
+    """Membership inference on the runs' released prompts and a canary audit of their
+    mechanism (an epsilon lower bound); print it and write DIR/audit.csv."""
     from fpl_bench.audit import AuditJob, run_audit, shadow_seeds
     from fpl_bench.catalog import method_names, parse_params, resolve_method
     from fpl_bench.commands.run import TqdmProgress
@@ -111,21 +114,29 @@ def _show(frame: Any, spec: Any) -> None:
     from rich.table import Table
 
     table = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
-    for name in ("eps", "method", "seed", "attack", "bal acc", "AUC", "TPR@1%FPR", "in/out"):
+    columns = ("eps", "method", "seed", "attack", "bal acc", "AUC", "TPR@1%FPR", "in/out", "eps >=")
+    for name in columns:
         table.add_column(name, justify="left" if name in ("method", "attack") else "right")
     for row in frame.to_dict("records"):
+        canary = row["attack"] == "canary"
         table.add_row(
             str(row["eps"]),
             str(row["method"]),
             str(row["seed"]),
             str(row["attack"]),
-            *(f"{100 * float(row[c]):.1f}" for c in ("balanced_acc", "auc", "tpr_at_1fpr")),
-            f"{int(row['n_members'])}/{int(row['n_nonmembers'])}",
+            *(
+                "" if canary else f"{100 * float(row[c]):.1f}"
+                for c in ("balanced_acc", "auc", "tpr_at_1fpr")
+            ),
+            f"{int(row['correct'])}/{int(row['guesses'])} right"
+            if canary
+            else f"{int(row['n_members'])}/{int(row['n_nonmembers'])}",
+            f"{float(row['eps_lower']):.2f}" if canary else "",
         )
     console = Console()
     console.print(
         f"membership inference on {spec.dataset}, {spec.protocol}, {spec.trust} trust "
-        "(chance: 50 / 50 / 1)",
+        "(chance: 50 / 50 / 1; eps >=: the canary audit's lower bound at 95%)",
         highlight=False,
         markup=False,
     )

@@ -46,17 +46,27 @@ def leaderboard(
 ) -> None:
     """Tables (Markdown, CSV), figures (PNG) and one HTML page from finished runs."""
     from fpl_bench.jobs import check_writable_folder
+    from fpl_bench.report.audits import read_audits
     from fpl_bench.report.build import check_name, write_leaderboard
     from fpl_bench.report.sources import load_configs, load_records
 
     check_name(name)
     records, source = load_records(runs, tracking_uri)
     configs = load_configs(runs or DEFAULT_RUNS) if tracking_uri is None else {}
+    # the runs' membership and canary audit (`fpl-bench audit`), read from the run folder
+    audits = read_audits(runs or DEFAULT_RUNS) if tracking_uri is None else None
     if out is None:
         out = (runs or DEFAULT_RUNS) if tracking_uri is None else DEFAULT_LEADERBOARD_OUT
     check_writable_folder(out, "--out")
     written = write_leaderboard(
-        records, out=out, name=name, source=source, png=png, title=title, configs=configs
+        records,
+        out=out,
+        name=name,
+        source=source,
+        png=png,
+        title=title,
+        configs=configs,
+        audits=audits,
     )
     typer.echo(f"read {len(records)} run(s) from {source}")
     if written.superseded:
@@ -64,7 +74,14 @@ def leaderboard(
             f"left out {written.superseded} run(s) of older configurations "
             "(each cell shows its latest config_hash)"
         )
-    files = [written.markdown, written.csv, written.facts, written.html, *written.pngs]
+    files = [
+        written.markdown,
+        written.csv,
+        written.facts,
+        written.audit,
+        written.html,
+        *written.pngs,
+    ]
     for path in (p for p in files if p is not None):
         typer.echo(f"wrote {path}")
 

@@ -11,6 +11,9 @@ epsilons, two of each kind:
     kind numerical  opacus_prv   Opacus' PRV accountant (its point estimate; see below)
                     google_pld   dp_accounting `pld.PLDAccountant` (connect the dots, pessimistic)
 
+and, for `--accountant pld` (accountant.py `pld_epsilon`, the same library's PLD built
+directly on the same grid), project_pld, which must agree with google_pld within the tolerance.
+
 The math, one line each (mu0 = N(0, sigma^2), mu1 = N(1, sigma^2), mu = (1 - q) mu0 + q mu1):
 
 - RDP (Mironov 2017, arXiv 1702.07476; the sampled Gaussian: Mironov, Talwar, Zhang 2019,
@@ -60,12 +63,10 @@ few-shot domain suites: exact when that holds).
 
 from __future__ import annotations
 
-import contextlib
 import functools
-import logging
 import math
 import warnings
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Literal
@@ -73,7 +74,14 @@ from typing import TYPE_CHECKING, Any, Literal
 import numpy as np
 
 from fpl_bench.errors import UsageError
-from fpl_bench.privacy.accountant import RDP_ORDERS, epsilon_spent
+from fpl_bench.privacy.accountant import (
+    PLD_MAX_INTERVAL,
+    PLD_RELATIVE_INTERVAL,
+    RDP_ORDERS,
+    epsilon_spent,
+    quiet_absl,
+)
+from fpl_bench.privacy.accountant import pld_interval as _pld_interval
 
 if TYPE_CHECKING:
     from fpl_bench.data.catalog import DatasetCard
@@ -98,16 +106,6 @@ __all__ = [
 
 TOLERANCE = 0.01
 
-# PLD spacing Delta = PLD_RELATIVE_INTERVAL x the RDP epsilon, at most PLD_MAX_INTERVAL
-# (dp_accounting's default). The answer is an upper bound for every Delta (pessimistic
-# connect the dots); its excess shrinks roughly like steps x Delta^2 (measured: at 15,700 steps
-# and eps ~ 0.0085 it is 80% at Delta = 1e-4 and 1.2% at 1e-5). With Delta = 1e-4 x eps, making
-# Delta ten times finer moves eps by at most 0.10% on all 96 settings of the suites (the most
-# at 15,700 steps and eps 0.01, where the finer grid gives the larger value), and one
-# evaluation takes 0.02 to 1 s.
-PLD_RELATIVE_INTERVAL = 1e-4
-PLD_MAX_INTERVAL = 1e-4
-
 # Opacus' PRV eps_error as a fraction of the RDP epsilon (an upper bound on the true one), and
 # the largest grid it may use: Opacus' discretisation and FFT peak at ~250 bytes a point, so
 # 2^22 points take ~1 GB (the suites' largest grid at 5% is 5.6M points: 15,700 steps at
@@ -127,18 +125,6 @@ def _dp_accounting() -> Any:
             "(or the project's dev extra)"
         ) from err
     return dp_accounting
-
-
-@contextlib.contextmanager
-def _quiet_absl() -> Iterator[None]:
-    """Silence dp_accounting's absl warnings (an RDP order whose series it gives up on)."""
-    logger = logging.getLogger("absl")
-    level = logger.level
-    logger.setLevel(logging.ERROR)
-    try:
-        yield
-    finally:
-        logger.setLevel(level)
 
 
 def _check_setting(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> None:
@@ -168,9 +154,11 @@ def _rdp_epsilon(noise_multiplier: float, sample_rate: float, steps: int, delta:
 
 def pld_interval(noise_multiplier: float, sample_rate: float, steps: int, delta: float) -> float:
     """The PLD spacing Delta used for this setting: `PLD_RELATIVE_INTERVAL` x the RDP epsilon,
-    at most `PLD_MAX_INTERVAL`."""
-    eps = _rdp_epsilon(noise_multiplier, sample_rate, steps, delta)
-    return min(PLD_MAX_INTERVAL, PLD_RELATIVE_INTERVAL * eps)
+    at most `PLD_MAX_INTERVAL` (accountant.py `pld_interval`, the same grid as
+    `--accountant pld`; the constants' comment there says why)."""
+    return _pld_interval(
+        noise_multiplier=noise_multiplier, sample_rate=sample_rate, steps=steps, delta=delta
+    )
 
 
 def dp_accounting_epsilon(
@@ -214,7 +202,7 @@ def dp_accounting_epsilon(
             noise_multiplier, sample_rate, steps, delta
         )
         accountant = dpa.pld.PLDAccountant(value_discretization_interval=interval)
-    with _quiet_absl():
+    with quiet_absl():
         accountant.compose(event)
         return float(accountant.get_epsilon(delta))
 
@@ -312,12 +300,15 @@ def _crosscheck(
     )
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        project_prv = epsilon_spent(
-            noise_multiplier=noise_multiplier,
-            sample_rate=sample_rate,
-            steps=steps,
-            delta=delta,
-            accountant="prv",
+        project_prv, project_pld = (
+            epsilon_spent(
+                noise_multiplier=noise_multiplier,
+                sample_rate=sample_rate,
+                steps=steps,
+                delta=delta,
+                accountant=name,
+            )
+            for name in ("prv", "pld")
         )
     return (
         ("opacus_rdp", rdp),
@@ -332,6 +323,7 @@ def _crosscheck(
         ("prv_eps_error", used),
         ("pld_interval", interval),
         ("project_prv", project_prv),
+        ("project_pld", project_pld),
     )
 
 
@@ -345,7 +337,9 @@ def crosscheck(
     relative_gap(opacus_prv, google_pld); pld_saving = 1 - google_pld / opacus_rdp (how much
     smaller PLD's epsilon is than ours at this sigma); opacus_prv_lower / opacus_prv_upper
     (Opacus' interval, upper = its guarantee at prv_eps_error), prv_eps_error, pld_interval
-    (Delta), project_prv (what `epsilon_spent(accountant="prv")` certifies, eps_error 0.01).
+    (Delta), project_prv (what `epsilon_spent(accountant="prv")` certifies, eps_error 0.01),
+    project_pld (what `--accountant pld` certifies: `accountant.pld_epsilon`, dp_accounting's
+    PLD built directly rather than through its `PLDAccountant`, on the same grid).
     Memoised per setting (a fresh dict each call).
     """
     _check_setting(noise_multiplier, sample_rate, steps, delta)
@@ -366,6 +360,12 @@ def disagreements(result: dict[str, float], tolerance: float = TOLERANCE) -> lis
         broken.append(
             f"numerical: opacus PRV {result['opacus_prv']:.6g} vs google PLD "
             f"{result['google_pld']:.6g} differ by {result['numerical_gap']:.2%}"
+        )
+    if relative_gap(result["project_pld"], result["google_pld"]) > tolerance:
+        broken.append(
+            f"PLD: --accountant pld {result['project_pld']:.6g} vs google PLDAccountant "
+            f"{result['google_pld']:.6g} differ by "
+            f"{relative_gap(result['project_pld'], result['google_pld']):.2%}"
         )
     rdp = min(result["opacus_rdp"], result["google_rdp"])
     for name in ("opacus_prv", "google_pld"):

@@ -23,6 +23,7 @@ th, td { border: 1px solid #ddd; padding: 0.25em 0.6em; }
 td { text-align: right; white-space: nowrap; } th { background: #f4f4f4; }
 th[scope=row] { text-align: left; }
 .note { color: #b35900; font-size: 0.85em; } .paper { color: #666; font-size: 0.85em; }
+.audit { color: #1f5fa8; font-size: 0.85em; }
 .legend { color: #555; font-size: 0.9em; } figure { margin: 0.5em 0 1.5em; }
 img { max-width: 100%; border: 1px solid #eee; }
 """
@@ -47,6 +48,8 @@ def cell_html(cell: Cell) -> str:
         parts.append(f'<span class="note">[{escape(cell.note)}]</span>')
     if cell.paper:
         parts.append(f'<span class="paper">({escape(cell.paper)})</span>')
+    if cell.audit:
+        parts.append(f'<span class="audit">{{{escape(cell.audit)}}}</span>')
     return "<td>" + " ".join(parts) + "</td>"
 
 
@@ -80,9 +83,11 @@ def leaderboard_html(
     title: str,
     source: str,
     closing: str = "",
+    legend: str = "",
 ) -> str:
-    """The page: title, source, legend, then per (dataset, protocol, trust) its tables and
-    figures (`plots` keyed by that triple, file name -> PNG bytes)."""
+    """The page: title, source, legend (and `legend`, e.g. the audit's), then per (dataset,
+    protocol, trust) its tables and figures (`plots` keyed by that triple, file name -> PNG
+    bytes)."""
     parts = [
         "<!DOCTYPE html>",
         '<html lang="en"><head><meta charset="utf-8">',
@@ -90,6 +95,7 @@ def leaderboard_html(
         f"<h1>{escape(title)}</h1>",
         *([f"<p>Runs: <code>{escape(source)}</code></p>"] if source else []),
         f'<p class="legend">{inline_markdown(LEGEND)}</p>',
+        *([f'<p class="legend">{inline_markdown(legend)}</p>'] if legend else []),
     ]
     section = None
     for table in tables:

@@ -184,12 +184,14 @@ def sort_leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
 @dataclass(frozen=True)
 class Cell:
     """One shown cell: `value` ('71.2 ± 1.0'; '71.2' from one seed; 'diverged', '—'), `note`
-    ('1/3 diverged' when some seeds did not finish), `paper` ('94.5' or ''), `best` (bold)."""
+    ('1/3 diverged' when some seeds did not finish), `paper` ('94.5' or ''), `best` (bold),
+    `audit` (the audit of its runs, 'ε̂ ≥ 0.21 · MIA 51.2', or '': report/audits.py)."""
 
     value: str
     note: str
     paper: str
     best: bool
+    audit: str = ""
 
 
 @dataclass(frozen=True)
@@ -217,14 +219,15 @@ def percent(value: float) -> str:
     return f"{100 * value:.{DIGITS}f}"
 
 
-def make_cell(row: pd.Series | None, best_shown: str | None) -> Cell:
-    """The shown cell of one leaderboard row (None: the cell was not run)."""
+def make_cell(row: pd.Series | None, best_shown: str | None, audit: str = "") -> Cell:
+    """The shown cell of one leaderboard row (None: the cell was not run), with the audit
+    note of its runs (`audit`, '' when none)."""
     if row is None:
         return Cell("—", "", "", False)
     paper = "" if pd.isna(row["paper"]) else percent(row["paper"])
     if row["n_seeds"] == 0 or pd.isna(row["mean"]):
         value = row["status"] if row["status"] != "finished" else "n/a"
-        return Cell(value, "", paper, False)
+        return Cell(value, "", paper, False, audit)
     value = percent(row["mean"])
     if int(row["n_seeds"]) > 1:  # one seed has no spread: its value alone, never '± 0.0'
         value += f" ± {percent(row['std'])}"
@@ -233,7 +236,7 @@ def make_cell(row: pd.Series | None, best_shown: str | None) -> Cell:
         bad = int(row["n_runs"]) - int(row["n_seeds"])
         note = f"{bad}/{int(row['n_runs'])} {row['status']}"
     best = row["status"] == "finished" and percent(row["mean"]) == best_shown
-    return Cell(value, note, paper, best)
+    return Cell(value, note, paper, best, audit)
 
 
 def best_shown(column: pd.DataFrame) -> str | None:
@@ -277,9 +280,14 @@ def shown(value: object) -> str:
     return str(value)
 
 
-def cell_table(part: pd.DataFrame, metric: str, setup: str = "") -> CellTable:
+def cell_table(
+    part: pd.DataFrame,
+    metric: str,
+    setup: str = "",
+    notes: Mapping[tuple[str, ...], str] | None = None,
+) -> CellTable:
     """The method x eps table of `metric` from the leaderboard rows of one (dataset, protocol,
-    trust, setup)."""
+    trust, setup); `notes`: the audit note per cell (report/audits.py `audit_notes`)."""
     rows = part[part["metric"] == metric]
     eps_values = sorted_eps(part["eps"])
     methods = list(dict.fromkeys(part["method"]))
@@ -289,7 +297,9 @@ def cell_table(part: pd.DataFrame, metric: str, setup: str = "") -> CellTable:
         cells = []
         for eps in eps_values:
             match = rows[(rows["method"] == method) & (rows["eps"] == eps)]
-            cells.append(make_cell(match.iloc[-1] if len(match) else None, bests[eps]))
+            row = match.iloc[-1] if len(match) else None
+            audit = "" if row is None or not notes else notes.get(_note_key(row), "")
+            cells.append(make_cell(row, bests[eps], audit))
         table_rows.append((method, cells))
     first = part.iloc[0]
     return CellTable(
@@ -338,10 +348,18 @@ def table_groups(leaderboard: pd.DataFrame) -> list[tuple[tuple[str, str, str, s
     ]
 
 
-def cell_tables(leaderboard: pd.DataFrame) -> list[CellTable]:
-    """Every table: per (dataset, protocol, trust, setup), one per metric of the protocol."""
+def _note_key(row: pd.Series) -> tuple[str, ...]:
+    """The key of a leaderboard row in `audit_notes`: its cell and setup_hash."""
+    return tuple(str(row[c]) for c in (*CELL_COLUMNS, "setup_hash"))
+
+
+def cell_tables(
+    leaderboard: pd.DataFrame, notes: Mapping[tuple[str, ...], str] | None = None
+) -> list[CellTable]:
+    """Every table: per (dataset, protocol, trust, setup), one per metric of the protocol;
+    `notes` puts each cell's audit beside it."""
     return [
-        cell_table(part, metric, setup)
+        cell_table(part, metric, setup, notes)
         for (_, protocol, _, setup), part in table_groups(leaderboard)
         for metric in protocol_metrics(protocol)
     ]

@@ -21,12 +21,15 @@ def eps_header(eps: str) -> str:
 
 
 def cell_markdown(cell: Cell) -> str:
-    """'**71.2 ± 1.0** [1/3 diverged] (94.5)'; '|' cannot occur in the parts."""
+    """'**71.2 ± 1.0** [1/3 diverged] (94.5) {ε̂ ≥ 0.21 · MIA 51.2}'; '|' cannot occur in the
+    parts."""
     text = f"**{cell.value}**" if cell.best else cell.value
     if cell.note:
         text += f" [{cell.note}]"
     if cell.paper:
         text += f" ({cell.paper})"
+    if cell.audit:
+        text += f" {{{cell.audit}}}"
     return text
 
 
@@ -54,11 +57,13 @@ def table_markdown(table: CellTable) -> str:
 
 
 def leaderboard_markdown(
-    tables: list[CellTable], title: str, source: str, closing: str = ""
+    tables: list[CellTable], title: str, source: str, closing: str = "", legend: str = ""
 ) -> str:
-    """The whole document: title, source, legend, sections of tables, then `closing` (the
-    facts section)."""
+    """The whole document: title, source, legend (and `legend`, e.g. the audit's), sections
+    of tables, then `closing` (the facts section)."""
     parts = [f"# {title}", "", *([f"Runs: `{source}`.", ""] if source else []), LEGEND, ""]
+    if legend:
+        parts += [legend, ""]
     section = None
     for table in tables:
         key = (table.dataset, table.protocol, table.trust, table.setup)

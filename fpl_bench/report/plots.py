@@ -10,6 +10,10 @@ are slightly transparent and nudged apart along x (`dodge`), so methods with equ
 not hide each other; the legend sits under the panels.
 - base vs novel (base2novel only): one point per (method, eps), a colour per method and a
   marker per eps, zoomed to the data, dotted curves of equal HM.
+- attack success vs eps (where the runs were audited; the DP-FPL paper's plot): one panel per
+  membership attack, the mean balanced accuracy (%) of each method against eps, error bars =
+  std over seeds, chance (50%) dashed; and, where the canary attack ran, a panel of its lower
+  bound on epsilon per method against the claimed epsilon (grey crosses).
 """
 
 from __future__ import annotations
@@ -215,9 +219,93 @@ def base_vs_novel(part: pd.DataFrame, title: str) -> bytes:
     return _png(figure)
 
 
-def figures(part: pd.DataFrame, title: str, stem: str) -> dict[str, bytes]:
-    """The PNGs of one (dataset, protocol, trust), keyed by file name."""
+CANARY_ATTACK = "canary"  # report/audits.py's: its rows bound epsilon, the others infer membership
+ATTACK_LABELS = {"loss": "loss-threshold attack", "shadow": "shadow-model attack (DP-FPL)"}
+
+
+def attack_vs_eps(summary: pd.DataFrame, methods: list[str], title: str) -> bytes:
+    """Membership-attack success (balanced accuracy, %) against eps per method, a panel per
+    attack, and the canary audit's epsilon lower bound against the claimed eps where it ran;
+    `summary`: report/audits.py `audit_summary` rows of one table, `methods` in table order."""
+    from matplotlib.figure import Figure
+
+    attacks = [a for a in dict.fromkeys(summary["attack"]) if a != CANARY_ATTACK]
+    bounds = summary[(summary["attack"] == CANARY_ATTACK) & summary["eps_lower"].notna()]
+    panels = [*attacks, *([CANARY_ATTACK] if len(bounds) else [])]
+    all_eps = sorted_eps(summary["eps"])
+    styles = method_styles(methods)
+    shown = [m for m in methods if m in set(summary["method"])]
+    columns = max(1, min(len(panels), PANELS_PER_ROW))
+    n_rows = -(-len(panels) // columns)
+    legend_columns = max(1, min(len(shown), 3 * columns))
+    legend_rows = -(-len(shown) // legend_columns)
+    figure = Figure(
+        figsize=(3.4 * columns + 0.6, 3.0 * n_rows + 0.4 + 0.25 * legend_rows),
+        layout="constrained",
+    )
+    grid = figure.subplots(n_rows, columns, squeeze=False).ravel()
+    for unused in grid[len(panels) :]:
+        unused.set_visible(False)
+    for ax, panel in zip(grid, panels, strict=False):
+        rows = summary[summary["attack"] == panel].set_index(["method", "eps"])
+        # the bound exists for private cells only: its panel has no 'no DP' column
+        eps_values = [e for e in all_eps if panel != CANARY_ATTACK or e != "none"]
+        positions = np.arange(len(eps_values))
+        column = "eps_lower" if panel == CANARY_ATTACK else "balanced_acc"
+        scale = 1.0 if panel == CANARY_ATTACK else 100.0
+        for index, method in enumerate(shown):
+            values = [scale * rows[column].get((method, e), np.nan) for e in eps_values]
+            spread = [
+                scale * rows["balanced_acc_std"].get((method, e), np.nan)
+                if panel != CANARY_ATTACK and rows["n_seeds"].get((method, e), 0) > 1
+                else np.nan
+                for e in eps_values
+            ]
+            ax.errorbar(
+                positions + dodge(index, len(shown)),
+                values,
+                yerr=spread,
+                capsize=2,
+                elinewidth=0.8,
+                markersize=6,
+                linewidth=1.2,
+                label=method,
+                **styles[method],
+            )
+        if panel == CANARY_ATTACK:
+            claimed = [np.nan if e == "none" else float(e) for e in eps_values]
+            ax.plot(positions, claimed, "x", color="0.4", markersize=8, label="_claimed ε")
+            ax.set_title("canary audit: ε lower bound (× claimed ε)", fontsize=9)
+            ax.set_ylabel("ε")
+            top = np.nanmax([*claimed, *rows[column].to_numpy(dtype=float)])
+            ax.set_ylim(0, 1.15 * top)
+        else:
+            ax.axhline(50, linestyle="--", color="0.5", linewidth=0.8)
+            ax.set_title(ATTACK_LABELS.get(panel, panel), fontsize=9)
+            ax.set_ylabel("balanced accuracy %")
+            widen(ax, MIN_SPAN)
+        ax.set_xticks(positions, [eps_header(e) for e in eps_values])
+        ax.set_xlim(-0.5, len(eps_values) - 0.5)
+        ax.grid(alpha=0.3)
+    legend_below(figure, grid[0], legend_columns)
+    figure.suptitle(f"{title}: membership inference and canary audit", fontsize=10)
+    return _png(figure)
+
+
+def figures(
+    part: pd.DataFrame, title: str, stem: str, audit: pd.DataFrame | None = None
+) -> dict[str, bytes]:
+    """The PNGs of one (dataset, protocol, trust), keyed by file name; `audit` (its
+    `audit_summary` rows) adds the attack-success figure."""
     out = {f"{stem}-accuracy-vs-eps.png": accuracy_vs_eps(part, title)}
     if str(part["protocol"].iloc[0]) == "base2novel":
         out[f"{stem}-base-vs-novel.png"] = base_vs_novel(part, title)
+    if audit is not None:
+        canary = audit["attack"] == CANARY_ATTACK
+        audit = audit[
+            (canary & audit["eps_lower"].notna()) | (~canary & audit["balanced_acc"].notna())
+        ]
+        if not audit.empty:
+            methods = list(dict.fromkeys(part["method"]))
+            out[f"{stem}-attack-vs-eps.png"] = attack_vs_eps(audit, methods, title)
     return out

@@ -24,8 +24,8 @@ Q, STEPS = 0.05, 100
 
 
 def test_names() -> None:
-    assert ACCOUNTANTS == ("rdp", "prv")
-    assert CALIBRATIONS == ("rdp", "prv", "paper")
+    assert ACCOUNTANTS == ("rdp", "prv", "pld")
+    assert CALIBRATIONS == ("rdp", "prv", "pld", "paper")
 
 
 @pytest.mark.parametrize("accountant", ["rdp", "prv"])

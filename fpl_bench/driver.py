@@ -547,6 +547,9 @@ class FederatedRun:
             for c in sampled
         }
         self.sync.begin_round(sampled)
+        for c in sampled:  # what a scheme's server state hands the client (pFedMoAP's experts)
+            state = self.clients[c]
+            state.params = scheme.round_download(c, state.params, state.state, self.server_state)
         starts = {c: self.view(c) for c in sampled}  # what each client starts the round from
         for c in sampled:
             self.clients[c].anchor = scheme.round_start(self.clients[c].params, self.server)
@@ -576,7 +579,15 @@ class FederatedRun:
                         uploads.append(upload)
             self.sync.end_step(uploads, rnd, s, active)
         ends = {
-            c: RoundEnd(starts[c], self.view(c), self.steps[c], sched.lr, sched.momentum)
+            c: RoundEnd(
+                starts[c],
+                self.view(c),
+                self.steps[c],
+                sched.lr,
+                sched.momentum,
+                client=c,
+                weight=float(self.n_train[c]),
+            )
             for c in sampled
         }
         self.sync.end_round(sampled)

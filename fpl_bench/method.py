@@ -15,6 +15,12 @@ works. The `Method` composes their hooks into what the driver and `privacy/` cal
     combine_sample_grads(g)  its rule for their gradients: per sample, before clipping
     prior(step, encoded, ..) learner prior + scheme prior: data-independent, outside clipping
     logits(...)              the learner's scores
+
+A scheme that `scores` (pFedMoAP's gate, FedPHA's two cross-entropies) takes `logits` and
+`sample_loss` over from a learner that scores CLIP's cosine logits (`learner_scoring` names
+what else a learner does, and `pair_problem` refuses it): `encode` then adds the scheme's
+`score_inputs` ("scheme") and the features of its `fixed_prompts` ("fixed", a forward of their
+own without gradient), and the scheme scores the learner's `image_features`.
 """
 
 from __future__ import annotations
@@ -28,7 +34,13 @@ from torch import Tensor
 
 from fpl_bench.catalog import MethodChoice
 from fpl_bench.learners import LEARNERS
-from fpl_bench.learners._base import EncodeContext, InitContext, Params, PromptLearner
+from fpl_bench.learners._base import (
+    EVAL_CHUNK,
+    EncodeContext,
+    InitContext,
+    Params,
+    PromptLearner,
+)
 from fpl_bench.schemes import SCHEMES
 from fpl_bench.schemes._base import Scheme
 
@@ -66,6 +78,15 @@ def pair_problem(learner: type, scheme: type) -> str | None:
             "its prompts' text features would leave out; use a scheme that does not mix (e.g. "
             "fedavg, local)"
         )
+    if scheme.scores:
+        scoring = learner_scoring(learner)
+        if scoring:
+            return (
+                f"{scheme.name} scores images itself against its prompts' text features, which "
+                f"{learner.name} {scoring}; use a learner that scores CLIP's cosine logits "
+                "(e.g. coop, kgcoop)"
+            )
+        return None
     limit, scored = learner.max_prompts, 1 if scheme.mixes_text else scheme.n_prompts
     if limit is not None and scored > limit:
         return (
@@ -73,6 +94,33 @@ def pair_problem(learner: type, scheme: type) -> str | None:
             f"{scored}; use a learner that scores several (e.g. ot), or a scheme "
             "that sums its parts into one prompt (e.g. dpfpl)"
         )
+    return None
+
+
+# What a learner overrides when it scores images in a way of its own (not CLIP's cosine logits
+# of one set of text features), which a scheme that `scores` would bypass.
+_SCORING_HOOKS = (
+    "logits",
+    "predict",
+    "predict_chunk",
+    "sample_loss",
+    "sample_losses",
+    "batch_constants",
+)
+
+
+def learner_scoring(learner: type) -> str | None:
+    """How `learner` departs from scoring CLIP's cosine logits of its text features (what a
+    scheme that `scores` replaces), or None when it does not."""
+    if learner.reads_images or learner.prompts_image_tower:
+        return "builds per image"
+    if learner.adds_prompts:
+        return "extends with prompt components of its own"
+    if learner.needs_tokens:
+        return "scores against image patch tokens"
+    own = [h for h in _SCORING_HOOKS if getattr(learner, h) is not getattr(PromptLearner, h)]
+    if own:
+        return f"scores with its own {', '.join(own)}"
     return None
 
 
@@ -187,6 +235,14 @@ class Method:
             out.update({name: features[n + i] for i, name in enumerate(extras)})
         if self.scheme.mixes_text:  # [N, n_cls, D] -> [1, n_cls, D] (PromptFolio)
             out["text"] = self.scheme.mix_text(out["text"])
+        if self.scheme.scores:  # the scheme scores: its constant prompts and its inputs
+            fixed = self.scheme.fixed_prompts(aux)
+            if fixed is not None:  # a forward of their own, no gradient: no backward rows
+                with torch.no_grad():
+                    out["fixed"] = self.learner.encode(fixed, self._with_own(ctx, own)).detach()
+            inputs = self.scheme.score_inputs(step, aux)
+            if inputs:
+                out["scheme"] = inputs
         if own:
             out["own"] = own
         if draws:
@@ -211,12 +267,24 @@ class Method:
     def logits(
         self, encoded: Encoded, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
     ) -> Tensor:
-        return self.learner.logits(encoded["text"], images, tokens, self._ctx(encoded, ctx))
+        ctx = self._ctx(encoded, ctx)
+        if self.scheme.scores:  # on the learner's image features (FedCLIP's adapter)
+            features = self.learner.image_features(images, ctx)
+            return self.scheme.logits(encoded, features, ctx.tower.logit_scale)
+        return self.learner.logits(encoded["text"], images, tokens, ctx)
 
     def predict(
         self, encoded: Encoded, images: Tensor, tokens: Tensor | None, ctx: EncodeContext
     ) -> Tensor:
-        """Predicted class positions [B]: `logits(...).argmax(-1)`, as the learner finds it."""
+        """Predicted class positions [B]: `logits(...).argmax(-1)`, as the learner finds it
+        (by the scheme's logits, EVAL_CHUNK images at a time, when the scheme `scores`)."""
+        if self.scheme.scores:
+            parts = [
+                self.logits(encoded, images[i : i + EVAL_CHUNK], None, ctx).argmax(-1)
+                for i in range(0, len(images), EVAL_CHUNK)
+            ]
+            empty = torch.zeros(0, dtype=torch.long, device=images.device)
+            return torch.cat(parts) if parts else empty
         return self.learner.predict(encoded["text"], images, tokens, self._ctx(encoded, ctx))
 
     def batch_constants(
@@ -238,6 +306,9 @@ class Method:
         """The learner's loss of one sample; with `several`, its `sample_losses` stacked [L]
         (for a learner that `has_several_losses`)."""
         ctx = self._ctx(encoded, ctx)
+        if self.scheme.scores:
+            features = self.learner.image_features(image, ctx)
+            return self.scheme.sample_loss(encoded, features, label, ctx.tower.logit_scale)
         if several:
             text = encoded["text"]
             return torch.stack(self.learner.sample_losses(text, image, tokens, label, ctx, given))

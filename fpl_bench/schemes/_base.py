@@ -22,6 +22,11 @@ A scheme owns a client's stored prompt parameters. Class variables declare:
     shares_learner_params  whether the server also holds a learner's own parameters (a
                 meta-net); None, the default: shared exactly when the scheme shares a prompt
                 (FedAvg averages CoCoOp's meta-net with its context; local keeps both)
+    scores      True when the scheme scores images itself (`logits`, `sample_loss`) from the
+                learner's text features of its components, of its `fixed_prompts` and the
+                learner's image features (pFedMoAP's attention gate; FedPHA's two
+                cross-entropies); the learner must score CLIP's cosine logits as
+                `PromptLearner` does (method.pair_problem)
 
 State that is not trained (SCAFFOLD's control variates, a server optimizer's moments) lives
 apart from the parameters: noise placement never sees it, and it is checkpointed for --resume.
@@ -29,6 +34,7 @@ apart from the parameters: noise placement never sees it, and it is checkpointed
 One round, in call order (the driver does it; a scheme never calls backward, clips, draws noise,
 builds an optimizer or picks a device):
 
+    params = scheme.round_download(client, params, state, server_state)  # pFedMoAP's experts
     anchor = scheme.round_start(client_params, server)      # e.g. FedProx's theta_global
     each local step:
         step, aux = scheme.step_params(params, generator)    # what gradients are taken against
@@ -48,7 +54,10 @@ builds an optimizer or picks a device):
     then the server: server_state = scheme.server_round_end(server_state, [sent, ...], n)
 
 Under DP the state hooks read only what DP already released (the noised parameters before and
-after the round, the noised gradients), so they are post-processing and cost no budget.
+after the round, the noised gradients), so they are post-processing and cost no budget; so does
+`round_download`, which reads the server's state built by them. A scheme whose server hands one
+client's values to another (pFedMoAP) shares nothing through `shared`: a trusted server's noise
+on a sum of clients cannot cover a value sent on alone, and its clients then noise everything.
 """
 
 from __future__ import annotations
@@ -70,13 +79,17 @@ Upload = tuple[Mapping[str, Tensor], float]  # (tensors, weight)
 class RoundEnd:
     """One client's round as its state hook sees it: the parameters it started from and ended
     with (the server's shared values at the round's start; its view at the end), the number
-    of local steps it took, the local learning rate and the clients' SGD momentum."""
+    of local steps it took, the local learning rate and the clients' SGD momentum, and which
+    client it is with its FedAvg weight (its number of training examples; -1 and 1 when a
+    caller does not say)."""
 
     start: Mapping[str, Tensor]
     end: Mapping[str, Tensor]
     steps: int
     lr: float
     momentum: float = 0.0
+    client: int = -1
+    weight: float = 1.0
 
 
 class Scheme:
@@ -92,6 +105,7 @@ class Scheme:
     federates: ClassVar[bool] = True
     pools_clients: ClassVar[bool] = False
     shares_learner_params: ClassVar[bool | None] = None
+    scores: ClassVar[bool] = False
 
     def init_params(self, init: InitContext, learner: PromptLearner) -> Params:
         raise NotImplementedError
@@ -121,6 +135,31 @@ class Scheme:
         per-sample gradients and evaluation go through it)."""
         raise NotImplementedError
 
+    # -- for a scheme that `scores` ----------------------------------------------------------
+    def fixed_prompts(self, aux: Mapping[str, Tensor]) -> Tensor | None:
+        """Prompt components [K, n_ctx, W] that are constants of the step (pFedMoAP's
+        downloaded experts): the learner encodes them in a forward of their own, without
+        gradient, as `encoded["fixed"]` [K, n, D]; None: there are none."""
+        return None
+
+    def score_inputs(self, step: Mapping[str, Tensor], aux: Mapping[str, Tensor]) -> Params:
+        """What `logits` reads besides text and image features (step parameters ride the
+        encoder's vjp, so their per-sample gradients are exact): `encoded["scheme"]`."""
+        return {}
+
+    def logits(self, encoded: Mapping[str, Any], images: Tensor, logit_scale: float) -> Tensor:
+        """Logits [B, n] (or [n] for one image [D]) of the learner's image features [B, D]
+        from `encoded` (Method.encode's dict: "text" [N, n, D], extra and fixed features,
+        "scheme": `score_inputs`)."""
+        raise NotImplementedError
+
+    def sample_loss(
+        self, encoded: Mapping[str, Any], image: Tensor, label: Tensor, logit_scale: float
+    ) -> Tensor:
+        """The loss of one sample (image [D], label 0-dim): cross-entropy of `logits`."""
+        logits = self.logits(encoded, image, logit_scale)
+        return torch.nn.functional.cross_entropy(logits.unsqueeze(0), label.unsqueeze(0))
+
     def prior_loss(
         self,
         step: Mapping[str, Tensor],
@@ -134,6 +173,19 @@ class Scheme:
         self, params: Mapping[str, Tensor], step: Mapping[str, Tensor], grads: Mapping[str, Tensor]
     ) -> Params:
         return dict(grads)
+
+    def round_download(
+        self,
+        client: int,
+        params: Mapping[str, Tensor],
+        state: Mapping[str, Tensor],
+        server: Mapping[str, Tensor],
+    ) -> Params:
+        """The stored parameters sampled client `client` starts its round with, from its own
+        (after the server's shared values were copied in), its state and the server's state:
+        a scheme whose server state holds what clients download (pFedMoAP's pool of the
+        clients' prompts) sets it here; default unchanged."""
+        return dict(params)
 
     def round_start(self, params: Mapping[str, Tensor], server: Mapping[str, Tensor]) -> Params:
         """What the client keeps from the round's start (FedProx's anchor); default nothing."""

@@ -14,7 +14,7 @@ PRESETS = [
     *("cocoop", "fedcocoop", "maple", "fedmaple", "scaffold", "fedadam", "central"),
     *("fedyogi", "promptfolio", "ivlp", "fedivlp", "fedclip", "fedtpg"),
     *("prograd", "fedprograd", "plot", "fedplot", "promptsrc", "fedpromptsrc"),
-    *("proda", "fedproda", "bpl", "fedbpl"),
+    *("proda", "fedproda", "bpl", "fedbpl", "pfedmoap", "fedpha"),
 ]
 SMALL = [
     "--rounds", "2", "--local-epochs", "1", "--eval-every", "2", "--last-k", "1",

@@ -40,6 +40,7 @@ PLOT = {"n_prompts": 4, "eps": 0.1, "top_percent": 1.0, "max_iter": 100, "thresh
 PROGRAD = {"lam": 1.0, "temperature": 1.0, "template": "a photo of a {}."}
 BPL = {"samples": 4, "kl_weight": 0.001, "reduction": 2}
 PRODA = {"n_prompts": 4, "lam": 1.0}
+MOAP = {"lam": 0.5, "num_experts": 10, "heads": 8, "gating_dim": 128, "scaling": 10.0}
 
 
 def test_presets_resolve_to_the_papers_values():
@@ -72,6 +73,7 @@ def test_presets_resolve_to_the_papers_values():
         "fedcocoop": ("cocoop", "fedavg", {"reduction": 16}, {}),
         "fedivlp": ("ivlp", "fedavg", IVLP, {}),
         "fedmaple": ("maple", "fedavg", {"depth": 9}, {}),
+        "fedpha": ("coop", "fedpha", {}, {"ratio": 0.8, "alpha": 1.0, "pull": 1.0, "push": 1.0}),
         "fedplot": ("plot", "fedavg", PLOT, {}),
         "fedproda": ("proda", "fedavg", PRODA, {}),
         "fedprograd": ("prograd", "fedavg", PROGRAD, {}),
@@ -85,6 +87,7 @@ def test_presets_resolve_to_the_papers_values():
         ),
         "ivlp": ("ivlp", "local", IVLP, {}),
         "maple": ("maple", "local", {"depth": 9}, {}),
+        "pfedmoap": ("coop", "pfedmoap", {}, MOAP),
         "plot": ("plot", "local", PLOT, {}),
         "proda": ("proda", "local", PRODA, {}),
         "prograd": ("prograd", "local", PROGRAD, {}),

@@ -52,7 +52,7 @@ def audit(
     seeds: Seeds = None,
     param: Params = None,
     flags: opt.SpecFlags,
-    shadow_runs: ShadowRuns = 4,
+    shadow_runs: ShadowRuns = 1,
     attacks: Attacks = "loss,shadow,canary",
     out: Out = "runs/default",
 ) -> None:

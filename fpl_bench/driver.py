@@ -336,6 +336,9 @@ class FederatedRun:
             for _ in range(n_clients)
         ]
         self.server_momentum: Params = {}
+        # each trainer's round-weighted average of its evaluation view and the weight so far,
+        # for a learner that evaluates one (`PromptLearner.round_weight`); empty otherwise
+        self.averaged: list[tuple[Params, float]] = []
         train = [np.concatenate([fed.split.train[c] for c in g]).astype(np.int64) for g in groups]
         self.n_train = [len(idx) for idx in train]
         self.train_idx = [torch.from_numpy(idx) for idx in train]
@@ -391,8 +394,30 @@ class FederatedRun:
         values when synchronised per step and at every evaluation. In training `client` is a
         trainer; in evaluation a client of the split (a pooled trainer serves them all)."""
         if evaluation:
-            return {**self.clients[self.trainer_of[client]].params, **self.server}
+            trainer = self.trainer_of[client]
+            if self.averaged:
+                return dict(self.averaged[trainer][0])
+            return {**self.clients[trainer].params, **self.server}
         return self.sync.view(client)
+
+    def _average_views(self, rnd: int) -> None:
+        """After round `rnd` (0-based), fold each trainer's parameters into the average its
+        learner evaluates with, if it asks for one: a_r = a_{r-1} + (w_r / W_r)(p_r - a_{r-1}),
+        W_r = W_{r-1} + w_r, i.e. a_r = sum_t w_t p_t / W_r (kept as a running mean, so that
+        tiny early weights neither underflow nor divide by zero)."""
+        weight = self.method.learner.round_weight(rnd + 1, self.sched.rounds)
+        if weight is None:
+            return
+        views = [{**state.params, **self.server} for state in self.clients]
+        if not self.averaged:
+            self.averaged = [({k: v.clone() for k, v in view.items()}, 0.0) for view in views]
+        for t, view in enumerate(views):
+            mean, total = self.averaged[t]
+            total += weight
+            if total > 0:
+                share = weight / total
+                mean = {k: a + share * (view[k] - a) for k, a in mean.items()}
+            self.averaged[t] = (mean, total)
 
     def budget(self) -> list[tuple[float, int]]:
         """(sampling rate, number of noisy steps) that touch each client's data over the run."""
@@ -680,6 +705,7 @@ class FederatedRun:
                 {"params": c.params, "momentum": c.momentum, "anchor": c.anchor, "state": c.state}
                 for c in self.clients
             ],
+            "averaged": [{"params": mean, "weight": total} for mean, total in self.averaged],
         }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
@@ -694,6 +720,9 @@ class FederatedRun:
             )
             for c in state["clients"]
         ]
+        self.averaged = [
+            (dict(a["params"]), float(a["weight"])) for a in state.get("averaged", [])
+        ]  # absent before round-weighted averages
 
     def run(
         self,
@@ -712,6 +741,7 @@ class FederatedRun:
         rounds = self.sched.rounds if self.method.trains else 0
         for rnd in range(first, rounds):
             loss = self.run_round(rnd)
+            self._average_views(rnd)
             if (rnd + 1) % self.sched.eval_every == 0 or rnd == rounds - 1:
                 metrics, clients = self.evaluate(rnd)
                 released = {} if self.private else {"train_loss": loss}

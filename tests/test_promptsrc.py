@@ -13,6 +13,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from fpl_bench.driver import FederatedRun, NoisePlan, Schedule
 from fpl_bench.learners._base import EncodeContext
 from fpl_bench.learners.promptsrc import TARGET, TEMPLATES, kl_per_class, l1_mean
 from fpl_bench.method import method_from_name
@@ -222,3 +223,55 @@ def test_runs_through_the_driver(towers, name, mode):
     assert all(not torch.equal(before[k], after[k]) for k in before)  # every parameter trained
     shared = set() if name == "promptsrc" else {"prompt", *OWN}
     assert set(run.method.shared) == shared
+
+
+def test_gpa_weights_are_the_papers_gaussian_over_rounds():
+    """Over the reference's 20 epochs (here rounds) the weights are N(r; 15, 1), normalised."""
+    learner = promptsrc().learner
+    got = torch.tensor([learner.round_weight(r, 20) for r in range(1, 21)], dtype=torch.float64)
+    r = torch.arange(1, 21, dtype=torch.float64)
+    want = torch.exp(-0.5 * (r - 15.0) ** 2) / (2 * torch.pi) ** 0.5  # N(r; 15, 1)
+    torch.testing.assert_close(got / got.sum(), want / want.sum(), rtol=1e-12, atol=0)
+    assert int(got.argmax()) + 1 == 15
+    assert method_from_name("promptsrc", {"gpa_std": 0.0}).learner.round_weight(15, 20) is None
+
+
+@pytest.mark.parametrize("mode", ["none", "server"])
+def test_gpa_evaluates_the_weighted_mean_of_the_rounds_and_resumes_with_it(towers, mode):
+    """The evaluation view (what is scored and released) is sum_r w_r P_r / sum_r w_r of the
+    parameters after each round, training goes on from the live ones, and a checkpoint carries
+    the mean; gpa_std = 0 evaluates the last parameters."""
+    _, tower, vision = towers[torch.float32]
+    fed = frozen_federation(vision)
+    rounds = 4
+    run, _, _ = trained("promptsrc", tower, fed, mode, vision, rounds=rounds)
+    snapshots = []  # the live parameters after each round, from a second identical run
+    live = FederatedRun(
+        method_from_name("promptsrc"), tower, fed, schedule=Schedule(rounds=rounds, batch_size=4,
+        lr=0.05), seed=0, trust="server", vision=vision,
+    )  # fmt: skip
+    if mode != "none":
+        live.enable_privacy(NoisePlan(noise_multiplier=0.5, clip_norm=0.05))
+    live.run(on_round_end=lambda r, out: snapshots.append({**live.clients[0].params}))
+    weights = [run.method.learner.round_weight(r, rounds) for r in range(1, rounds + 1)]
+    total = sum(weights)
+    view = run.view(0, evaluation=True)
+    for k, v in view.items():
+        want = sum(w * s[k] for w, s in zip(weights, snapshots, strict=True)) / total
+        torch.testing.assert_close(v, want, rtol=1e-5, atol=1e-6)
+        assert not torch.allclose(v, snapshots[-1][k])  # not the last round's parameters
+        assert torch.equal(run.clients[0].params[k], snapshots[-1][k])  # training goes on
+    resumed = FederatedRun(
+        method_from_name("promptsrc"), tower, fed, schedule=Schedule(rounds=rounds, batch_size=4,
+        lr=0.05), seed=0, trust="server", vision=vision,
+    )  # fmt: skip
+    resumed.load_state_dict(run.state_dict())
+    assert all(torch.equal(resumed.view(0, evaluation=True)[k], v) for k, v in view.items())
+    off = FederatedRun(
+        method_from_name("promptsrc", {"gpa_std": 0.0}), tower, fed,
+        schedule=Schedule(rounds=2, batch_size=4, lr=0.05), seed=0, vision=vision,
+    )  # fmt: skip
+    off.run()
+    assert all(
+        torch.equal(v, off.clients[0].params[k]) for k, v in off.view(0, evaluation=True).items()
+    )

@@ -23,6 +23,11 @@ with the learner's name and a dot. Whether the server shares them is the scheme'
 each image (CoCoOp): its `encode` returns what its `logits` need to run the text tower per
 image, so the per-sample loss holds that image's tower forward (batched over the samples).
 
+A learner may evaluate (and release) a weighted average of its parameters over rounds rather
+than the last ones (PromptSRC's Gaussian prompt aggregation): `round_weight` gives each
+round's weight, and the driver keeps each trainer's running average of its evaluation view
+(post-processing of what the rounds released, so it costs no privacy).
+
 A learner whose loss is random (BPL's sampled residuals) takes its randomness from `draws`: a
 few values drawn from the step's seeded stream (the generator `Scheme.step_params` draws
 from: one per run seed, round, client and step, evaluation apart), named "<learner>.<part>".
@@ -136,6 +141,11 @@ class PromptLearner:
     def init_params(self, init: InitContext) -> Params:
         """The learner's own parameters, named as `own_params` (none by default)."""
         return {}
+
+    def round_weight(self, rnd: int, rounds: int) -> float | None:
+        """The weight of the parameters after round `rnd` (1 .. `rounds`) in the average this
+        learner is evaluated and released with; None (the default): the last parameters."""
+        return None
 
     def draws(self, generator: torch.Generator) -> Params:
         """Random values of one step (or one evaluation), named "<learner>.<part>", from the

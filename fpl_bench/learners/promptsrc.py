@@ -29,17 +29,24 @@ The text term reads no training record (the prompted text features and a frozen 
 a prior, applied outside clipping with no noise (`fpl_bench/learners/_base.py`), so it costs no
 privacy.
 
-Not implemented: Gaussian prompt aggregation (GPA, the paper's self-ensemble), the reference's
-weighted sum of the prompts at the end of each epoch (weights N(epoch; 15, 1) over 20 epochs,
-normalised) that replaces the trained prompts before inference. fpl-bench's driver evaluates
-the parameters it trains and gives a learner no hook at the end of an epoch or a round, nor one
-to hand evaluation other parameters; the scheme's state hooks (`client_round_end`) keep state
-that evaluation never reads. What "an epoch" is in a federated run (local epochs, rounds, the
-server's or each client's prompt) is a choice of its own. The presets' notes say so.
+Gaussian prompt aggregation (GPA, the paper's self-ensemble, Sec. 3.2): the model evaluated
+and released is the weighted mean of the prompts after each epoch,
+
+    P_GPA = sum_r w_r P_r / sum_r w_r,   w_r = N(r / R; mu, sigma)
+
+(the reference: epochs r = 1..20 with weights N(r; 15, 1), i.e. mu = 0.75, sigma = 0.05 as
+fractions of the run; here an epoch is a federated round, as FLiP takes it, and R the run's
+rounds). Training continues from the live prompts; the driver keeps each trainer's running
+mean (`round_weight`, fpl_bench/driver.py). An evaluation before the last round sees the mean
+of the rounds so far. Under DP it is post-processing of the rounds' released prompts. FLiP
+instead loads its running weighted sum back into the model it trains, so its early rounds
+train from prompts scaled by weights near zero; fpl-bench follows the paper. `gpa_std = 0`
+turns GPA off (the last prompts are evaluated).
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -140,6 +147,8 @@ class PromptSRC(IVLP):
     text_weight: float  # lambda_2
     logits_weight: float  # w (1 in the paper and the reference)
     n_templates: int  # N: the first N of TEMPLATES make the textual target
+    gpa_mean: float  # mu of GPA's weights, as a fraction of the rounds
+    gpa_std: float  # sigma of GPA's weights, as a fraction of the rounds (0: no GPA)
 
     own_params: ClassVar[tuple[str, ...]] = ("promptsrc.text_deep", "promptsrc.vision")
 
@@ -169,6 +178,13 @@ class PromptSRC(IVLP):
         ce = F.cross_entropy(logits.unsqueeze(0), label.unsqueeze(0))
         image_term = self.image_weight * l1_mean(prompted, frozen)
         return ce + image_term + self.logits_weight * kl_per_class(zero_shot, logits)
+
+    def round_weight(self, rnd: int, rounds: int) -> float | None:
+        """GPA's weight of round `rnd` of `rounds`: exp(-(r / R - mu)^2 / (2 sigma^2)) (the
+        Gaussian density up to its constant, which the mean divides out); None without GPA."""
+        if self.gpa_std <= 0:
+            return None
+        return math.exp(-0.5 * ((rnd / rounds - self.gpa_mean) / self.gpa_std) ** 2)
 
     def prior_loss(self, text: dict[str, Tensor], ctx: EncodeContext) -> Tensor:  # type: ignore[override]
         """L_SCL-text over the scored classes: no training record in it."""

@@ -35,7 +35,11 @@ def test_learner_and_scheme_cards_match_the_registries_field_by_field():
 
 
 IVLP = {"text_depth": 9, "vision_depth": 9, "template": "a photo of a {}."}
-PSRC = {**IVLP, "image_weight": 10.0, "text_weight": 25.0, "logits_weight": 1.0, "n_templates": 60}
+PSRC = {
+    **IVLP,
+    **{"image_weight": 10.0, "text_weight": 25.0, "logits_weight": 1.0, "n_templates": 60},
+    **{"gpa_mean": 0.75, "gpa_std": 0.05},
+}
 PLOT = {"n_prompts": 4, "eps": 0.1, "top_percent": 1.0, "max_iter": 100, "thresh": 0.001}
 PROGRAD = {"lam": 1.0, "temperature": 1.0, "template": "a photo of a {}."}
 BPL = {"samples": 4, "kl_weight": 0.001, "reduction": 2}

@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from fpl_bench.driver import Compute, FederatedRun, NoisePlan, Schedule
+from fpl_bench.driver import FederatedRun, NoisePlan, Schedule
 from fpl_bench.learners import LEARNERS
 from fpl_bench.learners._base import EncodeContext, InitContext
 from fpl_bench.method import method_from_name, pair_problem
@@ -21,7 +21,6 @@ from fpl_bench.schemes import SCHEMES
 from fpl_bench.schemes.fedpha import minor_directions
 from fpl_bench.text_tower import TextTower
 from tests.test_driver import make_federation
-from tests.test_speed import TRAINED, _trained, rel_err
 
 
 def null_space(p_global: Tensor, ratio: float) -> Tensor:
@@ -175,20 +174,3 @@ def test_pairs():
     for name in ("cocoop", "ot", "plot", "maple"):  # refused, by the first reason that applies
         assert pair_problem(LEARNERS.get(name), scheme) is not None, name
     assert "its own sample_losses" in pair_problem(LEARNERS.get("prograd"), scheme)
-
-
-@pytest.mark.parametrize("private", [False, True])
-def test_batched_clients_equal_clients_one_by_one(tiny_tower, private):
-    """One vmapped step for the clients (their stacked experts, SVDs) = one client at a time."""
-    fed = make_federation(tiny_tower)
-    batched, sequential = (
-        _trained(tiny_tower, fed, "fedpha", compute, private=private)
-        for compute in (
-            Compute(batch_clients=True, group_elements=2**40),
-            Compute(batch_clients=False),
-        )
-    )
-    for c in range(len(batched.clients)):
-        a, b = batched.view(c, evaluation=True), sequential.view(c, evaluation=True)
-        for key in b:
-            assert rel_err(a[key], b[key]) < TRAINED, (c, key)

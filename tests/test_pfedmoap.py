@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from fpl_bench.driver import Compute, FederatedRun, NoisePlan, Schedule
+from fpl_bench.driver import FederatedRun, NoisePlan, Schedule
 from fpl_bench.learners import LEARNERS
 from fpl_bench.learners._base import EncodeContext, InitContext
 from fpl_bench.method import method_from_name, pair_problem
@@ -24,7 +24,6 @@ from fpl_bench.schemes._base import RoundEnd
 from fpl_bench.schemes.pfedmoap import PFedMoAP
 from fpl_bench.text_tower import TextTower
 from tests.test_driver import make_federation
-from tests.test_speed import TRAINED, _trained, rel_err
 
 
 class Gate(nn.Module):
@@ -332,20 +331,3 @@ def test_a_gate_whose_heads_do_not_divide_its_width_is_refused(tiny_tower):
     method = method_from_name("pfedmoap", {"heads": 3})  # the tiny gate is 64 wide
     with pytest.raises(UsageError, match="does not divide the gate's width 64"):
         method.init(InitContext(tiny_tower, torch.Generator().manual_seed(0)))
-
-
-@pytest.mark.parametrize("private", [False, True])
-def test_batched_clients_equal_clients_one_by_one(tiny_tower, private):
-    """One vmapped step for the clients (their stacked experts, SVDs) = one client at a time."""
-    fed = make_federation(tiny_tower)
-    batched, sequential = (
-        _trained(tiny_tower, fed, "pfedmoap", compute, private=private)
-        for compute in (
-            Compute(batch_clients=True, group_elements=2**40),
-            Compute(batch_clients=False),
-        )
-    )
-    for c in range(len(batched.clients)):
-        a, b = batched.view(c, evaluation=True), sequential.view(c, evaluation=True)
-        for key in b:
-            assert rel_err(a[key], b[key]) < TRAINED, (c, key)

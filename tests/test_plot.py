@@ -313,8 +313,15 @@ def test_global_local_hands_two_prompts_and_the_learner_adds_its_own(tiny_tower)
 
 @pytest.mark.parametrize("mode", ["none", "server", "client"])
 def test_runs_through_the_driver_training_every_prompt(tiny_tower, mode):
+    assert_trains_every_prompt(tiny_tower, mode, ("fedplot", "plot"), PROMPTS)
+
+
+def assert_trains_every_prompt(tiny_tower, mode, presets, own):
+    """Each of `presets` (federated, then local) runs two rounds without DP or under a trust
+    model, trains the scheme's prompt and the learner's own prompts `own`, and shares them
+    across clients only in the federated preset."""
     schedule, trust = Schedule(rounds=2, batch_size=8, lr=0.1), mode.replace("none", "server")
-    for name, shared in (("fedplot", True), ("plot", False)):
+    for name, shared in zip(presets, (True, False), strict=True):
         run = FederatedRun(
             method_from_name(name),
             tiny_tower,
@@ -330,6 +337,6 @@ def test_runs_through_the_driver_training_every_prompt(tiny_tower, mode):
         last = out.history[-1]
         assert all(0.0 <= last[k] <= 1.0 for k in ("local_acc", "base_acc", "novel_acc"))
         views = [run.view(c, evaluation=True) for c in range(2)]
-        for k in ("prompt", PROMPTS):
+        for k in ("prompt", own):
             assert not torch.equal(before[k], views[0][k]), (name, k)
             assert torch.equal(views[0][k], views[1][k]) == shared, (name, k)

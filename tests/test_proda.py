@@ -9,13 +9,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from fpl_bench.driver import FederatedRun, NoisePlan, Schedule
 from fpl_bench.learners._base import EncodeContext, InitContext
 from fpl_bench.learners.proda import FREE, PROMPTS, class_free_features, diversity, proda_logits
 from fpl_bench.method import method_from_name
 from fpl_bench.privacy.per_sample import step_gradients
 from tests.test_cocoop import tower64  # noqa: F401  (a float64 tiny tower, module fixture)
-from tests.test_driver import make_federation
+from tests.test_plot import assert_trains_every_prompt
 
 F64 = torch.float64
 
@@ -212,23 +211,4 @@ def test_fedavg_shares_all_k_prompts_local_keeps_them():
 
 @pytest.mark.parametrize("mode", ["none", "server", "client"])
 def test_runs_through_the_driver_training_every_prompt(tiny_tower, mode):
-    schedule, trust = Schedule(rounds=2, batch_size=8, lr=0.1), mode.replace("none", "server")
-    for name, shared in (("fedproda", True), ("proda", False)):
-        run = FederatedRun(
-            method_from_name(name),
-            tiny_tower,
-            make_federation(tiny_tower),
-            schedule=schedule,
-            seed=0,
-            trust=trust,
-        )
-        before = run.view(0, evaluation=True)
-        if mode != "none":
-            run.enable_privacy(NoisePlan(noise_multiplier=1.0, clip_norm=1.0))
-        out = run.run()
-        last = out.history[-1]
-        assert all(0.0 <= last[k] <= 1.0 for k in ("local_acc", "base_acc", "novel_acc"))
-        views = [run.view(c, evaluation=True) for c in range(2)]
-        for k in ("prompt", PROMPTS):
-            assert not torch.equal(before[k], views[0][k]), (name, k)
-            assert torch.equal(views[0][k], views[1][k]) == shared, (name, k)
+    assert_trains_every_prompt(tiny_tower, mode, ("fedproda", "proda"), PROMPTS)

@@ -100,7 +100,7 @@ def _trained(tower, fed, name: str, compute: Compute, *, private: bool) -> Feder
     return run
 
 
-@pytest.mark.parametrize("name", PRESETS)
+@pytest.mark.parametrize("name", [*PRESETS, "pfedmoap", "fedpha"])
 @pytest.mark.parametrize("private", [False, True])
 def test_batched_clients_equal_clients_one_by_one(tiny_tower, name, private):
     """Final parameters of every client and of the server agree to float rounding."""

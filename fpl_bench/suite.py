@@ -753,12 +753,15 @@ def run_suite(
     overrides: Mapping[str, Any] | None = None,
     progress: Callable[[ExperimentSpec], Any] | None = None,
     only: CellFilter | None = None,
+    executor: Any = None,
 ) -> pd.DataFrame:
     """Run every pending cell (`pending_specs`) into OUT; returns the rows of this call.
 
     `progress(spec)` may build a per-spec `experiment.JobProgress` (e.g. the CLI's
     `TqdmProgress`); it is closed (if it has `close`) when that spec's job ends.
     Interrupted, the finished cells are in OUT/results.csv and the next call skips them.
+    `executor` (an `executors.options.ExecutorChoice`, not local) runs the cells on a
+    cluster instead, as one job (`executors.dispatch.run_on_cluster`).
     """
     from fpl_bench.experiment import run_experiment
     from fpl_bench.report.records import RESULT_COLUMNS
@@ -766,6 +769,10 @@ def run_suite(
     specs = pending_specs(suite, Path(out), overrides=overrides, only=only)
     total = sum(len(s.methods) * len(s.eps) * len(s.seeds) for s in specs)
     log(f"suite {suite.name}: {total} cells to run in {len(specs)} jobs, into {out}")
+    if executor is not None and specs:
+        from fpl_bench.executors.dispatch import run_on_cluster
+
+        return run_on_cluster(specs, executor, log=log)
     frames = []
     for index, spec in enumerate(specs, start=1):
         log(

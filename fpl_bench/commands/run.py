@@ -21,6 +21,7 @@ import typer
 
 from fpl_bench import cli_options as opt
 from fpl_bench.errors import UsageError
+from fpl_bench.executors.options import ExecutorChoice, executor_options
 
 ORDER = 0  # first in `fpl-bench --help` (fpl_bench/commands/__init__.py)
 
@@ -88,6 +89,7 @@ def format_table(frame: Any, metrics: list[str], with_privacy: bool) -> list[Any
 
 
 @opt.spec_options(*opt.SPEC_OPTIONS)
+@executor_options
 def run(
     *,
     methods: Annotated[
@@ -129,7 +131,8 @@ def run(
         typer.Option(
             "--dry-run",
             help="With --suite: list the cells, configs, the paper's numbers and time "
-            "estimates; run nothing.",
+            "estimates (with --executor ray or slurm: each cell's request and the GPU-hours); "
+            "run nothing.",
         ),
     ] = False,
     tuned: Annotated[
@@ -152,6 +155,15 @@ def run(
     out: Annotated[
         str, typer.Option(help="Output folder (results.csv, mlflow.db, partitions, jobs).")
     ] = str(DEFAULT_OUT),
+    cluster: ExecutorChoice,
+    progress_view: Annotated[
+        bool,
+        typer.Option(
+            "--progress",
+            help="With --suite: print the suite's cells done, running and failed and an ETA, "
+            "read from the tracking store (--tracking-uri); run nothing.",
+        ),
+    ] = False,
 ) -> None:
     """Run methods on a dataset at a privacy budget; print the table and write DIR/results.csv."""
     from rich.console import Console
@@ -161,10 +173,14 @@ def run(
 
     if dry_run and suite is None:
         raise UsageError("--dry-run applies to --suite only")
+    if progress_view and (suite is None or dry_run):
+        raise UsageError("--progress applies to --suite only, without --dry-run")
+    cluster.export_tracking_uri()  # local runs log to --tracking-uri too
     if suite is not None:
         if flags["dataset"] != opt.spec_default("dataset"):
             raise UsageError("--dataset: the suite sets the datasets; drop it")
-        _run_suite(suite, out, dry_run, flags, suite_filter(methods, eps, seeds))
+        only = suite_filter(methods, eps, seeds)
+        _run_suite(suite, out, dry_run, flags, only, cluster=cluster, progress_view=progress_view)
         return
     names = method_names("default" if methods is None else methods)
     overrides = parse_params(param or [], names)
@@ -179,7 +195,8 @@ def run(
 
     # the fork server's imports overlap with this process's own (fpl_bench/parallel.py)
     runs = len(spec.methods) * len(spec.eps) * len(spec.seeds)
-    warm_workers_if_needed(workers=spec.workers, device=spec.device, runs=runs)
+    if not cluster.distributed:
+        warm_workers_if_needed(workers=spec.workers, device=spec.device, runs=runs)
     specs = [spec]
     if tuned:
         from fpl_bench.tune import tuned_specs
@@ -205,8 +222,12 @@ def run(
 
     frames = []
     try:
-        for each in specs:
-            frames.append(run_experiment(each, log=log, progress=progress))
+        if cluster.distributed:  # fpl_bench/executors/: the runs on Ray or Slurm
+            from fpl_bench.executors.dispatch import run_on_cluster
+
+            frames.append(run_on_cluster(specs, cluster, log=log))
+        else:
+            frames += [run_experiment(each, log=log, progress=progress) for each in specs]
     finally:
         progress.close()
     frame = pd.concat(frames, ignore_index=True)
@@ -251,11 +272,18 @@ def process_seconds() -> float:
 
 
 def _run_suite(
-    name: str, out_text: str, dry_run: bool, flags: opt.SpecFlags, only: Any = None
+    name: str,
+    out_text: str,
+    dry_run: bool,
+    flags: opt.SpecFlags,
+    only: Any = None,
+    *,
+    cluster: ExecutorChoice | None = None,
+    progress_view: bool = False,
 ) -> None:
     """`run --suite NAME [--dry-run]`: a grid from leaderboards/NAME.toml (fpl_bench/suite.py),
     the cells `only` keeps (--methods/--eps/--seeds), with the machine settings given (and
-    --pretrained) over every cell."""
+    --pretrained) over every cell; on `cluster` (fpl_bench/executors/) when it is not local."""
     from fpl_bench.suite import (
         MACHINE_FIELDS,
         dry_run_rows,
@@ -269,9 +297,17 @@ def _run_suite(
     given = flags.fields()
     overrides = {k: given[k] for k in (*MACHINE_FIELDS, "pretrained") if k in given}
     if dry_run:
-        typer.echo(
-            format_dry_run(chosen, dry_run_rows(chosen, out, overrides=overrides, only=only))
-        )
+        rows = dry_run_rows(chosen, out, overrides=overrides, only=only)
+        typer.echo(format_dry_run(chosen, rows))
+        if cluster is not None and cluster.distributed:
+            from fpl_bench.executors.estimate import format_requests
+
+            typer.echo(format_requests(rows, cluster, overrides.get("device", "auto")))
+        return
+    if progress_view:
+        from fpl_bench.executors.progress import format_progress, suite_progress
+
+        typer.echo(format_progress(suite_progress(chosen, out, cluster, overrides, only)))
         return
     from tqdm import tqdm
 
@@ -282,6 +318,7 @@ def _run_suite(
         overrides=overrides,
         progress=TqdmProgress,
         only=only,
+        executor=cluster if cluster is not None and cluster.distributed else None,
     )
     typer.echo(f"wrote {out / 'results.csv'}; `fpl-bench leaderboard --runs {out}` for the tables")
 

@@ -19,6 +19,7 @@ import typer
 
 from fpl_bench import cli_options as opt
 from fpl_bench.errors import UsageError
+from fpl_bench.executors.options import ExecutorChoice, executor_options
 
 # The tuning schedule: a trial trains the first 4 rounds of the run it tunes for (whose --rounds
 # set the DP noise), evaluated every other round (each evaluation but the last can prune); the
@@ -34,6 +35,7 @@ TUNE_SPEC_OPTIONS = tuple(n for n in opt.SPEC_OPTIONS if n not in TUNE_OWN + NOT
 
 
 @opt.spec_options(*TUNE_SPEC_OPTIONS)
+@executor_options
 def tune_cmd(
     *,
     methods: Annotated[
@@ -85,7 +87,12 @@ def tune_cmd(
         str, typer.Option(help="Study name prefix: PREFIX-METHOD-DATASET-PROTOCOL-TRUST-epsE.")
     ] = "tune",
     workers: Annotated[
-        int, typer.Option(min=1, help="Worker processes on this machine, one study at a time.")
+        int,
+        typer.Option(
+            min=1,
+            help="Worker processes on this machine, one study at a time (with --executor ray "
+            "or slurm: workers on the cluster).",
+        ),
     ] = 1,
     timeout: Annotated[
         float | None, typer.Option(help="Start no new trial after this many seconds.")
@@ -97,9 +104,11 @@ def tune_cmd(
     out: Annotated[Path, typer.Option(help="Output folder (optuna.db, mlflow.db).")] = Path(
         "runs/default"
     ),
+    cluster: ExecutorChoice,
 ) -> None:
     """Tune the methods' hyperparameters on the validation split (one Optuna study each)."""
-    if workers > 1:  # the fork server's imports overlap with this process's (parallel.py)
+    cluster.export_tracking_uri()
+    if workers > 1 and not cluster.distributed:  # the fork server's imports overlap (parallel.py)
         from fpl_bench.parallel import TUNE_WORKER_MODULES, warm_workers
 
         warm_workers(TUNE_WORKER_MODULES)
@@ -142,7 +151,12 @@ def tune_cmd(
         f"trials on the validation split ({job.metric}); storage {target.shown}",
         err=True,
     )
-    lines, failed = tuning.tune(job, log=lambda s: typer.echo(s, err=True))
+    if cluster.distributed:  # the workers as Ray tasks or Slurm jobs (fpl_bench/executors/)
+        from fpl_bench.executors.tuning import tune_on_cluster
+
+        lines, failed = tune_on_cluster(job, cluster, log=lambda s: typer.echo(s, err=True))
+    else:
+        lines, failed = tuning.tune(job, log=lambda s: typer.echo(s, err=True))
     for line in lines:
         typer.echo(line)
     shown = [choice.card or choice.label for choice in spec.methods]  # a card file by its path

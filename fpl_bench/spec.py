@@ -125,7 +125,7 @@ class ExperimentSpec(BaseModel):
     eps: Epsilons = (None,)
     delta: float = Field(1e-5, gt=0, lt=1, allow_inf_nan=False)
     clip_norm: float = Field(1.0, gt=0, allow_inf_nan=False)
-    # privacy/accountant.py CALIBRATIONS; "pld" needs the optional dp-accounting package
+    # privacy/accountant.py CALIBRATIONS; "pld" needs dp-accounting (a dependency)
     accountant: Literal["rdp", "prv", "pld", "paper"] = "rdp"
     trust: Literal["server", "client"] = "server"
     # "val": evaluate on the dataset's validation split (carved from training data), never
@@ -192,8 +192,8 @@ class ExperimentSpec(BaseModel):
     def _accountant_installed(cls, value: str) -> str:
         if value == "pld" and importlib.util.find_spec("dp_accounting") is None:
             raise ValueError(
-                "needs Google's dp-accounting: pip install dp-accounting (or the project's dev "
-                "extra), or use rdp or prv"
+                "needs Google's dp-accounting: pip install dp-accounting (fpl-bench depends on "
+                "it), or use rdp or prv"
             )
         return value
 

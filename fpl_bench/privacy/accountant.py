@@ -196,7 +196,7 @@ def _dp_accounting() -> Any:
     except ImportError as err:
         raise UsageError(
             "--accountant pld needs Google's dp-accounting: pip install dp-accounting "
-            "(or the project's dev extra), or use --accountant rdp or prv"
+            "(fpl-bench depends on it; a partial install lacks it), or use --accountant rdp or prv"
         ) from err
     return dp_accounting
 

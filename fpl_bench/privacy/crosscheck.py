@@ -119,10 +119,10 @@ Kind = Literal["rdp", "pld"]
 def _dp_accounting() -> Any:
     try:
         import dp_accounting
-    except ImportError as err:  # an optional (dev) dependency
+    except ImportError as err:  # a dependency; absent only from a broken or partial install
         raise UsageError(
             "the accountant cross-check needs Google's dp-accounting: pip install dp-accounting "
-            "(or the project's dev extra)"
+            "(fpl-bench depends on it; a partial install lacks it)"
         ) from err
     return dp_accounting
 

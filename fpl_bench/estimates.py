@@ -138,14 +138,17 @@ def job_training_flops(
 def longest_first(
     prep: Prepared, cells: list[tuple[int, float | None, MethodChoice]], pending: list[int]
 ) -> list[int]:
-    """`pending` in the order worker processes should take them: most training FLOPs first,
-    and among equals a learner that scores patch tokens (FedOTP: a Sinkhorn problem per image,
-    class and step on top of the tower) first; so the longest run does not start last and
-    leave one worker running alone at the end."""
+    """`pending` in the order worker processes should take them: most training FLOPs times the
+    learner's `relative_cost` first (a tower per image, several prompts), and among equals a
+    learner that scores patch tokens (FedOTP: a Sinkhorn problem per image, class and step on
+    top of the tower) first; so the longest run does not start last and leave one worker
+    running alone at the end."""
+
+    def cost(i: int) -> float:
+        choice = cells[i][2]
+        return cell_training_flops(prep, cells[i]) * build_method(choice).learner.relative_cost()
+
     return sorted(
         pending,
-        key=lambda i: (
-            -cell_training_flops(prep, cells[i]),
-            not LEARNERS.get(cells[i][2].learner).needs_tokens,
-        ),
+        key=lambda i: (-cost(i), not LEARNERS.get(cells[i][2].learner).needs_tokens),
     )

@@ -158,6 +158,26 @@ def test_worker_queue_takes_the_longest_runs_first(tmp_path):
     assert order == ["fedotp", "fedpgp", "kgcoop", "coop", "dpfpl", "zeroshot"]
 
 
+def test_a_learners_relative_cost_orders_the_runs(tmp_path):
+    """Of equal training FLOPs (one prompt component, no prior), BPL with L = 4 draws (4 x
+    8 CoOp runs) before CoCoOp (8), before PLOT with 4 prompts (4), before CoOp (1): the
+    runs that took longest in `--methods all` start first."""
+    from fpl_bench.estimates import cell_training_flops, longest_first
+    from fpl_bench.learners._base import PER_IMAGE_COST
+    from fpl_bench.method import build_method
+    from fpl_bench.prepare import prepare
+
+    names = ["coop", "plot", "cocoop", "bpl"]
+    spec = tiny_spec(tmp_path, names, eps=(0.5,), rounds=2, clients=3)
+    prep = prepare(spec, log=lambda _: None)
+    cells = [(0, 0.5, choice) for choice in spec.methods]
+    assert len({cell_training_flops(prep, c) for c in cells}) == 1
+    costs = {c[2].label: build_method(c[2]).learner.relative_cost() for c in cells}
+    assert costs == {"coop": 1.0, "plot": 4.0, "cocoop": PER_IMAGE_COST, "bpl": 4 * PER_IMAGE_COST}
+    order = [cells[i][2].label for i in longest_first(prep, cells, list(range(len(cells))))]
+    assert order == ["bpl", "cocoop", "plot", "coop"]
+
+
 @pytest.mark.parametrize(
     ("flags", "warmed"),
     [

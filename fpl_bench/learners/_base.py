@@ -55,6 +55,12 @@ from fpl_bench.vision import VisionTower
 Params = dict[str, Tensor]
 
 
+# A run of a learner that runs a tower per image (CoCoOp, MaPLe, IVLP, PromptSRC) took 7.5-12x a
+# CoOp run of the same schedule in `fpl-bench run --methods all --eps 0.5` on the embedded
+# default (wall_s, Zen 4 VM); only the order of a job's runs depends on it.
+PER_IMAGE_COST = 8.0
+
+
 @dataclass(frozen=True)
 class InitContext:
     """What a learner or scheme may read to create its parameters and constants."""
@@ -137,6 +143,12 @@ class PromptLearner:
     adds_prompts: ClassVar[bool] = False
     reads_images: ClassVar[bool] = False
     prompts_image_tower: ClassVar[bool] = False
+
+    def relative_cost(self) -> float:
+        """About how many CoOp runs of the same schedule and privacy one run of this learner
+        costs: `PER_IMAGE_COST` for a learner that runs a tower per image, else 1. A job only
+        orders its runs by it, the longest first (fpl_bench/estimates.py `longest_first`)."""
+        return PER_IMAGE_COST if self.reads_images else 1.0
 
     def init_params(self, init: InitContext) -> Params:
         """The learner's own parameters, named as `own_params` (none by default)."""

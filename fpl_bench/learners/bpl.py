@@ -52,6 +52,7 @@ from torch import Tensor
 from fpl_bench.learners import LEARNERS
 from fpl_bench.learners._base import (
     EVAL_CHUNK,
+    PER_IMAGE_COST,
     EncodeContext,
     InitContext,
     Params,
@@ -132,6 +133,11 @@ class BPL(PromptLearner):
     reduction: int  # the meta-nets' hidden width is D // reduction (the reference: 2)
 
     own_params: ClassVar[tuple[str, ...]] = META
+
+    def relative_cost(self) -> float:
+        """CoCoOp's tower per image and class, once per draw: the L draws cost L CoCoOps."""
+        return PER_IMAGE_COST * self.samples
+
     reads_images: ClassVar[bool] = True
 
     def init_params(self, init: InitContext) -> Params:

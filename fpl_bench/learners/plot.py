@@ -63,6 +63,10 @@ class PLOT(OTPatch):
     own_params: ClassVar[tuple[str, ...]] = (PROMPTS,)
     adds_prompts: ClassVar[bool] = True
 
+    def relative_cost(self) -> float:
+        """N prompts through the text tower (its backward under DP) instead of one."""
+        return float(self.n_prompts)
+
     @property
     def balanced(self) -> bool:
         """PLOT's transport is balanced; below full mass it is FedOTP's partial transport."""

@@ -116,6 +116,10 @@ class ProDA(PromptLearner):
     own_params: ClassVar[tuple[str, ...]] = (PROMPTS,)
     adds_prompts: ClassVar[bool] = True
 
+    def relative_cost(self) -> float:
+        """K prompts through the text tower (its backward under DP) instead of one."""
+        return float(self.n_prompts)
+
     def init_params(self, init: InitContext) -> Params:
         tower = init.tower
         shape = (self.n_prompts - 1, tower.n_ctx, tower.width)

@@ -47,3 +47,17 @@ def tiny_vision(tiny_model):
     from fpl_bench.vision import VisionTower
 
     return VisionTower.of(tiny_model[0])
+
+
+@pytest.fixture(autouse=True)
+def _tracking_uri_as_given():
+    """Each test starts from the MLFLOW_TRACKING_URI the session was given: a command run in
+    this process with --tracking-uri, or a cluster cell run in it, exports its store (as a
+    one-command process should), and a later test's subprocess would otherwise inherit it
+    (test files share worker processes under pytest-xdist)."""
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    yield
+    if before is None:
+        os.environ.pop("MLFLOW_TRACKING_URI", None)
+    else:
+        os.environ["MLFLOW_TRACKING_URI"] = before

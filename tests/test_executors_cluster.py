@@ -23,6 +23,7 @@ import urllib.request
 import uuid
 from collections.abc import Callable
 from pathlib import Path
+from typing import NamedTuple
 
 import pandas as pd
 import pytest
@@ -373,7 +374,10 @@ def test_submitit_local_preempted_job_requeues_and_resumes(
     suite_file, reference, tracking, tmp_path
 ):
     pytest.importorskip("submitit")
-    _preempt_a_slurm_job(suite_file, reference, tracking(), tmp_path, 'backend = "local"', _env())
+    uri = tracking()
+    run = _preempt_a_slurm_job(suite_file, reference, uri, tmp_path, 'backend = "local"', _env())
+    _assert_requeued_and_resumed(run)
+    assert_recorded_once(uri, run.out, run.expected, run.resumed)
 
 
 @pytest.mark.skipif(not SLURM_CONF, reason="no Slurm: set FPL_TEST_SLURM_CONF (.ci/slurm.sh)")
@@ -385,7 +389,28 @@ def test_slurm_single_node_preempted_job_is_requeued_by_slurm(
     env = {**_env(), "SLURM_CONF": str(SLURM_CONF)}
     settings = 'partition = "debug"\ncpus_per_task = 1\ngpus_per_node = 0'
     uri = tracking()
-    _preempt_a_slurm_job(suite_file, reference, uri, tmp_path, settings, env, _start_requeued)
+    run = _preempt_a_slurm_job(suite_file, reference, uri, tmp_path, settings, env, _start_requeued)
+    _assert_requeued_and_resumed(run)
+    assert_recorded_once(uri, run.out, run.expected, run.resumed)
+
+
+class Preempted(NamedTuple):
+    """What a pre-empted suite job left: its exit code and output, its Slurm logs, its output
+    folder, the local reference results and the interrupted run."""
+
+    returncode: int
+    text: str
+    logs: str
+    out: Path
+    expected: pd.DataFrame
+    resumed: tuple
+
+
+def _assert_requeued_and_resumed(run: Preempted) -> None:
+    assert run.returncode == 0, run.text
+    assert "4 runs submitted as 2 Slurm jobs" in run.text
+    assert "Requeued job" in run.logs, run.logs[-3000:]  # submitit requeued the pre-empted job
+    assert "resuming after round" in run.logs
 
 
 def _start_requeued(env: dict) -> None:
@@ -415,10 +440,10 @@ def _preempt_a_slurm_job(
     settings: str,
     env: dict,
     after: Callable[[dict], None] | None = None,
-) -> None:
+) -> Preempted:
     """Run the suite as 2 array tasks of 2 runs, send SIGUSR1 (a pre-emption notice) to the
-    process running a cell after its first checkpoint; the job is requeued and the results
-    are the local ones, each cell recorded once."""
+    process running a cell after its first checkpoint (the tests check that the job was
+    requeued, and that the results are the local ones, each cell recorded once)."""
     root, expected = reference()
     out = tmp_path / "slurm"
     config = tmp_path / "cluster.toml"
@@ -437,14 +462,9 @@ def _preempt_a_slurm_job(
     finally:
         if job.poll() is None:
             job.kill()
-    text = output.decode()
-    assert job.returncode == 0, text
-    assert "4 runs submitted as 2 Slurm jobs" in text
     logs = "".join(p.read_text() for p in (out / "slurm").rglob("*.out"))
     logs += "".join(p.read_text() for p in (out / "slurm").rglob("*.err"))
-    assert "Requeued job" in logs, logs[-3000:]  # submitit requeued the pre-empted job
-    assert "resuming after round" in logs
-    assert_recorded_once(uri, out, expected, resumed)
+    return Preempted(job.returncode, output.decode(), logs, out, expected, resumed)
 
 
 def test_tune_workers_run_as_submitit_jobs(reference, tracking, tmp_path):

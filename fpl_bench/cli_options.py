@@ -170,6 +170,13 @@ _OPTIONS = (
     SpecOption("eval_every", int, "Evaluate every N rounds."),
     SpecOption("last_k", int, "Final figure: mean over the last k evaluations."),
     SpecOption(
+        "curve",
+        bool,
+        "Evaluate every --eval-every rounds, a learning curve in MLflow (default: only the last "
+        "--last-k of those evaluations, which the result averages).",
+        decls=("--curve",),
+    ),
+    SpecOption(
         "backbone",
         str,
         "open_clip model name or a model-config .json (default: the embedded tiny CLIP).",

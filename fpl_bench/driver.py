@@ -41,6 +41,7 @@ from torch import Tensor
 
 from fpl_bench.data.partition import ClientSplit
 from fpl_bench.errors import FplError
+from fpl_bench.evaluate import evaluation_rounds
 from fpl_bench.learners._base import EncodeContext, InitContext, Params
 from fpl_bench.method import Method
 from fpl_bench.privacy.mechanism import clipped_sum, noisy_mean
@@ -117,6 +118,9 @@ class Schedule:
     momentum: float = 0.9
     client_fraction: float = 1.0
     eval_every: int = 1
+    # only the last k evaluations of the every-`eval_every` schedule (those the result
+    # averages: evaluate.evaluation_rounds); None: all of them, a learning curve
+    eval_last: int | None = None
 
 
 @dataclass(frozen=True)
@@ -678,9 +682,12 @@ class FederatedRun:
     def eval_params(self, client: int, rnd: int) -> tuple[Params, Params]:
         """The (step, aux) parameters client `client` is evaluated with at round `rnd`: its
         evaluation view, with the evaluation's own random stream (e.g. DP-FPL's factorization),
-        so an audit queries exactly the model that was scored."""
+        so an audit queries exactly the model that was scored. The learner's draws (BPL's) are
+        the round's, the same for every client: clients holding the same parameters are the
+        same model, scored once (`evaluate`)."""
         view = self.view(client, evaluation=True)
-        return self.method.step_params(view, generator(self.seed, _PARAMS, rnd, client, -1))
+        stream = generator(self.seed, _PARAMS, rnd, client, -1)
+        return self.method.step_params(view, stream, generator(self.seed, _PARAMS, rnd, -1, -1))
 
     def _correct(
         self,
@@ -739,10 +746,11 @@ class FederatedRun:
         per_client = [] if start is None else list(start.per_client)
         first = 0 if start is None else start.rounds_done
         rounds = self.sched.rounds if self.method.trains else 0
+        scored = evaluation_rounds(rounds, self.sched.eval_every, self.sched.eval_last)
         for rnd in range(first, rounds):
             loss = self.run_round(rnd)
             self._average_views(rnd)
-            if (rnd + 1) % self.sched.eval_every == 0 or rnd == rounds - 1:
+            if rnd + 1 in scored:
                 metrics, clients = self.evaluate(rnd)
                 released = {} if self.private else {"train_loss": loss}
                 metrics = {"round": rnd + 1, **released, **metrics}

@@ -53,6 +53,20 @@ def harmonic_mean(a: float, b: float) -> float:
     return 0.0 if a + b == 0 else 2 * a * b / (a + b)
 
 
+def evaluation_rounds(rounds: int, every: int, keep_last: int | None = None) -> frozenset[int]:
+    """The rounds (1-based) after which a run evaluates: every `every`-th and the last one; with
+    `keep_last`, only the last `keep_last` of them, the evaluations `final_metrics` averages (the
+    result is the same; the rounds before cost evaluation time and only draw a curve).
+
+    >>> sorted(evaluation_rounds(20, 4)), sorted(evaluation_rounds(20, 4, keep_last=2))
+    ([4, 8, 12, 16, 20], [16, 20])
+    >>> sorted(evaluation_rounds(10, 4)), sorted(evaluation_rounds(10, 4, keep_last=2))
+    ([4, 8, 10], [8, 10])
+    """
+    scheduled = sorted({*range(every, rounds + 1, every), rounds})
+    return frozenset(scheduled if keep_last is None else scheduled[-keep_last:])
+
+
 def final_metrics(history: Sequence[dict[str, float]], last_k: int) -> dict[str, float]:
     """Mean of each metric over the last `last_k` evaluations (the paper's last-10-rounds mean)."""
     tail = list(history)[-last_k:]

@@ -125,6 +125,7 @@ def schedule_of(spec: ExperimentSpec) -> Schedule:
         momentum=spec.momentum,
         client_fraction=spec.client_fraction,
         eval_every=spec.eval_every,
+        eval_last=None if spec.curve else spec.last_k,
     )
 
 

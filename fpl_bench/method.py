@@ -187,15 +187,19 @@ class Method:
         return {k: v for k, v in params.items() if k not in own}, own
 
     def step_params(
-        self, params: Mapping[str, Tensor], generator: torch.Generator
+        self,
+        params: Mapping[str, Tensor],
+        generator: torch.Generator,
+        draws_from: torch.Generator | None = None,
     ) -> tuple[Params, Params]:
         """The scheme's step parameters (and aux) plus the learner's own, taken as stored; the
-        learner's random draws of the step (`PromptLearner.draws`, drawn on the CPU generator and
-        moved to the parameters' device) join the aux."""
+        learner's random draws of the step (`PromptLearner.draws`, drawn on the CPU generator
+        `draws_from`, else `generator`, and moved to the parameters' device) join the aux."""
         mine, own = self._split(params)
         step, aux = self.scheme.step_params(mine, generator)
         device = next(iter(params.values())).device
-        draws = {k: v.to(device) for k, v in self.learner.draws(generator).items()}
+        drawn = self.learner.draws(generator if draws_from is None else draws_from)
+        draws = {k: v.to(device) for k, v in drawn.items()}
         return {**step, **own}, {**aux, **draws}
 
     def param_grads(

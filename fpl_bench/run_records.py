@@ -48,6 +48,7 @@ def run_config(spec: ExperimentSpec, choice: MethodChoice) -> dict[str, Any]:
             "data_root",
             "threads",
             "workers",
+            "curve",  # which rounds are evaluated besides those the result averages
             "device",
             "precision",
             "resume",

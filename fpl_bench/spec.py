@@ -113,6 +113,9 @@ class ExperimentSpec(BaseModel):
     ctx_init: str | None = None
     eval_every: int = Field(4, ge=1)
     last_k: int = Field(2, ge=1)
+    # evaluate at every eval_every-th round (a learning curve); else only at the last_k of
+    # them, the evaluations the result averages (the same result, less evaluation time)
+    curve: bool = False
     backbone: str = "fpl-tiny-vit"
     pretrained: str | None = None
     checkpoint: Path | None = None

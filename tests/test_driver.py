@@ -20,6 +20,7 @@ from fpl_bench.driver import (
     poisson_batch,
     sgd_step,
 )
+from fpl_bench.evaluate import final_metrics
 from fpl_bench.learners._base import EncodeContext
 from fpl_bench.method import method_from_name
 from fpl_bench.protocols import base2novel
@@ -165,6 +166,26 @@ def test_coop_training_lowers_the_loss_and_beats_chance(tiny_tower):
     assert trained.history[-1]["local_acc"] > 0.6  # 2 classes per client: chance 0.5
 
 
+def test_a_run_evaluates_only_the_rounds_its_result_averages(tiny_tower, monkeypatch):
+    fed = make_federation(tiny_tower)
+    scored, histories = [], []
+    real = FederatedRun.evaluate
+
+    def counting(self, rnd):
+        scored[-1].append(rnd + 1)
+        return real(self, rnd)
+
+    monkeypatch.setattr(FederatedRun, "evaluate", counting)
+    for last in (None, 2):  # the learning curve; only the evaluations the result reads
+        scored.append([])
+        schedule = Schedule(rounds=5, batch_size=8, lr=0.1, eval_every=2, eval_last=last)
+        run = FederatedRun(method_from_name("coop"), tiny_tower, fed, schedule=schedule, seed=1)
+        histories.append(run.run().history)
+    assert scored == [[2, 4, 5], [4, 5]]
+    assert histories[1] == histories[0][-2:]  # the same numbers, so the same final figure
+    assert final_metrics(histories[1], 2) == final_metrics(histories[0], 2)
+
+
 def test_same_seed_same_run(tiny_tower):
     fed = make_federation(tiny_tower)
     schedule = Schedule(rounds=2, batch_size=8, lr=0.1)
@@ -295,7 +316,10 @@ def test_no_training_loss_is_recorded_under_dp(tiny_tower):
     assert all("train_loss" not in h for h in run.run().history)
 
 
-@pytest.mark.parametrize(("name", "distinct_views"), [("promptfl", 1), ("coop", 2)])
+# fedbpl: one global model; its draws at evaluation are the round's, not the client's
+@pytest.mark.parametrize(
+    ("name", "distinct_views"), [("promptfl", 1), ("coop", 2), ("fedbpl", 1), ("bpl", 2)]
+)
 def test_clients_with_the_same_values_are_scored_once(
     tiny_tower, monkeypatch, name, distinct_views
 ):
@@ -317,7 +341,7 @@ def test_clients_with_the_same_values_are_scored_once(
     assert len(calls) == n_sets * distinct_views
     # the same numbers as scoring each client on its own
     for c, metrics in enumerate(per_client):
-        step, aux = run.method.step_params(run.view(c, evaluation=True), torch.Generator())
+        step, aux = run.eval_params(c, 0)
         correct = {}
         for es in fed.protocol.eval_sets:
             classes = torch.as_tensor(es.classes)

@@ -34,6 +34,7 @@ def small_job(tmp_path_factory):
         "4",
         "--last-k",
         "2",
+        "--curve",  # every round's evaluation in MLflow (test_mlflow_runs_hold_the_same_numbers)
         "--out",
         str(out / "out"),
         "--cache-dir",

@@ -30,7 +30,7 @@ TUNE_DEFAULTS: dict[str, Any] = {"trial_rounds": 4, "eval_every": 2, "last_k": 2
 # The spec options tune takes: all but those it declares with a meaning of its own (above all,
 # the schedule of a trial) and those a study has no use for.
 TUNE_OWN = ("rounds", "eval_every", "last_k", "threads", "workers")
-NOT_TUNED = ("transfer_datasets", "target_domain", "resume", "secure_noise")
+NOT_TUNED = ("transfer_datasets", "target_domain", "resume", "secure_noise", "curve")
 TUNE_SPEC_OPTIONS = tuple(n for n in opt.SPEC_OPTIONS if n not in TUNE_OWN + NOT_TUNED)
 
 

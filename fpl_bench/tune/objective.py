@@ -50,7 +50,8 @@ def train_seed(
     spec = prep.spec
     method = build_method(choice)
     full = schedule_of(spec)
-    schedule = replace(full, rounds=min(trial_rounds or spec.rounds, spec.rounds))
+    # every evaluation of the trial's rounds: the pruner reads them all
+    schedule = replace(full, rounds=min(trial_rounds or spec.rounds, spec.rounds), eval_last=None)
     torch.manual_seed(seed)
     private = eps is not None and method.trains
     set_threads(spec, private=private, device=prep.device)

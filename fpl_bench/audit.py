@@ -11,7 +11,9 @@ steps of the run's ledger client (its q, noisy steps, target eps, delta, C, clie
 momentum) with `CANARIES` white-box gradient canaries and the attacker the run's trust model
 allows, and writes the one-run lower bound on epsilon at 95% (`eps_lower`, with its `guesses`
 and `correct`); runs without DP have none. The report puts it beside the cell
-(fpl_bench/report/audits.py).
+(fpl_bench/report/audits.py). The input attack (`input_canary_row`, opt-in) is its black-box
+counterpart through the real driver: one more run whose clients hold mislabeled canaries
+(`fpl_bench/input_canaries.py`), scored by the released models, for runs with and without DP.
 
 Runs. `spec.seeds` are the audited seeds (`targets`) followed by `shadow_seeds(targets, n)`
 (`audit --shadow-runs n`), the smallest seeds not audited. The shadow attack's shadow runs are
@@ -65,7 +67,9 @@ import torch
 from fpl_bench.catalog import MethodChoice
 from fpl_bench.driver import FeatureSet, FederatedRun, Federation
 from fpl_bench.errors import UsageError
+from fpl_bench.input_canaries import INPUT_CANARIES, canary_rows, draw_canaries, with_canaries
 from fpl_bench.prepare import Prepared
+from fpl_bench.privacy.audit_bound import best_epsilon_lower_bound
 from fpl_bench.privacy.canary_audit import AuditSetting, Variant, run_canary_audit
 from fpl_bench.privacy.membership import (
     AttackResult,
@@ -78,7 +82,7 @@ from fpl_bench.report.audits import AUDIT_FILE
 from fpl_bench.report.records import KEY_COLUMNS as RUN_KEY_COLUMNS
 from fpl_bench.spec import ExperimentSpec
 
-ATTACKS: tuple[str, ...] = ("loss", "shadow", "canary")
+ATTACKS: tuple[str, ...] = ("loss", "shadow", "canary", "input")
 MEMBERSHIP_ATTACKS: tuple[str, ...] = ("loss", "shadow")  # attacks on the released model
 # Not the accuracy runs' experiment: a leaderboard read from MLflow takes every run of that
 # one as an accuracy record (fpl_bench/report/sources.py), as tuning keeps its own too.
@@ -347,6 +351,16 @@ def run_audit(
                     _write(existing, path)
                     rows.append(row)
                     continue
+                if attack == "input":
+                    prep = auditor.prepared()
+                    found = input_canary_row(prep, spec.methods[m], spec.eps[e], seed)
+                    log(f"{name}: input canaries: eps >= {found['eps_lower']:.3f} (95%)")
+                    row = {**row_key, **found, "run_id": target["mlflow_run_id"]}
+                    row["mlflow_run_id"] = _track(tracker, f"{name}-{attack}", key, row)
+                    existing = _upsert(existing, row)
+                    _write(existing, path)
+                    rows.append(row)
+                    continue
                 mine = auditor.queries(m, e, seed)
                 assert mine is not None  # its run finished
                 try:
@@ -382,7 +396,6 @@ class _Auditor:
 
     def queries(self, m: int, e: int, seed: int) -> RunQueries | None:
         """The queries of the run of method m, eps e, `seed` (None: it did not finish)."""
-        from fpl_bench.prepare import prepare
         from fpl_bench.run_records import finished_row, run_key
         from fpl_bench.saved_prompts import load_prompts
 
@@ -391,11 +404,18 @@ class _Auditor:
             row = finished_row(self.results, run_key(spec, spec.methods[m], spec.eps[e], seed))
             found = None
             if row is not None:
-                self.prep = self.prep or prepare(spec, self.log)
                 saved = load_prompts(_prompts_path(Path(spec.out), row))
-                found = run_queries(self.prep, spec.methods[m], seed, saved)
+                found = run_queries(self.prepared(), spec.methods[m], seed, saved)
             self.cache[(m, e, seed)] = found
         return self.cache[(m, e, seed)]
+
+    def prepared(self) -> Prepared:
+        """The job's data and backbone, prepared at the first call."""
+        from fpl_bench.prepare import prepare
+
+        if self.prep is None:
+            self.prep = prepare(self.job.spec, self.log)
+        return self.prep
 
     def attack(
         self, attack: str, mine: RunQueries, m: int, e: int, seed: int
@@ -449,6 +469,45 @@ def canary_row(target: dict[str, Any], *, momentum: float) -> dict[str, Any] | N
         "eps_lower": audit.bound.epsilon,
         "guesses": audit.bound.guesses,
         "correct": audit.bound.correct,
+    }
+
+
+def input_canary_row(
+    prep: Prepared, choice: MethodChoice, eps: float | None, seed: int, m: int = INPUT_CANARIES
+) -> dict[str, Any]:
+    """audit.csv's columns of the input-canary attack (`fpl_bench/input_canaries.py`): one
+    more run of `choice` at `eps` and `seed`, its clients' data holding `m` mislabeled canaries (each in with probability 1/2), the noise calibrated for those sizes;
+    each canary scored by its client's released model; the one-run bound at 95%, and the
+    scores' membership metrics (members: the included canaries)."""
+    from fpl_bench.experiment import job_run
+    from fpl_bench.prepare import federation
+
+    fed = federation(prep, seed)
+    source_name, source, candidates = nonmember_pool(prep, fed)
+    labels = np.asarray(getattr(prep.splits, source_name).labels)
+    canaries = draw_canaries(candidates, labels[candidates], fed.split.classes, m=m, seed=seed)
+    grown = with_canaries(fed, source, canaries)
+    run, _ = job_run(prep, grown, choice, eps, seed)
+    run.run(evaluate=False)
+    last = prep.spec.rounds - 1 if run.method.trains else 0
+    rows = canary_rows(fed, canaries)
+    seen = np.asarray(fed.protocol.seen_classes)
+    probs = np.zeros((canaries.m, len(seen)), dtype=np.float32)
+    for client in range(fed.split.n_clients):
+        mine = np.flatnonzero(canaries.client == client)
+        if mine.size:
+            (probs[mine],) = _probabilities(run, client, last, [(grown.train, rows[mine])])
+    outputs = Outputs(
+        probs=probs, labels=np.searchsorted(seen, canaries.label), is_member=canaries.included
+    )
+    # scores Y_j = log p(canary label): the loss attack's, whose metrics the row keeps too
+    bound = best_epsilon_lower_bound(-outputs.losses(), canaries.included, prep.spec.delta)
+    return {
+        **_metrics(loss_threshold_attack(outputs, seed=seed)),
+        "nonmembers": f"canaries ({source_name})",
+        "eps_lower": bound.epsilon,
+        "guesses": bound.guesses,
+        "correct": bound.correct,
     }
 
 

@@ -738,15 +738,18 @@ class FederatedRun:
         progress: Callable[[int], None] | None = None,
         start: RunOutput | None = None,
         on_round_end: Callable[[int, RunOutput], None] | None = None,
+        evaluate: bool = True,
     ) -> RunOutput:
-        """Train the remaining rounds and evaluate on the schedule. `start` (a checkpoint's
-        output, with the state already loaded) resumes after its last round;
-        `on_round_end(rounds done, output so far)` is where the caller checkpoints."""
+        """Train the remaining rounds and evaluate on the schedule (never, without `evaluate`:
+        an audit's run, queried by the audit itself). `start` (a checkpoint's output, with the
+        state already loaded) resumes after its last round; `on_round_end(rounds done, output
+        so far)` is where the caller checkpoints."""
         history = [] if start is None else list(start.history)
         per_client = [] if start is None else list(start.per_client)
         first = 0 if start is None else start.rounds_done
         rounds = self.sched.rounds if self.method.trains else 0
         scored = evaluation_rounds(rounds, self.sched.eval_every, self.sched.eval_last)
+        scored = scored if evaluate else frozenset()
         for rnd in range(first, rounds):
             loss = self.run_round(rnd)
             self._average_views(rnd)
@@ -762,7 +765,7 @@ class FederatedRun:
                 on_round_end(rnd + 1, RunOutput(history, self.rounds_schedule, per_client, rnd + 1))
             if progress:
                 progress(rnd + 1)
-        if not self.method.trains:
+        if not self.method.trains and evaluate:
             metrics, clients = self.evaluate(0)
             history.append({"round": 0, **metrics})
             per_client.append(clients)

@@ -146,6 +146,31 @@ def federated_run(
     )
 
 
+def job_run(
+    prep: Prepared, fed: Federation, choice: MethodChoice, eps: float | None, seed: int
+) -> tuple[FederatedRun, PrivacyLedger | None]:
+    """The federated run of `choice` at `eps` and `seed` on `fed`, set up as a job's (threads,
+    the spec's schedule; under DP one sigma calibrated for its clients' sizes), and its
+    privacy ledger (None without DP)."""
+    spec = prep.spec
+    method = build_method(choice)
+    torch.manual_seed(seed)
+    private = eps is not None and method.trains
+    n_seen = len(fed.protocol.seen_classes)
+    set_threads(spec, private=private, device=prep.device, tower=prep.tower, n_classes=n_seen)
+    run = federated_run(prep, fed, method, seed, schedule_of(spec))
+    ledger = plan_run_privacy(run, spec, eps) if private and eps is not None else None
+    if ledger is not None:
+        run.enable_privacy(
+            NoisePlan(
+                noise_multiplier=ledger.noise_multiplier,
+                clip_norm=spec.clip_norm,
+                secure=spec.secure_noise,
+            )
+        )
+    return run, ledger
+
+
 def run_one(
     prep: Prepared,
     fed: Federation,
@@ -157,22 +182,7 @@ def run_one(
     progress: Callable[[int], None] | None = None,
 ) -> dict[str, Any]:
     spec = prep.spec
-    method = build_method(choice)
-    schedule = schedule_of(spec)
-    torch.manual_seed(seed)
-    private = eps is not None and method.trains
-    n_seen = len(fed.protocol.seen_classes)
-    set_threads(spec, private=private, device=prep.device, tower=prep.tower, n_classes=n_seen)
-    run = federated_run(prep, fed, method, seed, schedule)
-    ledger = plan_run_privacy(run, spec, eps) if private else None
-    if ledger is not None:
-        run.enable_privacy(
-            NoisePlan(
-                noise_multiplier=ledger.noise_multiplier,
-                clip_norm=spec.clip_norm,
-                secure=spec.secure_noise,
-            )
-        )
+    run, ledger = job_run(prep, fed, choice, eps, seed)
     config = run_config(spec, choice)
     key = run_key(spec, choice, eps, seed)
     params = {**config, "eps": key["eps"], "seed": seed, "config_hash": key["config_hash"]}
@@ -200,7 +210,7 @@ def run_one(
             on_eval=lambda r, m: tracker.log_round(run_id, r, m),
             progress=progress,
             start=start,
-            on_round_end=save_round if method.trains else None,
+            on_round_end=save_round if run.method.trains else None,
         )
         status = "finished"
     except Diverged as err:
@@ -233,7 +243,7 @@ def run_one(
     if status == "finished":
         artifacts["schedule.json"] = {"sampled_clients": out.schedule}
         artifacts["history.json"] = out.history
-        saved = save_run_prompts(Path(spec.out), run, config, key, method.trains)
+        saved = save_run_prompts(Path(spec.out), run, config, key, run.method.trains)
         artifacts["prompts.safetensors"] = saved
         prompts_file = str(saved.relative_to(spec.out))
     # columns of the row that MLflow's params do not already hold as they are: run tags too

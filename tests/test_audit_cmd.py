@@ -82,8 +82,30 @@ def test_audit_writes_a_row_per_method_eps_trust_seed_attack(tmp_path, capsys, m
     pd.testing.assert_frame_equal(again, frame)
 
 
+def test_the_input_canary_attack_bounds_every_run_from_one_more_run(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    args = ["audit", "--methods", "coop", "--eps", "none,1", "--attacks", "input", *TINY]
+    args += ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    code, stdout, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert "input canaries: eps >=" in err
+    shown = [line.split() for line in stdout.splitlines() if " input " in line]
+    assert len(shown) == 2 and all(float(cells[-1]) >= 0 for cells in shown)  # its eps >=
+    frame = pd.read_csv(out / "audit.csv", dtype={"eps": str}).set_index("eps")
+    assert set(frame.attack) == {"input"} and set(frame.index) == {"none", "1.0"}
+    assert frame.nonmembers.str.startswith("canaries").all()
+    # every undealt training example of the seen classes is a canary (fewer than 1000 here)
+    assert (frame.n_members + frame.n_nonmembers).nunique() == 1
+    assert frame.n_members.gt(0).all() and frame.n_nonmembers.gt(0).all()
+    assert frame.auc.between(0, 1).all()
+    assert frame.loc["1.0", "eps_lower"] <= 1.0
+    assert frame.eps_lower.notna().all() and (frame.correct <= frame.guesses).all()
+    # the canary run is the audit's own: results.csv holds the accuracy runs only
+    assert len(pd.read_csv(out / "results.csv")) == 2
+
+
 BAD = {  # flags -> what the one line says
-    "--attacks loss,bogus": "--attacks loss,bogus: unknown attack; known: loss, shadow, canary",
+    "--attacks loss,bogus": "--attacks loss,bogus: unknown attack; known: loss, shadow, canary, input",
     "--shadow-runs -1": "--shadow-runs -1: must be 0 or more",
     "--shadow-runs 0": "the shadow attack needs runs under other seeds",
     "--seeds 0,x": "--seeds 0,x: expected comma-separated integers",

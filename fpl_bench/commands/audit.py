@@ -31,7 +31,9 @@ SHADOW_HELP = (
 )
 ATTACKS_HELP = (
     "Comma list of attacks: loss (threshold on the loss), shadow (per-label shadow models), "
-    "canary (one-run canary audit of the private runs' mechanism: a lower bound on epsilon)."
+    "canary (one-run canary audit of the private runs' mechanism: a lower bound on epsilon), "
+    "input (black-box: one more run with 1000 mislabeled canaries, scored by the released "
+    "models' loss; a lower bound on epsilon for every run; not in the default)."
 )
 OUT_HELP = "Output folder of the runs (results.csv, prompts/); audit.csv is written there."
 
@@ -109,6 +111,7 @@ def _attacks(text: str) -> tuple[str, ...]:
 
 def _show(frame: Any, spec: Any) -> None:
     """The audit's rows as one table (in %), and where they were written."""
+    import pandas as pd
     from rich import box
     from rich.console import Console
     from rich.table import Table
@@ -131,12 +134,12 @@ def _show(frame: Any, spec: Any) -> None:
             f"{int(row['correct'])}/{int(row['guesses'])} right"
             if canary
             else f"{int(row['n_members'])}/{int(row['n_nonmembers'])}",
-            f"{float(row['eps_lower']):.2f}" if canary else "",
+            "" if pd.isna(row["eps_lower"]) else f"{float(row['eps_lower']):.2f}",
         )
     console = Console()
     console.print(
         f"membership inference on {spec.dataset}, {spec.protocol}, {spec.trust} trust "
-        "(chance: 50 / 50 / 1; eps >=: the canary audit's lower bound at 95%)",
+        "(chance: 50 / 50 / 1; eps >=: the canary audits' lower bound at 95%)",
         highlight=False,
         markup=False,
     )

@@ -29,10 +29,13 @@ import pandas as pd
 
 from fpl_bench.errors import UsageError
 from fpl_bench.report.leaderboard import CELL_COLUMNS, latest_config, percent, seed_std
-from fpl_bench.report.records import KEY_COLUMNS, NO_DP, normalize_eps, normalize_records
+from fpl_bench.report.records import KEY_COLUMNS, normalize_eps, normalize_records
 
 AUDIT_FILE = "audit.csv"
 CANARY_ATTACK = "canary"  # the attack that bounds epsilon; the others infer membership
+# the attacks whose rows carry a lower bound on epsilon: the white-box canary audit and the
+# black-box input canaries (which also infer the canaries' membership, not the data's)
+BOUND_ATTACKS: tuple[str, ...] = (CANARY_ATTACK, "input")
 NEEDED_COLUMNS: tuple[str, ...] = (*KEY_COLUMNS, "attack", "balanced_acc")
 CELL_KEY: tuple[str, ...] = (*CELL_COLUMNS, "setup_hash")
 SUMMARY_COLUMNS: tuple[str, ...] = (
@@ -45,7 +48,8 @@ SUMMARY_COLUMNS: tuple[str, ...] = (
 )
 AUDIT_LEGEND = (
     "{ε̂ ≥ x · MIA y}: the audit of the cell's runs (`fpl-bench audit`, docs/audit.md): x the "
-    "canary audit's lower bound on epsilon (one run, 95% confidence; the largest over seeds; "
+    "canary audits' lower bound on epsilon (one run, 95% confidence; the largest over seeds "
+    "and over the white-box and input canaries; "
     "it should stay below the cell's ε), y the balanced accuracy in % of the strongest "
     "membership-inference attack on the released prompts, mean over seeds (chance 50)."
 )
@@ -110,10 +114,10 @@ def audit_notes(summary: pd.DataFrame) -> dict[tuple[str, ...], str]:
     notes: dict[tuple[str, ...], str] = {}
     for key, group in summary.groupby(list(CELL_KEY), sort=False):
         parts = []
-        canary = group[group["attack"] == CANARY_ATTACK]["eps_lower"].dropna()
-        if len(canary) and key[CELL_KEY.index("eps")] != NO_DP:
-            parts.append(f"ε̂ ≥ {canary.max():.2f}")
-        attacks = group[group["attack"] != CANARY_ATTACK]["balanced_acc"].dropna()
+        bounds = group[group["attack"].isin(BOUND_ATTACKS)]["eps_lower"].dropna()
+        if len(bounds):
+            parts.append(f"ε̂ ≥ {bounds.max():.2f}")
+        attacks = group[~group["attack"].isin(BOUND_ATTACKS)]["balanced_acc"].dropna()
         if len(attacks):
             parts.append(f"MIA {percent(attacks.max())}")
         if parts:

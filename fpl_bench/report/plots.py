@@ -220,7 +220,11 @@ def base_vs_novel(part: pd.DataFrame, title: str) -> bytes:
 
 
 CANARY_ATTACK = "canary"  # report/audits.py's: its rows bound epsilon, the others infer membership
-ATTACK_LABELS = {"loss": "loss-threshold attack", "shadow": "shadow-model attack (DP-FPL)"}
+ATTACK_LABELS = {
+    "loss": "loss-threshold attack",
+    "shadow": "shadow-model attack (DP-FPL)",
+    "input": "input canaries (black-box)",
+}
 
 
 def attack_vs_eps(summary: pd.DataFrame, methods: list[str], title: str) -> bytes:

@@ -24,6 +24,32 @@ def test_results_match_the_committed_leaderboards():
     )
 
 
+def test_audit_tables_match_the_committed_audit_rows():
+    """README's audit table and docs/audit.md's table of every preset are what
+    benchmarks/audit_tables.py renders from leaderboards/audit-embedded-rows.csv, and the
+    README's figure is committed."""
+    import pandas as pd
+
+    spec = importlib.util.spec_from_file_location(
+        "audit_tables", ROOT / "benchmarks" / "audit_tables.py"
+    )
+    tables = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tables)
+    rows = pd.read_csv(tables.ROWS, dtype={"eps": str})
+    for page, text in tables.render(rows).items():
+        assert page.read_text() == text, f"{page.name} is stale: run benchmarks/audit_tables.py"
+    # the README's table: every paper method at every (eps, trust), each with both attacks
+    for method in tables.PAPER_METHODS:
+        mine = rows[rows.method == method]
+        assert set(mine.eps) == {"none", "1.0", "0.5"}, method
+        assert set(mine[mine.eps != "none"].trust) == {"server", "client"}, method
+        assert {"loss", "shadow"} <= set(mine.attack), method
+    private = rows[(rows.attack == "canary")]
+    assert (private.eps_lower < private.eps.astype(float)).all()  # no bound above its eps
+    figures = re.findall(r"!\[[^]]*\]\((leaderboards/[^)]+\.png)\)", README.read_text())
+    assert figures and all((ROOT / f).is_file() for f in figures)
+
+
 def test_ci_runs_the_readme_commands():
     """.ci/run runs the README's set-up and test commands; both must still be in the README."""
     text = README.read_text()

@@ -339,45 +339,11 @@ def run_audit(
                     log(f"{name}: {attack} attack done by an earlier audit; kept")
                     rows.append(done)
                     continue
-                if attack == "canary":
-                    found = canary_row(target, momentum=spec.momentum)
-                    if found is None:
-                        log(f"{name}: no DP, nothing to bound; canary attack not run")
-                        continue
-                    log(f"{name}: canary attack: eps >= {found['eps_lower']:.3f} (95%)")
-                    row = {**row_key, **found, "run_id": target["mlflow_run_id"]}
-                    row["mlflow_run_id"] = _track(tracker, f"{name}-{attack}", key, row)
-                    existing = _upsert(existing, row)
-                    _write(existing, path)
-                    rows.append(row)
+                found, message = auditor.columns(attack, target, m, e, seed)
+                log(f"{name}: {message}")
+                if found is None:
                     continue
-                if attack == "input":
-                    prep = auditor.prepared()
-                    found = input_canary_row(prep, spec.methods[m], spec.eps[e], seed)
-                    log(f"{name}: input canaries: eps >= {found['eps_lower']:.3f} (95%)")
-                    row = {**row_key, **found, "run_id": target["mlflow_run_id"]}
-                    row["mlflow_run_id"] = _track(tracker, f"{name}-{attack}", key, row)
-                    existing = _upsert(existing, row)
-                    _write(existing, path)
-                    rows.append(row)
-                    continue
-                mine = auditor.queries(m, e, seed)
-                assert mine is not None  # its run finished
-                try:
-                    result = auditor.attack(attack, mine, m, e, seed)
-                except TooFewQueries as err:
-                    log(f"{name}: {attack} attack not run: {err}")
-                    continue
-                if result is None:
-                    log(f"{name}: no other run finished; shadow attack not run")
-                    continue
-                log(f"{name}: {_summary(result)}")
-                row = {
-                    **row_key,
-                    **_metrics(result),
-                    "nonmembers": mine.nonmembers,
-                    "run_id": target["mlflow_run_id"],
-                }
+                row = {**row_key, **found, "run_id": target["mlflow_run_id"]}
                 row["mlflow_run_id"] = _track(tracker, f"{name}-{attack}", key, row)
                 existing = _upsert(existing, row)
                 _write(existing, path)
@@ -416,6 +382,30 @@ class _Auditor:
         if self.prep is None:
             self.prep = prepare(self.job.spec, self.log)
         return self.prep
+
+    def columns(
+        self, attack: str, target: dict[str, Any], m: int, e: int, seed: int
+    ) -> tuple[dict[str, Any] | None, str]:
+        """audit.csv's columns of `attack` on the finished run (m, e, seed) whose results.csv
+        row is `target`, and the line to log; None where the attack does not apply."""
+        spec = self.job.spec
+        if attack == "canary":
+            found = canary_row(target, momentum=spec.momentum)
+            if found is None:
+                return None, "no DP, nothing to bound; canary attack not run"
+            return found, f"canary attack: eps >= {found['eps_lower']:.3f} (95%)"
+        if attack == "input":
+            found = input_canary_row(self.prepared(), spec.methods[m], spec.eps[e], seed)
+            return found, f"input canaries: eps >= {found['eps_lower']:.3f} (95%)"
+        mine = self.queries(m, e, seed)
+        assert mine is not None  # its run finished
+        try:
+            result = self.attack(attack, mine, m, e, seed)
+        except TooFewQueries as err:
+            return None, f"{attack} attack not run: {err}"
+        if result is None:
+            return None, "no other run finished; shadow attack not run"
+        return {**_metrics(result), "nonmembers": mine.nonmembers}, _summary(result)
 
     def attack(
         self, attack: str, mine: RunQueries, m: int, e: int, seed: int

@@ -392,7 +392,7 @@ class _Auditor:
         if attack == "canary":
             found = canary_row(target, momentum=spec.momentum)
             if found is None:
-                return None, "no DP, nothing to bound; canary attack not run"
+                return None, "no noisy step (no DP, or nothing trained); canary attack not run"
             return found, f"canary attack: eps >= {found['eps_lower']:.3f} (95%)"
         if attack == "input":
             found = input_canary_row(self.prepared(), spec.methods[m], spec.eps[e], seed)
@@ -424,12 +424,13 @@ class _Auditor:
 def canary_setting(target: dict[str, Any], *, momentum: float) -> AuditSetting | None:
     """The canary audit of one finished run (`privacy/canary_audit.py`): its ledger's client
     (sample rate q, noisy steps T), target eps, delta and C, the run's client count and
-    momentum, `CANARIES` canaries in `CANARY_DIM` dimensions; None for a run without DP.
+    momentum, `CANARIES` canaries in `CANARY_DIM` dimensions; None for a run without DP or
+    without a noisy step (a method that trains nothing, such as zeroshot, at an eps).
     sigma is calibrated by the RDP accountant for that client's (q, T) alone, so the audited
     mechanism has at most the run's noise (its sigma serves every client)."""
-    eps = target.get("eps_target")
-    if eps is None or not np.isfinite(float(eps)):
-        return None
+    eps, steps, rate = (target.get(k) for k in ("eps_target", "steps", "sample_rate"))
+    if any(v is None or not np.isfinite(float(v)) for v in (eps, steps, rate)) or steps < 1:
+        return None  # no DP, or nothing trained under it (zeroshot): no noisy step
     return AuditSetting(
         canaries=CANARIES,
         dim=CANARY_DIM,

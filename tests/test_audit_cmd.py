@@ -82,6 +82,17 @@ def test_audit_writes_a_row_per_method_eps_trust_seed_attack(tmp_path, capsys, m
     pd.testing.assert_frame_equal(again, frame)
 
 
+def test_a_private_run_that_trains_nothing_gets_no_canary_bound(tmp_path, capsys, monkeypatch):
+    out = tmp_path / "out"
+    args = ["audit", "--methods", "zeroshot", "--eps", "1", "--attacks", "loss,canary", *TINY]
+    args += ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
+    code, _, err = run_cli(args, capsys, monkeypatch)
+    assert code == 0, err
+    assert "no noisy step (no DP, or nothing trained); canary attack not run" in err
+    frame = pd.read_csv(out / "audit.csv")
+    assert list(frame.attack) == ["loss"]
+
+
 def test_the_input_canary_attack_bounds_every_run_from_one_more_run(tmp_path, capsys, monkeypatch):
     out = tmp_path / "out"
     args = ["audit", "--methods", "coop", "--eps", "none,1", "--attacks", "input", *TINY]

@@ -82,11 +82,17 @@ def test_audit_writes_a_row_per_method_eps_trust_seed_attack(tmp_path, capsys, m
     pd.testing.assert_frame_equal(again, frame)
 
 
-def test_a_private_run_that_trains_nothing_gets_no_canary_bound(tmp_path, capsys, monkeypatch):
+def tiny_audit(tmp_path, capsys, monkeypatch, methods, eps, attacks):
+    """`fpl-bench audit` of `methods` at `eps` with `attacks` on the tiny federation into
+    tmp_path/out: (exit code, stdout, stderr, the output folder)."""
     out = tmp_path / "out"
-    args = ["audit", "--methods", "zeroshot", "--eps", "1", "--attacks", "loss,canary", *TINY]
+    args = ["audit", "--methods", methods, "--eps", eps, "--attacks", attacks, *TINY]
     args += ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
-    code, _, err = run_cli(args, capsys, monkeypatch)
+    return (*run_cli(args, capsys, monkeypatch), out)
+
+
+def test_a_private_run_that_trains_nothing_gets_no_canary_bound(tmp_path, capsys, monkeypatch):
+    code, _, err, out = tiny_audit(tmp_path, capsys, monkeypatch, "zeroshot", "1", "loss,canary")
     assert code == 0, err
     assert "no noisy step (no DP, or nothing trained); canary attack not run" in err
     frame = pd.read_csv(out / "audit.csv")
@@ -94,10 +100,7 @@ def test_a_private_run_that_trains_nothing_gets_no_canary_bound(tmp_path, capsys
 
 
 def test_the_input_canary_attack_bounds_every_run_from_one_more_run(tmp_path, capsys, monkeypatch):
-    out = tmp_path / "out"
-    args = ["audit", "--methods", "coop", "--eps", "none,1", "--attacks", "input", *TINY]
-    args += ["--out", str(out), "--cache-dir", str(tmp_path / "cache")]
-    code, stdout, err = run_cli(args, capsys, monkeypatch)
+    code, stdout, err, out = tiny_audit(tmp_path, capsys, monkeypatch, "coop", "none,1", "input")
     assert code == 0, err
     assert "input canaries: eps >=" in err
     shown = [line.split() for line in stdout.splitlines() if " input " in line]

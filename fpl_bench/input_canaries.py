@@ -100,7 +100,7 @@ def with_canaries(fed: Federation, source: FeatureSet, canaries: Canaries) -> Fe
         labels=torch.cat([train.labels, labels.to(train.labels.device)]),
         embedded=grown(train.embedded, source.embedded),
     )
-    rows = len(train.labels) + np.arange(canaries.m, dtype=np.int64)
+    rows = canary_rows(fed, canaries)
     split = fed.split
     per_client = tuple(
         np.sort(np.concatenate([split.train[c], rows[canaries.included & (canaries.client == c)]]))

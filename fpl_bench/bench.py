@@ -15,8 +15,9 @@ restores one piece of the reference implementations' compute pattern (docs/desig
     shared_prefix    off: every class runs SOS + context itself, through open_clip's modules
     vmap_per_sample  off: one forward + backward per sample for DP (`--per-sample-loop`)
     batch_clients    off: the step's clients one after another (`--sequential-clients`)
-    bf16             off: fp32 even where bf16 is native (`--fp32`; on a CPU without AMX the
-                     fast config is fp32 too, so this switch changes nothing there)
+    bf16             off: fp32 even where bf16 is native (`--precision fp32`; on a CPU without
+                     AMX the fast config is fp32 too, so this switch changes nothing there,
+                     unless `--precision bf16` asks for bf16 anyway)
     hand_backward    off: the text tower's per-sample backward by autograd, vmapped over the
                      samples (`--autograd-backward`), instead of text_tower/backward.py (DP
                      only: a single backward uses autograd either way)
@@ -44,7 +45,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from fpl_bench.backbone import EMBEDDED, Backbone, load_backbone
-from fpl_bench.compute import busy_cores_elsewhere, fast_precision
+from fpl_bench.compute import Precision, busy_cores_elsewhere, fast_precision
 from fpl_bench.data.partition import ClientSplit
 from fpl_bench.data.synthetic import CLASSNAMES
 from fpl_bench.driver import Compute, FeatureSet, FederatedRun, Federation, NoisePlan, Schedule
@@ -63,7 +64,7 @@ SWITCH_FLAGS = {
     "shared_prefix": "--no-shared-prefix",
     "vmap_per_sample": "--per-sample-loop",
     "batch_clients": "--sequential-clients",
-    "bf16": "--fp32",
+    "bf16": "--precision fp32",
     "hand_backward": "--autograd-backward",
 }
 
@@ -260,8 +261,10 @@ def build_run(
     config: Config,
     sizes: Sizes,
     device: torch.device,
+    bf16: Precision | None = None,
 ) -> FederatedRun:
-    """A FederatedRun of `method` on a synthetic federation under `config`."""
+    """A FederatedRun of `method` on a synthetic federation under `config`; `bf16` is the
+    precision of a config whose bf16 switch is on (default: the device's fast precision)."""
     tower = TextTower.build(
         backbone.model,
         backbone.tokenizer,
@@ -269,7 +272,7 @@ def build_run(
         n_ctx=sizes.n_ctx,
         truncate=config.eot_truncation,
         share_prefix=config.shared_prefix,
-        precision=fast_precision(device) if config.bf16 else "fp32",
+        precision=(bf16 or fast_precision(device)) if config.bf16 else "fp32",
     ).with_options(hand_backward=config.hand_backward)
     n_tokens = backbone.n_patches if method.needs_tokens else 0
     vision = VisionTower.of(backbone.model) if method.prompts_image_tower else None
@@ -312,6 +315,7 @@ def measure(
     total_clients: int | None = None,
     device: torch.device,
     min_seconds: float = 1.0,
+    bf16: Precision | None = None,
 ) -> Record:
     """Median time of a training round of `clients` clients, after one warm-up step, over
     `sizes.rounds` rounds or more until `min_seconds` are spent (at most MAX_ROUNDS)."""
@@ -325,6 +329,7 @@ def measure(
         config=config,
         sizes=sizes,
         device=device,
+        bf16=bf16,
     )
     busy = busy_cores_elsewhere()
     first = run.rounds_schedule[0][0]
@@ -465,9 +470,10 @@ def run_bench(
     device: torch.device,
     total_clients: int | None = None,
     log: Callable[[str], None] = print,
+    bf16: Precision | None = None,
 ) -> list[Record]:
     """Every backbone x method x eps x clients x config (a list, or a function of eps); logs
-    each record as it is measured."""
+    each record as it is measured. `bf16`: as in `build_run`."""
     records: list[Record] = []
     for name in backbones:
         backbone = bench_backbone(name, device)
@@ -488,6 +494,7 @@ def run_bench(
                             sizes=sizes,
                             total_clients=total_clients,
                             device=device,
+                            bf16=bf16,
                         )
                         records.append(record)
                         log(format_records([record]).splitlines()[-1])

@@ -58,7 +58,7 @@ class SpecOption:
     help: str
     field: str = ""
     default: Any = _FROM_SPEC
-    decls: tuple[str, ...] = ()  # the option's own names, e.g. ("--fp32",) for a switch
+    decls: tuple[str, ...] = ()  # the option's own names, e.g. ("--resume",) for a switch
     convert: Callable[[Any], Any] | None = None
 
     @property
@@ -211,13 +211,10 @@ _OPTIONS = (
         decls=("--resume",),
     ),
     SpecOption(
-        "fp32",
-        bool,
-        "Keep the frozen towers in fp32 (default: bf16 where it is native).",
-        field="precision",
-        default=False,
-        decls=("--fp32",),
-        convert=lambda on: "fp32" if on else None,
+        "precision",
+        str,
+        "Frozen towers' precision: auto (bf16 where the hardware multiplies it natively: CUDA "
+        "with bf16, CPUs with AMX; else fp32), bf16 (autocast) or fp32.",
     ),
     SpecOption(
         "secure_noise",

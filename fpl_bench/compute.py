@@ -7,7 +7,12 @@ Both are choices of how to compute, never of what: bf16 changes results by round
   bf16 support, and CPUs with AMX tiles (Sapphire Rapids and later), where a bf16 matmul at
   prompt-learning shapes runs several times faster than fp32. Without AMX (e.g. AVX2 only)
   oneDNN emulates bf16 and a matmul ran 20x SLOWER than fp32 here (AMD EPYC, AVX2: 31-39 vs
-  1.1-1.9 GFLOP/s on [12288, 64] x [64, 64..256]), so "auto" keeps fp32 there.
+  1.1-1.9 GFLOP/s on [12288, 64] x [64, 64..256]), so "auto" keeps fp32 there. AVX512-BF16
+  without AMX (AMD Zen 4) multiplies bf16 natively, a [4096, 64] x [64, 256] matmul 3.8x
+  faster than fp32 (0.63 vs 2.41 ms, 1 thread), but the elementwise ops around it slow down and
+  a private round is not faster overall (`fpl-bench bench --eps 0.5 --clients 10 --rounds 2`,
+  s per round fp32 / bf16: CoOp 1.72 / 1.82, CoCoOp 5.32 / 7.01, PLOT 7.33 / 6.37, MaPLe 6.43 /
+  5.31), so "auto" keeps fp32 there too; `--precision bf16` asks for it.
 - Threads. Intra-op threads pay only when an op is large enough, and OpenMP threads that spin
   against other busy processes cost far more than they give (measured here with two other jobs
   on two cores: a private step took 27x longer on 2 threads than on 1). So a step gets more

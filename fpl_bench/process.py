@@ -11,6 +11,8 @@ sets them at its entry (`fpl_bench.cli.main`), and a job's worker processes at t
   the variable set (`parallel.warm_workers`).
 - `retain_freed_memory`: freed tensors' memory stays with the process for the next allocation
   instead of going back to the kernel and faulting in again.
+- `QUIET_WARNINGS`: torch's notes on a known, expected cost are not shown to the user (each is
+  explained where the code incurs it).
 
 Variables the environment already holds are left as they are.
 """
@@ -18,19 +20,30 @@ Variables the environment already holds are left as they are.
 from __future__ import annotations
 
 import os
+import warnings
 
-__all__ = ["ENVIRONMENT", "configure_process", "retain_freed_memory"]
+__all__ = ["ENVIRONMENT", "QUIET_WARNINGS", "configure_process", "retain_freed_memory"]
 
 # Read once by libraries when they load (OpenMP with torch): set before importing torch.
 ENVIRONMENT = {"OMP_WAIT_POLICY": "PASSIVE"}
 
+# Warning messages (regular expressions matched at the start) not shown. The fused attention
+# kernels have no vmap batching rule, so torch loops over the vmapped dimension and says so;
+# the text tower picks them under bf16 on purpose (text_tower/tower.py, TextTower.autocast).
+QUIET_WARNINGS = (
+    r"There is a performance drop because we have not yet implemented the batching rule for "
+    r"aten::_scaled_dot_product",
+)
+
 
 def configure_process() -> None:
-    """Set the `ENVIRONMENT` variables that are unset and keep freed memory
-    (`retain_freed_memory`), for this whole process. For a process's owner only (the CLI's
+    """Set the `ENVIRONMENT` variables that are unset, hide the `QUIET_WARNINGS` and keep freed
+    memory (`retain_freed_memory`), for this whole process. For a process's owner only (the CLI's
     entry, a worker's start), before torch is imported."""
     for name, value in ENVIRONMENT.items():
         os.environ.setdefault(name, value)
+    for message in QUIET_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=UserWarning)
     retain_freed_memory()
 
 

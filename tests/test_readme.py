@@ -80,3 +80,16 @@ def test_docs_pages_are_linked_from_the_readme():
     text = README.read_text()
     unlinked = [p.name for p in PAGES[1:] if f"(docs/{p.name})" not in text]
     assert not unlinked, f"docs pages the README does not link: {unlinked}"
+
+
+def test_the_preset_counts_it_states_are_the_registrys():
+    """The opening's "N presets" and the set-up's "embedded default: N methods" count what
+    `--methods all` and the default job run."""
+    from fpl_bench.catalog import method_names
+
+    text = README.read_text()
+    stated_all = re.search(r"Every method \((\d+) presets", text)
+    stated_default = re.search(r"embedded default: (\d+) methods", text)
+    assert stated_all and stated_default
+    assert int(stated_all.group(1)) == len(method_names("all"))
+    assert int(stated_default.group(1)) == len(method_names("default"))

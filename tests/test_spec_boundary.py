@@ -139,7 +139,7 @@ def _params(command):
 SHARED = {
     "run": tuple(opt.SPEC_OPTIONS),
     "tune": TUNE_SPEC_OPTIONS,
-    "bench": ("device", "batch_size", "fp32"),
+    "bench": ("device", "batch_size", "precision"),
     "audit": tuple(name for name in opt.SPEC_OPTIONS if name != "resume"),
 }
 
@@ -163,7 +163,7 @@ def test_each_shared_option_has_its_one_declaration(command, monkeypatch):
 
 
 def test_tune_takes_the_run_settings_that_set_what_it_tunes_for():
-    assert {"clip_norm", "lr", "batch_size", "local_epochs", "n_ctx", "fp32"} <= set(
+    assert {"clip_norm", "lr", "batch_size", "local_epochs", "n_ctx", "precision"} <= set(
         TUNE_SPEC_OPTIONS
     )
     assert set(_params("tune")) >= {"rounds", "eval_every", "last_k", "threads", "trial_rounds"}
@@ -179,7 +179,7 @@ def test_help_lists_every_shared_option(command, capsys, monkeypatch):
 
 
 def test_a_bad_field_is_reported_as_the_flag_that_sets_it():
-    assert opt.flag_of("precision") == "--fp32"
+    assert opt.flag_of("precision") == "--precision"
     assert opt.flag_of("dataset_options") == "--dataset-option"
     assert opt.flag_of("methods") == "--methods"
     flags = opt.SpecFlags({"clients": 0, "alpha": None})
@@ -189,7 +189,9 @@ def test_a_bad_field_is_reported_as_the_flag_that_sets_it():
 
 def test_flags_not_given_keep_the_specs_defaults(monkeypatch):
     monkeypatch.delenv(opt.CACHE_ENV, raising=False)
-    flags = opt.SpecFlags({"alpha": None, "fp32": False, "cache_dir": None, "dataset_option": None})
+    flags = opt.SpecFlags(
+        {"alpha": None, "precision": None, "cache_dir": None, "dataset_option": None}
+    )
     assert flags.fields() == {"dataset_options": {}}
     monkeypatch.setenv(opt.CACHE_ENV, "/tmp/cache")
     spec = opt.spec_from_flags(flags, methods=COOP, eps=None)

@@ -25,7 +25,7 @@ COMPARE_METHODS = "promptfl,dpfpl"
 COMPARE_CLIENTS = "10"
 
 
-@opt.spec_options("device", "batch_size", "fp32")
+@opt.spec_options("device", "batch_size", "precision")
 def bench_cmd(
     *,
     methods: Annotated[
@@ -122,7 +122,7 @@ def bench_cmd(
         write_json,
     )
     from fpl_bench.catalog import method_names, resolve_method
-    from fpl_bench.compute import fast_precision
+    from fpl_bench.compute import fast_precision, resolve_precision
     from fpl_bench.jobs import check_writable_folder
     from fpl_bench.method import build_method
     from fpl_bench.prepare import resolve_device
@@ -169,6 +169,7 @@ def bench_cmd(
         local_epochs=local_epochs or (1 if compare_reference else 2),
         rounds=rounds,
     )
+    fast = resolve_precision(spec.precision, torch_device) if not fp32 else None
     native = fast_precision(torch_device) == "bf16"
     if compare_reference:
 
@@ -198,6 +199,7 @@ def bench_cmd(
         device=torch_device,
         total_clients=total_clients,
         log=typer.echo,
+        bf16=fast,
     )
     if compare_reference:
         records = with_speedups(records)

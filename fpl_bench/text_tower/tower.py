@@ -39,11 +39,15 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from fpl_bench.compute import Precision, per_sample_backward_ahead, wide
 from fpl_bench.errors import UsageError
 from fpl_bench.text_tower import backward, shared_prefix
 from fpl_bench.text_tower.shared_prefix import causal_mask, supports_fast_blocks
+
+# Attention kernels under bf16 autocast: the fused one first (see TextTower.autocast).
+_BF16_ATTENTION = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 PLACEHOLDER = "X"  # the word each context slot holds when the prompts are tokenised
 
@@ -200,10 +204,20 @@ class TextTower:
         )
 
     def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
-        """bf16 autocast on `device` when precision is bf16; otherwise nothing."""
-        if self.precision == "bf16":
-            return torch.autocast(device.type, dtype=torch.bfloat16)
-        return contextlib.nullcontext()
+        """bf16 autocast on `device` when precision is bf16; otherwise nothing.
+
+        Under bf16 the tower's own attention modules (the paths that run open_clip's blocks:
+        deep prompts without the hand-written backward, `share_prefix=False`) may use the
+        fused kernels again, which the per-sample callers narrow to the math kernel
+        (privacy/per_sample.py): torch.func's vjp through the math kernel under autocast fails
+        in its backward ("expected scalar type Float but found BFloat16", torch 2.14, CPU),
+        while the fused kernel's backward is right (a vmap over it loops, with a warning)."""
+        if self.precision != "bf16":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
+        stack.enter_context(sdpa_kernel(_BF16_ATTENTION))
+        return stack
 
     def _run(self, x: Tensor, eot: Tensor) -> Tensor:
         """Tower on embeddings x [N, S, W] (positional added here) -> features [N, D].

@@ -29,24 +29,42 @@ BOARDS = ROOT / "leaderboards"
 SECTION = "## Results on the embedded default"
 
 README_HEAD = """\
-The first twelve presets of the default group (every preset but those that run a tower per image;
-the eight default presets added since, FedYogi to PLOT, are not in these tables yet: rerunning
-the suites adds them) on the embedded default (synthetic *dusk* images, the tiny
-CLIP, base2novel, 10 clients, 16 shots) at ε none / 0.5 / 0.1 per client, under the server and
-the client trust models, seeds 0-2, on a CPU-sized schedule of 10 rounds x 1 local epoch.
-`bash benchmarks/readme_results.sh` reruns both suites (resuming finished cells; its time is in
-"Speed") and regenerates these tables, `python benchmarks/readme_tables.py` regenerates them
-from the committed leaderboards alone. The numbers come from a 2-core AMD EPYC Zen 3 VM (AVX2);
-the same command and seed give the same numbers on the same kind of CPU. Accuracy in %, mean ±
-std over the seeds, the best of each column in bold. Every table, the client trust model, the
-DP-FPL paper's orderings re-checked, the field's facts and what this small world does and does
-not measure: [docs/results.md](docs/results.md)."""
+The {n} presets of the default group (every preset but the ten that run a tower per image:
+CoCoOp, MaPLe, IVLP, PromptSRC, BPL and their FedAvg forms) on the embedded default (synthetic
+*dusk* images, the tiny CLIP, base2novel, 10 clients, 16 shots) at ε none / 0.5 / 0.1 per
+client, under the server and the client trust models, seeds 0-2, on a CPU-sized schedule of 10
+rounds x 1 local epoch. `bash benchmarks/readme_results.sh` reruns both suites (resuming
+finished cells; its time is in "Speed") and regenerates these tables,
+`python benchmarks/readme_tables.py` regenerates them from the committed leaderboards alone.
+The numbers come from a 2-core AMD EPYC Zen 4 VM (AVX-512); the same command and seed give the
+same numbers on the same kind of CPU. Accuracy in %, mean ± std over the seeds, the best of
+each column in bold. Every table, the client trust model, the DP-FPL paper's orderings
+re-checked, the field's facts and what this small world does and does not measure:
+[docs/results.md](docs/results.md)."""
 
 README_TAIL = """\
-`central` pools every client's data in one trainer: an upper bound, not a federated method.
-Under server trust every scheme's shared prompt is synchronised and noised every local step
-(see "Privacy"), so schemes that differ only in how they aggregate rounds (PromptFL, FedProx,
-FedAdam, SCAFFOLD) can tie under DP."""
+`central` pools every client's data in one trainer: the upper bound of one global prompt, not a
+federated method. Under server trust every scheme's shared prompt is synchronised and noised
+every local step (see "Privacy"), so schemes that differ only in how they aggregate rounds
+(PromptFL, FedProx, FedAdam, FedYogi, SCAFFOLD) can tie under DP."""
+
+# Why a preset is far below the others at small eps, where the reason is known from its design.
+LOW_WHY = {
+    "pfedmoap": "each client's logits mix the K nearest other clients' prompts, and every prompt "
+    "that crosses the wire is noised by its client under both trust models (its card), so at "
+    "small eps the mixture carries K clients' noise (a likely cause; no experiment isolates it)"
+}
+
+
+def lowest_private(server: pd.DataFrame) -> str:
+    """The lowest local accuracy at the smallest eps (server tables), and why where known."""
+    local = server[(server.metric == "local_acc") & (server.eps == "0.1")]
+    low = local.loc[local["mean"].idxmin()]
+    why = LOW_WHY.get(low.method)
+    return f"The lowest local accuracy at ε = 0.1 is {low.method}'s {pct(low['mean']):.1f}" + (
+        f": {why}." if why else "."
+    )
+
 
 DOC_TITLE = "# Results on the embedded default, in full"
 
@@ -62,11 +80,10 @@ HEAD = """\
 `bash benchmarks/readme_results.sh` runs two suites and writes
 `leaderboards/embedded.{md,csv,html}` and `embedded-client.*`:
 
-- `leaderboards/embedded.toml`: the default presets (every preset but those that run a tower per
-  image, CoCoOp, MaPLe, IVLP and PromptSRC, whose runs cost 20-60 CoOp runs on a CPU: see
-  "CoCoOp and MaPLe" below; the tables hold the twelve presets of the group when the suites
-  were run, and rerunning them adds the eight added since) at eps none / 0.5 / 0.1
-  under the **server** trust model;
+- `leaderboards/embedded.toml`: the default presets (every preset but the ten that run a tower
+  per image, CoCoOp, MaPLe, IVLP, PromptSRC, BPL and their FedAvg forms, whose runs cost 2-11
+  CoOp runs each on a CPU: see "CoCoOp and MaPLe" below) at eps none / 0.5 / 0.1 under the
+  **server** trust model;
 - `leaderboards/embedded-client.toml`: the private cells again under the **client** trust model
   (without DP the trust model changes nothing, so eps none is in the server tables only);
 
@@ -74,7 +91,7 @@ both with seeds 0-2, a CPU-sized schedule of 10 rounds x 1 local epoch, evaluate
 final figure the mean of the last 2 evaluations; delta 1e-5, C = 1, RDP. Rerunning resumes
 finished cells (the suites' time: README, "Speed"); the same command and seed give the same
 numbers on the same kind of CPU (tests/test_reproducibility.py). The tables below come from a
-2-core AMD EPYC Zen 3 VM (AVX2); other vector units round floats differently, which can move
+2-core AMD EPYC Zen 4 VM (AVX-512); other vector units round floats differently, which can move
 the last digit. Each leaderboard row records its configuration (`config_hash`, rounds, local
 epochs, lr, ...), which `fpl-bench regress` matches. Accuracy in %, mean ± standard deviation
 over the seeds (the CSV's `n_seeds` says how many; the best of each column in bold)."""
@@ -106,13 +123,29 @@ were noised differently (every method's shared prompt gets the same server-side 
 docs/design.md), its baselines were simplified (PromptFL = global prompt only, FedOTP without
 OT), clipping is per sample, and this is a 10-round CPU schedule on synthetic data."""
 
-CENTRAL = """\
-Central training on the pooled data is the upper bound without DP by a point (local accuracy
-77.3 vs PromptFL 76.5), and far above every federated method under DP (75.5 vs 67.3 at eps 0.5,
-server trust): one trainer samples the pool at rate B / (sum of the clients' examples), so each
-noisy step averages over ten clients' worth of batch for the same noise. SCAFFOLD and FedAdam
-sit within seed noise of PromptFL here: ten clients, ten rounds of one epoch, little client
-drift for control variates or server momentum to correct."""
+CENTRAL_WHY = """\
+One trainer samples the pool at rate B / (sum of the clients' examples), so each noisy step
+averages over ten clients' worth of batch for the same noise. SCAFFOLD and FedAdam have ten
+clients and ten rounds of one epoch here: little client drift for control variates or server
+momentum to correct."""
+
+
+def central(server: pd.DataFrame) -> str:
+    """Central against PromptFL without DP and against the best federated preset under DP, on
+    local accuracy (server tables)."""
+    local = server[server.metric == "local_acc"]
+    own, _ = mean_pct(server, "central", "local_acc", "none")
+    promptfl, _ = mean_pct(server, "promptfl", "local_acc", "none")
+    private = local[(local.eps == "0.5") & (local.method != "central")]
+    best = private.loc[private["mean"].idxmax()]
+    own_dp, _ = mean_pct(server, "central", "local_acc", "0.5")
+    return fill(
+        f"Central training on the pooled data against PromptFL without DP: local accuracy "
+        f"{own:.1f} vs {promptfl:.1f}; under DP (eps 0.5, server trust) against the best "
+        f"federated preset, {best.method}: {own_dp:.1f} vs {pct(best['mean']):.1f}. "
+        + " ".join(CENTRAL_WHY.split())
+    )
+
 
 COCOOP_MAPLE = """\
 CoCoOp and MaPLe are not in the suites (cost), so one seed of the default job's schedule
@@ -136,22 +169,40 @@ FACTS_HEAD = """\
 its gap exceeds the larger seed std; `fpl-bench regress` fails on a fact that held in the
 baseline and no longer holds."""
 
-FACTS_WHY = """\
-Facts a and d hold: a prompt trained on every base class beats the hand-written one on them by
-19 points, and every trained method beats zero-shot on a client's own classes. Why b and c do
-not, after the world was built for headroom (and was not rebuilt to force them, which would
-trade one fact for another): what a prompt learns here is mostly the light, a property of the
-domain rather than of the base classes. The novel classes are new pairs of the same colour and
-shape words in the same light, so the learned context serves them as well as the base ones
-(PromptFL novel 76.4 vs zero-shot 63.5); on real data the novel classes are new objects whose
-names the context was never fitted to, and CoOp's context overfits the base ones. KgCoOp
-anchors the learned class features to those of the hand-written prompt, which here is the
-prompt that misses the light, so knowledge guidance pulls towards the features that fail
-(fact c); in the papers the anchor is the dataset's own hand-written template (CoOp's
-per-dataset templates, e.g. "a centered satellite photo of {}."), and fpl-bench scores every
-dataset with "a photo of a {}.". Fact e fails on one step: FedKgCoOp's novel accuracy rises by
-0.8 points from eps 0.5 to 0.1 (64.4 to 65.2), near the anchor's own novel accuracy (63.5);
-plausibly the noisier updates leave its prompt closer to the anchor (not tested)."""
+WHY_B_C = """\
+What a prompt learns here is mostly the light, a property of the domain rather than of the
+base classes, and the world was not rebuilt to force b or c (which would trade one fact for
+another). The novel classes are new pairs of the same colour and shape words in the same
+light, so the learned context serves them as well as the base ones; on real data the novel
+classes are new objects whose names the context was never fitted to, and CoOp's context
+overfits the base ones. KgCoOp anchors the learned class features to those of the
+hand-written prompt, which here is the prompt that misses the light, so knowledge guidance
+pulls towards the features that fail; in the papers the anchor is the dataset's own
+hand-written template (CoOp's per-dataset templates, e.g. "a centered satellite photo of
+{}."), and fpl-bench scores every dataset with "a photo of a {}."."""
+
+
+def facts_why(server: pd.DataFrame, facts: pd.DataFrame) -> str:
+    """Which facts hold, with the numbers that decide them, and why b and c may not."""
+    holds = dict(zip(facts.fact, facts.holds == "holds", strict=True))
+    zs_base, _ = mean_pct(server, "zeroshot", "base_acc", "none")
+    pfl_base, _ = mean_pct(server, "promptfl", "base_acc", "none")
+    zs_novel, _ = mean_pct(server, "zeroshot", "novel_acc", "none")
+    pfl_novel, _ = mean_pct(server, "promptfl", "novel_acc", "none")
+    held = [f for f in "abcde" if holds.get(f)]
+    failed = [f for f in "abcde" if f in holds and not holds[f]]
+    parts = [
+        f"Facts {', '.join(held) or 'none'} hold; {', '.join(failed) or 'none'} do not. "
+        f"Without DP PromptFL's base accuracy is {pfl_base - zs_base:+.1f} points from zero-shot's "
+        f"({pfl_base:.1f} vs {zs_base:.1f}) and its novel accuracy {pfl_novel - zs_novel:+.1f} "
+        f"({pfl_novel:.1f} vs {zs_novel:.1f})."
+    ]
+    if not (holds.get("b") and holds.get("c")):
+        parts.append(" ".join(WHY_B_C.split()))
+    if "e" in holds and not holds["e"]:
+        numbers = facts.loc[facts.fact == "e", "numbers"].iloc[0]
+        parts.append(f"Fact e, where it fails: {numbers}.")
+    return fill(" ".join(parts))
 
 
 def fill(text: str) -> str:
@@ -290,13 +341,19 @@ def readme_section(b: dict) -> str:
     """README.md's results section, heading included, without a trailing newline."""
     parts = [
         SECTION,
-        README_HEAD + partial_note(b["server"], b["client"]),
+        README_HEAD.format(n=b["server"].method.nunique()) + partial_note(b["server"], b["client"]),
         headroom(b["server"], full=False),
         "Local accuracy (server trust):",
         table(b["server_md"], "local accuracy"),
         "HM of base and novel accuracy (server trust):",
         table(b["server_md"], "harmonic mean"),
-        fill(best_local(b["server"]) + " " + " ".join(README_TAIL.split())),
+        fill(
+            best_local(b["server"])
+            + " "
+            + lowest_private(b["server"])
+            + " "
+            + " ".join(README_TAIL.split())
+        ),
     ]
     return "\n\n".join(parts)
 
@@ -339,13 +396,13 @@ def results_doc(b: dict, found: list) -> str:
             "alignment."
         ),
         "## Central, SCAFFOLD, FedAdam",
-        CENTRAL,
+        central(server),
         "## CoCoOp and MaPLe",
         COCOOP_MAPLE,
         "## The field's facts",
         FACTS_HEAD,
         facts_table(BOARDS / "embedded-facts.csv"),
-        FACTS_WHY,
+        facts_why(server, pd.read_csv(BOARDS / "embedded-facts.csv")),
     ]
     return "\n\n".join(parts) + "\n"
 

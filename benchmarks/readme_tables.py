@@ -284,9 +284,8 @@ def partial_note(server: pd.DataFrame, client: pd.DataFrame) -> str:
     )
 
 
-def facts_table(path: Path) -> str:
+def facts_table(facts: pd.DataFrame) -> str:
     """fact | holds | numbers, from a leaderboard's facts CSV."""
-    facts = pd.read_csv(path)
     rows = ["| fact | statement | holds | numbers (mean ± std, %) |", "|---|---|---|---|"]
     rows += [f"| {r.fact} | {r.statement} | {r.holds} | {r.numbers} |" for r in facts.itertuples()]
     return "\n".join(rows)
@@ -334,6 +333,7 @@ def load() -> dict:
         "client_md": (BOARDS / "embedded-client.md").read_text(),
         "server": pd.read_csv(BOARDS / "embedded.csv", dtype={"eps": str}),
         "client": pd.read_csv(BOARDS / "embedded-client.csv", dtype={"eps": str}),
+        "facts": pd.read_csv(BOARDS / "embedded-facts.csv"),
     }
 
 
@@ -401,8 +401,8 @@ def results_doc(b: dict, found: list) -> str:
         COCOOP_MAPLE,
         "## The field's facts",
         FACTS_HEAD,
-        facts_table(BOARDS / "embedded-facts.csv"),
-        facts_why(server, pd.read_csv(BOARDS / "embedded-facts.csv")),
+        facts_table(b["facts"]),
+        facts_why(server, b["facts"]),
     ]
     return "\n\n".join(parts) + "\n"
 

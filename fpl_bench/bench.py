@@ -261,10 +261,10 @@ def build_run(
     config: Config,
     sizes: Sizes,
     device: torch.device,
-    bf16: Precision | None = None,
+    precision: Precision | None = None,
 ) -> FederatedRun:
-    """A FederatedRun of `method` on a synthetic federation under `config`; `bf16` is the
-    precision of a config whose bf16 switch is on (default: the device's fast precision)."""
+    """A FederatedRun of `method` on a synthetic federation under `config`; `precision` is
+    that of a config whose bf16 switch is on (default: the device's fast precision)."""
     tower = TextTower.build(
         backbone.model,
         backbone.tokenizer,
@@ -272,7 +272,7 @@ def build_run(
         n_ctx=sizes.n_ctx,
         truncate=config.eot_truncation,
         share_prefix=config.shared_prefix,
-        precision=(bf16 or fast_precision(device)) if config.bf16 else "fp32",
+        precision=(precision or fast_precision(device)) if config.bf16 else "fp32",
     ).with_options(hand_backward=config.hand_backward)
     n_tokens = backbone.n_patches if method.needs_tokens else 0
     vision = VisionTower.of(backbone.model) if method.prompts_image_tower else None
@@ -315,7 +315,7 @@ def measure(
     total_clients: int | None = None,
     device: torch.device,
     min_seconds: float = 1.0,
-    bf16: Precision | None = None,
+    precision: Precision | None = None,
 ) -> Record:
     """Median time of a training round of `clients` clients, after one warm-up step, over
     `sizes.rounds` rounds or more until `min_seconds` are spent (at most MAX_ROUNDS)."""
@@ -329,7 +329,7 @@ def measure(
         config=config,
         sizes=sizes,
         device=device,
-        bf16=bf16,
+        precision=precision,
     )
     busy = busy_cores_elsewhere()
     first = run.rounds_schedule[0][0]
@@ -470,10 +470,10 @@ def run_bench(
     device: torch.device,
     total_clients: int | None = None,
     log: Callable[[str], None] = print,
-    bf16: Precision | None = None,
+    precision: Precision | None = None,
 ) -> list[Record]:
     """Every backbone x method x eps x clients x config (a list, or a function of eps); logs
-    each record as it is measured. `bf16`: as in `build_run`."""
+    each record as it is measured. `precision`: as in `build_run`."""
     records: list[Record] = []
     for name in backbones:
         backbone = bench_backbone(name, device)
@@ -494,7 +494,7 @@ def run_bench(
                             sizes=sizes,
                             total_clients=total_clients,
                             device=device,
-                            bf16=bf16,
+                            precision=precision,
                         )
                         records.append(record)
                         log(format_records([record]).splitlines()[-1])

@@ -169,7 +169,6 @@ def bench_cmd(
         local_epochs=local_epochs or (1 if compare_reference else 2),
         rounds=rounds,
     )
-    fast = resolve_precision(spec.precision, torch_device) if not fp32 else None
     native = fast_precision(torch_device) == "bf16"
     if compare_reference:
 
@@ -199,7 +198,7 @@ def bench_cmd(
         device=torch_device,
         total_clients=total_clients,
         log=typer.echo,
-        bf16=fast,
+        precision=resolve_precision(spec.precision, torch_device),
     )
     if compare_reference:
         records = with_speedups(records)

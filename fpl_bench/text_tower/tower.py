@@ -32,9 +32,8 @@ float32.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
-from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -203,7 +202,8 @@ class TextTower:
             else hand_backward and supported,
         )
 
-    def autocast(self, device: torch.device) -> contextlib.AbstractContextManager[Any]:
+    @contextlib.contextmanager
+    def autocast(self, device: torch.device) -> Iterator[None]:
         """bf16 autocast on `device` when precision is bf16; otherwise nothing.
 
         Under bf16 the tower's own attention modules (the paths that run open_clip's blocks:
@@ -213,11 +213,10 @@ class TextTower:
         in its backward ("expected scalar type Float but found BFloat16", torch 2.14, CPU),
         while the fused kernel's backward is right (a vmap over it loops, with a warning)."""
         if self.precision != "bf16":
-            return contextlib.nullcontext()
-        stack = contextlib.ExitStack()
-        stack.enter_context(torch.autocast(device.type, dtype=torch.bfloat16))
-        stack.enter_context(sdpa_kernel(_BF16_ATTENTION))
-        return stack
+            yield
+            return
+        with torch.autocast(device.type, dtype=torch.bfloat16), sdpa_kernel(_BF16_ATTENTION):
+            yield
 
     def _run(self, x: Tensor, eot: Tensor) -> Tensor:
         """Tower on embeddings x [N, S, W] (positional added here) -> features [N, D].

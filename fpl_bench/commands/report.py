@@ -43,14 +43,24 @@ def leaderboard(
         bool, typer.Option("--png/--no-png", help="Also write the figures as PNG files.")
     ] = True,
     title: Annotated[str | None, typer.Option(help="Page and document title.")] = None,
+    add_to: Annotated[
+        Path | None,
+        typer.Option(
+            help="A leaderboard CSV whose cells the runs do not hold are kept as they are "
+            "(presets added to a suite join its leaderboard without rerunning the rest), "
+            "e.g. leaderboards/embedded.csv."
+        ),
+    ] = None,
 ) -> None:
     """Tables (Markdown, CSV), figures (PNG) and one HTML page from finished runs."""
     from fpl_bench.jobs import check_writable_folder
     from fpl_bench.report.audits import read_audits
     from fpl_bench.report.build import check_name, write_leaderboard
+    from fpl_bench.report.regression import read_leaderboard
     from fpl_bench.report.sources import load_configs, load_records
 
     check_name(name)
+    earlier = read_leaderboard(add_to, "--add-to") if add_to is not None else None
     records, source = load_records(runs, tracking_uri)
     configs = load_configs(runs or DEFAULT_RUNS) if tracking_uri is None else {}
     # the runs' membership and canary audit (`fpl-bench audit`), read from the run folder
@@ -67,8 +77,11 @@ def leaderboard(
         title=title,
         configs=configs,
         audits=audits,
+        earlier=earlier,
     )
     typer.echo(f"read {len(records)} run(s) from {source}")
+    if earlier is not None:
+        typer.echo(f"kept the cells of {add_to} that the runs do not hold")
     if written.superseded:
         typer.echo(
             f"left out {written.superseded} run(s) of older configurations "

@@ -2,6 +2,7 @@
 
     write_leaderboard(records, out=Path("leaderboards"), name="embedded", source="runs/x")
     write_leaderboard(records, ..., audits=read_audits(Path("runs/x")))   # with audit.csv
+    write_leaderboard(records, ..., earlier=read_leaderboard(csv))   # add cells to a CSV
 
 NAME.csv is the long format of `leaderboard.LEADERBOARD_COLUMNS` (fractions, not percent); it
 is what `fpl-bench regress --baseline` reads back. With `audits` (the runs' audit.csv,
@@ -109,16 +110,21 @@ def write_leaderboard(
     title: str | None = None,
     configs: dict[str, dict] | None = None,
     audits: pd.DataFrame | None = None,
+    earlier: pd.DataFrame | None = None,
 ) -> Written:
     """Summarize `records` and write NAME.md, NAME.csv, NAME.html (figures embedded) and, when
     `png`, the figures as NAME-plots/<dataset>-<protocol>-<trust>-*.png; `audits` (the runs'
-    audit.csv, `audits.read_audits`) adds the audit to the cells, a figure and NAME-audit.csv."""
-    from fpl_bench.report.leaderboard import superseded_configs
+    audit.csv, `audits.read_audits`) adds the audit to the cells, a figure and NAME-audit.csv.
+    `earlier` (a leaderboard CSV read back) keeps its cells that the records do not hold
+    (`leaderboard.merge_cells`); audits come from the records' runs only."""
+    from fpl_bench.report.leaderboard import merge_cells, superseded_configs
 
     name = check_name(name)
     out = Path(out)
     records = normalize_records(records)
     leaderboard = summarize(records, configs)
+    if earlier is not None:
+        leaderboard = merge_cells(earlier, leaderboard)
     audit = audit_summary(records, audits)
     tables = cell_tables(leaderboard, audit_notes(audit))
     plots = render_plots(leaderboard, audit)

@@ -161,6 +161,20 @@ def summarize(records: pd.DataFrame, configs: Mapping[str, dict] | None = None) 
     return sort_leaderboard(frame)
 
 
+def merge_cells(earlier: pd.DataFrame, latest: pd.DataFrame) -> pd.DataFrame:
+    """An earlier leaderboard (`regression.read_leaderboard`) with `latest` (`summarize` of new
+    runs) added: a cell (`CELL_COLUMNS` and `setup_hash`) that `latest` holds takes all its rows
+    from `latest`, every other cell of `earlier` stays as it was. So presets added to a suite
+    join its committed leaderboard without rerunning the cells already there."""
+    key = [*CELL_COLUMNS, "setup_hash"]
+    fresh = set(latest[key].astype(str).itertuples(index=False, name=None))
+    kept = earlier[
+        [cell not in fresh for cell in earlier[key].astype(str).itertuples(index=False, name=None)]
+    ]
+    merged = pd.concat([kept[list(LEADERBOARD_COLUMNS)], latest], ignore_index=True)
+    return sort_leaderboard(merged)
+
+
 def sort_leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
     """Stable order: tables as first seen, then eps (table order), methods as first seen."""
     if frame.empty:

@@ -56,44 +56,46 @@ DEFAULT_K = 2.0
 SHOW_MISSING = 3  # cells named in the error about missing cells
 
 
-def read_leaderboard(path: Path | str) -> pd.DataFrame:
+def read_leaderboard(path: Path | str, what: str = "baseline") -> pd.DataFrame:
     """A leaderboard CSV written by `fpl-bench leaderboard`; UsageError, one line naming the
-    file, when it is missing, empty, lacks columns or holds no rows."""
+    file (as `what`: the option that gave it), when it is missing, empty, lacks columns or
+    holds no rows. Hashes, seeds and configurations stay text ('007e...' keeps its zeros)."""
     path = Path(path)
     if path.is_dir():
         raise UsageError(
-            f"baseline {path} is a folder; give its leaderboard CSV, e.g. {path}/NAME.csv"
+            f"{what} {path} is a folder; give its leaderboard CSV, e.g. {path}/NAME.csv"
         )
     if not path.is_file():
         raise UsageError(
-            f"baseline {path} not found; write one with `fpl-bench leaderboard --out DIR --name NAME`"
+            f"{what} {path} not found; write one with `fpl-bench leaderboard --out DIR --name NAME`"
         )
+    text_columns = {c: str for c in ("eps", "config_hash", "setup_hash", "seeds", "config")}
     try:
-        frame = pd.read_csv(path, dtype={"eps": str})
+        frame = pd.read_csv(path, dtype=text_columns)
     except pd.errors.EmptyDataError:
-        raise UsageError(f"baseline {path} is empty") from None
+        raise UsageError(f"{what} {path} is empty") from None
     except (pd.errors.ParserError, UnicodeDecodeError) as err:
         reason = " ".join(str(err).split())[:120]
-        raise UsageError(f"baseline {path} is not a leaderboard CSV ({reason})") from None
+        raise UsageError(f"{what} {path} is not a leaderboard CSV ({reason})") from None
     missing = [c for c in LEADERBOARD_COLUMNS if c not in frame.columns]
     if missing == ["config_hash", *SETUP_FIELDS, "setup_hash"] or (
         "mean" in frame.columns and "config_hash" in missing
     ):
         raise UsageError(
-            f"baseline {path} records no configuration per cell (written by an older "
+            f"{what} {path} records no configuration per cell (written by an older "
             "fpl-bench): regenerate it with `fpl-bench leaderboard --runs DIR` from its runs"
         )
     if missing:
         raise UsageError(
-            f"baseline {path} is not a leaderboard CSV: missing columns {', '.join(missing)}"
+            f"{what} {path} is not a leaderboard CSV: missing columns {', '.join(missing)}"
         )
     if frame.empty:
-        raise UsageError(f"baseline {path} holds no cells (header only)")
+        raise UsageError(f"{what} {path} holds no cells (header only)")
     frame["eps"] = frame["eps"].map(normalize_eps)
-    for column in ("mean", "std"):
+    for column in ("mean", "std", "paper"):
         frame[column] = pd.to_numeric(frame[column], errors="coerce")
-    for column in ("config_hash", "setup_hash"):
-        frame[column] = frame[column].astype(str)
+    for column in ("config_hash", "setup_hash", "seeds", "config"):
+        frame[column] = frame[column].fillna("").astype(str)
     return frame
 
 

@@ -6,6 +6,7 @@ import pandas as pd
 import pytest
 
 from fpl_bench.report.build import write_leaderboard
+from fpl_bench.report.records import write_results
 from tests.cli import run_cli
 from tests.report.conftest import make_records
 
@@ -49,6 +50,64 @@ def test_leaderboard_default_out_is_the_runs_folder(runs_dir, capsys, monkeypatc
     assert (runs_dir / "leaderboard.md").is_file() and not (runs_dir / "leaderboard-plots").exists()
 
 
+def leaderboard_files(runs, out, capsys, monkeypatch, *extra):
+    """Run `fpl-bench leaderboard` on `runs` into `out` (name embedded, no PNG); its CSV text
+    and the Markdown's tables (the lines after the source line, which names the folder)."""
+    args = ["leaderboard", "--runs", str(runs), "--out", str(out), "--name", "embedded"]
+    code, stdout, err = run_cli([*args, "--no-png", *extra], capsys, monkeypatch)
+    assert code == 0, err
+    tables = (out / "embedded.md").read_text().split("\n| ", 1)[1]
+    return (out / "embedded.csv").read_text(), tables, stdout
+
+
+def split_runs(records, tmp_path, method):
+    """Two run folders: the rows of `method`, and the others."""
+    mine = records["method"] == method
+    write_results(records[~mine], tmp_path / "earlier" / "results.csv")
+    write_results(records[mine], tmp_path / "added" / "results.csv")
+    return tmp_path / "earlier", tmp_path / "added"
+
+
+def test_leaderboard_add_to_equals_the_leaderboard_of_all_runs(
+    records, runs_dir, tmp_path, capsys, monkeypatch
+):
+    # hashes of digits only with a leading zero must come back as they were written
+    records = records.assign(config_hash="0123", setup_hash="0042")
+    write_results(records, runs_dir / "results.csv")
+    whole = leaderboard_files(runs_dir, tmp_path / "whole", capsys, monkeypatch)
+    earlier, added = split_runs(records, tmp_path, "dpfpl")
+    out = tmp_path / "parts"
+    leaderboard_files(earlier, out, capsys, monkeypatch)
+    csv, tables, stdout = leaderboard_files(
+        added, out, capsys, monkeypatch, "--add-to", str(out / "embedded.csv")
+    )
+    assert "kept the cells of" in stdout
+    assert (csv, tables) == whole[:2]
+    assert csv.count("dpfpl,coop,dpfpl,") == 4 and csv.count("promptfl,coop,fedavg,") == 4
+
+
+def test_leaderboard_add_to_takes_a_cell_the_runs_hold_from_the_runs(
+    records, runs_dir, tmp_path, capsys, monkeypatch
+):
+    leaderboard_files(runs_dir, tmp_path, capsys, monkeypatch)
+    rerun = records[records["method"] == "promptfl"].assign(local_acc=0.9)
+    write_results(rerun, tmp_path / "rerun" / "results.csv")
+    add = ("--add-to", str(tmp_path / "embedded.csv"))
+    leaderboard_files(tmp_path / "rerun", tmp_path / "out", capsys, monkeypatch, *add)
+    board = pd.read_csv(tmp_path / "out" / "embedded.csv", dtype={"eps": str})
+    local = board[board["metric"] == "local_acc"].set_index(["method", "eps"])["mean"]
+    # promptfl's cells from the rerun (0.9); dpfpl's kept: (0.70 + 0.71 + 0.75) / 3, seed 2
+    # of eps 0.4 diverged: (0.55 + 0.58) / 2
+    assert local.to_dict() == pytest.approx(
+        {
+            ("promptfl", "none"): 0.9,
+            ("promptfl", "0.4"): 0.9,
+            ("dpfpl", "none"): 0.72,
+            ("dpfpl", "0.4"): 0.565,
+        }
+    )
+
+
 def write_header_only(folder):
     folder.mkdir(parents=True, exist_ok=True)
     make_records().iloc[:0].to_csv(folder / "results.csv", index=False)
@@ -63,6 +122,7 @@ def write_header_only(folder):
         (lambda t: ["--tracking-uri", "mongodb://x/y"], "unknown storage scheme 'mongodb'"),
         (lambda t: ["--tracking-uri", f"sqlite:///{t}/none.db"], "not found"),
         (lambda t: ["--runs", str(t), "--name", "a/b"], "--name 'a/b'"),
+        (lambda t: ["--add-to", str(t / "none.csv")], "--add-to"),
     ],
 )
 def test_leaderboard_bad_input_one_line_exit_2(make_args, needle, tmp_path, capsys, monkeypatch):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+from fpl_bench.catalog import list_presets
 from fpl_bench.errors import UsageError
 from fpl_bench.report.records import RESULT_COLUMNS, write_results
 from fpl_bench.suite import (
@@ -54,12 +55,31 @@ def test_shipped_suite_loads_and_every_cell_has_a_spec(name):
         assert cell.method in cell.spec.methods
 
 
+PAPER_FOUR = {"promptfl", "fedotp", "fedpgp", "dpfpl"}
+
+
+def test_dpfpl_table2_lists_every_preset_with_paper_numbers_for_the_papers_four(table2_rows):
+    others = [r for r in table2_rows if r["method"] not in PAPER_FOUR]
+    assert {r["method"] for r in table2_rows} == set(list_presets())
+    # the rest of the 34 presets: 4 datasets x eps none / 0.4 / 0.1 x 3 seeds, no paper number
+    assert len(others) == (len(list_presets()) - 4) * 4 * 3 * 3 == 1080
+    assert {r["eps"] for r in others} == {"none", "0.4", "0.1"}
+    assert {r["seed"] for r in others} == {0, 1, 2}
+    assert all(r["paper_local_acc"] is None and r["paper_neighbor_acc"] is None for r in others)
+
+
+@pytest.mark.parametrize("name", ["base2novel", "cross-domain", "embedded", "embedded-client"])
+def test_suites_list_every_preset(name):
+    assert {c.method.label for c in suite_cells(load_suite(name))} == set(list_presets())
+
+
 def test_dpfpl_table2_is_96_cells_by_5_seeds_with_paper_numbers(table2_rows):
+    table2_rows = [r for r in table2_rows if r["method"] in PAPER_FOUR]
     assert len(table2_rows) == 480
     keys = {(r["method"], r["dataset"], r["eps"]) for r in table2_rows}
     assert len(keys) == 96
     assert {r["seed"] for r in table2_rows} == {0, 1, 2, 3, 4}
-    assert {r["method"] for r in table2_rows} == {"promptfl", "fedotp", "fedpgp", "dpfpl"}
+    assert {r["method"] for r in table2_rows} == PAPER_FOUR
     assert {r["eps"] for r in table2_rows} == {"none", "0.4", "0.2", "0.1", "0.05", "0.01"}
     for row in table2_rows:
         assert row["paper_local_acc"] is not None and row["paper_neighbor_acc"] is not None
@@ -113,12 +133,12 @@ def test_dpfpl_table4_numbers_follow_the_client_count(tmp_path):
 
 def test_dry_run_text_lists_every_cell_once(table2, table2_rows):
     text = format_dry_run(table2, table2_rows)
-    assert text.splitlines()[0].startswith("suite dpfpl-table2: 480 cells, 0 done, 480 to run")
+    assert text.splitlines()[0].startswith("suite dpfpl-table2: 1560 cells, 0 done, 1560 to run")
     assert re.search(r"^caltech101  dpfpl  none  0  pending  96\.06  91\.54  ~\S+ ", text, re.M)
     assert re.search(
-        r"^estimates: model \(assumed [\d.]+ [GT]FLOP/s on (cpu|cuda)\): 480 cells", text, re.M
+        r"^estimates: model \(assumed [\d.]+ [GT]FLOP/s on (cpu|cuda)\): 1560 cells", text, re.M
     )
-    assert len([line for line in text.splitlines() if "  pending  " in line]) == 480
+    assert len([line for line in text.splitlines() if "  pending  " in line]) == 1560
 
 
 # ----------------------------------------------------------------------------- resume
@@ -362,11 +382,10 @@ def test_no_model_estimate_without_the_training_set_size(tmp_path):
 
 
 def test_a_filter_keeps_only_the_chosen_cells():
-    from fpl_bench.catalog import default_presets
     from fpl_bench.suite import CellFilter
 
     suite = load_suite("embedded")
-    assert len(suite_cells(suite)) == len(default_presets()) * 3 * 3  # presets x 3 eps x 3 seeds
+    assert len(suite_cells(suite)) == len(list_presets()) * 3 * 3  # presets x 3 eps x 3 seeds
     only = CellFilter(methods=("promptfl", "dpfpl"), eps=("none", "0.1"), seeds=(1,))
     cells = suite_cells(suite, only=only)
     assert [(c.method.label, c.eps, c.seed) for c in cells] == [

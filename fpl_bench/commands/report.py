@@ -72,7 +72,7 @@ def leaderboard(
         records,
         out=out,
         name=name,
-        source=source,
+        source=source if add_to is None else f"{source}; the other cells from {add_to}",
         png=png,
         title=title,
         configs=configs,

@@ -88,5 +88,6 @@ def test_suite_dry_run_lists_every_cell_with_the_papers_number(capsys, monkeypat
         monkeypatch,
     )
     assert code in (0, None)
-    assert out.startswith("suite dpfpl-table2: 480 cells")
-    assert sum("  pending  " in line for line in out.splitlines()) == 480
+    # the paper's four methods: 96 cells x 5 seeds; the other 30 presets: 4 x 3 eps x 3 seeds
+    assert out.startswith("suite dpfpl-table2: 1560 cells")
+    assert sum("  pending  " in line for line in out.splitlines()) == 480 + 1080

@@ -344,25 +344,32 @@ def ordering_table(found: list) -> str:
 # Why a preset's cells hold fewer seeds than the others', where the committed runs are partial.
 PARTIAL_WHY = {
     "bpl": "one BPL run takes 14-16 min on these 2 cores beside three other runs (L = 4 draws "
-    "of a text tower per image and class, in training and evaluation), so its 3 seeds x 5 "
-    "budgets and trust models would add hours"
+    "of a text tower per image and class, in training and evaluation), so the remaining seeds "
+    "were left for a longer run"
 }
 
 
 def partial_note(server: pd.DataFrame, client: pd.DataFrame) -> str:
-    """A sentence naming the presets whose cells have fewer seeds than the most, the seeds they
-    have and why (`PARTIAL_WHY`); nothing when every cell is complete."""
-    both = pd.concat([server, client])
-    most = int(both.n_seeds.max())
-    short = both[both.n_seeds < most]
-    if short.empty:
+    """A sentence naming, per trust model, the presets whose cells have fewer seeds than the
+    most, the seeds they have and why (`PARTIAL_WHY`); nothing when every cell is complete."""
+    most = int(pd.concat([server, client]).n_seeds.max())
+    parts, methods = [], []
+    for trust, board in (("server", server), ("client", client)):
+        short = board[board.n_seeds < most]
+        if short.empty:
+            continue
+        names = list(dict.fromkeys(short.method))
+        seeds = sorted({s for text in short.seeds.astype(str) for s in text.split(",")})
+        parts.append(
+            f"under {trust} trust the cells of {' and '.join(names)} hold seed(s) "
+            f"{', '.join(seeds)} only"
+        )
+        methods += [m for m in names if m not in methods]
+    if not parts:
         return ""
-    methods = list(dict.fromkeys(short.method))
-    seeds = sorted({s for text in short.seeds.astype(str) for s in text.split(",")})
     why = "; ".join(PARTIAL_WHY[m] for m in methods if m in PARTIAL_WHY)
     return "\n\n" + fill(
-        f"**Partial**: the cells of {' and '.join(methods)} hold seed(s) {', '.join(seeds)} only "
-        f"(one seed: shown without ±), the others {most} seeds"
+        f"**Partial**: {'; '.join(parts)} (one seed: shown without ±), the others {most} seeds"
         + (f": {why}" if why else "")
         + ". `bash benchmarks/readme_results.sh` completes them."
     )

@@ -23,7 +23,7 @@ A cell is (method, learner, scheme, dataset, protocol, trust, eps). Rules:
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Mapping
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass
 
 import pandas as pd
@@ -167,12 +167,14 @@ def merge_cells(earlier: pd.DataFrame, latest: pd.DataFrame) -> pd.DataFrame:
     from `latest`, every other cell of `earlier` stays as it was. So presets added to a suite
     join its committed leaderboard without rerunning the cells already there."""
     key = [*CELL_COLUMNS, "setup_hash"]
-    fresh = set(latest[key].astype(str).itertuples(index=False, name=None))
-    kept = earlier[
-        [cell not in fresh for cell in earlier[key].astype(str).itertuples(index=False, name=None)]
-    ]
+    kept = earlier[~row_ids(earlier, key).isin(set(row_ids(latest, key)))]
     merged = pd.concat([kept[list(LEADERBOARD_COLUMNS)], latest], ignore_index=True)
     return sort_leaderboard(merged)
+
+
+def row_ids(frame: pd.DataFrame, columns: Sequence[str]) -> pd.Series:
+    """One text id per row from `columns` (values as text), to compare rows across frames."""
+    return frame[list(columns)].astype(str).agg("\x1f".join, axis=1)
 
 
 def sort_leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
@@ -180,7 +182,7 @@ def sort_leaderboard(frame: pd.DataFrame) -> pd.DataFrame:
     if frame.empty:
         return frame
     rank_eps = {e: i for i, e in enumerate(sorted_eps(frame["eps"]))}
-    table_ids = frame[list(TABLE_COLUMNS)].astype(str).agg("\x1f".join, axis=1)
+    table_ids = row_ids(frame, TABLE_COLUMNS)
     order = pd.DataFrame(
         {
             "table": table_ids.map({t: i for i, t in enumerate(dict.fromkeys(table_ids))}),

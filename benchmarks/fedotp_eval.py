@@ -67,14 +67,15 @@ def baseline_learner(rev: str) -> type:
         return shown.stdout
 
     solver = types.ModuleType("fpl_bench_baseline_ot")
-    exec(compile(source("fpl_bench/ot.py"), f"{rev}:fpl_bench/ot.py", "exec"), solver.__dict__)
     learner = types.ModuleType("fpl_bench_baseline_learner")
-    modules = {"fpl_bench.ot": solver, learner.__name__: learner}
+    # both modules are importable while their code runs: dataclasses look their module up
+    modules = {"fpl_bench.ot": solver, solver.__name__: solver, learner.__name__: learner}
     path = "fpl_bench/learners/ot.py"
     with (
         mock.patch.dict(sys.modules, modules),
         mock.patch.object(LEARNERS, "register", lambda name: lambda cls: cls),
     ):
+        exec(compile(source("fpl_bench/ot.py"), f"{rev}:fpl_bench/ot.py", "exec"), solver.__dict__)
         exec(compile(source(path), f"{rev}:{path}", "exec"), learner.__dict__)
     return learner.OTPatch
 

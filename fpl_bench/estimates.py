@@ -3,7 +3,8 @@
 set_threads(spec, ...)          the CPU threads of one run, by the FLOPs of one of its steps
 training_flops(...)             FLOPs of one run's training (a suite's dry run uses it too)
 cell_training_flops(prep, ...)  the same for one run of a prepared job, on its seed's partition
-job_training_flops(prep, ...)   the sum over runs: whether worker processes pay
+cell_cost(prep, cell)           a run's training FLOPs x its learner's relative cost
+job_cost(prep, cells)           the sum over runs: whether worker processes pay
 prepared_bytes(prep)            bytes of a prepared job's tensors: about what a worker holds
 longest_first(prep, ...)        the order in which worker processes take runs
 The measured thresholds and the machine's idle cores are fpl_bench/compute.py's.
@@ -127,12 +128,18 @@ def training_flops(
     return spec.rounds * spec.client_fraction * client_steps * pass_flops * passes
 
 
-def job_training_flops(
-    prep: Prepared, cells: list[tuple[int, float | None, MethodChoice]]
-) -> float:
-    """FLOPs of the training in `cells` (`cell_training_flops`); what decides whether workers
-    pay (fpl_bench/parallel.py)."""
-    return sum(cell_training_flops(prep, cell) for cell in cells)
+def cell_cost(prep: Prepared, cell: tuple[int, float | None, MethodChoice]) -> float:
+    """A run's training FLOPs (`cell_training_flops`, CoOp's passes) times its learner's
+    `relative_cost` (a tower per image: about 8 CoOp runs; BPL's L draws: L x 8): about the
+    FLOPs of CoOp runs that take as long."""
+    return cell_training_flops(prep, cell) * build_method(cell[2]).learner.relative_cost()
+
+
+def job_cost(prep: Prepared, cells: list[tuple[int, float | None, MethodChoice]]) -> float:
+    """The sum of `cell_cost` over `cells`: what decides whether workers pay
+    (fpl_bench/parallel.py), so that a few runs of a tower-per-image learner (BPL's seeds of a
+    suite) use the cores that as many CoOp runs would not."""
+    return sum(cell_cost(prep, cell) for cell in cells)
 
 
 def longest_first(
@@ -144,11 +151,10 @@ def longest_first(
     top of the tower) first; so the longest run does not start last and leave one worker
     running alone at the end."""
 
-    def cost(i: int) -> float:
-        choice = cells[i][2]
-        return cell_training_flops(prep, cells[i]) * build_method(choice).learner.relative_cost()
-
     return sorted(
         pending,
-        key=lambda i: (-cost(i), not LEARNERS.get(cells[i][2].learner).needs_tokens),
+        key=lambda i: (
+            -cell_cost(prep, cells[i]),
+            not LEARNERS.get(cells[i][2].learner).needs_tokens,
+        ),
     )

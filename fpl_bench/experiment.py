@@ -34,7 +34,7 @@ from fpl_bench.driver import (
     Schedule,
 )
 from fpl_bench.errors import UsageError
-from fpl_bench.estimates import job_training_flops, longest_first, prepared_bytes, set_threads
+from fpl_bench.estimates import job_cost, longest_first, prepared_bytes, set_threads
 from fpl_bench.evaluate import final_metrics
 from fpl_bench.learners import LEARNERS
 from fpl_bench.method import Method, build_method
@@ -370,7 +370,7 @@ def _run_cells(
         threads=spec.threads,
         device_type=prep.device.type,
         n_runs=len(pending),
-        job_flops=job_training_flops(prep, [cells[i] for i in pending]),
+        job_flops=job_cost(prep, [cells[i] for i in pending]),
         worker_bytes=prepared_bytes(prep),
     )
     tracker = Tracker(out)  # creates or migrates the tracking store before any worker opens it

@@ -64,8 +64,9 @@ __all__ = [
     "worker_context",
 ]
 
-# Below this many FLOPs of training for the whole job, workers are not started (spawning one
-# and preparing its data costs a few seconds; 2e12 FLOPs is a minute or more of runs).
+# Below this many FLOPs of training for the whole job (CoOp-run equivalents, estimates.job_cost),
+# workers are not started (spawning one and preparing its data costs a few seconds; 2e12 FLOPs
+# is a minute or more of runs).
 PARALLEL_JOB_FLOPS = 2e12
 
 Cell = tuple[int, float | None, Any]  # (seed, eps, MethodChoice)

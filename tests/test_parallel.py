@@ -204,3 +204,25 @@ def test_run_warms_the_fork_server_only_for_jobs_that_may_use_workers(
     monkeypatch.setattr(experiment, "run_experiment", stop)
     assert run_main(["run", *flags, "--out", str(tmp_path)], monkeypatch) == 0
     assert calls == ([True] if warmed else [])
+
+
+def test_a_jobs_cost_weighs_each_run_by_its_learner(tmp_path, monkeypatch):
+    """Whether workers pay is decided on training FLOPs times each learner's relative cost:
+    two BPL runs (4 draws x 8) cost as much as 64 CoOp runs of the same schedule, so a suite's
+    few BPL seeds go to worker processes where two CoOp runs of the same schedule would not."""
+    from fpl_bench.estimates import cell_training_flops, job_cost
+    from fpl_bench.learners._base import PER_IMAGE_COST
+    from fpl_bench.prepare import prepare
+
+    spec = tiny_spec(tmp_path, ["coop", "bpl"], eps=(0.5,), rounds=2, clients=3)
+    prep = prepare(spec, log=lambda _: None)
+    coop, bpl = ((0, 0.5, choice) for choice in spec.methods)
+    flops = cell_training_flops(prep, coop)
+    assert cell_training_flops(prep, bpl) == flops > 0
+    assert job_cost(prep, [coop, bpl]) == pytest.approx((1 + 4 * PER_IMAGE_COST) * flops)
+    # scaled so that the two BPL runs are just above the threshold on a 2-core machine
+    scale = 1.01 * parallel.PARALLEL_JOB_FLOPS / job_cost(prep, [bpl, bpl])
+    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
+    job = dict(requested=None, threads=1, device_type="cpu", n_runs=2)
+    assert parallel.job_workers(**job, job_flops=scale * job_cost(prep, [bpl, bpl])) == 2
+    assert parallel.job_workers(**job, job_flops=scale * job_cost(prep, [coop, coop])) == 1

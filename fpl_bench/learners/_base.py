@@ -57,7 +57,7 @@ Params = dict[str, Tensor]
 
 # A run of a learner that runs a tower per image (CoCoOp, MaPLe, IVLP, PromptSRC) took 7.5-12x a
 # CoOp run of the same schedule in `fpl-bench run --methods all --eps 0.5` on the embedded
-# default (wall_s, Zen 4 VM); only the order of a job's runs depends on it.
+# default (wall_s, Zen 4 VM); the order of a job's runs and its worker count depend on it.
 PER_IMAGE_COST = 8.0
 
 
@@ -146,8 +146,9 @@ class PromptLearner:
 
     def relative_cost(self) -> float:
         """About how many CoOp runs of the same schedule and privacy one run of this learner
-        costs: `PER_IMAGE_COST` for a learner that runs a tower per image, else 1. A job only
-        orders its runs by it, the longest first (fpl_bench/estimates.py `longest_first`)."""
+        costs: `PER_IMAGE_COST` for a learner that runs a tower per image, else 1. A job orders
+        its runs by it, the longest first, and decides by it whether worker processes pay
+        (fpl_bench/estimates.py `cell_cost`)."""
         return PER_IMAGE_COST if self.reads_images else 1.0
 
     def init_params(self, init: InitContext) -> Params:

@@ -35,7 +35,8 @@ client trust models, seeds 0-2, on a CPU-sized schedule of 10 rounds x 1 local e
 `bash benchmarks/readme_results.sh` reruns both suites (resuming finished cells; its time is in
 "Speed") and regenerates these tables, `python benchmarks/readme_tables.py` regenerates them
 from the committed leaderboards alone. The numbers come from a 2-core AMD EPYC Zen 4 VM
-(AVX-512); the same command and seed give the same numbers on the same kind of CPU. Accuracy in
+(AVX-512), BPL's and FedBPL's client-trust cells from a 2-core Intel Xeon (Ice Lake, AVX-512);
+the same command and seed give the same numbers on the same kind of CPU. Accuracy in
 %, mean ± std over the seeds, the best of each column in bold. Every table, the client trust
 model, the DP-FPL paper's orderings re-checked, the learners that read the image, the field's
 facts and what this small world does and does not measure: [docs/results.md](docs/results.md)."""
@@ -87,9 +88,13 @@ both with seeds 0-2, a CPU-sized schedule of 10 rounds x 1 local epoch, evaluate
 final figure the mean of the last 2 evaluations; delta 1e-5, C = 1, RDP. Rerunning resumes
 finished cells (the suites' time: README, "Speed"); the same command and seed give the same
 numbers on the same kind of CPU (tests/test_reproducibility.py). The tables below come from a
-2-core AMD EPYC Zen 4 VM (AVX-512); other vector units round floats differently, which can move
-the last digit. Each leaderboard row records its configuration (`config_hash`, rounds, local
-epochs, lr, ...), which `fpl-bench regress` matches. Accuracy in %, mean ± standard deviation
+2-core AMD EPYC Zen 4 VM (AVX-512), BPL's and FedBPL's client-trust cells (seeds 0-2) from a
+2-core Intel Xeon (Ice Lake, AVX-512). Other CPUs round floats differently, and under DP a run
+can follow another path: BPL's and FedBPL's client-trust seed 0, run on both machines, differs
+by up to 0.64 points per cell (mean 0.37; BPL's draws hash the image features' float bits, so
+one rounding difference draws other residuals); the seeds' std in these cells is 0.1-1.6 points.
+Each leaderboard row records its configuration (`config_hash`, rounds, local epochs, lr, ...),
+which `fpl-bench regress` matches. Accuracy in %, mean ± standard deviation
 over the seeds (the CSV's `n_seeds` says how many; the best of each column in bold)."""
 
 WORLD = """\
@@ -342,11 +347,7 @@ def ordering_table(found: list) -> str:
 
 
 # Why a preset's cells hold fewer seeds than the others', where the committed runs are partial.
-PARTIAL_WHY = {
-    "bpl": "one BPL run takes 14-16 min on these 2 cores beside three other runs (L = 4 draws "
-    "of a text tower per image and class, in training and evaluation), so the remaining seeds "
-    "were left for a longer run"
-}
+PARTIAL_WHY: dict[str, str] = {}  # none: every committed cell holds seeds 0-2
 
 
 def partial_note(server: pd.DataFrame, client: pd.DataFrame) -> str:

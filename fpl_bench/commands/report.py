@@ -82,6 +82,12 @@ def leaderboard(
     typer.echo(f"read {len(records)} run(s) from {source}")
     if earlier is not None:
         typer.echo(f"kept the cells of {add_to} that the runs do not hold")
+    for line in written.dropped:
+        typer.echo(
+            f"warning: {line}: the cell now has the runs' seeds only; to pool them, run the "
+            "missing seeds into the same runs folder",
+            err=True,
+        )
     if written.superseded:
         typer.echo(
             f"left out {written.superseded} run(s) of older configurations "

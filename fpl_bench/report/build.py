@@ -45,6 +45,7 @@ class Written:
     audit: Path | None = None  # NAME-audit.csv, where the runs were audited
     pngs: list[Path] = field(default_factory=list)
     superseded: int = 0
+    dropped: list[str] = field(default_factory=list)  # cells whose earlier seeds were replaced
 
 
 def check_name(name: str) -> str:
@@ -117,13 +118,15 @@ def write_leaderboard(
     audit.csv, `audits.read_audits`) adds the audit to the cells, a figure and NAME-audit.csv.
     `earlier` (a leaderboard CSV read back) keeps its cells that the records do not hold
     (`leaderboard.merge_cells`); audits come from the records' runs only."""
-    from fpl_bench.report.leaderboard import merge_cells, superseded_configs
+    from fpl_bench.report.leaderboard import dropped_seeds, merge_cells, superseded_configs
 
     name = check_name(name)
     out = Path(out)
     records = normalize_records(records)
     leaderboard = summarize(records, configs)
+    dropped = []
     if earlier is not None:
+        dropped = dropped_seeds(earlier, leaderboard)
         leaderboard = merge_cells(earlier, leaderboard)
     audit = audit_summary(records, audits)
     tables = cell_tables(leaderboard, audit_notes(audit))
@@ -135,6 +138,7 @@ def write_leaderboard(
         csv=out / f"{name}.csv",
         html=out / f"{name}.html",
         superseded=len(superseded_configs(records)),
+        dropped=dropped,
     )
     found = facts(leaderboard)
     write_text(

@@ -172,6 +172,28 @@ def merge_cells(earlier: pd.DataFrame, latest: pd.DataFrame) -> pd.DataFrame:
     return sort_leaderboard(merged)
 
 
+def dropped_seeds(earlier: pd.DataFrame, latest: pd.DataFrame) -> list[str]:
+    """The cells `merge_cells` takes from `latest` whose `earlier` row held seeds that `latest`
+    does not, as 'method trust eps: seeds 0 of the earlier cell are not in the runs (they hold
+    1,2)': a cell is replaced, not pooled (the CSV keeps a mean and a std, not each seed's
+    value), so those seeds' runs belong in the same runs folder."""
+    key = [*CELL_COLUMNS, "setup_hash"]
+    seeds_of = dict(zip(row_ids(latest, key), latest["seeds"].astype(str), strict=True))
+    lines: list[str] = []
+    for row_id, (_, row) in zip(row_ids(earlier, key), earlier.iterrows(), strict=True):
+        if row_id not in seeds_of:
+            continue  # kept as it was
+        now = set(seeds_of[row_id].split(","))
+        missing = set(str(row["seeds"]).split(",")) - now
+        line = (
+            f"{row['method']} {row['trust']} eps {row['eps']}: seeds {','.join(sorted(missing))}"
+            f" of the earlier cell are not in the runs (they hold {','.join(sorted(now))})"
+        )
+        if missing and line not in lines:  # one line per cell, not per metric
+            lines.append(line)
+    return lines
+
+
 def row_ids(frame: pd.DataFrame, columns: Sequence[str]) -> pd.Series:
     """One text id per row from `columns` (values as text), to compare rows across frames."""
     return frame[list(columns)].astype(str).agg("\x1f".join, axis=1)

@@ -338,3 +338,27 @@ def test_regress_runs_the_baseline_cells_itself(tmp_path, capsys, monkeypatch):
     assert sorted(rows["method"]) == ["coop", "coop"] and sorted(rows["seed"]) == [0, 1]
     code, _, err = run_cli(regress_args, capsys, monkeypatch)
     assert code == 0 and "skipped (--resume)" in err
+
+
+def test_leaderboard_add_to_warns_when_a_cell_loses_seeds(
+    records, runs_dir, tmp_path, capsys, monkeypatch
+):
+    """A cell is replaced, not pooled: runs of other seeds than the earlier cell's leave a
+    warning per cell naming the seeds that dropped out (dpfpl's cells held seeds 0-2)."""
+    leaderboard_files(runs_dir, tmp_path, capsys, monkeypatch)
+    only_two = records[(records["method"] == "dpfpl") & (records["seed"] == 2)]
+    write_results(only_two, tmp_path / "seed2" / "results.csv")
+    args = ["leaderboard", "--runs", str(tmp_path / "seed2"), "--out", str(tmp_path / "out")]
+    add = ["--name", "embedded", "--no-png", "--add-to", str(tmp_path / "embedded.csv")]
+    code, _, err = run_cli([*args, *add], capsys, monkeypatch)
+    assert code == 0
+    warnings = [line for line in err.splitlines() if line.startswith("warning:")]
+    assert warnings == [
+        f"warning: dpfpl server eps {eps}: seeds 0,1 of the earlier cell are not in the runs "
+        "(they hold 2): the cell now has the runs' seeds only; to pool them, run the missing "
+        "seeds into the same runs folder"
+        for eps in ("none", "0.4")
+    ]
+    rerun = ["leaderboard", "--runs", str(runs_dir), "--out", str(tmp_path / "again")]
+    code, _, err = run_cli([*rerun, *add], capsys, monkeypatch)
+    assert code == 0 and "warning:" not in err  # the same seeds again: nothing dropped

@@ -22,7 +22,6 @@ machine may be shared: read the ratio, taken side by side, and the CPU seconds.
 from __future__ import annotations
 
 import argparse
-import platform
 import statistics
 import subprocess
 import sys
@@ -38,6 +37,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fpl_bench.compute import cpu_name
 from fpl_bench.learners import LEARNERS
 from fpl_bench.learners._base import EncodeContext
 from fpl_bench.learners.ot import OTPatch
@@ -98,13 +98,6 @@ def timed(call: Callable[[], object]) -> tuple[float, float]:
     wall, cpu = time.perf_counter(), time.process_time()
     call()
     return time.perf_counter() - wall, time.process_time() - cpu
-
-
-def cpu_name() -> str:
-    info = Path("/proc/cpuinfo")
-    lines = info.read_text().splitlines() if info.exists() else []
-    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
-    return names[0] if names else platform.processor() or "unknown CPU"
 
 
 def main(argv: list[str] | None = None) -> int:

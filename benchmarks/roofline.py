@@ -1,25 +1,26 @@
 """How close a private step runs to this CPU core's matmul rate, and the least time the text
 tower's training alone needs for a job at that rate.
 
-    python benchmarks/roofline.py [--methods all] [--eps 0.5] [--cores 2] [--target-min 6,10]
+    python benchmarks/roofline.py [--methods all] [--eps 0.5] [--cores 2] [--batch 32]
+                                  [--target-min 6,10]
 
 A private step of a text-prompt learner is B + 1 passes of the text tower (one forward, one
 input-gradient backward per sample: privacy/per_sample.py), each about `TextTower.pass_flops`
 = 24 W^2 FLOPs per token row and layer (the q, k, v, out and MLP products; attention scores,
-layer norms and activations not counted). The script measures, on one thread:
+layer norms and activations not counted). The script measures, on one thread, in fp32 (the
+tower's precision on a CPU without AMX; forced here so that both rates are of one precision):
 
-1. this core's matmul rate on the step's own products (the MLP's [B rows, W] x [W, 4W] and
-   back, the rows a private backward runs), the best of several repeats;
+1. this core's matmul rate on the step's own products: the MLP's [B x R, W] x [W, 4W] and
+   [B x R, 4W] x [4W, W] (R token rows per sample, the rows a private backward runs), their
+   FLOPs over their summed time, the best of several repeats;
 2. CoOp's private step on the embedded default (bench's synthetic federation, its 32 seen
-   classes of 64), its counted FLOPs per second and their share of (1);
-3. the job `fpl-bench run --methods M --eps E` would run with the run's defaults: the counted
-   text-tower training FLOPs of one CoOp run (estimates.cell_training_flops on the job's own
-   partition), and how many of the job's presets do at least that work (every preset that
-   trains a prompt through the text tower: CoOp's steps with one or more prompts, a per-image
-   tower or deep prompts on top; not zero-shot, which trains nothing, nor FedCLIP, whose adapter
-   reads the image features only). Their product over (cores x the rate of (1)) is a lower
-   bound on the job's wall time: no evaluation, no attention scores, no per-image towers, every
-   core at its matmul rate.
+   classes of 64, one client whose B examples are one Poisson batch of expected size B), its
+   counted FLOPs per second and their share of (1);
+3. the job `fpl-bench run --methods M --eps E` would run with the run's defaults: each preset's
+   counted text-tower training (estimates.cell_training_flops on the job's own partition: the
+   passes of its prompt components and priors; a tower per image, deep prompts and evaluation
+   not counted; zero for zero-shot and FedCLIP, which train nothing through the text tower).
+   Their sum over (cores x the rate of (1)) is a lower bound on the job's wall time.
 
 Prints the CPU, the three figures and the bound against each --target-min.
 """
@@ -32,17 +33,16 @@ import time
 from collections.abc import Callable
 
 import torch
-from fedotp_eval import cpu_name  # benchmarks/ is the script's path
 
 from fpl_bench import bench
 from fpl_bench.catalog import method_names, resolve_method
+from fpl_bench.compute import cpu_name
 from fpl_bench.estimates import cell_training_flops
-from fpl_bench.learners import LEARNERS
 from fpl_bench.method import build_method
 from fpl_bench.prepare import prepare
 from fpl_bench.spec import build_spec
 
-NO_TEXT_TOWER_TRAINING = {"fedclip_adapter"}  # learners whose trained part skips the text tower
+SEEN = bench.N_CLASSES // 2  # the classes bench's federation trains on
 
 
 def best_seconds(fn: Callable[[], object], repeats: int = 7, inner: int = 10) -> float:
@@ -58,89 +58,88 @@ def best_seconds(fn: Callable[[], object], repeats: int = 7, inner: int = 10) ->
 
 
 def matmul_rate(rows: int, width: int) -> float:
-    """FLOP/s of [rows, W] x [W, 4W] and [rows, 4W] x [4W, W], fp32: the best of each, averaged."""
-    rates = []
+    """FLOP/s of [rows, W] x [W, 4W] and [rows, 4W] x [4W, W] in fp32: their FLOPs over the sum
+    of each one's best time."""
+    seconds = 0.0
     for k, n in ((width, 4 * width), (4 * width, width)):
         a, b = torch.randn(rows, k), torch.randn(k, n)
-        rates.append(2.0 * rows * k * n / best_seconds(lambda a=a, b=b: a @ b))
-    return statistics.fmean(rates)
+        seconds += best_seconds(lambda a=a, b=b: a @ b)
+    return 2 * (2.0 * rows * width * 4 * width) / seconds
 
 
-def coop_step(batch: int) -> tuple[float, float, int, int]:
-    """(seconds, counted FLOPs, token rows, width) of CoOp's private step, median of 12 rounds
-    of one client with `batch` examples (one step each)."""
+def coop_step(batch: int, rounds: int = 12) -> tuple[float, float, int, int]:
+    """(seconds, counted FLOPs, token rows, width) of CoOp's private step in fp32: the median
+    of `rounds` rounds of one client with `batch` examples (one step each)."""
     device = torch.device("cpu")
     backbone = bench.bench_backbone("embedded", device)
     method = build_method(resolve_method("coop"))
-    sizes = bench.Sizes(samples_per_client=batch, batch_size=batch, local_epochs=1, rounds=14)
+    sizes = bench.Sizes(
+        samples_per_client=batch, batch_size=batch, local_epochs=1, rounds=rounds + 1
+    )
     run = bench.build_run(
         method,
         backbone,
         clients=1,
         total_clients=1,
         eps=0.5,
-        config=bench.Config(),
+        config=bench.Config(bf16=False),
         sizes=sizes,
         device=device,
     )
-    seen = bench.N_CLASSES // 2
     run.run_round(1)
     walls = []
-    for rnd in range(2, 14):
+    for rnd in range(2, 2 + rounds):
         t0 = time.perf_counter()
         run.run_round(rnd)
         walls.append(time.perf_counter() - t0)
     expected = run.expected_batch(run.rounds_schedule[1][0])
-    flops = run.tower.pass_flops(seen) * (1 + expected)
-    return statistics.median(walls), flops, run.tower.rows(seen), run.tower.width
+    flops = run.tower.pass_flops(SEEN) * (1 + expected)
+    return statistics.median(walls), flops, run.tower.rows(SEEN), run.tower.width
 
 
-def job_bound(methods: str, eps: float) -> tuple[float, list[str], list[int]]:
-    """(CoOp's counted training FLOPs in the job, the job's presets that do at least that, the
-    clients' training examples at the job's first seed)."""
+def job_bound(methods: str, eps: float) -> tuple[dict[str, float], list[int]]:
+    """(each preset's counted text-tower training FLOPs in the job, the clients' training
+    examples at the job's first seed)."""
     choices = [resolve_method(n) for n in method_names(methods)]
     spec = build_spec(methods=choices, eps=[eps])
     prep = prepare(spec, log=lambda _: None)
     seed = spec.seeds[0]
-    coop = cell_training_flops(prep, (seed, eps, resolve_method("coop")))
-    heavy = [
-        c.label
-        for c in choices
-        if LEARNERS.get(c.learner).trains and c.learner not in NO_TEXT_TOWER_TRAINING
-    ]
-    return coop, heavy, [len(idx) for idx in prep.partitions[seed][1].train]
+    flops = {c.label: cell_training_flops(prep, (seed, eps, c)) for c in choices}
+    return flops, [len(idx) for idx in prep.partitions[seed][1].train]
 
 
-def main() -> None:
+def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="all")
     parser.add_argument("--eps", type=float, default=0.5)
     parser.add_argument("--cores", type=int, default=2)
+    parser.add_argument("--batch", type=int, default=32, help="B, the run's default batch")
     parser.add_argument("--target-min", default="6,10")
-    args = parser.parse_args()
+    args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
-    step_s, step_flops, rows, width = coop_step(batch=32)
-    peak = matmul_rate(32 * rows, width)
+    step_s, step_flops, rows, width = coop_step(args.batch)
+    peak = matmul_rate(args.batch * rows, width)
     achieved = step_flops / step_s
-    coop, heavy, _ = job_bound(args.methods, args.eps)
-    total = coop * len(heavy)
+    flops, _ = job_bound(args.methods, args.eps)
+    total = sum(flops.values())
+    trained = [name for name, f in flops.items() if f > 0]
     bound_s = total / (args.cores * peak)
-    print(f"CPU: {cpu_name()}, torch {torch.__version__}, 1 thread per core")
-    print(f"matmul, the private backward's products ({32 * rows} x {width} x {4 * width}):")
+    print(f"CPU: {cpu_name()}, torch {torch.__version__}, 1 thread per core, fp32")
+    print(f"matmul, the private backward's products ({args.batch * rows} x {width} x {4 * width}):")
     print(f"  {peak / 1e9:.1f} GFLOP/s")
-    print(f"CoOp private step (B = 32, {bench.N_CLASSES // 2} classes, {rows} token rows):")
+    print(f"CoOp private step (B = {args.batch}, {SEEN} classes, {rows} token rows per sample):")
     print(f"  {step_s * 1e3:.1f} ms, {step_flops / 1e9:.2f} GFLOP counted")
     print(f"  -> {achieved / 1e9:.1f} GFLOP/s, {achieved / peak:.0%} of the matmul rate")
     print(f"job: run --methods {args.methods} --eps {args.eps} (the run's defaults)")
-    print(f"  one CoOp run's counted text-tower training: {coop / 1e12:.2f} TFLOP")
-    print(f"  presets doing at least that: {len(heavy)} -> {total / 1e12:.1f} TFLOP")
+    print(f"  CoOp's counted text-tower training: {flops.get('coop', 0.0) / 1e12:.2f} TFLOP")
+    print(f"  {len(trained)} presets train through the text tower: {total / 1e12:.1f} TFLOP")
     print(f"  least wall time at the matmul rate on {args.cores} cores: {bound_s / 60:.1f} min")
     print(f"  at the step's measured rate: {total / (args.cores * achieved) / 60:.1f} min")
     for target in (float(t) for t in args.target_min.split(",")):
-        need = bound_s / (60 * target)
-        print(f"  target {target:g} min: the bound is {need:.0%} of it")
+        print(f"  target {target:g} min: the bound is {bound_s / (60 * target):.0%} of it")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    raise SystemExit(main())

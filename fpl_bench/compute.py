@@ -93,6 +93,18 @@ def pick_threads(step_flops: float, *, cores: int, busy_elsewhere: float) -> int
     return max(1, min(cores, idle))
 
 
+def cpu_name() -> str:
+    """The CPU's model name (Linux /proc/cpuinfo; else `platform.processor()`), which the
+    benchmark scripts print beside their figures."""
+    import platform
+    from pathlib import Path
+
+    info = Path("/proc/cpuinfo")
+    lines = info.read_text().splitlines() if info.exists() else []
+    names = [line.split(":", 1)[1].strip() for line in lines if line.startswith("model name")]
+    return names[0] if names else platform.processor() or "unknown CPU"
+
+
 def usable_cores() -> int:
     """CPU cores this process may run on."""
     try:

@@ -84,7 +84,8 @@ def prepared_bytes(prep: Prepared) -> float:
 def cell_training_flops(prep: Prepared, cell: tuple[int, float | None, MethodChoice]) -> float:
     """FLOPs of one run's training (`training_flops`) on its seed's partition and tower."""
     seed, eps, choice = cell
-    if not LEARNERS.get(choice.learner).trains:
+    learner = LEARNERS.get(choice.learner)
+    if not (learner.trains and learner.trains_text_tower):
         return 0.0
     protocol, split = prep.partitions[seed]
     return training_flops(
@@ -111,8 +112,11 @@ def training_flops(
     component the loss reads (FedPGP's sigma feeds only its prior, whose per-sample cotangents
     are zero and skipped: text_tower.backward.tower_backward), plus one per component for a
     prior (KgCoOp, FedProx, FedPGP: its own backward, outside clipping). `client_sizes` are the
-    clients' training examples; a suite's dry run estimates them from the dataset card."""
-    if not LEARNERS.get(choice.learner).trains:
+    clients' training examples; a suite's dry run estimates them from the dataset card. 0 for
+    a learner that trains nothing (zero-shot) or nothing through the text tower (FedCLIP's
+    adapter on the image features: `trains_text_tower`)."""
+    learner = LEARNERS.get(choice.learner)
+    if not (learner.trains and learner.trains_text_tower):
         return 0.0
     client_steps = sum(
         steps_per_round(n, batch_size=spec.batch_size, local_epochs=spec.local_epochs)
@@ -130,8 +134,8 @@ def training_flops(
 
 def cell_cost(prep: Prepared, cell: tuple[int, float | None, MethodChoice]) -> float:
     """A run's training FLOPs (`cell_training_flops`, CoOp's passes) times its learner's
-    `relative_cost` (a tower per image: about 8 CoOp runs; BPL's L draws: L x 8): about the
-    FLOPs of CoOp runs that take as long."""
+    `relative_cost` (e.g. N prompts: N; a tower per image: about 8; BPL's L draws: L x 8):
+    about the FLOPs of CoOp runs that take as long."""
     return cell_training_flops(prep, cell) * build_method(cell[2]).learner.relative_cost()
 
 

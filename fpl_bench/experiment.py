@@ -370,7 +370,7 @@ def _run_cells(
         threads=spec.threads,
         device_type=prep.device.type,
         n_runs=len(pending),
-        job_flops=job_cost(prep, [cells[i] for i in pending]),
+        job_cost=job_cost(prep, [cells[i] for i in pending]),
         worker_bytes=prepared_bytes(prep),
     )
     tracker = Tracker(out)  # creates or migrates the tracking store before any worker opens it

@@ -54,7 +54,7 @@ from typing import Any
 from fpl_bench.process import ENVIRONMENT, configure_process
 
 __all__ = [
-    "PARALLEL_JOB_FLOPS",
+    "PARALLEL_JOB_COST",
     "adopt_parent",
     "available_memory",
     "job_workers",
@@ -64,10 +64,10 @@ __all__ = [
     "worker_context",
 ]
 
-# Below this many FLOPs of training for the whole job (CoOp-run equivalents, estimates.job_cost),
-# workers are not started (spawning one and preparing its data costs a few seconds; 2e12 FLOPs
-# is a minute or more of runs).
-PARALLEL_JOB_FLOPS = 2e12
+# Below this cost of training for the whole job (estimates.job_cost: the FLOPs of CoOp runs that
+# take as long), workers are not started (spawning one and preparing its data costs a few
+# seconds; 2e12 FLOPs is a minute or more of runs).
+PARALLEL_JOB_COST = 2e12
 
 Cell = tuple[int, float | None, Any]  # (seed, eps, MethodChoice)
 
@@ -135,21 +135,21 @@ def job_workers(
     threads: int | None,
     device_type: str,
     n_runs: int,
-    job_flops: float,
+    job_cost: float,
     worker_bytes: float = 0.0,
 ) -> int:
     """How many worker processes a job uses: `requested` (capped at the runs), else 1 on CUDA,
-    for a single run or below PARALLEL_JOB_FLOPS, else usable cores / threads per run, and no
+    for a single run or below PARALLEL_JOB_COST, else usable cores / threads per run, and no
     more than fit in half the available memory at `worker_bytes` each (its data and model).
 
-    >>> job_workers(requested=None, threads=None, device_type="cpu", n_runs=9, job_flops=1e13) > 0
+    >>> job_workers(requested=None, threads=None, device_type="cpu", n_runs=9, job_cost=1e13) > 0
     True
-    >>> job_workers(requested=None, threads=None, device_type="cuda", n_runs=9, job_flops=1e15)
+    >>> job_workers(requested=None, threads=None, device_type="cuda", n_runs=9, job_cost=1e15)
     1
     """
     if requested is not None:
         return max(1, min(requested, n_runs))
-    if device_type != "cpu" or n_runs < 2 or job_flops < PARALLEL_JOB_FLOPS:
+    if device_type != "cpu" or n_runs < 2 or job_cost < PARALLEL_JOB_COST:
         return 1
     fit = int(0.5 * available_memory() / worker_bytes) if worker_bytes > 0 else n_runs
     return max(1, min(n_runs, usable_cores() // (threads or 1), fit))

@@ -409,7 +409,10 @@ class Preempted(NamedTuple):
 def _assert_requeued_and_resumed(run: Preempted) -> None:
     assert run.returncode == 0, run.text
     assert "4 runs submitted as 2 Slurm jobs" in run.text
-    assert "Requeued job" in run.logs, run.logs[-3000:]  # submitit requeued the pre-empted job
+    # the pre-empted job was requeued: submitit says so, or (when Slurm stops the step before
+    # submitit's line is written, as it did once under load) slurmstepd does
+    requeued = ("Requeued job", "DUE TO JOB REQUEUE")
+    assert any(line in run.logs for line in requeued), run.logs[-3000:]
     assert "resuming after round" in run.logs
 
 

@@ -5,28 +5,28 @@ import pytest
 from mlflow.tracking import MlflowClient
 
 import fpl_bench.parallel as parallel
-from fpl_bench.parallel import PARALLEL_JOB_FLOPS, job_workers
+from fpl_bench.parallel import PARALLEL_JOB_COST, job_workers
 from tests.cli import run_main
 
 
 @pytest.mark.parametrize(
     ("kw", "cores", "expected"),
     [
-        (dict(requested=3, threads=None, device_type="cpu", n_runs=2, job_flops=0.0), 8, 2),
-        (dict(requested=1, threads=None, device_type="cpu", n_runs=9, job_flops=1e15), 8, 1),
-        (dict(requested=None, threads=None, device_type="cpu", n_runs=9, job_flops=1e15), 8, 8),
-        (dict(requested=None, threads=2, device_type="cpu", n_runs=9, job_flops=1e15), 8, 4),
-        (dict(requested=None, threads=None, device_type="cpu", n_runs=3, job_flops=1e15), 8, 3),
-        (dict(requested=None, threads=None, device_type="cpu", n_runs=1, job_flops=1e15), 8, 1),
-        (dict(requested=None, threads=None, device_type="cuda", n_runs=9, job_flops=1e15), 8, 1),
-        (dict(requested=None, threads=3, device_type="cpu", n_runs=9, job_flops=1e15), 2, 1),
+        (dict(requested=3, threads=None, device_type="cpu", n_runs=2, job_cost=0.0), 8, 2),
+        (dict(requested=1, threads=None, device_type="cpu", n_runs=9, job_cost=1e15), 8, 1),
+        (dict(requested=None, threads=None, device_type="cpu", n_runs=9, job_cost=1e15), 8, 8),
+        (dict(requested=None, threads=2, device_type="cpu", n_runs=9, job_cost=1e15), 8, 4),
+        (dict(requested=None, threads=None, device_type="cpu", n_runs=3, job_cost=1e15), 8, 3),
+        (dict(requested=None, threads=None, device_type="cpu", n_runs=1, job_cost=1e15), 8, 1),
+        (dict(requested=None, threads=None, device_type="cuda", n_runs=9, job_cost=1e15), 8, 1),
+        (dict(requested=None, threads=3, device_type="cpu", n_runs=9, job_cost=1e15), 2, 1),
         (
             dict(
                 requested=None,
                 threads=None,
                 device_type="cpu",
                 n_runs=9,
-                job_flops=PARALLEL_JOB_FLOPS / 2,
+                job_cost=PARALLEL_JOB_COST / 2,
             ),
             8,
             1,
@@ -72,7 +72,7 @@ def test_two_workers_write_the_same_results_as_one_process(tmp_path, monkeypatch
 def test_memory_caps_the_automatic_worker_count(monkeypatch):
     monkeypatch.setattr(parallel, "usable_cores", lambda: 8)
     monkeypatch.setattr(parallel, "available_memory", lambda: 10e9)
-    kw = dict(requested=None, threads=None, device_type="cpu", n_runs=9, job_flops=1e15)
+    kw = dict(requested=None, threads=None, device_type="cpu", n_runs=9, job_cost=1e15)
     assert job_workers(**kw, worker_bytes=1e9) == 5  # half of 10 GB at 1 GB each
     assert job_workers(**kw, worker_bytes=8e9) == 1
     assert job_workers(**kw, worker_bytes=0.0) == 8
@@ -207,22 +207,34 @@ def test_run_warms_the_fork_server_only_for_jobs_that_may_use_workers(
 
 
 def test_a_jobs_cost_weighs_each_run_by_its_learner(tmp_path, monkeypatch):
-    """Whether workers pay is decided on training FLOPs times each learner's relative cost:
-    two BPL runs (4 draws x 8) cost as much as 64 CoOp runs of the same schedule, so a suite's
-    few BPL seeds go to worker processes where two CoOp runs of the same schedule would not."""
+    """Whether workers pay is decided on training FLOPs times each learner's relative cost: a
+    BPL run (L draws x 8) counts as 1 + 4 x 8 CoOp runs of the same schedule with it, and the
+    job hands that sum to `job_workers`, so a suite's few BPL seeds go to worker processes."""
+    import fpl_bench.experiment as experiment
     from fpl_bench.estimates import cell_training_flops, job_cost
     from fpl_bench.learners._base import PER_IMAGE_COST
+    from fpl_bench.method import build_method
     from fpl_bench.prepare import prepare
 
     spec = tiny_spec(tmp_path, ["coop", "bpl"], eps=(0.5,), rounds=2, clients=3)
     prep = prepare(spec, log=lambda _: None)
-    coop, bpl = ((0, 0.5, choice) for choice in spec.methods)
+    coop, bpl = cells = [(0, 0.5, choice) for choice in spec.methods]
     flops = cell_training_flops(prep, coop)
     assert cell_training_flops(prep, bpl) == flops > 0
-    assert job_cost(prep, [coop, bpl]) == pytest.approx((1 + 4 * PER_IMAGE_COST) * flops)
-    # scaled so that the two BPL runs are just above the threshold on a 2-core machine
-    scale = 1.01 * parallel.PARALLEL_JOB_FLOPS / job_cost(prep, [bpl, bpl])
-    monkeypatch.setattr(parallel, "usable_cores", lambda: 2)
-    job = dict(requested=None, threads=1, device_type="cpu", n_runs=2)
-    assert parallel.job_workers(**job, job_flops=scale * job_cost(prep, [bpl, bpl])) == 2
-    assert parallel.job_workers(**job, job_flops=scale * job_cost(prep, [coop, coop])) == 1
+    draws = build_method(bpl[2]).learner.samples
+    assert job_cost(prep, cells) == pytest.approx((1 + draws * PER_IMAGE_COST) * flops)
+
+    class Decided(Exception):
+        pass
+
+    handed = {}
+
+    def decide(**kwargs):
+        handed.update(kwargs)
+        raise Decided  # the decision is what this test reads; the runs need not start
+
+    monkeypatch.setattr(experiment, "job_workers", decide)
+    with pytest.raises(Decided):
+        experiment.run_experiment(spec, log=lambda _: None)
+    assert handed["n_runs"] == 2
+    assert handed["job_cost"] == pytest.approx(job_cost(prep, cells))

@@ -143,6 +143,7 @@ class PromptLearner:
     adds_prompts: ClassVar[bool] = False
     reads_images: ClassVar[bool] = False
     prompts_image_tower: ClassVar[bool] = False
+    trains_text_tower: ClassVar[bool] = True  # its training runs the text tower (FedCLIP: no)
 
     def relative_cost(self) -> float:
         """About how many CoOp runs of the same schedule and privacy one run of this learner

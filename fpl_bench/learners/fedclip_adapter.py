@@ -68,6 +68,7 @@ class FedCLIPAdapter(PromptLearner):
     template: str  # the hand-written prompt whose class features score the adapted images
 
     own_params: ClassVar[tuple[str, ...]] = OWN
+    trains_text_tower: ClassVar[bool] = False  # the class features are computed once
 
     def init_params(self, init: InitContext) -> Params:
         dim = init.tower.feature_dim

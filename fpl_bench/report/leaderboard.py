@@ -173,29 +173,36 @@ def merge_cells(earlier: pd.DataFrame, latest: pd.DataFrame) -> pd.DataFrame:
 
 
 def dropped_seeds(earlier: pd.DataFrame, latest: pd.DataFrame) -> list[str]:
-    """The cells `merge_cells` takes from `latest` whose `earlier` row held seeds that `latest`
-    does not, as 'method trust eps: seeds 0 of the earlier cell are not in the runs (they hold
-    1,2)': a cell is replaced, not pooled (the CSV keeps a mean and a std, not each seed's
-    value), so those seeds' runs belong in the same runs folder."""
+    """The cells `merge_cells` takes from `latest` whose `earlier` rows held seeds that `latest`
+    does not, one line per cell ('coop synthetic base2novel server eps 0.5: seeds 0 of the
+    earlier cell are not in the runs (they hold 1,2)'): a cell is replaced, not pooled (the CSV
+    keeps a mean and a std, not each seed's value), so those seeds' runs belong in the same
+    runs folder. An earlier cell that does not record its seeds is not reported."""
     key = [*CELL_COLUMNS, "setup_hash"]
     seeds_of = dict(zip(row_ids(latest, key), latest["seeds"].astype(str), strict=True))
     lines: list[str] = []
+    seen: set[str] = set()
     for row_id, (_, row) in zip(row_ids(earlier, key), earlier.iterrows(), strict=True):
-        if row_id not in seeds_of:
-            continue  # kept as it was
-        now = set(seeds_of[row_id].split(","))
-        missing = set(str(row["seeds"]).split(",")) - now
-        line = (
-            f"{row['method']} {row['trust']} eps {row['eps']}: seeds {','.join(sorted(missing))}"
-            f" of the earlier cell are not in the runs (they hold {','.join(sorted(now))})"
+        if row_id not in seeds_of or row_id in seen:  # kept as it was, or said already
+            continue
+        seen.add(row_id)
+        now, before = (
+            set(filter(None, str(s).split(","))) for s in (seeds_of[row_id], row["seeds"])
         )
-        if missing and line not in lines:  # one line per cell, not per metric
-            lines.append(line)
+        missing = before - now
+        if missing:
+            where = " ".join(str(row[c]) for c in ("method", "dataset", "protocol", "trust"))
+            lines.append(
+                f"{where} eps {row['eps']}: seeds {','.join(sorted(missing, key=int))} of the "
+                f"earlier cell are not in the runs (they hold {','.join(sorted(now, key=int))})"
+            )
     return lines
 
 
 def row_ids(frame: pd.DataFrame, columns: Sequence[str]) -> pd.Series:
     """One text id per row from `columns` (values as text), to compare rows across frames."""
+    if frame.empty:  # agg over no rows gives a frame, not a series
+        return pd.Series([], index=frame.index, dtype=str)
     return frame[list(columns)].astype(str).agg("\x1f".join, axis=1)
 
 

@@ -354,7 +354,8 @@ def test_leaderboard_add_to_warns_when_a_cell_loses_seeds(
     assert code == 0
     warnings = [line for line in err.splitlines() if line.startswith("warning:")]
     assert warnings == [
-        f"warning: dpfpl server eps {eps}: seeds 0,1 of the earlier cell are not in the runs "
+        f"warning: dpfpl caltech101 personalized server eps {eps}: seeds 0,1 of the earlier "
+        "cell are not in the runs "
         "(they hold 2): the cell now has the runs' seeds only; to pool them, run the missing "
         "seeds into the same runs folder"
         for eps in ("none", "0.4")

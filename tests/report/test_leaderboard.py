@@ -10,6 +10,8 @@ from fpl_bench.report.leaderboard import (
     LEADERBOARD_COLUMNS,
     cell_status,
     cell_tables,
+    dropped_seeds,
+    row_ids,
     summarize,
 )
 from fpl_bench.report.markdown import table_markdown
@@ -185,3 +187,20 @@ def test_rows_of_another_setup_get_a_table_of_their_own(records, tmp_path):
 
 def test_one_setup_has_no_setup_label(records):
     assert {t.setup for t in cell_tables(summarize(records))} == {""}
+
+
+def test_dropped_seeds_names_each_cell_once_and_skips_unrecorded_seeds(records):
+    """One line per replaced cell (not per metric), seeds in numeric order; an earlier cell
+    without recorded seeds, a cell the runs do not hold and an empty frame report nothing."""
+    board = summarize(records)
+    earlier = board.assign(seeds="0,1,2,10")
+    latest = board[board["method"] == "promptfl"].assign(seeds="2")
+    lines = dropped_seeds(earlier, latest)
+    assert lines == [
+        f"promptfl caltech101 personalized server eps {eps}: seeds 0,1,10 of the earlier cell "
+        "are not in the runs (they hold 2)"
+        for eps in ("none", "0.4")
+    ]
+    assert dropped_seeds(earlier.assign(seeds=""), latest) == []
+    assert dropped_seeds(earlier, latest.iloc[:0]) == []
+    assert row_ids(latest.iloc[:0], ["method"]).empty

@@ -346,15 +346,11 @@ def ordering_table(found: list) -> str:
     return "\n".join(rows)
 
 
-# Why a preset's cells hold fewer seeds than the others', where the committed runs are partial.
-PARTIAL_WHY: dict[str, str] = {}  # none: every committed cell holds seeds 0-2
-
-
 def partial_note(server: pd.DataFrame, client: pd.DataFrame) -> str:
     """A sentence naming, per trust model, the presets whose cells have fewer seeds than the
-    most, the seeds they have and why (`PARTIAL_WHY`); nothing when every cell is complete."""
+    most and the seeds they have; nothing when every cell is complete."""
     most = int(pd.concat([server, client]).n_seeds.max())
-    parts, methods = [], []
+    parts = []
     for trust, board in (("server", server), ("client", client)):
         short = board[board.n_seeds < most]
         if short.empty:
@@ -365,14 +361,11 @@ def partial_note(server: pd.DataFrame, client: pd.DataFrame) -> str:
             f"under {trust} trust the cells of {' and '.join(names)} hold seed(s) "
             f"{', '.join(seeds)} only"
         )
-        methods += [m for m in names if m not in methods]
     if not parts:
         return ""
-    why = "; ".join(PARTIAL_WHY[m] for m in methods if m in PARTIAL_WHY)
     return "\n\n" + fill(
-        f"**Partial**: {'; '.join(parts)} (one seed: shown without ±), the others {most} seeds"
-        + (f": {why}" if why else "")
-        + ". `bash benchmarks/readme_results.sh` completes them."
+        f"**Partial**: {'; '.join(parts)} (one seed: shown without ±), the others {most} seeds."
+        " `bash benchmarks/readme_results.sh` completes them."
     )
 
 

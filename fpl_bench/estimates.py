@@ -84,9 +84,6 @@ def prepared_bytes(prep: Prepared) -> float:
 def cell_training_flops(prep: Prepared, cell: tuple[int, float | None, MethodChoice]) -> float:
     """FLOPs of one run's training (`training_flops`) on its seed's partition and tower."""
     seed, eps, choice = cell
-    learner = LEARNERS.get(choice.learner)
-    if not (learner.trains and learner.trains_text_tower):
-        return 0.0
     protocol, split = prep.partitions[seed]
     return training_flops(
         spec=prep.spec,

@@ -155,6 +155,31 @@ def test_two_round_smoke_run(tiny_tower, tiny_vision, name, private):
             assert same == (key in method.shared or method.scheme.pools_clients), key
 
 
+@pytest.mark.parametrize("name", list_presets())
+def test_a_private_step_of_clients_one_of_them_without_samples(tiny_tower, tiny_vision, name):
+    """A Poisson batch may be empty (likely at a small batch size). In a step of several
+    clients at once, the client with no samples adds zero rows and no loss, and the other
+    client's per-sample gradients are those of its own step; no learner's per-sample loss is
+    called on no samples (a loss that picks its label's logit cannot be)."""
+    method = method_from_name(name, {"rank": 2} if name in ("dpfpl", "fedpgp") else {})
+    if not method.trains or method.scheme.pools_clients:
+        pytest.skip("trains nothing" if not method.trains else "one trainer: no group of clients")
+    fed, vision = federation_for(method, tiny_tower, tiny_vision)
+    schedule = Schedule(rounds=1, batch_size=4, lr=0.1)
+    run = FederatedRun(method, tiny_tower, fed, schedule=schedule, seed=0, vision=vision)
+    run.enable_privacy(NoisePlan(noise_multiplier=1.0, clip_norm=1.0))
+    drawn, empty = run.train_idx[0][:3], run.train_idx[1][:0]
+    (_, got), (_, none) = run.steps_computer.batched([0, 1], 0, 0, [drawn, empty])
+    _, want = run.steps_computer.one(0, 0, 0, drawn)
+    assert set(got.data) == set(want.data) and got.data
+    for key, rows in want.data.items():
+        assert rows.shape[0] == 3
+        scale = float(rows.abs().max())  # float32: a batched matmul rounds unlike a single one
+        torch.testing.assert_close(got.data[key][:3], rows, rtol=1e-4, atol=1e-4 * scale)
+        assert not none.data[key].any(), key
+    assert not none.losses.any() and got.losses[:3].ne(0).all()
+
+
 def test_coop_training_lowers_the_loss_and_beats_chance(tiny_tower):
     fed = make_federation(tiny_tower)
     schedule = Schedule(rounds=10, batch_size=8, lr=0.5)

@@ -426,18 +426,21 @@ def _client_by_client(
     a time (padding rows zero). On CPU a matmul batched over clients (bmm) rounds differently
     from the same product for one client (mm); this way each client's loss is the very
     computation of a step for that client alone (`step_gradients`), and padding rows cost
-    nothing. The calls are few and small."""
-    outs = [per_client(_pick(z, k), *(t[k, :n] for t in batch)) for k, n in enumerate(sizes)]
+    nothing. The calls are few and small. A client whose Poisson batch is empty is not called
+    (a loss that picks its label's logit cannot be vmapped over no samples): its rows stay
+    zero."""
+    drawn = [k for k, n in enumerate(sizes) if n > 0]
+    outs = {k: per_client(_pick(z, k), *(t[k, : sizes[k]] for t in batch)) for k in drawn}
     width = batch[0].shape[1]
 
     def padded(*rows: Tensor) -> Tensor:
-        out = rows[0].new_zeros(len(rows), width, *rows[0].shape[1:])
-        for k, (r, n) in enumerate(zip(rows, sizes, strict=True)):
-            out[k, :n] = r
+        out = rows[0].new_zeros(len(sizes), width, *rows[0].shape[1:])
+        for k, r in zip(drawn, rows, strict=True):
+            out[k, : sizes[k]] = r
         return out
 
-    cot = tree_map(padded, *[c for c, _ in outs])
-    return cot, padded(*[loss for _, loss in outs])
+    cot = tree_map(padded, *[outs[k][0] for k in drawn])
+    return cot, padded(*[outs[k][1] for k in drawn])
 
 
 def client_step_gradients(

@@ -219,7 +219,8 @@ _OPTIONS = (
     SpecOption(
         "secure_noise",
         bool,
-        "Draw DP noise from the OS's cryptographically secure source (not seeded).",
+        "Draw DP noise and Poisson batches from the OS's cryptographically secure source "
+        "(not seeded; for prompts you release).",
         decls=("--secure-noise",),
     ),
     SpecOption(

@@ -44,7 +44,7 @@ from fpl_bench.errors import FplError
 from fpl_bench.evaluate import evaluation_rounds
 from fpl_bench.learners._base import EncodeContext, InitContext, Params
 from fpl_bench.method import Method
-from fpl_bench.privacy.mechanism import clipped_sum, noisy_mean
+from fpl_bench.privacy.mechanism import clipped_sum, noisy_mean, secure_uniform
 from fpl_bench.privacy.per_sample import (
     StepGrads,
 )
@@ -130,7 +130,7 @@ class NoisePlan:
 
     noise_multiplier: float
     clip_norm: float
-    secure: bool = False  # draw noise from the OS's secure source instead of the run seed
+    secure: bool = False  # draw noise and batches from the OS's secure source, not the run seed
 
 
 @dataclass
@@ -186,9 +186,11 @@ def epoch_batches(n: int, *, batch_size: int, steps: int, seed_keys: Sequence[in
     return out[:steps]
 
 
-def poisson_batch(n: int, *, rate: float, gen: torch.Generator) -> Tensor:
-    """Positions of a Poisson-sampled batch: each of n examples independently with prob `rate`."""
-    return torch.nonzero(torch.rand(n, generator=gen) < rate).flatten()
+def poisson_batch(n: int, *, rate: float, gen: torch.Generator | None) -> Tensor:
+    """Positions of a Poisson-sampled batch: each of n examples independently with prob `rate`;
+    `gen=None` draws from the OS's secure source (`secure_uniform`), not a seeded stream."""
+    uniform = secure_uniform(n) if gen is None else torch.rand(n, generator=gen)
+    return torch.nonzero(uniform < rate).flatten()
 
 
 def sgd_step(
@@ -457,9 +459,11 @@ class FederatedRun:
             assert epoch_plan is not None
             return epoch_plan[step]
         rate = sample_rate(self.n_train[client], self.sched.batch_size)
-        return poisson_batch(
-            self.n_train[client], rate=rate, gen=generator(self.seed, _BATCH, rnd, client, step)
-        )
+        # secure noise: the batches too (amplification by sampling needs them unknown, and the
+        # seed is recorded with the run), as Opacus' secure_mode samples its batches
+        secure = self.noise is not None and self.noise.secure
+        gen = None if secure else generator(self.seed, _BATCH, rnd, client, step)
+        return poisson_batch(self.n_train[client], rate=rate, gen=gen)
 
     def step_inputs(
         self, client: int, rnd: int, step_no: int, idx: Tensor

@@ -46,6 +46,32 @@ def test_poisson_batch_rate():
     assert abs(np.mean(sizes) - 100) < 5
 
 
+def test_poisson_batch_from_the_secure_source_has_the_rate():
+    sizes = [len(poisson_batch(1000, rate=0.1, gen=None)) for _ in range(200)]
+    assert abs(np.mean(sizes) - 100) < 5 * (1000 * 0.1 * 0.9 / 200) ** 0.5
+
+
+@pytest.mark.parametrize("secure", [False, True])
+def test_secure_noise_draws_the_batches_from_the_secure_source_too(tiny_tower, secure):
+    """With --secure-noise the Poisson batches are not the seed's: the seed is recorded with the
+    run, and amplification by sampling holds only if nobody can tell which records a step
+    used. Seeded, two runs of one seed sample the same batches."""
+    fed = make_federation(tiny_tower)
+    batches = []
+    for _ in range(2):
+        run = FederatedRun(
+            method_from_name("coop"),
+            tiny_tower,
+            fed,
+            schedule=Schedule(rounds=1, batch_size=4),
+            seed=0,
+        )
+        run.enable_privacy(NoisePlan(noise_multiplier=1.0, clip_norm=1.0, secure=secure))
+        batches.append([run._batch(0, 0, s, None) for s in range(20)])
+    same = all(torch.equal(a, b) for a, b in zip(*batches, strict=True))
+    assert same != secure
+
+
 def test_sgd_step_matches_torch_optim_sgd():
     p = {"w": torch.tensor([1.0, -2.0])}
     buf: dict = {}

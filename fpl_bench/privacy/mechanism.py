@@ -37,6 +37,7 @@ __all__ = [
     "noisy_mean",
     "per_sample_norms",
     "secure_standard_normal",
+    "secure_uniform",
 ]
 
 
@@ -88,6 +89,15 @@ def clipped_sum(grads: dict[str, Tensor], *, clip_norm: float) -> dict[str, Tens
     }
 
 
+def secure_uniform(n: int) -> Tensor:
+    """n uniforms in (0, 1), float64, from the OS's cryptographically secure source
+    (os.urandom): 53 random bits each, centred in their cell, (k + 1/2) / 2^53."""
+    import os
+
+    raw = torch.frombuffer(bytearray(os.urandom(8 * max(1, n))), dtype=torch.int64)[:n]
+    return (((raw >> 11) & ((1 << 53) - 1)).to(torch.float64) + 0.5) / float(1 << 53)
+
+
 def secure_standard_normal(shape: torch.Size | tuple[int, ...], dtype: torch.dtype) -> Tensor:
     """N(0, 1) samples from the OS's cryptographically secure source (os.urandom), for anyone
     releasing prompts (Opacus' `secure_mode` idea; not seeded, not reproducible).
@@ -96,11 +106,8 @@ def secure_standard_normal(shape: torch.Size | tuple[int, ...], dtype: torch.dty
     arXiv 2107.10138), each value is the normalised sum of two draws, which blurs the
     floating-point structure of a single Box-Muller sample.
     """
-    import os
-
     n = max(1, math.prod(shape))
-    raw = torch.frombuffer(bytearray(os.urandom(8 * 4 * n)), dtype=torch.int64).view(4, n)
-    uniform = (((raw >> 11) & ((1 << 53) - 1)).to(torch.float64) + 0.5) / float(1 << 53)
+    uniform = secure_uniform(4 * n).view(4, n)
     radius = torch.sqrt(-2.0 * torch.log(uniform[0::2]))
     normal = radius * torch.cos(2.0 * math.pi * uniform[1::2])  # [2, n], two N(0, 1) draws
     return (normal.sum(0) / math.sqrt(2.0))[: math.prod(shape)].reshape(shape).to(dtype)

@@ -188,3 +188,18 @@ def test_secure_noise_has_the_formula_std_and_is_not_reproducible():
     b = add_gaussian_noise(zero, noise_multiplier=2.0, clip_norm=0.5, generator=None)["g"]
     assert abs(float(a.std()) - 1.0) < 0.03  # sigma * C
     assert not torch.equal(a, b)
+
+
+def test_secure_uniforms_are_uniform_in_the_open_interval_and_not_reproducible():
+    from fpl_bench.privacy.mechanism import secure_uniform
+
+    u = secure_uniform(200_000)
+    assert u.dtype == torch.float64 and u.shape == (200_000,)
+    assert float(u.min()) > 0.0 and float(u.max()) < 1.0
+    # mean 1/2 and variance 1/12, each within 5 standard errors
+    assert abs(float(u.mean()) - 0.5) < 5 * (1 / 12 / 200_000) ** 0.5
+    assert abs(float(u.var()) - 1 / 12) < 5 * (1 / 180 / 200_000) ** 0.5
+    deciles = torch.histc(u.float(), bins=10, min=0.0, max=1.0)
+    assert (deciles - 20_000).abs().max() < 5 * (20_000 * 0.9) ** 0.5
+    assert not torch.equal(u[:100], secure_uniform(100))
+    assert secure_uniform(0).shape == (0,)

@@ -43,7 +43,8 @@ facts and what this small world does and does not measure: [docs/results.md](doc
 
 README_TAIL = """\
 `central` pools every client's data in one trainer: the upper bound of one global prompt, not a
-federated method. Under server trust every scheme's shared prompt is synchronised and noised
+federated method. Its records leave their clients, so it has no DP under client trust: refused
+there, and the client-trust tables leave it out. Under server trust every scheme's shared prompt is synchronised and noised
 every local step (see "Privacy"), so schemes that differ only in how they aggregate rounds
 (PromptFL, FedProx, FedAdam, FedYogi, SCAFFOLD) can tie under DP."""
 

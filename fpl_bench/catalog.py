@@ -323,6 +323,21 @@ def default_presets() -> list[str]:
 GROUPS = {"all": list_presets, "default": default_presets}  # --methods words naming a group
 
 
+def pools_clients(scheme: str) -> bool:
+    """Whether scheme `scheme` trains one model on every client's records pooled (central):
+    a method of it has no DP under the client trust model (spec.py refuses it)."""
+    from fpl_bench.schemes import SCHEMES
+
+    return SCHEMES.get(scheme).pools_clients
+
+
+def group_presets(group: str, *, client_dp: bool = False) -> list[str]:
+    """The presets of a `--methods` group; with `client_dp` (DP under the client trust model)
+    without those that pool every client's records, which cannot run there."""
+    cards = preset_cards()
+    return [n for n in GROUPS[group]() if not (client_dp and pools_clients(cards[n].scheme))]
+
+
 def _check_options(card: ComponentCard, values: dict[str, Any], where: str) -> dict[str, Any]:
     out = {}
     for key, value in values.items():
@@ -367,16 +382,17 @@ class MethodChoice(BaseModel):
         }
 
 
-def method_names(text: str) -> list[str]:
-    """'all' -> every preset, 'default' -> `default_presets()`; else the comma list, each a
-    preset, a learner@scheme pair or a preset card file (PATH.toml: read here, and listed by its
-    card's name)."""
+def method_names(text: str, *, client_dp: bool = False) -> list[str]:
+    """'all' -> every preset, 'default' -> `default_presets()` (with `client_dp`, without the
+    presets that cannot be private under the client trust model: `group_presets`); else the
+    comma list, each a preset, a learner@scheme pair or a preset card file (PATH.toml: read
+    here, and listed by its card's name)."""
     words = [w.strip() for w in text.split(",") if w.strip()]
     words = [w.lower() if card_path(w) is None else add_preset_card(w) for w in words]
     if not words:
         raise UsageError("the method list is empty; e.g. all, or coop,dpfpl, or kgcoop@fedavg")
     if len(words) == 1 and words[0] in GROUPS:
-        return GROUPS[words[0]]()
+        return group_presets(words[0], client_dp=client_dp)
     group = next((w for w in words if w in GROUPS), None)
     if group is not None:
         raise UsageError(

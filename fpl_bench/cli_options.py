@@ -23,7 +23,7 @@ import functools
 import inspect
 import os
 import typing
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any
@@ -246,6 +246,14 @@ class SpecFlags:
 
     def __getitem__(self, name: str) -> Any:
         return self.values[name]
+
+    def client_dp(self, eps: Sequence[float | None] | None) -> bool:
+        """Whether runs at `eps` (None: the spec's default) are private under the trust model
+        the flags set and it is the client's (`spec.client_dp`)."""
+        from fpl_bench.spec import client_dp
+
+        trust = self.values.get("trust") or spec_default("trust")
+        return client_dp(trust, spec_default("eps") if eps is None else eps)
 
     def fields(self) -> dict[str, Any]:
         """The spec fields the flags set (a flag not given sets none: the spec's default)."""

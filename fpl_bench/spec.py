@@ -28,7 +28,7 @@ from pydantic import (
     model_validator,
 )
 
-from fpl_bench.catalog import MethodChoice
+from fpl_bench.catalog import MethodChoice, pools_clients
 from fpl_bench.errors import UsageError
 
 # The largest target epsilon a spec takes; the accountant refuses, per (q, steps, delta), any
@@ -225,7 +225,20 @@ class ExperimentSpec(BaseModel):
             )
         if self.pretrained is not None and self.checkpoint is not None:
             raise ValueError("give either pretrained or checkpoint, not both")
+        if client_dp(self.trust, self.eps):
+            pooled = [m.label for m in self.methods if pools_clients(m.scheme)]
+            if pooled:
+                raise ValueError(
+                    f"{pooled[0]} cannot be private under trust client: it pools every client's "
+                    "raw records at one trainer, which only a trusted curator may hold (central "
+                    "DP, not local); run it with --trust server, or at --eps none"
+                )
         return self
+
+
+def client_dp(trust: str, eps: Sequence[float | None]) -> bool:
+    """Whether runs at these epsilons are private under the client trust model (local DP)."""
+    return trust == "client" and any(e is not None for e in eps)
 
 
 def _pair_problem(choice: MethodChoice) -> str | None:

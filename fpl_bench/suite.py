@@ -66,13 +66,14 @@ from fpl_bench.catalog import (
     GROUPS,
     MethodChoice,
     add_preset_card,
+    group_presets,
     read_toml_model,
     resolve_method,
 )
 from fpl_bench.data.catalog import card_path
 from fpl_bench.errors import UsageError
 from fpl_bench.report.records import KEY_COLUMNS, normalize_eps
-from fpl_bench.spec import Epsilons, ExperimentSpec, FieldError, Seeds, build_spec
+from fpl_bench.spec import Epsilons, ExperimentSpec, FieldError, Seeds, build_spec, client_dp
 
 SUITE_FOLDER = "leaderboards"
 DONE_STATUSES: tuple[str, ...] = ("finished", "diverged")
@@ -197,8 +198,9 @@ def _check(suite: Suite) -> None:
             raise UsageError(f"params.{name}: no grid runs method {name!r}")
     for index, grid in enumerate(suite.grid):
         _check_run_fields(grid.run, f"grid.{index}.run")
+        names = _method_names(grid.methods, client_dp=_grid_client_dp(suite, index, {}))
         for dataset in grid.datasets:
-            _grid_spec(suite, index, dataset, _method_names(grid.methods), overrides={})
+            _grid_spec(suite, index, dataset, names, overrides={})
 
 
 def _check_run_fields(fields: Mapping[str, Any], where: str) -> None:
@@ -212,12 +214,19 @@ def _check_run_fields(fields: Mapping[str, Any], where: str) -> None:
             raise UsageError(f"{where}.{key}: not a run setting; known: {', '.join(sorted(known))}")
 
 
-def _method_names(methods: Sequence[str]) -> list[str]:
-    """A grid's methods: a group's presets for ["all"] or ["default"], a card file by its
-    card's name."""
+def _method_names(methods: Sequence[str], *, client_dp: bool = False) -> list[str]:
+    """A grid's methods: a group's presets for ["all"] or ["default"] (`group_presets`), a card
+    file by its card's name."""
     if len(methods) == 1 and methods[0] in GROUPS:
-        return GROUPS[methods[0]]()
+        return group_presets(methods[0], client_dp=client_dp)
     return [m if card_path(m) is None else add_preset_card(m) for m in methods]
+
+
+def _grid_client_dp(suite: Suite, index: int, overrides: Mapping[str, Any]) -> bool:
+    """Whether grid `index` runs DP under the client trust model."""
+    grid = suite.grid[index]
+    trust = {**suite.run, **grid.run, **overrides}.get("trust", "server")
+    return client_dp(trust, grid.eps)
 
 
 def _check_overrides(overrides: Mapping[str, Any]) -> None:
@@ -314,7 +323,7 @@ def suite_cells(
     _check_overrides(overrides)
     cells: list[Cell] = []
     for index, grid in enumerate(suite.grid):
-        names = _method_names(grid.methods)
+        names = _method_names(grid.methods, client_dp=_grid_client_dp(suite, index, overrides))
         for dataset in grid.datasets:
             spec = _grid_spec(suite, index, dataset, names, overrides=overrides, out=out)
             for choice in spec.methods:

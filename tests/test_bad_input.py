@@ -84,6 +84,14 @@ CASES = [
     (["run", "--param", "rank=4"], "METHOD.OPTION=VALUE"),
     (["run", "--methods", "coop", "--param", "dpfpl.rank=4"], "is not among this run's methods"),
     (["run", "--methods", "all,promptfl"], "'all' names a group of presets and cannot be combined"),
+    (
+        ["run", "--methods", "central,coop", "--trust", "client", "--eps", "none,0.5"],
+        "central cannot be private under trust client: it pools every client's raw records",
+    ),
+    (
+        ["tune", "--methods", "central", "--trials", "1", "--trust", "client", "--eps", "1"],
+        "central cannot be private under trust client",
+    ),
     # data, backbone and privacy settings found while preparing
     (["run", "--dataset", "imagenet-xl"], "unknown dataset 'imagenet-xl'"),
     (["run", "--dataset-option", "nokey"], "KEY=VALUE"),

@@ -196,3 +196,30 @@ def test_flags_not_given_keep_the_specs_defaults(monkeypatch):
     monkeypatch.setenv(opt.CACHE_ENV, "/tmp/cache")
     spec = opt.spec_from_flags(flags, methods=COOP, eps=None)
     assert (spec.alpha, spec.precision, str(spec.cache_dir)) == (0.5, "auto", "/tmp/cache")
+
+
+def test_a_method_that_pools_every_clients_records_is_refused_under_client_dp_only():
+    """central trains on the clients' raw records pooled at one trainer: central DP with a
+    trusted curator at best, never the client trust model's local DP."""
+    central = (resolve_method("central"),)
+    with pytest.raises(FieldError, match="central cannot be private under trust client"):
+        build_spec(methods=central, trust="client", eps=(None, 0.5))
+    assert build_spec(methods=central, trust="server", eps=(0.5,)).methods == central
+    assert build_spec(methods=central, trust="client", eps=(None,)).methods == central
+
+
+def test_groups_leave_out_what_cannot_run_under_client_dp_and_suites_take_that():
+    from fpl_bench.catalog import list_presets, method_names
+    from fpl_bench.suite import suite_cells
+
+    every = list_presets()
+    assert "central" in every
+    assert method_names("all") == every
+    assert method_names("all", client_dp=True) == [n for n in every if n != "central"]
+    assert "central" in method_names("default") and "central" not in method_names(
+        "default", client_dp=True
+    )
+    assert method_names("central", client_dp=True) == ["central"]  # named: the spec refuses it
+    client = {c.method.label for c in suite_cells(load_suite("embedded-client"))}
+    server = {c.method.label for c in suite_cells(load_suite("embedded"))}
+    assert server - client == {"central"} and client <= server

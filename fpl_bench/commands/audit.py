@@ -79,12 +79,13 @@ def audit(
         )
     if not out.strip():
         raise UsageError("--out is empty; give a folder, e.g. --out runs/default")
-    words = method_names(methods or "default")
+    epsilons = parse_eps(eps) if eps is not None else None
+    words = method_names(methods or "default", client_dp=flags.client_dp(epsilons))
     options = parse_params(param or [], words)
     spec = opt.spec_from_flags(
         flags,
         methods=tuple(resolve_method(word, options.get(word)) for word in words),
-        eps=parse_eps(eps) if eps is not None else None,
+        eps=epsilons,
         seeds=targets + extra,
         resume=True,  # finished runs in OUT are reused
         out=Path(out),

@@ -182,12 +182,15 @@ def run(
         only = suite_filter(methods, eps, seeds)
         _run_suite(suite, out, dry_run, flags, only, cluster=cluster, progress_view=progress_view)
         return
-    names = method_names("default" if methods is None else methods)
+    epsilons = None if eps is None else parse_eps(eps)
+    names = method_names(
+        "default" if methods is None else methods, client_dp=flags.client_dp(epsilons)
+    )
     overrides = parse_params(param or [], names)
     spec = opt.spec_from_flags(
         flags,
         methods=tuple(resolve_method(name, overrides.get(name)) for name in names),
-        eps=None if eps is None else parse_eps(eps),
+        eps=epsilons,
         seeds=None if seeds is None else parse_int_list(seeds, "--seeds"),
         out=_out_folder(out),
     )

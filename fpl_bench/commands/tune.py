@@ -116,12 +116,13 @@ def tune_cmd(
     from fpl_bench.catalog import resolve_method
     from fpl_bench.spec import parse_eps, parse_int_list
 
-    names = _tunable(methods)
+    epsilons = parse_eps(eps)
+    names = _tunable(methods, client_dp=flags.client_dp(epsilons))
     target = tuning.parse_storage(storage, out=out, workers=workers)
     spec = opt.spec_from_flags(
         flags,
         methods=tuple(resolve_method(name) for name in names),
-        eps=parse_eps(eps),
+        eps=epsilons,
         seeds=parse_int_list(seeds, "--seeds"),
         rounds=rounds,
         eval_every=eval_every,
@@ -171,14 +172,15 @@ def tune_cmd(
         raise typer.Exit(1)
 
 
-def _tunable(methods: str) -> list[str]:
-    """The presets to tune: `all` is every preset with a [search] table; a named method
-    without one is an error (one line)."""
+def _tunable(methods: str, *, client_dp: bool = False) -> list[str]:
+    """The presets to tune: `all` is every preset with a [search] table (that can run: see
+    `catalog.group_presets`); a named method without one is an error (one line)."""
     from fpl_bench.catalog import method_names, preset_cards
 
     if methods.strip().lower() == "all":
-        return [n for n in method_names("all") if preset_cards()[n].search]
-    names = method_names(methods)
+        names = method_names("all", client_dp=client_dp)
+        return [n for n in names if preset_cards()[n].search]
+    names = method_names(methods, client_dp=client_dp)
     from fpl_bench.tune import search_space
 
     for name in names:

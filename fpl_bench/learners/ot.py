@@ -46,6 +46,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
+from fpl_bench.compute import wide
 from fpl_bench.learners import LEARNERS
 from fpl_bench.learners._base import EncodeContext, PromptLearner
 from fpl_bench.ot import sinkhorn
@@ -136,7 +137,7 @@ class OTPatch(PromptLearner):
         slack = r s top_percent max |S|, a margin for float rounding, r = `_BOUND_SLACK` or
         256 units of rounding of sim's dtype if that is more."""
         scale = ctx.tower.logit_scale
-        top = sim.amax(dim=-2).float()  # [*, n, N]
+        top = wide(sim.amax(dim=-2))  # [*, n, N], at least fp32 (fp64 stays fp64)
         bound = scale * (self.top_percent / sim.shape[-1]) * top.sum(-1)
         rel = max(_BOUND_SLACK, 256 * torch.finfo(sim.dtype).eps)
         return bound, rel * scale * self.top_percent * float(sim.abs().amax())
@@ -175,8 +176,8 @@ class OTPatch(PromptLearner):
         first = bound.argmax(-1) + n_cls * torch.arange(n_images, device=sim.device)  # [B]
         if not self._worth_pruning(problems[first], bound, slack, ctx):
             return self._score(self._plan(problems), problems, ctx).view_as(bound).argmax(-1)
-        solved = torch.full_like(bound, -math.inf).flatten()
         best = self._solve_scores(problems, first, ctx)  # [B]
+        solved = torch.full_like(bound, -math.inf, dtype=best.dtype).flatten()
         solved[first] = best
         rest = bound + slack >= best.unsqueeze(-1)
         rest.view(-1)[first] = False

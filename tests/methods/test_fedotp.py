@@ -306,3 +306,16 @@ def test_missing_tokens_are_an_error(tiny_tower):
 def test_bad_hyperparameters_are_usage_errors(option, value):
     with pytest.raises(UsageError, match=f"fedotp.{option}="):
         FedOTP(**{option: value})
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.bfloat16])
+def test_predict_is_the_argmax_of_logits_in_other_precisions(tiny_tower, dtype):
+    """The bound and the solved logits keep the similarities' precision (float64 stays float64:
+    the bound is no longer narrowed to float32; bf16's is widened)."""
+    learner = FedOTP(top_percent=0.8).learner
+    ctx = EncodeContext(tower=tiny_tower, class_idx=torch.arange(20))
+    text, tokens = _clustered(24, 20, seed=5)
+    text, tokens = text.to(dtype), tokens.to(dtype)
+    full = learner.logits(text, tokens.mean(1), tokens, ctx)
+    assert full.dtype == dtype
+    assert torch.equal(learner.predict(text, tokens.mean(1), tokens, ctx), full.argmax(-1))

@@ -22,7 +22,18 @@ tower's precision on a CPU without AMX; forced here so that both rates are of on
    not counted; zero for zero-shot and FedCLIP, which train nothing through the text tower).
    Their sum over (cores x the rate of (1)) is a lower bound on the job's wall time.
 
-Prints the CPU, the three figures and the bound against each --target-min.
+With --whole-job, also:
+
+4. every matmul the job executes, counted by torch's FlopCounterMode formulas while each preset runs
+   its first --sampled-rounds rounds and one evaluation on the job's own data, seed and noise
+   (`experiment.job_run`): the text tower's and the image tower's products, per image or per
+   class, forward and backward, attention's products, evaluation and everything else a
+   learner or scheme multiplies; elementwise work not counted. A run's training is its sampled
+   rounds scaled to the run's rounds (rounds differ only by their Poisson batches), its
+   evaluation one evaluation times the run's evaluations. Their sum over (cores x the rate of
+   (1)) is a lower bound on the whole job's wall time. It runs about a tenth of the job.
+
+Prints the CPU, the figures and the bound against each --target-min.
 """
 
 from __future__ import annotations
@@ -31,15 +42,20 @@ import argparse
 import statistics
 import time
 from collections.abc import Callable
+from typing import Any
 
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
 
 from fpl_bench import bench
 from fpl_bench.catalog import method_names, resolve_method
 from fpl_bench.compute import cpu_name
 from fpl_bench.estimates import cell_training_flops
+from fpl_bench.evaluate import evaluation_rounds
+from fpl_bench.experiment import job_run
 from fpl_bench.method import build_method
-from fpl_bench.prepare import prepare
+from fpl_bench.prepare import federation, prepare
 from fpl_bench.spec import build_spec
 
 SEEN = bench.N_CLASSES // 2  # the classes bench's federation trains on
@@ -108,6 +124,58 @@ def job_bound(methods: str, eps: float) -> tuple[dict[str, float], list[int]]:
     return flops, [len(idx) for idx in prep.partitions[seed][1].train]
 
 
+class MatmulCounter(TorchDispatchMode):
+    """The FLOPs of every op torch's FlopCounterMode counts (matmuls, batched matmuls,
+    attention, convolutions), by its own formulas (`flop_registry`), without its module
+    tracker (whose backward hooks torch.func's grad inside vmap refuses)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.flops = 0
+
+    def __torch_dispatch__(
+        self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None
+    ) -> Any:
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        count = flop_registry.get(func._overloadpacket)
+        if count is not None:
+            self.flops += count(*args, **kwargs, out_val=out)
+        return out
+
+
+def job_counted(
+    methods: str, eps: float, sampled_rounds: int = 2, log: Callable[[str], None] = print
+) -> dict[str, tuple[float, float]]:
+    """Each preset's (training, evaluation) matmul FLOPs in the job `run --methods M --eps E`,
+    counted by `MatmulCounter`: training from the run's first `sampled_rounds` rounds scaled
+    to its rounds, evaluation from one evaluation times its evaluations (one for a preset that
+    trains nothing)."""
+    choices = [resolve_method(n) for n in method_names(methods)]
+    spec = build_spec(methods=choices, eps=[eps])
+    prep = prepare(spec, log=lambda _: None)
+    seed = spec.seeds[0]
+    fed = federation(prep, seed)
+    scored = len(evaluation_rounds(spec.rounds, spec.eval_every, spec.last_k))
+    out = {}
+    for choice in choices:
+        t0 = time.perf_counter()
+        run, _ = job_run(prep, fed, choice, eps, seed)
+        trains = run.method.trains
+        sampled = min(sampled_rounds, spec.rounds) if trains else 0
+        with MatmulCounter() as counter:
+            for rnd in range(sampled):
+                run.run_round(rnd)
+                run._average_views(rnd)
+        training = counter.flops * spec.rounds / sampled if sampled else 0.0
+        with MatmulCounter() as counter:
+            run.evaluate(max(sampled - 1, 0))
+        evaluation = counter.flops * (scored if trains else 1)
+        out[choice.label] = (float(training), float(evaluation))
+        log(f"  {choice.label}: counted in {time.perf_counter() - t0:.0f} s")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--methods", default="all")
@@ -115,6 +183,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cores", type=int, default=2)
     parser.add_argument("--batch", type=int, default=32, help="B, the run's default batch")
     parser.add_argument("--target-min", default="6,10")
+    parser.add_argument(
+        "--whole-job", action="store_true", help="count every matmul of the job (slow)"
+    )
+    parser.add_argument("--sampled-rounds", type=int, default=2)
     args = parser.parse_args(argv)
     torch.set_num_threads(1)
 
@@ -136,8 +208,27 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  {len(trained)} presets train through the text tower: {total / 1e12:.1f} TFLOP")
     print(f"  least wall time at the matmul rate on {args.cores} cores: {bound_s / 60:.1f} min")
     print(f"  at the step's measured rate: {total / (args.cores * achieved) / 60:.1f} min")
-    for target in (float(t) for t in args.target_min.split(",")):
+    targets = [float(t) for t in args.target_min.split(",")]
+    for target in targets:
         print(f"  target {target:g} min: the bound is {bound_s / (60 * target):.0%} of it")
+    if not args.whole_job:
+        return 0
+    print(f"whole job, every matmul counted (first {args.sampled_rounds} rounds of each run):")
+    counted = job_counted(args.methods, args.eps, args.sampled_rounds)
+    print(f"  {'preset':14s} {'training':>10s} {'evaluation':>11s}   (TFLOP)")
+    for name, (train, evaluation) in sorted(counted.items(), key=lambda kv: -sum(kv[1])):
+        print(f"  {name:14s} {train / 1e12:10.2f} {evaluation / 1e12:11.2f}")
+    train_sum = sum(t for t, _ in counted.values())
+    eval_sum = sum(e for _, e in counted.values())
+    whole = train_sum + eval_sum
+    whole_s = whole / (args.cores * peak)
+    print(
+        f"  sum: {whole / 1e12:.1f} TFLOP ({train_sum / 1e12:.1f} training, "
+        f"{eval_sum / 1e12:.1f} evaluation)"
+    )
+    print(f"  least wall time at the matmul rate on {args.cores} cores: {whole_s / 60:.1f} min")
+    for target in targets:
+        print(f"  target {target:g} min: the bound is {whole_s / (60 * target):.0%} of it")
     return 0
 
 

@@ -61,6 +61,18 @@ def test_roofline_job_bound_counts_each_presets_passes(script):
     )
 
 
+def test_roofline_counts_every_matmul_of_a_job(script):
+    """The whole-job count: zero-shot trains nothing and evaluates once; CoOp's counted matmuls
+    (its last block runs only the EOT rows, attention's products are counted too) are 75-100%
+    of its 24 W^2-per-row passes, and its evaluation is counted apart."""
+    roofline = script("roofline")
+    counted = roofline.job_counted("coop,zeroshot", 0.5, sampled_rounds=1, log=lambda _: None)
+    passes, _ = roofline.job_bound("coop", 0.5)
+    (coop_train, coop_eval), (zs_train, zs_eval) = counted["coop"], counted["zeroshot"]
+    assert zs_train == 0 and 0 < zs_eval < coop_eval
+    assert 0.75 < coop_train / passes["coop"] < 1.0
+
+
 def test_roofline_prints_the_bound(script, capsys):
     """The whole script at a small batch: both rates, and the bound of a CoOp-only job."""
     roofline = script("roofline")

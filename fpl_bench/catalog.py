@@ -58,6 +58,17 @@ class OptionCard(BaseModel):
     gt: float | None = None
     choices: list[Any] | None = None
 
+    @model_validator(mode="after")
+    def _bounds_of_a_number(self) -> OptionCard:
+        numeric = isinstance(self.default, int | float) and not isinstance(self.default, bool)
+        bounds = [k for k in ("min", "max", "gt") if getattr(self, k) is not None]
+        if bounds and not numeric:
+            raise ValueError(
+                f"{', '.join(bounds)} bound a number, but the default {self.default!r} is a "
+                f"{type(self.default).__name__}; give a numeric default or drop the bounds"
+            )
+        return self
+
     @property
     def kind(self) -> type:
         return type(self.default)
@@ -226,14 +237,29 @@ def _plugin_card(kind: str, cls: type) -> ComponentCard:
         )
     if card.name != name:
         raise UsageError(f"{where}: its card is named {card.name!r}; name it {name!r}")
-    if dataclasses.is_dataclass(cls):
-        fields = {f.name for f in dataclasses.fields(cls)}
-        if fields != set(card.options):
-            raise UsageError(
-                f"{where}: its card's options ({', '.join(card.options) or 'none'}) are not its "
-                f"dataclass fields ({', '.join(sorted(fields)) or 'none'})"
-            )
+    problem = fields_problem(cls, card)
+    if problem:
+        raise UsageError(f"{where}: {problem}")
     return card
+
+
+def fields_problem(cls: type, card: ComponentCard) -> str | None:
+    """Why a learner or scheme class cannot be built from its card's options (the class's
+    dataclass fields must be exactly the card's options), or None."""
+    if not dataclasses.is_dataclass(cls):
+        return None
+    fields = {f.name for f in dataclasses.fields(cls) if f.init}
+    if fields == set(card.options):
+        return None
+    missing, extra = sorted(fields - set(card.options)), sorted(set(card.options) - fields)
+    fix = "; ".join(
+        [*(f"add [options.{k}] to its card" for k in missing[:1]),
+         *(f"drop [options.{k}] or add the field" for k in extra[:1])]
+    )  # fmt: skip
+    return (
+        f"its card's options ({', '.join(card.options) or 'none'}) are not its dataclass "
+        f"fields ({', '.join(sorted(fields)) or 'none'}): {fix}"
+    )
 
 
 def _check_preset(card: PresetCard, where: Path) -> None:

@@ -242,12 +242,22 @@ def client_dp(trust: str, eps: Sequence[float | None]) -> bool:
 
 
 def _pair_problem(choice: MethodChoice) -> str | None:
-    """Why the method's learner cannot work under its scheme (fpl_bench/method.py), or None."""
+    """Why the method's learner or scheme cannot be built from its card (`fields_problem`), or
+    the learner cannot work under the scheme (fpl_bench/method.py), or None."""
+    from fpl_bench.catalog import fields_problem, learner_cards, scheme_cards
     from fpl_bench.learners import LEARNERS
     from fpl_bench.method import pair_problem
     from fpl_bench.schemes import SCHEMES
 
-    return pair_problem(LEARNERS.get(choice.learner), SCHEMES.get(choice.scheme))
+    learner, scheme = LEARNERS.get(choice.learner), SCHEMES.get(choice.scheme)
+    for kind, cls, card in (
+        ("learner", learner, learner_cards()[choice.learner]),
+        ("scheme", scheme, scheme_cards()[choice.scheme]),
+    ):
+        problem = fields_problem(cls, card)
+        if problem:
+            return f"its {kind} {card.name}: {problem}"
+    return pair_problem(learner, scheme)
 
 
 class FieldError(UsageError):

@@ -246,3 +246,40 @@ def test_a_method_card_file_is_tuned_by_its_search_table(tmp_path, capsys, monke
     assert code in (0, None), err
     assert "tune-mine-imagefolder-personalized-server-epsnone: 1 complete" in out
     assert f"fpl-bench run --tuned --methods {tmp_path / 'mine.toml'} " in out
+
+
+def test_an_option_bounded_but_not_a_number_is_a_bad_card_not_a_type_error(tmp_path):
+    card = tmp_path / "mine.toml"
+    card.write_text(
+        'name = "mine"\nsummary = "s"\npaper = "p"\nreference = "r"\n'
+        '[options.lam]\ndefault = "abc"\nmin = 0.0\nhelp = "h"\n'
+    )
+    with pytest.raises(
+        UsageError, match=r"options\.lam: min bound a number, but the default 'abc'"
+    ):
+        catalog.read_toml_model(card, catalog.ComponentCard, what="card")
+
+
+def test_a_class_whose_fields_its_card_does_not_give_is_named_with_the_fix():
+    import dataclasses
+
+    @dataclasses.dataclass(frozen=True)
+    class Mine:
+        lam: float
+        template: str
+
+    def card(*options):
+        return catalog.ComponentCard(
+            name="mine",
+            summary="s",
+            paper="p",
+            reference="r",
+            options={k: catalog.OptionCard(default=1.0, help="h") for k in options},
+        )
+
+    assert catalog.fields_problem(Mine, card("lam", "template")) is None
+    missing = catalog.fields_problem(Mine, card("lam"))
+    assert missing.endswith("(lam, template): add [options.template] to its card"), missing
+    extra = catalog.fields_problem(Mine, card("lam", "template", "beta"))
+    assert "drop [options.beta] or add the field" in extra
+    assert catalog.fields_problem(object, card("x")) is None  # not a dataclass: not checked

@@ -50,6 +50,8 @@ def format_table(frame: Any, metrics: list[str], with_privacy: bool) -> list[Any
     from rich import box
     from rich.table import Table
 
+    from fpl_bench.report.leaderboard import seed_std
+
     accuracy = Table(box=box.SIMPLE_HEAD, padding=(0, 1))
     accuracy.add_column("eps", justify="right")
     accuracy.add_column("method")
@@ -70,7 +72,7 @@ def format_table(frame: Any, metrics: list[str], with_privacy: bool) -> list[Any
             elif len(values) == 1:  # one seed has no spread: no '± 0.0'
                 cells.append(f"{values.mean():.1f}")
             else:
-                cells.append(f"{values.mean():.1f}±{values.std(ddof=0):.1f}")
+                cells.append(f"{values.mean():.1f}±{seed_std(values):.1f}")  # as leaderboards
         accuracy.add_row(*cells)
         spent = group["eps_spent"].astype(float)
         if with_privacy and not spent.isna().all():

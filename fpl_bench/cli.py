@@ -63,6 +63,19 @@ def _terminate(signum: int, frame: Any) -> None:
     raise KeyboardInterrupt  # SIGTERM stops like Ctrl-C: runs marked KILLED, results kept
 
 
+def _interrupted(args: list[str]) -> str:
+    """The line after Ctrl-C / SIGTERM: how to continue, for the commands that can (run)."""
+    command = next((a for a in args if not a.startswith("-")), "")
+    if command == "run":
+        return (
+            "fpl-bench: interrupted; finished runs are kept in results.csv and the current run "
+            "in checkpoints/; rerun the same command with --resume to continue"
+        )
+    if command == "audit":
+        return "fpl-bench: interrupted; rerun the same command: it reuses the finished runs"
+    return "fpl-bench: interrupted"
+
+
 def main() -> None:
     """Console entry point: one-line errors with exit code 2 for bad input. The process's
     settings (fpl_bench/process.py) are made first, before any command imports torch."""
@@ -92,11 +105,7 @@ def main() -> None:
     except (*_CLICK_ABORT, KeyboardInterrupt):
         result = 130
     if result == 130:  # typer turns Ctrl-C / SIGTERM into exit code 130
-        print(
-            "fpl-bench: interrupted; finished runs are kept in results.csv and the current run "
-            "in checkpoints/; rerun the same command with --resume to continue",
-            file=sys.stderr,
-        )
+        print(_interrupted(sys.argv[1:]), file=sys.stderr)
     sys.exit(result if isinstance(result, int) else 0)
 
 

@@ -61,8 +61,9 @@ def check_tracking_uri(uri: str, *, timeout: float = 3.0) -> None:
                 pass
         except OSError as err:
             raise UsageError(
-                f"MLFLOW_TRACKING_URI={uri}: cannot reach {host}:{port} ({err}); start the "
-                "server or unset MLFLOW_TRACKING_URI to track in the output folder"
+                f"MLFLOW_TRACKING_URI={uri} (--tracking-uri or the environment): cannot reach "
+                f"{host}:{port} ({err}); start the server, or drop --tracking-uri and unset "
+                "MLFLOW_TRACKING_URI to track in the output folder"
             ) from None
         return
     if scheme == "sqlite":

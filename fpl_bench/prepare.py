@@ -265,6 +265,13 @@ def partition_clients(spec: ExperimentSpec, splits: Splits, seed: int) -> tuple:
         renumber = np.full(len(splits.domain_names), -1)
         renumber[kept] = np.arange(len(kept))
         n_domains = len(kept)
+        if len(splits.domain_names) < 2:  # every client would hold every class and domain
+            raise UsageError(
+                f"partition by_domain needs at least 2 domains (this data has "
+                f"{len(splits.domain_names)}); use "
+                "a domain dataset or synthetic with dataset option domain=all, or another "
+                "partition"
+            )
         domains = {
             "train_domains": renumber[splits.train.domains[train_pool]],
             "test_domains": renumber[evaluated.domains[test_pool]],

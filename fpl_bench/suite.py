@@ -640,10 +640,12 @@ def dry_run_rows(
     overrides: Mapping[str, Any] | None = None,
     bench: Path | None = None,
     only: CellFilter | None = None,
+    device: str | None = None,
 ) -> list[dict[str, Any]]:
     """One row per cell: key, status in OUT/results.csv, resolved config, the paper's numbers
     (`paper_<metric>`), and an estimate of its wall time (`estimate_s`, `estimate`,
-    `estimate_source`). `bench` defaults to OUT/bench.json."""
+    `estimate_source`). `bench` defaults to OUT/bench.json. `device`: where the model's
+    estimates assume the runs execute (default: each cell's device, auto as this machine)."""
     out = Path(out)
     cells = suite_cells(suite, overrides=overrides, out=out, only=only)
     records = read_records(out)
@@ -670,7 +672,7 @@ def dry_run_rows(
                 rate = statistics.median(measured)
                 source = f"model (calibrated on {len(measured)} runs)"
             else:
-                rate, kind = assumed_rate(cell.spec.device)
+                rate, kind = assumed_rate(device or cell.spec.device)
                 source = f"model (assumed {_rate_text(rate)} on {kind})"
             seconds = f / rate
         rows.append(

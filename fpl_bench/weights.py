@@ -137,7 +137,8 @@ def _read_torch(path: Path) -> dict[str, Tensor]:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as err:  # torch.load raises many types for a corrupt file
         raise UsageError(
-            f"weights file {path} is not a readable torch file ({type(err).__name__})"
+            f"weights file {path} is not a readable torch file ({type(err).__name__}): give a "
+            "state dict saved by torch.save or a .safetensors file (re-download it if damaged)"
         ) from None
     if isinstance(loaded, Mapping) and "state_dict" in loaded:
         loaded = loaded["state_dict"]

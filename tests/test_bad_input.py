@@ -102,6 +102,7 @@ CASES = [
     (["run", "--dataset", "caltech101"], "caltech101"),
     (["run", "--target-domain", "noise"], "cross-domain protocol only"),
     (["run", "--protocol", "cross-domain", *TINY], "at least 2 domains"),
+    (["run", "--partition", "by_domain", *TINY], "partition by_domain needs at least 2 domains"),
     (["run", "--shots", "500"], "--shots 500"),
     (["run", "--methods", "coop", "--eps", "1", "--delta", "0.6", *TINY], "1/n"),
     # a budget whose noise would fall below the floor, for this run's (q, steps): before training
@@ -422,3 +423,12 @@ def test_param_for_a_method_outside_the_run_names_the_runs_methods(
     code, err = _run([*args, "--param", "dpfpl.rank=4"], capsys, monkeypatch)
     assert "'dpfpl' is not among this run's methods (promptfl)" in refusal(code, err), err
     assert err.count("dpfpl.rank=4") == 1  # the refused input is not offered as the example
+
+
+def test_the_interrupted_line_says_how_to_continue_only_where_one_can():
+    from fpl_bench.cli import _interrupted
+
+    assert "--resume" in _interrupted(["run", "--methods", "coop"])
+    assert "--resume" not in _interrupted(["pretrain-tiny", "--out", "t.pt"])
+    assert _interrupted(["--verbose", "pretrain-tiny"]) == "fpl-bench: interrupted"
+    assert "reuses the finished runs" in _interrupted(["audit"])

@@ -268,8 +268,11 @@ def test_dry_run_shows_each_cells_request_and_the_gpu_hours(suite_file, capsys, 
     args = ["run", "--suite", str(suite_file), "--dry-run", "--executor", "slurm"]
     code, text, err = run_cli([*args, "--gpus", "2", "--out", "unused"], capsys, monkeypatch)
     assert code == 0, err
-    rows = dry_run_rows(load_suite(suite_file), Path("unused"))
+    # runs that ask for GPUs are estimated at a GPU's rate, whatever this machine has
+    rows = dry_run_rows(load_suite(suite_file), Path("unused"), device="cuda")
+    here = dry_run_rows(load_suite(suite_file), Path("unused"), device="cpu")
     hours = 2 * sum(r["estimate_s"] for r in rows) / 3600
+    assert sum(r["estimate_s"] for r in here) > 10 * sum(r["estimate_s"] for r in rows)
     assert "each run cpus=2, gpus=2, partition=(default), time_min=240" in text
     assert text.count("gpus=2  cpus=2") == 4
     assert "slurm: 4 array tasks of up to 1 runs" in text

@@ -99,7 +99,7 @@ def run(
         typer.Option(
             help="Comma list of methods (presets, LEARNER@SCHEME pairs, or preset card files "
             "PATH.toml), or 'default' (the default: every preset but those that run a tower per "
-            "image: CoCoOp, MaPLe, IVLP, PromptSRC) or 'all'; see `fpl-bench methods --all`. With --suite: "
+            "image or prompt the image tower: CoCoOp, BPL, MaPLe, IVLP, PromptSRC) or 'all'; see `fpl-bench methods --all`. With --suite: "
             "only these of its cells."
         ),
     ] = None,
@@ -302,12 +302,17 @@ def _run_suite(
     given = flags.fields()
     overrides = {k: given[k] for k in (*MACHINE_FIELDS, "pretrained") if k in given}
     if dry_run:
-        rows = dry_run_rows(chosen, out, overrides=overrides, only=only)
+        device = overrides.get("device", "auto")
+        on_gpus = None
+        if cluster is not None and cluster.distributed:
+            from fpl_bench.executors.estimate import format_requests, run_request
+
+            # runs that ask the cluster for a GPU are estimated at a GPU's rate, not this node's
+            on_gpus = "cuda" if run_request(cluster, device)["gpus"] else None
+        rows = dry_run_rows(chosen, out, overrides=overrides, only=only, device=on_gpus)
         typer.echo(format_dry_run(chosen, rows))
         if cluster is not None and cluster.distributed:
-            from fpl_bench.executors.estimate import format_requests
-
-            typer.echo(format_requests(rows, cluster, overrides.get("device", "auto")))
+            typer.echo(format_requests(rows, cluster, device))
         return
     if progress_view:
         from fpl_bench.executors.progress import format_progress, suite_progress

@@ -56,9 +56,11 @@ def methods_cmd(
         typer.echo("\n".join(lines))
         return
     presets = preset_cards()
-    for name in list_presets():
-        card = presets[name]
-        typer.echo(f"{name:10s} {card.learner + '@' + card.scheme:20s} {card.summary}")
+    names = list_presets()
+    pairs = {name: f"{presets[name].learner}@{presets[name].scheme}" for name in names}
+    wide_name, wide_pair = max(map(len, names)), max(map(len, pairs.values()))
+    for name in names:
+        typer.echo(f"{name:{wide_name}s} {pairs[name]:{wide_pair}s} {presets[name].summary}")
     if not show_all:
         return
     from fpl_bench.method import all_pairs

@@ -39,6 +39,7 @@ Prints the CPU, the figures and the bound against each --target-min.
 from __future__ import annotations
 
 import argparse
+import functools
 import statistics
 import time
 from collections.abc import Callable
@@ -49,13 +50,13 @@ from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
 from fpl_bench import bench
-from fpl_bench.catalog import method_names, resolve_method
+from fpl_bench.catalog import MethodChoice, method_names, resolve_method
 from fpl_bench.compute import cpu_name
 from fpl_bench.estimates import cell_training_flops
 from fpl_bench.evaluate import evaluation_rounds
-from fpl_bench.experiment import job_run
+from fpl_bench.experiment import job_run, schedule_of
 from fpl_bench.method import build_method
-from fpl_bench.prepare import federation, prepare
+from fpl_bench.prepare import Prepared, federation, prepare
 from fpl_bench.spec import build_spec
 
 SEEN = bench.N_CLASSES // 2  # the classes bench's federation trains on
@@ -113,13 +114,19 @@ def coop_step(batch: int, rounds: int = 12) -> tuple[float, float, int, int]:
     return statistics.median(walls), flops, run.tower.rows(SEEN), run.tower.width
 
 
+@functools.cache
+def prepared_job(methods: str, eps: float) -> tuple[list[MethodChoice], Prepared, int]:
+    """(the presets, the prepared data, the first seed) of `run --methods M --eps E` with the
+    run's defaults: prepared once for the script's two counts."""
+    choices = [resolve_method(n) for n in method_names(methods)]
+    spec = build_spec(methods=choices, eps=[eps])
+    return choices, prepare(spec, log=lambda _: None), spec.seeds[0]
+
+
 def job_bound(methods: str, eps: float) -> tuple[dict[str, float], list[int]]:
     """(each preset's counted text-tower training FLOPs in the job, the clients' training
     examples at the job's first seed)."""
-    choices = [resolve_method(n) for n in method_names(methods)]
-    spec = build_spec(methods=choices, eps=[eps])
-    prep = prepare(spec, log=lambda _: None)
-    seed = spec.seeds[0]
+    choices, prep, seed = prepared_job(methods, eps)
     flops = {c.label: cell_training_flops(prep, (seed, eps, c)) for c in choices}
     return flops, [len(idx) for idx in prep.partitions[seed][1].train]
 
@@ -151,23 +158,21 @@ def job_counted(
     counted by `MatmulCounter`: training from the run's first `sampled_rounds` rounds scaled
     to its rounds, evaluation from one evaluation times its evaluations (one for a preset that
     trains nothing)."""
-    choices = [resolve_method(n) for n in method_names(methods)]
-    spec = build_spec(methods=choices, eps=[eps])
-    prep = prepare(spec, log=lambda _: None)
-    seed = spec.seeds[0]
-    fed = federation(prep, seed)
-    scored = len(evaluation_rounds(spec.rounds, spec.eval_every, spec.last_k))
+    choices, prep, seed = prepared_job(methods, eps)
+    fed, schedule = federation(prep, seed), schedule_of(prep.spec)
+    rounds = schedule.rounds
+    scored = len(evaluation_rounds(rounds, schedule.eval_every, schedule.eval_last))
     out = {}
     for choice in choices:
         t0 = time.perf_counter()
         run, _ = job_run(prep, fed, choice, eps, seed)
         trains = run.method.trains
-        sampled = min(sampled_rounds, spec.rounds) if trains else 0
+        sampled = min(sampled_rounds, rounds) if trains else 0
         with MatmulCounter() as counter:
             for rnd in range(sampled):
                 run.run_round(rnd)
                 run._average_views(rnd)
-        training = counter.flops * spec.rounds / sampled if sampled else 0.0
+        training = counter.flops * rounds / sampled if sampled else 0.0
         with MatmulCounter() as counter:
             run.evaluate(max(sampled - 1, 0))
         evaluation = counter.flops * (scored if trains else 1)

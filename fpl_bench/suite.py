@@ -222,11 +222,15 @@ def _method_names(methods: Sequence[str], *, client_dp: bool = False) -> list[st
     return [m if card_path(m) is None else add_preset_card(m) for m in methods]
 
 
+def _grid_fields(suite: Suite, index: int, overrides: Mapping[str, Any]) -> dict[str, Any]:
+    """The run settings of grid `index`: the suite's, the grid's over them, then `overrides`."""
+    return {**suite.run, **suite.grid[index].run, **overrides}
+
+
 def _grid_client_dp(suite: Suite, index: int, overrides: Mapping[str, Any]) -> bool:
     """Whether grid `index` runs DP under the client trust model."""
-    grid = suite.grid[index]
-    trust = {**suite.run, **grid.run, **overrides}.get("trust", "server")
-    return client_dp(trust, grid.eps)
+    trust = _grid_fields(suite, index, overrides).get("trust", "server")
+    return client_dp(trust, suite.grid[index].eps)
 
 
 def _check_overrides(overrides: Mapping[str, Any]) -> None:
@@ -356,7 +360,7 @@ def _grid_spec(
     grid = suite.grid[index]
     where = f"grid.{index} {dataset}"
     dataset_card(dataset)  # an unknown dataset lists the known ones
-    fields: dict[str, Any] = {**suite.run, **grid.run, **overrides}
+    fields = _grid_fields(suite, index, overrides)
     methods = tuple(resolve_method(name, suite.params.get(name)) for name in names)
     fields.update(methods=methods, dataset=dataset, eps=grid.eps, seeds=grid.seeds)
     if out is not None:

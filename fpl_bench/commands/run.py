@@ -302,16 +302,17 @@ def _run_suite(
     given = flags.fields()
     overrides = {k: given[k] for k in (*MACHINE_FIELDS, "pretrained") if k in given}
     if dry_run:
-        device = overrides.get("device", "auto")
-        on_gpus = None
-        if cluster is not None and cluster.distributed:
-            from fpl_bench.executors.estimate import format_requests, run_request
+        from fpl_bench.executors.estimate import format_requests, run_request
 
-            # runs that ask the cluster for a GPU are estimated at a GPU's rate, not this node's
-            on_gpus = "cuda" if run_request(cluster, device)["gpus"] else None
-        rows = dry_run_rows(chosen, out, overrides=overrides, only=only, device=on_gpus)
+        device = overrides.get("device", "auto")
+        on_cluster = cluster is not None and cluster.distributed
+        # runs that ask the cluster for a GPU are estimated at a GPU's rate, not this node's
+        on_gpus = on_cluster and bool(run_request(cluster, device)["gpus"])
+        rows = dry_run_rows(
+            chosen, out, overrides=overrides, only=only, device="cuda" if on_gpus else None
+        )
         typer.echo(format_dry_run(chosen, rows))
-        if cluster is not None and cluster.distributed:
+        if on_cluster:
             typer.echo(format_requests(rows, cluster, device))
         return
     if progress_view:
